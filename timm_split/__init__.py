@@ -1,0 +1,14 @@
+"""timm_split: divide any timm model into S thinner, co-trained copies of itself (SplitNet)."""
+from .core import plan_split, split
+from .ensemble import SplitEnsemble
+from .errors import SplitError
+from .loss import CoTrainingLoss
+from .optim import param_groups, scaled_weight_decay
+from .plan import ChannelGroup, SplitPlan
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "split", "plan_split", "SplitEnsemble", "SplitPlan", "ChannelGroup", "SplitError", "CoTrainingLoss",
+    "param_groups", "scaled_weight_decay",
+]

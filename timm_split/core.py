@@ -1,0 +1,122 @@
+"""``split(model, S)``: trace -> analyse -> plan -> rebuild -> ensemble."""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from .analyse import analyse
+from .ensemble import SplitEnsemble
+from .plan import SplitPlan, plan as _plan
+from .rebuild import build_member, check_member, init_member, reference_stats, resolve_attributes
+from .trace import input_shape_for, meta_copy, trace
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["split", "plan_split"]
+
+ImgSize = Union[int, Tuple[int, int], None]
+
+
+def _check_factor(split_factor) -> int:
+    if isinstance(split_factor, bool) or not isinstance(split_factor, int) or split_factor < 1:
+        raise ValueError(f"split_factor must be an int >= 1, got {split_factor!r} (e.g. split(model, 2))")
+    return split_factor
+
+
+def _arch(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return cfg.get("architecture") or type(model).__name__
+
+
+def plan_split(model: nn.Module, split_factor: int, *, img_size: ImgSize = None, scale_regularization: bool = True,
+               params_tol: float = 0.02, macs_tol: float = 0.04) -> SplitPlan:
+    """Trace, analyse and plan a split, without building members (cheap: works on a meta copy).
+
+    Args:
+        model: any timm model or traceable ``nn.Module``; it is not modified.
+        split_factor: S, the number of members.
+        img_size: the input size to plan at; default the model's ``pretrained_cfg['input_size']``.
+        scale_regularization: divide dropout and drop-path rates by S.
+        params_tol: allowed relative params deviation of the ensemble from the original.
+        macs_tol: allowed relative MACs deviation.
+
+    Returns:
+        The :class:`~timm_split.plan.SplitPlan`.
+    """
+    return _plan_and_template(model, split_factor, img_size, scale_regularization, params_tol, macs_tol)[0]
+
+
+def _plan_and_template(model, split_factor, img_size, scale_regularization, params_tol, macs_tol):
+    S = _check_factor(split_factor)
+    shape = input_shape_for(model, img_size)
+    tr = trace(meta_copy(model), shape)
+    cg = analyse(tr)
+    p = _plan(cg, S, arch=_arch(model), params_tol=params_tol, macs_tol=macs_tol,
+              scale_regularization=scale_regularization)
+    if p.ambiguous:
+        p = resolve_attributes(build_member(tr.model, p, torch.device("meta"), {}, tr.aliases), p)
+    out = [n for n in tr.graph.nodes if n.op == "output"][0].args[0]
+    out = out[0] if isinstance(out, tuple) else out
+    return p, tr, tuple(out.meta["val"].shape), shape
+
+
+def _pretrained_cfg(model: nn.Module, plan: SplitPlan) -> dict:
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    cfg.setdefault("input_size", tuple(plan.input_size))
+    arch = cfg.get("architecture") or plan.arch
+    cfg.update(architecture=f"splitnet_{arch}", split_factor=plan.split_factor, base_architecture=arch)
+    for k in ("hf_hub_id", "url", "file", "tag"):
+        cfg.pop(k, None)
+    return cfg
+
+
+def split(model: nn.Module, split_factor: int, *, seed: int = 0, img_size: ImgSize = None,
+          scale_regularization: bool = True, averaging: str = "logits", params_tol: float = 0.02,
+          macs_tol: float = 0.04) -> SplitEnsemble:
+    """Divide ``model`` into ``split_factor`` thinner members that together cost what it does.
+
+    Args:
+        model: any timm model or traceable ``nn.Module`` (CPU, GPU or ``meta``). It is never modified.
+        split_factor: S, an int >= 1. S=1 returns a one-member ensemble equal to a copy of the model.
+        seed: members get seeds ``seed, seed+1, ...`` for their init (the global RNG is left untouched).
+        img_size: the input size to plan at; default the model's ``pretrained_cfg['input_size']``.
+        scale_regularization: divide dropout and drop-path rates by S (SplitNet's rule).
+        averaging: ``'logits'`` (mean of logits) or ``'probs'`` (log of mean probabilities).
+        params_tol: allowed relative deviation of the ensemble's params from the original's.
+        macs_tol: allowed relative deviation of the ensemble's MACs.
+
+    Returns:
+        A :class:`~timm_split.ensemble.SplitEnsemble` on the model's device; a meta model gives a meta
+        ensemble (no memory, no compute).
+
+    Raises:
+        ValueError: ``split_factor`` is not an int >= 1, or so large a channel group would vanish.
+        SplitError: the model has a construct the engine cannot handle (the message names the node).
+    """
+    S = _check_factor(split_factor)
+    if S == 1:
+        member = copy.deepcopy(model)
+        p = plan_split(model, 1, img_size=img_size, scale_regularization=False)
+        return SplitEnsemble([member], p, _pretrained_cfg(model, p), averaging)
+    p, tr, out_shape, in_shape = _plan_and_template(model, S, img_size, scale_regularization, params_tol,
+                                                    macs_tol)
+    tensors = dict(model.named_parameters())
+    tensors.update(dict(model.named_buffers()))
+    dtypes = {n: t.dtype for n, t in tensors.items()}
+    device = next(iter(tensors.values())).device if tensors else torch.device("cpu")
+    check_member(build_member(tr.model, p, torch.device("meta"), dtypes, tr.aliases), in_shape, out_shape)
+    members = []
+    stats = reference_stats(model) if device.type != "meta" else {}
+    for i in range(S):
+        m = build_member(tr.model, p, device, dtypes, tr.aliases)
+        if device.type != "meta":
+            init_member(m, stats, seed + i)
+        m.train(model.training)
+        members.append(m)
+    _logger.info("split %s into %d members: params ratio %.4f, MACs ratio %.4f", p.arch, S, p.params_ratio,
+                 p.macs_ratio)
+    return SplitEnsemble(members, p, _pretrained_cfg(model, p), averaging)

@@ -1,0 +1,211 @@
+"""Stage 4, rebuild: make S members from a plan, on a copy of the model, each with its own init.
+
+Shapes and module attributes come from the plan. A member is checked by running it on the meta device
+before any memory is allocated.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import itertools
+import logging
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from .errors import SplitError
+from .plan import SplitPlan
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["build_member", "init_member", "reference_stats", "check_member", "resolve_attributes"]
+
+def build_member(template: nn.Module, plan: SplitPlan, device: torch.device, dtype_of: Dict[str, torch.dtype],
+                 aliases: Dict[str, str]) -> nn.Module:
+    """Copy ``template`` (a meta model) and give it the plan's shapes and attributes, with empty tensors.
+
+    Args:
+        template: the meta copy of the original model.
+        plan: the plan.
+        device: where the member's tensors go (``meta`` for a meta ensemble).
+        dtype_of: parameter/buffer name -> dtype in the original model.
+        aliases: tied names -> the name that owns the tensor.
+
+    Returns:
+        The member, uninitialised (call :func:`init_member`).
+    """
+    member = copy.deepcopy(template)
+    mods = dict(member.named_modules())
+    made: Dict[str, torch.Tensor] = {}
+    for name, shape in plan.param_shapes.items():
+        mod_path, leaf = name.rsplit(".", 1) if "." in name else ("", name)
+        mod = mods[mod_path]
+        old = mod._parameters.get(leaf) if leaf in mod._parameters else mod._buffers.get(leaf)
+        t = torch.empty(shape, device=device, dtype=dtype_of.get(name, old.dtype))
+        if leaf in mod._parameters:
+            t = nn.Parameter(t, requires_grad=old.requires_grad)
+            mod._parameters[leaf] = t
+        else:
+            mod._buffers[leaf] = t
+        made[name] = t
+    for name, owner in aliases.items():
+        mod_path, leaf = name.rsplit(".", 1) if "." in name else ("", name)
+        mod = mods[mod_path]
+        (mod._parameters if leaf in mod._parameters else mod._buffers)[leaf] = made[owner]
+    for path, attr, _, new in plan.attributes + plan.regularization:
+        setattr(mods[path], attr, new)
+    return member
+
+
+def resolve_attributes(member_meta: nn.Module, plan: SplitPlan, max_tries: int = 64) -> SplitPlan:
+    """Settle the plan's ambiguous attributes by running each such module alone on meta tensors.
+
+    Modules are tried deepest first. For each, every combination of candidate values is set until the
+    module, fed the planned input shapes, returns the planned output shapes. The chosen values join
+    ``plan.attributes``; where none fits, the old values stay and the member check reports the failure.
+
+    Args:
+        member_meta: a meta member built from ``plan`` (it is updated in place).
+        plan: the plan.
+        max_tries: cap on combinations per module.
+
+    Returns:
+        The plan with ``attributes`` completed and ``ambiguous`` emptied.
+    """
+    if not plan.ambiguous:
+        return plan
+    mods = dict(member_meta.named_modules())
+    by_mod: Dict[str, List[Tuple[str, object, tuple]]] = {}
+    for path, attr, old, cands in plan.ambiguous:
+        by_mod.setdefault(path, []).append((attr, old, cands))
+    chosen = []
+    for path in sorted(by_mod, key=lambda p: -p.count(".") if p else 1):
+        mod, entries = mods[path], by_mod[path]
+        args_spec, out_shapes = plan.module_io.get(path, ([], []))
+        args = [torch.empty(a[1], dtype=a[2], device="meta") if a[0] == "tensor" else a[1] for a in args_spec]
+        combos = itertools.islice(itertools.product(*[c for _, _, c in entries]), max_tries)
+        fit = None
+        for combo in combos:
+            for (attr, _, _), v in zip(entries, combo):
+                setattr(mod, attr, v)
+            try:
+                with torch.no_grad():
+                    out = mod(*args)
+            except Exception:  # noqa: BLE001 - a wrong candidate fails in any way
+                continue
+            flat = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
+            if [tuple(o.shape) for o in flat] == [tuple(s) for s in out_shapes]:
+                fit = combo
+                break
+        if fit is None:
+            fit = tuple(old for _, old, _ in entries)
+            _logger.debug("no candidate fits the attributes of %s; keeping %s", path, fit)
+        for (attr, old, _), v in zip(entries, fit):
+            setattr(mod, attr, v)
+            if v != old:
+                chosen.append((path, attr, old, v))
+    return dataclasses.replace(plan, attributes=plan.attributes + tuple(chosen), ambiguous=(), module_io={})
+
+
+@torch.no_grad()
+def reference_stats(original: nn.Module) -> Dict[str, Tuple[str, float, float]]:
+    """Per tensor of the original: ('const', value, 0) or ('normal', mean, std * sqrt(fan)); meta gives none."""
+    out: Dict[str, Tuple[str, float, float]] = {}
+    for name, o in list(original.named_parameters()) + list(original.named_buffers()):
+        if o.is_meta or not o.is_floating_point() or o.numel() == 0:
+            continue
+        flat = o.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 65536)].float()  # an init's std needs no full pass
+        lo, hi = torch.aminmax(sample)
+        if lo.item() == hi.item() and bool((flat == flat[0]).all()):
+            out[name] = ("const", lo.item(), 0.0)
+            continue
+        std, mean = torch.std_mean(sample) if sample.numel() > 1 else (torch.zeros(()), sample.mean())
+        fan = o.numel() / max(o.shape[0], 1) if o.dim() > 1 else 1
+        out[name] = ("normal", mean.item(), std.item() * math.sqrt(fan))
+    return out
+
+
+@torch.no_grad()
+def init_member(member: nn.Module, stats: Dict[str, Tuple[str, float, float]], seed: int) -> None:
+    """Initialise a member from scratch, with the model family's own init at the new widths.
+
+    1. Every tensor first gets the original's distribution (``stats`` from :func:`reference_stats`),
+       rescaled for fan: constant tensors (zero-init last BN gammas, layer-scale, zero biases) keep their
+       constant; others are drawn from a normal with the original's mean and its std times
+       sqrt(old fan / new fan). For a freshly built timm model this reproduces the family's init
+       (fan-based kaiming for convs, trunc-normal std for ViTs...).
+    2. The model's own init runs where timm has one (``init_weights()``, or ``_init_weights`` applied to
+       every module); constants of the original are restored after it.
+
+    Args:
+        member: the member to initialise in place (freshly built by :func:`build_member`).
+        stats: the original's per-tensor statistics.
+        seed: the member's seed; the global RNG state is left untouched.
+    """
+    devices = sorted({p.device.index or 0 for p in member.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        tensors = dict(member.named_parameters())
+        tensors.update(dict(member.named_buffers()))
+        for name, t in tensors.items():
+            kind, a, b = stats.get(name, ("const", 0.0, 0.0))
+            if not t.is_floating_point():
+                continue
+            if kind == "const":
+                t.fill_(a)
+            else:
+                fan = t.numel() / max(t.shape[0], 1) if t.dim() > 1 else 1
+                t.normal_(a, b / math.sqrt(max(fan, 1)))
+        ran = _run_own_init(member)
+        for name, t in tensors.items():  # the family's constant inits (zero-init last BN...) survive
+            kind, a, _ = stats.get(name, ("", 0.0, 0.0))
+            if kind == "const" and t.is_floating_point():
+                t.fill_(a)
+        if ran:
+            _logger.debug("ran the model's own init: %s", ran)
+
+
+def _run_own_init(member: nn.Module) -> str:
+    init = getattr(member, "init_weights", None)
+    if callable(init):
+        try:
+            init()
+            return "init_weights()"
+        except Exception as e:  # noqa: BLE001 - an init that needs arguments we cannot guess
+            _logger.debug("init_weights() failed (%s); using the generic init", e)
+    fn = getattr(member, "_init_weights", None)
+    if callable(fn):
+        try:
+            member.apply(fn)
+            return "_init_weights"
+        except Exception as e:  # noqa: BLE001
+            _logger.debug("_init_weights failed (%s); using the generic init", e)
+    return ""
+
+
+def check_member(member_meta: nn.Module, input_shape: Sequence[int], out_shape: Sequence[int]) -> None:
+    """Run a meta member forward and compare its output shape with the original's.
+
+    Raises:
+        SplitError: the member does not run, or its output shape differs.
+    """
+    was = member_meta.training
+    member_meta.eval()
+    try:
+        with torch.no_grad():
+            y = member_meta(torch.empty(tuple(input_shape), device="meta"))
+    except Exception as e:  # noqa: BLE001
+        raise SplitError(
+            f"the rebuilt member does not run: {type(e).__name__}: {e}. A width is probably hard-coded in a "
+            "forward (a literal in a reshape) or held in an attribute the rebuild could not match. Report the "
+            "model; pass split_factor=1 to get the original."
+        ) from e
+    finally:
+        member_meta.train(was)
+    y = y[0] if isinstance(y, (tuple, list)) else y
+    if tuple(y.shape) != tuple(out_shape):
+        raise SplitError(f"the rebuilt member returns shape {tuple(y.shape)}, the original {tuple(out_shape)}")
