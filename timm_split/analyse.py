@@ -160,6 +160,9 @@ class Atoms:
         i = j = 0
         while i < len(la) and j < len(lb):
             a, b = self.find(la[i]), self.find(lb[j])
+            if a in self.prod or b in self.prod:  # refined by an earlier union in this walk
+                la[i:i + 1], lb[j:j + 1] = self.leaves((a,)), self.leaves((b,))
+                continue
             sa, sb = self.size[a], self.size[b]
             if a == b or sa == sb:
                 self.union(a, b)
@@ -266,8 +269,11 @@ def _norm_dim(d: int, rank: int) -> int:
 class _Analysis:
     """Walks the graph in order (an interpreter on dims, not values) and applies one rule per op."""
 
-    def __init__(self, tr: Trace):
+    def __init__(self, tr: Trace, uniform: Optional[Dict[str, set]] = None, couple_inputs: bool = False):
         self.tr = tr
+        self.uniform = uniform
+        self.couple_inputs = couple_inputs
+        self.heads: List[Tuple[List[Dim], List[Dim]]] = []  # (batch dims, head_dim dims) of attention ops
         self.A = Atoms()
         self.mac_terms: List[Tuple[fx.Node, List[Dim], float]] = []
         self.groups_atoms: Dict[str, int] = {}
@@ -293,6 +299,11 @@ class _Analysis:
                     f"channel analysis failed at {node.format_node()} "
                     f"(module '{_module_of(node)}'): {type(e).__name__}: {e}"
                 ) from e
+        # attention keeps its heads and shrinks head_dim; where head_dim cannot change (rotary tables), the
+        # heads shrink instead
+        for batch, head_dim in self.heads:
+            if any(not A.fixed[r] for d in head_dim for r in A.leaves(d)):
+                A.fix_dims(batch, "attention heads (head_dim shrinks instead)")
         return ChannelGraph(self.tr, A, param_dims, self.mac_terms, self.groups_atoms, self.unknown)
 
     def step(self, node: fx.Node, param_dims: Dict[str, List[Dim]]) -> None:
@@ -306,6 +317,11 @@ class _Analysis:
             else:
                 node.meta["split_dims"] = self.fresh(_shape(val))
                 param_dims[node.target] = node.meta["split_dims"]
+                if node.target in self.tr.non_persistent:  # computed at construction: keep non-uniform dims
+                    free = self.uniform.get(node.target) if self.uniform is not None else None
+                    for k, d in enumerate(node.meta["split_dims"]):
+                        if free is None or k not in free:
+                            self.A.fix_dims([d], "non-persistent buffer")
             return
         if node.op == "output":
             for a in node.all_input_nodes:
@@ -372,6 +388,28 @@ class _Analysis:
         src = node.args[0]
         self.A.unify(tuple(a for d in self.dims(src) for a in d),
                      tuple(a for d in node.meta["split_dims"] for a in d), f"reshape in {_module_of(node)}")
+        self.couple_to_module_inputs(node)
+
+    def couple_to_module_inputs(self, node: fx.Node) -> None:
+        """Sizes a module passes to reshape/expand/factories usually come from its input's shape
+        (``B, N, C = x.shape; ... .reshape(B, N, C)``), a coupling the graph cannot show. Where an output dim
+        equals an input dim of the module that runs the op, unify them: unifying equal sizes is always
+        consistent, so this can only remove freedom, never break a member. It is off on the first try:
+        equal sizes are often a coincidence (ViT's attn_dim == embed_dim), and coupling them costs freedom."""
+        call = self.tr.calls.get(_module_of(node)) if self.couple_inputs else None
+        if not call or not isinstance(node.meta.get("val"), torch.Tensor):
+            return
+        ins = [a for a in call[0] if isinstance(a, fx.Node) and "split_dims" in a.meta
+               and isinstance(a.meta.get("val"), torch.Tensor)]
+        if not ins:
+            return
+        for k, s in enumerate(_shape(node.meta["val"])):
+            if s < 2:
+                continue
+            for a in ins:
+                for j, t in enumerate(_shape(a.meta["val"])):
+                    if t == s:
+                        self.A.unify(node.meta["split_dims"][k], a.meta["split_dims"][j], "size from input shape")
 
 
 def _module_of(node: fx.Node) -> str:
@@ -438,6 +476,7 @@ def _r_expand(an, node):
             an.A.unify(an.dims(src)[k], od[off + k])
         else:
             an.A.fix_dims([od[off + k]], "expand")
+    an.couple_to_module_inputs(node)
 
 
 @_rule(aten.repeat.default)
@@ -491,7 +530,10 @@ def _r_slice(an, node):
     if start == 0 and end >= size and step == 1:
         an.A.unify(sd[dim], od[dim])
     elif step != 1:
-        an.A.fix_dims([sd[dim], od[dim]], "strided slice")
+        if size % step == 0 and start < step and end >= size:  # x[..., s::k] picks one of k interleaved parts
+            an.A.unify(sd[dim], tuple(od[dim]) + (an.A.new(step, True, "slice stride"),), "strided slice")
+        else:
+            an.A.fix_dims([sd[dim], od[dim]], "strided slice")
     else:
         sizes = [s for s in (start, end - start, size - end)]
         pieces = an.A.split_sum(sd[dim], [s for s in sizes if s > 0])
@@ -562,7 +604,8 @@ def _mm(an, node, a, b, out, batch=0):
     for k in range(batch):
         A.unify(ad[k], bd[k])
         A.unify(ad[k], od[k])
-        A.fix_dims([ad[k]], "attention heads / bmm batch (head_dim shrinks instead)")
+    if batch:
+        an.heads.append((list(ad[:batch]), [ad[batch + 1], bd[batch + 1]]))
     A.unify(ad[batch], od[batch])
     A.unify(ad[batch + 1], bd[batch])
     A.unify(bd[batch + 1], od[batch + 1])
@@ -650,7 +693,8 @@ def _r_bn(an, node):
             an.A.unify(o[0], xd[1])
         else:
             an.A.fix_dims(o, "norm statistics")
-    an.mac_terms.append((node, list(xd), 0.0))  # norms: counted by fvcore, weight 0 in MACs
+    affine = isinstance(node.args[1], fx.Node)
+    an.mac_terms.append((node, list(xd), 2.0 if affine else 1.0))  # fvcore: batch_norm, eval
 
 
 @_rule(aten.native_layer_norm.default)
@@ -667,6 +711,7 @@ def _r_ln(an, node):
         for y, d in zip(o[:-k], xd[:-k]):
             an.A.unify(y, d)
         an.A.fix_dims(o[-k:], "norm statistics")
+    an.mac_terms.append((node, list(xd), 5.0 if isinstance(node.args[2], fx.Node) else 4.0))  # fvcore
 
 
 @_rule(aten.native_group_norm.default)
@@ -683,6 +728,7 @@ def _r_gn(an, node):
         an.A.unify(xd[1], (g, an.A.new(_shape(x.meta["val"])[1] // groups)))
     for o in outs[1:]:
         an.A.fix_dims(o, "norm statistics")
+    an.mac_terms.append((node, list(xd), 5.0 if isinstance(w, fx.Node) else 4.0))  # fvcore
 
 
 def _reduce(an, node, dims_arg, keepdim):
@@ -727,8 +773,17 @@ def _r_reduce_all(an, node):
     pass  # reduces to a scalar: nothing to unify
 
 
+_FVCORE_ELEMENTWISE = {"upsample_nearest2d": ("out", 1.0), "upsample_bilinear2d": ("out", 4.0),
+                       "_adaptive_avg_pool2d": ("in", 1.0), "grid_sampler_2d": ("out", 4.0)}
+
+
 def _pool(an, node, nspatial):
     x = node.args[0]
+    name = getattr(node.target, "__name__", "").split(".")[0]
+    if name in _FVCORE_ELEMENTWISE:  # the elementwise ops fvcore's default table counts
+        which, w = _FVCORE_ELEMENTWISE[name]
+        dims = an.dims(x) if which == "in" else node.meta["split_dims"]
+        an.mac_terms.append((node, list(dims), w))
     xd = an.dims(x)
     lead = len(xd) - nspatial
     outs = node.meta["split_dims"]
@@ -826,7 +881,7 @@ def _sdpa(an, node):
     for i in range(nb):
         for d in (kd, vd, od):
             an.A.unify(qd[i], d[i])
-        an.A.fix_dims([qd[i]], "attention heads (head_dim shrinks instead)")
+    an.heads.append((list(qd[:nb]), [qd[-1], vd[-1]]))
     an.A.unify(qd[-1], kd[-1])
     an.A.unify(kd[-2], vd[-2])
     an.A.unify(qd[-2], od[-2])
@@ -846,20 +901,24 @@ for _name in ("scaled_dot_product_attention", "_scaled_dot_product_flash_attenti
 
 for _name in ("empty", "zeros", "ones", "full", "arange", "eye", "rand", "randn", "scalar_tensor",
               "empty_strided", "linspace", "randint"):
-    if hasattr(aten, _name):
-        _RULES[getattr(aten, _name)] = (lambda an, node: None)  # fresh dims, nothing to unify
+    if hasattr(aten, _name):  # fresh dims, tied only to the sizes the module read from its input
+        _RULES[getattr(aten, _name)] = (lambda an, node: an.couple_to_module_inputs(node))
 
 
-def analyse(tr: Trace) -> ChannelGraph:
+def analyse(tr: Trace, uniform: Optional[Dict[str, set]] = None, couple_inputs: bool = False) -> ChannelGraph:
     """Run the channel analysis on a trace.
 
     Args:
         tr: the output of :func:`timm_split.trace.trace`.
+        uniform: non-persistent buffer name -> dims along which all its slices are equal in the original
+            (those may scale; values are tiled). ``None`` (a meta original, no values) lets every dim scale.
+        couple_inputs: also tie the sizes an op takes to equal dims of its module's input (see
+            ``_Analysis.couple_to_module_inputs``); the retry when a member built without it does not run.
 
     Returns:
         The :class:`ChannelGraph`; ``node.meta['split_dims']`` is filled in for every node.
     """
-    cg = _Analysis(tr).run()
+    cg = _Analysis(tr, uniform, couple_inputs).run()
     if cg.unknown_ops:
         _logger.info("ops without a channel rule (their dims were kept fixed): %s", cg.unknown_ops)
     return cg

@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from .analyse import analyse
+from .errors import SplitError
 from .ensemble import SplitEnsemble
 from .plan import SplitPlan, plan as _plan
-from .rebuild import build_member, check_member, init_member, reference_stats, resolve_attributes
+from .rebuild import build_member, check_member, init_member, reference_stats, resolve_attributes, uniform_dims
 from .trace import input_shape_for, meta_copy, trace
 
 _logger = logging.getLogger(__name__)
@@ -51,17 +52,29 @@ def plan_split(model: nn.Module, split_factor: int, *, img_size: ImgSize = None,
 
 
 def _plan_and_template(model, split_factor, img_size, scale_regularization, params_tol, macs_tol):
+    """Plan, and check a meta member. A member that does not run is re-planned once with the sizes each
+    module reads from its input shape tied to its input (``analyse(couple_inputs=True)``)."""
     S = _check_factor(split_factor)
     shape = input_shape_for(model, img_size)
     tr = trace(meta_copy(model), shape)
-    cg = analyse(tr)
-    p = _plan(cg, S, arch=_arch(model), params_tol=params_tol, macs_tol=macs_tol,
-              scale_regularization=scale_regularization)
-    if p.ambiguous:
-        p = resolve_attributes(build_member(tr.model, p, torch.device("meta"), {}, tr.aliases), p)
     out = [n for n in tr.graph.nodes if n.op == "output"][0].args[0]
-    out = out[0] if isinstance(out, tuple) else out
-    return p, tr, tuple(out.meta["val"].shape), shape
+    out_shape = tuple((out[0] if isinstance(out, tuple) else out).meta["val"].shape)
+    uniform = uniform_dims(model)
+    for couple in (False, True):
+        cg = analyse(tr, uniform, couple_inputs=couple)
+        p = _plan(cg, S, arch=_arch(model), params_tol=params_tol, macs_tol=macs_tol,
+                  scale_regularization=scale_regularization)
+        member = build_member(tr.model, p, torch.device("meta"), {}, tr.aliases)
+        if p.ambiguous:
+            p = resolve_attributes(member, p)
+        try:
+            check_member(member, shape, out_shape)
+            break
+        except SplitError:
+            if couple:
+                raise
+            _logger.info("%s: the member does not run; re-planning with input-shape couplings", p.arch)
+    return p, tr, out_shape, shape
 
 
 def _pretrained_cfg(model: nn.Module, plan: SplitPlan) -> dict:
@@ -108,7 +121,6 @@ def split(model: nn.Module, split_factor: int, *, seed: int = 0, img_size: ImgSi
     tensors.update(dict(model.named_buffers()))
     dtypes = {n: t.dtype for n, t in tensors.items()}
     device = next(iter(tensors.values())).device if tensors else torch.device("cpu")
-    check_member(build_member(tr.model, p, torch.device("meta"), dtypes, tr.aliases), in_shape, out_shape)
     members = []
     stats = reference_stats(model) if device.type != "meta" else {}
     for i in range(S):

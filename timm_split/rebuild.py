@@ -21,7 +21,8 @@ from .plan import SplitPlan
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["build_member", "init_member", "reference_stats", "check_member", "resolve_attributes"]
+__all__ = ["build_member", "init_member", "reference_stats", "check_member", "resolve_attributes",
+           "uniform_dims", "non_persistent_buffers"]
 
 def build_member(template: nn.Module, plan: SplitPlan, device: torch.device, dtype_of: Dict[str, torch.dtype],
                  aliases: Dict[str, str]) -> nn.Module:
@@ -111,11 +112,17 @@ def resolve_attributes(member_meta: nn.Module, plan: SplitPlan, max_tries: int =
 
 
 @torch.no_grad()
-def reference_stats(original: nn.Module) -> Dict[str, Tuple[str, float, float]]:
-    """Per tensor of the original: ('const', value, 0) or ('normal', mean, std * sqrt(fan)); meta gives none."""
-    out: Dict[str, Tuple[str, float, float]] = {}
+def reference_stats(original: nn.Module) -> Dict[str, tuple]:
+    """Per tensor of the original: ('const', value, 0), ('normal', mean, std * sqrt(fan)) or ('copy', tensor, 0)
+    for non-persistent and integer buffers (kept, tiled where they shrink); a meta original gives none."""
+    out: Dict[str, tuple] = {}
     for name, o in list(original.named_parameters()) + list(original.named_buffers()):
-        if o.is_meta or not o.is_floating_point() or o.numel() == 0:
+        if o.is_meta:
+            continue
+        if name in non_persistent_buffers(original) or not o.is_floating_point():
+            out[name] = ("copy", o.detach(), 0.0)  # computed at construction, or integer: values are kept
+            continue
+        if o.numel() == 0:
             continue
         flat = o.detach().reshape(-1)
         sample = flat[:: max(1, flat.numel() // 65536)].float()  # an init's std needs no full pass
@@ -130,7 +137,7 @@ def reference_stats(original: nn.Module) -> Dict[str, Tuple[str, float, float]]:
 
 
 @torch.no_grad()
-def init_member(member: nn.Module, stats: Dict[str, Tuple[str, float, float]], seed: int) -> None:
+def init_member(member: nn.Module, stats: Dict[str, tuple], seed: int) -> None:
     """Initialise a member from scratch, with the model family's own init at the new widths.
 
     1. Every tensor first gets the original's distribution (``stats`` from :func:`reference_stats`),
@@ -153,6 +160,9 @@ def init_member(member: nn.Module, stats: Dict[str, Tuple[str, float, float]], s
         tensors.update(dict(member.named_buffers()))
         for name, t in tensors.items():
             kind, a, b = stats.get(name, ("const", 0.0, 0.0))
+            if kind == "copy":
+                t.copy_(_resize_like(a, t.shape))
+                continue
             if not t.is_floating_point():
                 continue
             if kind == "const":
@@ -163,10 +173,43 @@ def init_member(member: nn.Module, stats: Dict[str, Tuple[str, float, float]], s
         ran = _run_own_init(member)
         for name, t in tensors.items():  # the family's constant inits (zero-init last BN...) survive
             kind, a, _ = stats.get(name, ("", 0.0, 0.0))
-            if kind == "const" and t.is_floating_point():
+            if kind == "copy":
+                t.copy_(_resize_like(a, t.shape))
+            elif kind == "const" and t.is_floating_point():
                 t.fill_(a)
         if ran:
             _logger.debug("ran the model's own init: %s", ran)
+
+
+def non_persistent_buffers(model: nn.Module) -> set:
+    """Qualified names of the buffers that are not in the state dict."""
+    return {f"{p}.{b}" if p else b for p, m in model.named_modules() for b in m._non_persistent_buffers_set}
+
+
+def uniform_dims(model: nn.Module) -> Optional[Dict[str, set]]:
+    """For each non-persistent buffer, the dims along which all slices are equal (they may change size).
+
+    Returns ``None`` for a meta model (no values to look at).
+    """
+    tensors = dict(model.named_buffers())
+    if any(t.is_meta for t in tensors.values()):
+        return None
+    out: Dict[str, set] = {}
+    for name in non_persistent_buffers(model):
+        t = tensors.get(name)
+        if t is None:
+            continue
+        out[name] = {k for k in range(t.dim()) if t.shape[k] > 1 and bool((t == t.narrow(k, 0, 1)).all())}
+    return out
+
+
+def _resize_like(src: torch.Tensor, shape) -> torch.Tensor:
+    """``src`` cut or tiled to ``shape`` dim by dim (exact where the resized dims are uniform)."""
+    for k, n in enumerate(shape):
+        if src.shape[k] != n:
+            idx = torch.arange(n, device=src.device).clamp_(max=src.shape[k] - 1)
+            src = src.index_select(k, idx)
+    return src
 
 
 def _run_own_init(member: nn.Module) -> str:

@@ -1,0 +1,257 @@
+"""The split engine on the acceptance list (issue 2) and its contract."""
+import math
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import timm_split
+from timm_split import SplitError
+from timm_split.count import count
+
+from conftest import assert_unchanged, snapshot
+
+# model -> (creation kwargs, CPU test input size). Models with a fixed token grid are built at the test size.
+ACCEPTANCE = {
+    "resnet50": ({}, 64),
+    "wide_resnet50_2": ({}, 64),
+    "resnext50_32x4d": ({}, 64),
+    "seresnet50": ({}, 64),
+    "efficientnet_b0": ({}, 64),
+    "mobilenetv3_large_100": ({}, 64),
+    "regnety_016": ({}, 64),
+    "densenet121": ({}, 64),
+    "dla34": ({}, 64),
+    "cspdarknet53": ({}, 64),
+    "convnext_tiny": ({}, 64),
+    "vit_small_patch16_224": ({"img_size": 64}, 64),
+    "deit_tiny_patch16_224": ({"img_size": 64}, 64),
+    "swin_tiny_patch4_window7_224": ({}, 224),
+    "maxvit_tiny_tf_224": ({"img_size": 64}, 64),
+    "eva02_tiny_patch14_224": ({"img_size": 70}, 70),
+    "mixer_b16_224": ({"img_size": 64}, 64),
+    "levit_128": ({"img_size": 64}, 64),
+    "ghostnet_100": ({}, 64),
+    "inception_v3": ({}, 96),
+    "hrnet_w18_small": ({}, 64),
+    "fastvit_t8": ({}, 64),
+}
+NUM_CLASSES = 10
+# Known parity miss, kept visible: eva02's rotary tables (non-persistent buffers) fix head_dim, and its
+# attention then cannot shrink heads either, so only the MLPs scale (MACs ratio ~1.12 at S=2). It splits
+# and trains correctly; a logged warning says why parity is missed.
+PARITY_XFAIL = {"eva02_tiny_patch14_224": "rotary tables fix head_dim; heads cannot shrink yet"}
+
+
+def _create(name, device="cpu"):
+    kwargs, size = ACCEPTANCE[name]
+    with torch.device(device):
+        model = timm.create_model(name, num_classes=NUM_CLASSES, **kwargs)
+    return model, size
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("split_factor", [2, 4])
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=PARITY_XFAIL[n])) if n in PARITY_XFAIL else n
+    for n in ACCEPTANCE])
+def test_meta_parity(name, split_factor):
+    """On meta at the model's own size: output shape, and params/FLOPs parity counted with fvcore."""
+    with torch.device("meta"):
+        model = timm.create_model(name, num_classes=1000)
+    snap = snapshot(model)
+    ens = timm_split.split(model, split_factor)
+    assert_unchanged(model, snap)
+    assert all(p.is_meta for p in ens.parameters())
+    c, h, w = ens.split_plan.input_size
+    out = ens(torch.empty(2, c, h, w, device="meta"))
+    assert out.shape == (2, model.num_classes)
+    assert len(ens.members) == split_factor
+    orig, member = count(model), count(ens.members[0])
+    params_ratio = split_factor * member.params / orig.params
+    macs_ratio = split_factor * member.gmacs / orig.gmacs
+    assert abs(params_ratio - 1) <= 0.02, params_ratio
+    assert abs(macs_ratio - 1) <= 0.04, macs_ratio
+    assert sum(p.numel() for p in ens.parameters()) == split_factor * member.params
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("split_factor", [2, 4])
+@pytest.mark.parametrize("name", list(ACCEPTANCE))
+def test_cpu_forward_backward(name, split_factor):
+    """On CPU at a small size: [B, num_classes] out, a grad on every parameter, the input model unchanged."""
+    model, size = _create(name)
+    model.train()
+    snap = snapshot(model)
+    ens = timm_split.split(model, split_factor, img_size=size)
+    assert_unchanged(model, snap)
+    assert ens.training
+    x = torch.randn(2, 3, size, size)
+    out = ens(x)
+    assert out.shape == (2, NUM_CLASSES)
+    out.float().pow(2).mean().backward()
+    missing = [n for n, p in ens.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing[:5]
+    assert_unchanged(model, snap)
+
+
+def test_split_one_is_exact_copy():
+    model = timm.create_model("resnet18", num_classes=7).eval()
+    ens = timm_split.split(model, 1)
+    x = torch.randn(2, 3, 64, 64)
+    assert ens.members[0] is not model
+    with torch.no_grad():
+        assert torch.equal(ens(x), model(x))
+        assert torch.equal(ens.forward_members(x)[0], model(x))
+
+
+def test_members_seeded_and_distinct():
+    model = timm.create_model("resnet18", num_classes=5)
+    a = timm_split.split(model, 2, seed=3)
+    b = timm_split.split(model, 2, seed=3)
+    c = timm_split.split(model, 2, seed=4)
+    wa = [m.conv1.weight for m in a.members]
+    assert torch.equal(wa[0], b.members[0].conv1.weight) and torch.equal(wa[1], b.members[1].conv1.weight)
+    assert not torch.equal(wa[0], wa[1])
+    assert not torch.equal(wa[0], c.members[0].conv1.weight)
+    rng = torch.get_rng_state()
+    timm_split.split(model, 2)
+    assert torch.equal(rng, torch.get_rng_state()), "split() must not consume the global RNG"
+
+
+def test_init_follows_family():
+    """Zero-init of the last BN gamma survives in ResNet members; ViT members keep trunc-normal 0.02."""
+    res = timm_split.split(timm.create_model("resnet50"), 2)
+    for m in res.members:
+        assert torch.count_nonzero(m.layer1[0].bn3.weight) == 0
+        assert torch.all(m.layer1[0].bn1.weight == 1)
+    vit = timm_split.split(timm.create_model("vit_small_patch16_224"), 2)
+    std = vit.members[0].blocks[0].mlp.fc1.weight.std().item()
+    assert 0.015 < std < 0.025, std
+
+
+def test_plan_is_printable_and_consistent():
+    model = timm.create_model("resnet50", num_classes=100)
+    ens = timm_split.split(model, 4)
+    plan = ens.split_plan
+    text = str(plan)
+    assert "SplitPlan: resnet50 -> 4 members" in text and "layer4.0.conv3.weight[0]" in text
+    with pytest.raises(dataclasses_frozen()):
+        plan.split_factor = 3
+    for g in plan.groups:
+        assert g.new % g.divisor == 0 and g.new >= g.divisor
+    real = sum(p.numel() for p in ens.parameters())
+    assert plan.params[1] == real
+    assert abs(plan.params_ratio - 1) <= 0.02 and abs(plan.macs_ratio - 1) <= 0.04
+    # width attributes follow the new shapes
+    m = ens.members[0]
+    assert m.fc.in_features == m.fc.weight.shape[1] == m.num_features
+    assert ens.num_features == 4 * m.num_features
+
+
+def dataclasses_frozen():
+    import dataclasses
+    return dataclasses.FrozenInstanceError
+
+
+def test_attention_attributes_consistent():
+    ens = timm_split.split(timm.create_model("vit_small_patch16_224", img_size=64), 2, img_size=64)
+    attn = ens.members[0].blocks[0].attn
+    assert attn.num_heads == 6, "heads stay, head_dim shrinks"
+    assert attn.head_dim * attn.num_heads == attn.qkv.weight.shape[0] // 3
+    assert math.isclose(attn.scale, attn.head_dim ** -0.5)
+    assert ens.members[0].embed_dim == ens.members[0].cls_token.shape[-1]
+
+
+def test_regularization_scaled():
+    model = timm.create_model("resnet50", drop_rate=0.4, drop_path_rate=0.2)
+    ens = timm_split.split(model, 4)
+    m = ens.members[0]
+    assert math.isclose(m.drop_rate, 0.1)
+    assert math.isclose(m.layer4[2].drop_path.drop_prob, model.layer4[2].drop_path.drop_prob / 4)
+    assert model.drop_rate == 0.4
+    kept = timm_split.split(model, 4, scale_regularization=False)
+    assert kept.members[0].drop_rate == 0.4
+    assert "drop_rate 0.4->0.1" in str(ens.split_plan)
+    assert math.isclose(timm_split.scaled_weight_decay(1e-4, 4), 1e-4 * math.exp(0.25 - 1))
+
+
+def test_views_and_averaging():
+    model = timm.create_model("resnet18", num_classes=4).eval()
+    ens = timm_split.split(model, 2).eval()
+    x = torch.randn(2, 3, 32, 32)
+    views = torch.stack([x, x.flip(-1)])
+    with torch.no_grad():
+        per = ens.forward_members(views)
+        assert per.shape == (2, 2, 4)
+        assert torch.allclose(per[1], ens.members[1](x.flip(-1)))
+        assert torch.allclose(ens.forward_members([x, x.flip(-1)]), per)
+        assert torch.allclose(ens(x), ens.forward_members(x).mean(0))
+        feats = ens.forward_features(x)
+        assert torch.allclose(ens.forward_head(feats), ens(x), atol=1e-6)
+        assert ens.forward_head(feats, pre_logits=True).shape == (2, ens.num_features)
+        probs = timm_split.split(model, 2, averaging="probs").eval()
+        lp = probs(x)
+        assert torch.allclose(lp.exp().sum(-1), torch.ones(2), atol=1e-5)
+    with pytest.raises(ValueError, match="3 views for 2 members"):
+        ens.forward_members([x, x, x])
+    with pytest.raises(ValueError, match="averaging"):
+        timm_split.split(model, 2, averaging="median")
+
+
+def test_timm_surface():
+    model = timm.create_model("resnet50", num_classes=100)
+    ens = timm_split.split(model, 2)
+    cfg = ens.pretrained_cfg
+    assert cfg["architecture"] == "splitnet_resnet50" and cfg["split_factor"] == 2
+    assert cfg["input_size"] == model.pretrained_cfg["input_size"] and cfg["mean"] == model.pretrained_cfg["mean"]
+    assert ens.default_cfg is ens.pretrained_cfg
+    assert ens.num_classes == 100
+    assert len(ens.get_classifier()) == 2
+    ens.reset_classifier(5)
+    assert ens.num_classes == 5 and ens(torch.randn(1, 3, 64, 64)).shape == (1, 5)
+    ens.set_grad_checkpointing(True)
+    assert all(m.grad_checkpointing for m in ens.members)
+    assert model.num_classes == 100
+
+
+def test_plain_torch_model():
+    net = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                        nn.Conv2d(32, 64, 3, padding=1, groups=32), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(64, 10))
+    ens = timm_split.split(net, 2, img_size=16)
+    out = ens(torch.randn(3, 3, 16, 16))
+    assert out.shape == (3, 10)
+    m = ens.members[0]
+    assert m[3].groups == m[0].out_channels == m[3].in_channels < 32, "depthwise keeps in == out == groups"
+    assert ens.pretrained_cfg["architecture"] == "splitnet_Sequential"
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "2", True, None])
+def test_bad_split_factor(bad):
+    with pytest.raises(ValueError, match="split_factor must be an int >= 1"):
+        timm_split.split(timm.create_model("resnet18"), bad)
+
+
+def test_split_factor_too_large_names_group():
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU(), nn.Conv2d(4, 5, 1))
+    with pytest.raises(ValueError, match=r"too large: channel group '0\.weight\[0\]' of width 4"):
+        timm_split.split(net, 100, img_size=8)
+
+
+class _DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.mean().item() > 0:  # data-dependent: cannot be traced on meta
+            y = y * 2
+        return y.mean((2, 3))
+
+
+def test_untraceable_model_raises_split_error():
+    with pytest.raises(SplitError, match="meta device in module ''.*item"):
+        timm_split.split(_DataDependent(), 2, img_size=8)

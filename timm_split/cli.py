@@ -1,0 +1,105 @@
+"""The ``timm-split`` command: ``demo``, ``compare`` (and the tools later issues add)."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import List, Optional
+
+__all__ = ["main"]
+
+
+def _int_at_least(minimum: int, what: str):
+    """An argparse type: an int >= ``minimum``, with a message naming ``what``."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be an int >= {minimum}, got {text!r}") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"{what} must be an int >= {minimum}, got {v}")
+        return v
+    return parse
+
+
+_split_factor = _int_at_least(1, "split factor")
+_img_size = _int_at_least(8, "--img-size (pixels)")
+
+
+def _cmd_demo(args) -> int:
+    import timm
+
+    import timm_split
+    from timm_split.compare import compare_rows, format_rows
+
+    model = timm.create_model(args.model)
+    ens = timm_split.split(model, args.split)
+    print(ens.split_plan)
+    print()
+    rows = compare_rows(args.model, [1, 2, 4])
+    print(format_rows(rows, "table"))
+    x = timm.data.resolve_data_config({}, model=ens)["input_size"]
+    import torch
+    with torch.no_grad():
+        out = ens.eval()(torch.randn(1, *x))
+    print(f"\nensemble of {ens.split_factor} x {args.model}: output {tuple(out.shape)}, "
+          f"{sum(p.numel() for p in ens.parameters()) / 1e6:.2f}M params "
+          f"(original {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M)")
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from tqdm import tqdm
+
+    from timm_split.compare import compare_rows, format_rows, plot_rows, resolve_models
+
+    names = resolve_models(args.models)
+    rows = []
+    for name in tqdm(names, desc="counting", disable=len(names) < 2 or not sys.stderr.isatty(), file=sys.stderr):
+        rows.extend(compare_rows(name, args.split, args.img_size, reparam=args.reparam, check=not args.no_check))
+    fmt = args.format or "table"
+    print(format_rows(rows, fmt, per_member=args.per_member))
+    if args.plot:
+        plot_rows(rows, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+    bad = [r for r in rows if r["counter_check"] is not None and r["counter_check"] > 1e-3]
+    for r in bad:
+        logging.getLogger("timm_split").warning(
+            "%s S=%d: fvcore and FlopCounterMode disagree by %.2f%%", r["model"], r["split"], 100 * r["counter_check"])
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="timm-split", description="Divide timm models into S thinner co-trained copies.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="split a model, print its plan and the param/FLOP comparison (no data)")
+    d.add_argument("--model", default="resnet50")
+    d.add_argument("--split", type=_split_factor, default=4)
+    d.set_defaults(fn=_cmd_demo)
+    c = sub.add_parser("compare", help="params and GMACs of models and their splits, counted with fvcore")
+    c.add_argument("models", nargs="+", help="timm model names or wildcards ('convnext_*')")
+    c.add_argument("--split", type=_split_factor, nargs="+", default=[2, 4], help="split factors (default 2 4)")
+    c.add_argument("--img-size", type=_img_size, default=None, help="square input size (default: the model's)")
+    c.add_argument("--format", choices=["table", "md", "csv", "json"], default=None)
+    c.add_argument("--per-member", action="store_true", help="one row per member as well")
+    c.add_argument("--plot", metavar="PNG", help="write params and GMACs against S to a PNG")
+    c.add_argument("--reparam", action="store_true",
+                   help="count the deployed (re-parameterized) form, as timm publishes repvgg/fastvit/mobileone/levit")
+    c.add_argument("--no-check", action="store_true", help="skip the FlopCounterMode cross-check")
+    c.set_defaults(fn=_cmd_compare)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.fn(args)
+    except ValueError as e:
+        parser.error(str(e))
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
