@@ -1,4 +1,6 @@
 """timm_split: divide any timm model into S thinner, co-trained copies of itself (SplitNet)."""
+from . import splitnet  # registers splitnet_<arch> with timm
+from .checkpoint import load_checkpoint, save_checkpoint
 from .core import plan_split, split
 from .ensemble import SplitEnsemble
 from .errors import SplitError
@@ -10,5 +12,5 @@ __version__ = "0.1.0"
 
 __all__ = [
     "split", "plan_split", "SplitEnsemble", "SplitPlan", "ChannelGroup", "SplitError", "CoTrainingLoss",
-    "param_groups", "scaled_weight_decay",
+    "param_groups", "scaled_weight_decay", "save_checkpoint", "load_checkpoint",
 ]

@@ -12,7 +12,8 @@ from .analyse import analyse
 from .errors import SplitError
 from .ensemble import SplitEnsemble
 from .plan import SplitPlan, plan as _plan
-from .rebuild import build_member, check_member, init_member, reference_stats, resolve_attributes, uniform_dims
+from .rebuild import (build_member, channel_selection, check_member, inherit_member, init_member, reference_stats,
+                      resolve_attributes, uniform_dims)
 from .trace import input_shape_for, meta_copy, trace
 
 _logger = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def _plan_and_template(model, split_factor, img_size, scale_regularization, para
             if couple:
                 raise
             _logger.info("%s: the member does not run; re-planning with input-shape couplings", p.arch)
-    return p, tr, out_shape, shape
+    return p, tr, out_shape, shape, cg
 
 
 def _pretrained_cfg(model: nn.Module, plan: SplitPlan) -> dict:
@@ -88,8 +89,8 @@ def _pretrained_cfg(model: nn.Module, plan: SplitPlan) -> dict:
 
 
 def split(model: nn.Module, split_factor: int, *, seed: int = 0, img_size: ImgSize = None,
-          scale_regularization: bool = True, averaging: str = "logits", params_tol: float = 0.02,
-          macs_tol: float = 0.04) -> SplitEnsemble:
+          scale_regularization: bool = True, averaging: str = "logits", init: str = "random",
+          params_tol: float = 0.02, macs_tol: float = 0.04) -> SplitEnsemble:
     """Divide ``model`` into ``split_factor`` thinner members that together cost what it does.
 
     Args:
@@ -99,6 +100,8 @@ def split(model: nn.Module, split_factor: int, *, seed: int = 0, img_size: ImgSi
         img_size: the input size to plan at; default the model's ``pretrained_cfg['input_size']``.
         scale_regularization: divide dropout and drop-path rates by S (SplitNet's rule).
         averaging: ``'logits'`` (mean of logits) or ``'probs'`` (log of mean probabilities).
+        init: ``'random'`` (each member from scratch, the family's init) or ``'inherit'`` (warm start: member
+            ``i`` takes its own channel subset of ``model``'s trained weights).
         params_tol: allowed relative deviation of the ensemble's params from the original's.
         macs_tol: allowed relative deviation of the ensemble's MACs.
 
@@ -111,21 +114,25 @@ def split(model: nn.Module, split_factor: int, *, seed: int = 0, img_size: ImgSi
         SplitError: the model has a construct the engine cannot handle (the message names the node).
     """
     S = _check_factor(split_factor)
+    if init not in ("random", "inherit"):
+        raise ValueError(f"init must be 'random' or 'inherit', got {init!r}")
     if S == 1:
         member = copy.deepcopy(model)
         p = plan_split(model, 1, img_size=img_size, scale_regularization=False)
         return SplitEnsemble([member], p, _pretrained_cfg(model, p), averaging)
-    p, tr, out_shape, in_shape = _plan_and_template(model, S, img_size, scale_regularization, params_tol,
-                                                    macs_tol)
+    p, tr, out_shape, in_shape, cg = _plan_and_template(model, S, img_size, scale_regularization, params_tol,
+                                                        macs_tol)
     tensors = dict(model.named_parameters())
     tensors.update(dict(model.named_buffers()))
     dtypes = {n: t.dtype for n, t in tensors.items()}
     device = next(iter(tensors.values())).device if tensors else torch.device("cpu")
     members = []
-    stats = reference_stats(model) if device.type != "meta" else {}
+    stats = reference_stats(model) if device.type != "meta" and init == "random" else {}
     for i in range(S):
         m = build_member(tr.model, p, device, dtypes, tr.aliases)
-        if device.type != "meta":
+        if device.type != "meta" and init == "inherit":
+            inherit_member(m, model, channel_selection(cg, p, i, seed))
+        elif device.type != "meta":
             init_member(m, stats, seed + i)
         m.train(model.training)
         members.append(m)

@@ -7,6 +7,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .execution import STRATEGIES, Execution, LoopExecution, make_execution
 from .plan import SplitPlan
 
 _logger = logging.getLogger(__name__)
@@ -14,6 +15,7 @@ _logger = logging.getLogger(__name__)
 __all__ = ["SplitEnsemble"]
 
 Views = Union[torch.Tensor, Sequence[torch.Tensor]]
+Device = Union[str, int, torch.device]
 
 
 class SplitEnsemble(nn.Module):
@@ -21,7 +23,9 @@ class SplitEnsemble(nn.Module):
 
     ``forward`` averages the members' logits (``averaging='logits'``), or returns the log of their averaged
     probabilities (``averaging='probs'``, so argmax and NLL still work). ``forward_members`` returns every
-    member's output, ``[S, B, num_classes]``, for co-training.
+    member's output, ``[S, B, num_classes]``, for co-training. How the members run (one after another,
+    concurrently, vmapped, compiled or packed into one grouped network) is chosen with :meth:`set_execution`;
+    :meth:`to_devices` spreads them over several devices.
 
     Attributes:
         members: the S models (``nn.ModuleList``).
@@ -29,6 +33,8 @@ class SplitEnsemble(nn.Module):
         split_plan: the :class:`~timm_split.plan.SplitPlan` the members were built from.
         pretrained_cfg: the base model's cfg with ``architecture='splitnet_<arch>'`` and ``split_factor``.
     """
+
+    _execution: Execution = LoopExecution()  # stateless default, also for ensembles pickled before executions
 
     def __init__(self, members: Sequence[nn.Module], split_plan: Optional[SplitPlan] = None,
                  pretrained_cfg: Optional[Dict[str, Any]] = None, averaging: str = "logits"):
@@ -45,12 +51,38 @@ class SplitEnsemble(nn.Module):
         # pre-logits of the ensemble are the members' pre-logits side by side
         self.num_features = getattr(first, "num_features", 0) * self.split_factor
         self.head_hidden_size = getattr(first, "head_hidden_size", getattr(first, "num_features", 0)) * self.split_factor
+        self._execution: Execution = LoopExecution()
 
     # ---- timm surface
     @property
     def default_cfg(self) -> Dict[str, Any]:
         """Alias of ``pretrained_cfg`` (older timm name)."""
         return self.pretrained_cfg
+
+    @default_cfg.setter
+    def default_cfg(self, cfg: Dict[str, Any]) -> None:
+        self.pretrained_cfg = cfg
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict`` that names a split-factor or architecture mismatch plainly."""
+        ids = {int(k.split(".")[1]) for k in state_dict if k.startswith("members.") and k.split(".")[1].isdigit()}
+        arch = self.pretrained_cfg.get("architecture", type(self.members[0]).__name__)
+        if ids and len(ids) != self.split_factor:
+            raise ValueError(f"checkpoint has {len(ids)} members but this {arch} has split_factor="
+                             f"{self.split_factor}; create the model with split_factor={len(ids)}")
+        if strict:
+            own = self.state_dict()
+            missing = [k for k in own if k not in state_dict]
+            unexpected = [k for k in state_dict if k not in own]
+            shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+                      for k, v in own.items() if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
+            if missing or unexpected or shapes:
+                raise ValueError(
+                    f"checkpoint does not match {arch} (split_factor={self.split_factor}): "
+                    f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}, "
+                    f"{len(shapes)} shape mismatches {shapes[:3]}. Was it saved from another architecture, "
+                    "split factor or num_classes?")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def _views(self, x: Views) -> List[torch.Tensor]:
         S = self.split_factor
@@ -68,7 +100,64 @@ class SplitEnsemble(nn.Module):
         Args:
             x: one batch ``[B, C, H, W]`` for all members, or per-member views: ``[S, B, C, H, W]`` or a list of S.
         """
-        return torch.stack([m(v) for m, v in zip(self.members, self._views(x))])
+        return self._execution.run(self.members, self._views(x))
+
+    # ---- execution
+    @property
+    def execution(self) -> str:
+        """The name of the execution strategy (see :meth:`set_execution`)."""
+        return self._execution.name
+
+    def set_execution(self, strategy: str = "auto", **options: Any) -> "SplitEnsemble":
+        """Choose how ``forward_members`` (and so ``forward``) runs the members.
+
+        Args:
+            strategy: one of ``'auto'``, ``'loop'``, ``'threads'``, ``'vmap'``, ``'compile'``, ``'packed'``
+                (see :mod:`timm_split.execution`). All give the loop's outputs and gradients.
+            **options: the strategy's options, e.g. ``set_execution('threads', cores=[[0], [1]])``,
+                ``set_execution('compile', mode='max-autotune')``, ``set_execution('auto', repeats=5)``.
+
+        Returns:
+            ``self``.
+
+        Raises:
+            ValueError: unknown strategy or option, or a strategy that cannot run these members (``'packed'``
+                names the first module it cannot pack; ``'vmap'``/``'packed'`` need every member on one device).
+        """
+        if strategy not in STRATEGIES:
+            raise ValueError(f"execution must be one of {STRATEGIES}, got {strategy!r}")
+        ex = make_execution(strategy, **options)
+        ex.check(self.members)
+        self._execution.reset()
+        self._execution = ex
+        _logger.debug("execution: %r", ex)
+        return self
+
+    def to_devices(self, devices: Sequence[Device], execution: str = "threads", **options: Any) -> "SplitEnsemble":
+        """Place member ``i`` on ``devices[i % len(devices)]`` and run them concurrently.
+
+        Views go to each member's device and outputs are gathered on ``devices[0]`` (autograd follows the
+        copies). With the default ``'threads'`` execution each member runs on its own thread (and CUDA stream).
+
+        Args:
+            devices: e.g. ``['cuda:0', 'cuda:1']``; ``['cpu', 'cpu']`` works (concurrent threads on one CPU).
+            execution: the strategy to run with afterwards (``'threads'`` or ``'loop'`` when devices differ).
+            **options: options of that strategy.
+
+        Returns:
+            ``self``.
+        """
+        if isinstance(devices, (str, int, torch.device)) or not devices:
+            raise ValueError(f"devices must be a non-empty list, e.g. ['cuda:0', 'cuda:1'], got {devices!r}")
+        devs = [torch.device(d) for d in devices]
+        for i, m in enumerate(self.members):
+            m.to(devs[i % len(devs)])
+        return self.set_execution(execution, **options)
+
+    def _apply(self, fn, recurse: bool = True):
+        # tensors move or change dtype: cached stacked/packed tensors and compiled code are stale
+        self._execution.reset()
+        return super()._apply(fn, recurse)
 
     def combine(self, member_outputs: torch.Tensor) -> torch.Tensor:
         """Average ``[S, B, K]`` member logits the way ``averaging`` says."""
@@ -125,4 +214,4 @@ class SplitEnsemble(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return f"split_factor={self.split_factor}, averaging={self.averaging!r}"
+        return f"split_factor={self.split_factor}, averaging={self.averaging!r}, execution={self.execution!r}"

@@ -86,6 +86,7 @@ class SplitPlan:
     input_size: Tuple[int, ...] = (3, 224, 224)
     fixed: Tuple[Tuple[str, int], ...] = field(repr=False, default=())
     unknown_ops: Tuple[Tuple[str, int], ...] = field(repr=False, default=())
+    widths: Dict[int, int] = field(repr=False, compare=False, default_factory=dict)  # group atom -> new width
 
     @property
     def params_ratio(self) -> float:
@@ -342,7 +343,7 @@ def plan(cg: ChannelGraph, split_factor: int, *, arch: str = "", params_tol: flo
         arch=arch, split_factor=S, width_factor=f0, groups=groups, param_shapes=shapes,
         attributes=attrs, ambiguous=ambiguous, module_io=io, regularization=regs, params=(int(P0), int(round(S * P1))), macs=(M0, S * M1),
         input_size=tuple(cg.trace.input_node.meta["val"].shape[1:]),
-        fixed=_top_reasons_list(cg), unknown_ops=tuple(sorted(cg.unknown_ops.items())),
+        fixed=_top_reasons_list(cg), unknown_ops=tuple(sorted(cg.unknown_ops.items())), widths=new_of,
     )
 
 

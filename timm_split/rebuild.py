@@ -17,11 +17,13 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from .errors import SplitError
-from .plan import SplitPlan
+from .analyse import ChannelGraph
+from .plan import SplitPlan, _SizeOf
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["build_member", "init_member", "reference_stats", "check_member", "resolve_attributes",
+__all__ = ["build_member", "init_member", "inherit_member", "channel_selection", "reference_stats", "check_member",
+           "resolve_attributes",
            "uniform_dims", "non_persistent_buffers"]
 
 def build_member(template: nn.Module, plan: SplitPlan, device: torch.device, dtype_of: Dict[str, torch.dtype],
@@ -113,14 +115,16 @@ def resolve_attributes(member_meta: nn.Module, plan: SplitPlan, max_tries: int =
 
 @torch.no_grad()
 def reference_stats(original: nn.Module) -> Dict[str, tuple]:
-    """Per tensor of the original: ('const', value, 0), ('normal', mean, std * sqrt(fan)) or ('copy', tensor, 0)
-    for non-persistent and integer buffers (kept, tiled where they shrink); a meta original gives none."""
+    """Per tensor of the original: ('const', value, 0), ('normal', mean, std * sqrt(fan)) for parameters, or
+    ('copy', tensor, 0) for buffers (kept, cut or tiled where they change size; BatchNorm running statistics
+    are reset afterwards); a meta original gives none."""
     out: Dict[str, tuple] = {}
+    buffers = {n for n, _ in original.named_buffers()}
     for name, o in list(original.named_parameters()) + list(original.named_buffers()):
         if o.is_meta:
             continue
-        if name in non_persistent_buffers(original) or not o.is_floating_point():
-            out[name] = ("copy", o.detach(), 0.0)  # computed at construction, or integer: values are kept
+        if name in buffers or not o.is_floating_point():
+            out[name] = ("copy", o.detach(), 0.0)  # buffers are state, not weights: kept (running stats reset)
             continue
         if o.numel() == 0:
             continue
@@ -170,12 +174,13 @@ def init_member(member: nn.Module, stats: Dict[str, tuple], seed: int) -> None:
             else:
                 fan = t.numel() / max(t.shape[0], 1) if t.dim() > 1 else 1
                 t.normal_(a, b / math.sqrt(max(fan, 1)))
+        for mod in member.modules():  # running statistics start fresh, as in a newly built model
+            if isinstance(mod, nn.modules.batchnorm._NormBase) and mod.track_running_stats:
+                mod.reset_running_stats()
         ran = _run_own_init(member)
         for name, t in tensors.items():  # the family's constant inits (zero-init last BN...) survive
             kind, a, _ = stats.get(name, ("", 0.0, 0.0))
-            if kind == "copy":
-                t.copy_(_resize_like(a, t.shape))
-            elif kind == "const" and t.is_floating_point():
+            if kind == "const" and t.is_floating_point():
                 t.fill_(a)
         if ran:
             _logger.debug("ran the model's own init: %s", ran)
@@ -210,6 +215,72 @@ def _resize_like(src: torch.Tensor, shape) -> torch.Tensor:
             idx = torch.arange(n, device=src.device).clamp_(max=src.shape[k] - 1)
             src = src.index_select(k, idx)
     return src
+
+
+def channel_selection(cg: ChannelGraph, plan: SplitPlan, member: int, seed: int) -> Dict[str, List[torch.Tensor]]:
+    """For ``init='inherit'``: which channels of the original member ``member`` keeps, per parameter dim.
+
+    Every channel group draws one random permutation (from ``seed``); member ``i`` takes ``new`` channels
+    starting at offset ``i * old / S`` of it, so members share some channels and differ in the rest. The same
+    selection is used by every tensor of the group; products and concatenations combine their parts'.
+    """
+    A, S = cg.atoms, plan.split_factor
+    sizes = _SizeOf(cg, plan.widths, plan.width_factor)
+    gen = torch.Generator().manual_seed(seed)
+    memo: Dict[int, torch.Tensor] = {}
+
+    def atom(a: int) -> torch.Tensor:
+        r = A.find(a)
+        if r not in memo:
+            old, new = A.size[r], sizes.atom(r)
+            if A.fixed[r]:
+                memo[r] = torch.arange(old)
+            elif r in A.prod:
+                memo[r] = dim(A.prod[r])
+            elif r in A.sum:
+                parts, off = [], 0
+                for d in A.sum[r]:
+                    parts.append(dim(d) + off)
+                    off += A.dim_size(d)
+                memo[r] = torch.cat(parts)
+            else:
+                perm = torch.randperm(old, generator=gen)
+                start = (member * old) // S
+                memo[r] = perm[(torch.arange(new) + start) % old].sort().values
+        return memo[r]
+
+    def dim(d) -> torch.Tensor:
+        idx = torch.zeros(1, dtype=torch.long)
+        for a in d:  # row-major: index = ((i0 * n1) + i1) * n2 + i2 ...
+            idx = (idx[:, None] * A.size[A.find(a)] + atom(a)[None, :]).reshape(-1)
+        return idx
+
+    return {name: [dim(d) for d in dims] for name, dims in cg.param_dims.items()}
+
+
+@torch.no_grad()
+def inherit_member(member: nn.Module, original: nn.Module, selection: Dict[str, List[torch.Tensor]]) -> None:
+    """Initialise a member from a channel subset of the original's weights (``init='inherit'``).
+
+    Conv and linear weights are scaled by ``old fan-in / new fan-in`` so activations keep their scale.
+    """
+    orig = dict(original.named_parameters())
+    orig.update(dict(original.named_buffers()))
+    mods = dict(member.named_modules())
+    tensors = dict(member.named_parameters())
+    tensors.update(dict(member.named_buffers()))
+    for name, t in tensors.items():
+        o, sel = orig.get(name), selection.get(name)
+        if o is None or sel is None:
+            continue
+        v = o.detach()
+        for k, idx in enumerate(sel):
+            if v.shape[k] != len(idx) or not torch.equal(idx, torch.arange(v.shape[k])):
+                v = v.index_select(k, idx.to(v.device))
+        mod = mods.get(name.rsplit(".", 1)[0] if "." in name else "")
+        if name.endswith("weight") and isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)) and t.dim() > 1:
+            v = v * (o[0].numel() / max(v[0].numel(), 1))
+        t.copy_(v)
 
 
 def _run_own_init(member: nn.Module) -> str:
