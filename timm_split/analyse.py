@@ -93,6 +93,9 @@ class Atoms:
         assert self.size[ra] == self.size[rb], (self.size[ra], self.size[rb])
         self.parent[rb] = ra
         fixed = self.fixed[ra] or self.fixed[rb]
+        if (ra in self.prod and rb in self.sum and self.sum_to_prod(rb)) or (
+                rb in self.prod and ra in self.sum and self.sum_to_prod(ra)):
+            pass  # the concatenation became a product; the two products are unified below
         pa, pb = self.prod.pop(ra, None), self.prod.pop(rb, None)
         sa, sb = self.sum.pop(ra, None), self.sum.pop(rb, None)
         self.fixed[ra] = fixed
@@ -127,6 +130,23 @@ class Atoms:
             self.sum[ra] = sa or sb
         if fixed:
             self.fix(ra)
+
+    def sum_to_prod(self, r: int) -> bool:
+        """Rewrite a concatenation of k equal-width pieces as the product ``[k, piece]`` (the same row-major
+        layout), tying the pieces' widths. Used only where a reshape needs the product view (qkv biases that
+        are ``cat(q_bias, k_bias, v_bias)`` and then viewed as ``3 x heads x head_dim``)."""
+        r = self.find(r)
+        parts = self.sum.get(r)
+        if not parts or len({self.dim_size(d) for d in parts}) != 1:
+            return False
+        for d in parts[1:]:
+            self.unify(parts[0], d, "equal cat pieces")
+        del self.sum[r]
+        k = self.new(len(parts), fixed=True, why="cat of equal pieces")
+        rest = self.new(self.dim_size(parts[0]), fixed=self.fixed[r])
+        self.unify((rest,), parts[0], "equal cat pieces")
+        self.prod[r] = (k, rest)
+        return True
 
     def dim_size(self, d: Dim) -> int:
         return math.prod(self.size[self.find(a)] for a in d)
@@ -168,10 +188,10 @@ class Atoms:
                 self.union(a, b)
                 i += 1
                 j += 1
-            elif sa < sb and sb % sa == 0 and b not in self.sum:
-                lb[j:j + 1] = self.refine(b, (sa, sb // sa))
-            elif sb < sa and sa % sb == 0 and a not in self.sum:
-                la[i:i + 1] = self.refine(a, (sb, sa // sb))
+            elif sa < sb and sb % sa == 0 and (b not in self.sum or self.sum_to_prod(b)):
+                lb[j:j + 1] = self.leaves((b,)) if b in self.prod else self.refine(b, (sa, sb // sa))
+            elif sb < sa and sa % sb == 0 and (a not in self.sum or self.sum_to_prod(a)):
+                la[i:i + 1] = self.leaves((a,)) if a in self.prod else self.refine(a, (sb, sa // sb))
             else:  # the factorings interleave: fix the smallest block where both products agree, go on
                 pa, pb, i0, j0 = sa, sb, i, j
                 i, j = i + 1, j + 1
@@ -269,9 +289,8 @@ def _norm_dim(d: int, rank: int) -> int:
 class _Analysis:
     """Walks the graph in order (an interpreter on dims, not values) and applies one rule per op."""
 
-    def __init__(self, tr: Trace, uniform: Optional[Dict[str, set]] = None, couple_inputs: bool = False):
+    def __init__(self, tr: Trace, couple_inputs: bool = False):
         self.tr = tr
-        self.uniform = uniform
         self.couple_inputs = couple_inputs
         self.heads: List[Tuple[List[Dim], List[Dim]]] = []  # (batch dims, head_dim dims) of attention ops
         self.A = Atoms()
@@ -317,11 +336,6 @@ class _Analysis:
             else:
                 node.meta["split_dims"] = self.fresh(_shape(val))
                 param_dims[node.target] = node.meta["split_dims"]
-                if node.target in self.tr.non_persistent:  # computed at construction: keep non-uniform dims
-                    free = self.uniform.get(node.target) if self.uniform is not None else None
-                    for k, d in enumerate(node.meta["split_dims"]):
-                        if free is None or k not in free:
-                            self.A.fix_dims([d], "non-persistent buffer")
             return
         if node.op == "output":
             for a in node.all_input_nodes:
@@ -905,20 +919,18 @@ for _name in ("empty", "zeros", "ones", "full", "arange", "eye", "rand", "randn"
         _RULES[getattr(aten, _name)] = (lambda an, node: an.couple_to_module_inputs(node))
 
 
-def analyse(tr: Trace, uniform: Optional[Dict[str, set]] = None, couple_inputs: bool = False) -> ChannelGraph:
+def analyse(tr: Trace, couple_inputs: bool = False) -> ChannelGraph:
     """Run the channel analysis on a trace.
 
     Args:
         tr: the output of :func:`timm_split.trace.trace`.
-        uniform: non-persistent buffer name -> dims along which all its slices are equal in the original
-            (those may scale; values are tiled). ``None`` (a meta original, no values) lets every dim scale.
         couple_inputs: also tie the sizes an op takes to equal dims of its module's input (see
             ``_Analysis.couple_to_module_inputs``); the retry when a member built without it does not run.
 
     Returns:
         The :class:`ChannelGraph`; ``node.meta['split_dims']`` is filled in for every node.
     """
-    cg = _Analysis(tr, uniform, couple_inputs).run()
+    cg = _Analysis(tr, couple_inputs).run()
     if cg.unknown_ops:
         _logger.info("ops without a channel rule (their dims were kept fixed): %s", cg.unknown_ops)
     return cg

@@ -13,7 +13,7 @@ from .errors import SplitError
 from .ensemble import SplitEnsemble
 from .plan import SplitPlan, plan as _plan
 from .rebuild import (build_member, channel_selection, check_member, inherit_member, init_member, reference_stats,
-                      resolve_attributes, uniform_dims)
+                      resolve_attributes)
 from .trace import input_shape_for, meta_copy, trace
 
 _logger = logging.getLogger(__name__)
@@ -60,9 +60,8 @@ def _plan_and_template(model, split_factor, img_size, scale_regularization, para
     tr = trace(meta_copy(model), shape)
     out = [n for n in tr.graph.nodes if n.op == "output"][0].args[0]
     out_shape = tuple((out[0] if isinstance(out, tuple) else out).meta["val"].shape)
-    uniform = uniform_dims(model)
     for couple in (False, True):
-        cg = analyse(tr, uniform, couple_inputs=couple)
+        cg = analyse(tr, couple_inputs=couple)
         p = _plan(cg, S, arch=_arch(model), params_tol=params_tol, macs_tol=macs_tol,
                   scale_regularization=scale_regularization)
         member = build_member(tr.model, p, torch.device("meta"), {}, tr.aliases)

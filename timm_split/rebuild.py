@@ -23,8 +23,7 @@ from .plan import SplitPlan, _SizeOf
 _logger = logging.getLogger(__name__)
 
 __all__ = ["build_member", "init_member", "inherit_member", "channel_selection", "reference_stats", "check_member",
-           "resolve_attributes",
-           "uniform_dims", "non_persistent_buffers"]
+           "resolve_attributes"]
 
 def build_member(template: nn.Module, plan: SplitPlan, device: torch.device, dtype_of: Dict[str, torch.dtype],
                  aliases: Dict[str, str]) -> nn.Module:
@@ -186,30 +185,10 @@ def init_member(member: nn.Module, stats: Dict[str, tuple], seed: int) -> None:
             _logger.debug("ran the model's own init: %s", ran)
 
 
-def non_persistent_buffers(model: nn.Module) -> set:
-    """Qualified names of the buffers that are not in the state dict."""
-    return {f"{p}.{b}" if p else b for p, m in model.named_modules() for b in m._non_persistent_buffers_set}
-
-
-def uniform_dims(model: nn.Module) -> Optional[Dict[str, set]]:
-    """For each non-persistent buffer, the dims along which all slices are equal (they may change size).
-
-    Returns ``None`` for a meta model (no values to look at).
-    """
-    tensors = dict(model.named_buffers())
-    if any(t.is_meta for t in tensors.values()):
-        return None
-    out: Dict[str, set] = {}
-    for name in non_persistent_buffers(model):
-        t = tensors.get(name)
-        if t is None:
-            continue
-        out[name] = {k for k in range(t.dim()) if t.shape[k] > 1 and bool((t == t.narrow(k, 0, 1)).all())}
-    return out
-
-
 def _resize_like(src: torch.Tensor, shape) -> torch.Tensor:
-    """``src`` cut or tiled to ``shape`` dim by dim (exact where the resized dims are uniform)."""
+    """``src`` cut (first entries) or tiled to ``shape`` dim by dim. Exact where the resized dims are uniform
+    (BlurPool filters, zero biases); a rotary table keeps its first frequency bands, still a valid encoding for
+    a member trained from scratch."""
     for k, n in enumerate(shape):
         if src.shape[k] != n:
             idx = torch.arange(n, device=src.device).clamp_(max=src.shape[k] - 1)

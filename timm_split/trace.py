@@ -42,7 +42,6 @@ class Trace:
         input_node: the image input placeholder.
         calls: module path -> (args, outputs) of its first call: graph nodes for tensors, values otherwise.
         buffers: names in ``params`` that are buffers, not parameters.
-        non_persistent: buffers that are not saved in the state dict (computed at construction).
     """
 
     graph: fx.Graph
@@ -52,7 +51,6 @@ class Trace:
     input_node: Optional[fx.Node] = None
     calls: Dict[str, Tuple[list, list]] = field(default_factory=dict)
     buffers: frozenset = frozenset()
-    non_persistent: frozenset = frozenset()
 
 
 def meta_copy(model: nn.Module) -> nn.Module:
@@ -192,7 +190,5 @@ def trace(model: nn.Module, input_shape: Tuple[int, ...]) -> Trace:
     outs = [env[id(o)] for o in flat if isinstance(o, torch.Tensor) and id(o) in env]
     graph.output(outs[0] if len(outs) == 1 else tuple(outs))
     buffers = frozenset(n for n, _ in model.named_buffers(remove_duplicate=False))
-    non_persistent = frozenset(f"{p}.{b}" if p else b for p, m in model.named_modules()
-                               for b in m._non_persistent_buffers_set)
     return Trace(graph=graph, model=model, params=params, aliases=aliases, input_node=inp, calls=calls,
-                 buffers=buffers, non_persistent=non_persistent)
+                 buffers=buffers)

@@ -1,0 +1,339 @@
+"""``timm-split sweep``: split every timm architecture and check shapes and params/FLOPs parity.
+
+    timm-split sweep --split 2 4 --out docs/zoo.csv            # the whole zoo on meta
+    timm-split sweep --filter 'vit_*' --limit 20 --device cpu   # plus a real CPU forward/backward
+    timm-split sweep --report docs/zoo.csv --markdown docs/zoo.md
+
+Each architecture runs in a worker process with a per-model timeout: a model that hangs is killed and
+recorded as ``timeout``, and the sweep goes on. Rows are appended to the CSV as they finish, so a stopped
+sweep resumes where it left off. Statuses: ``ok``, ``split_error`` (a ``SplitError`` or ``ValueError`` from the
+engine), ``forward_error`` (the ensemble does not run or gives the wrong shape), ``parity_miss`` (params
+outside ±2% or FLOPs outside ±4%), ``timeout``, ``crash`` (any other exception: a bug to fix).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import fnmatch
+import logging
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from typing import Dict, Iterable, List, Optional, Sequence
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["FIELDS", "sweep_one", "default_tier", "run_sweep", "write_markdown", "main"]
+
+FIELDS = ("arch", "module", "split", "status", "reason", "params_orig", "params_split", "gmacs_orig", "gmacs_split",
+          "params_ratio", "gmacs_ratio", "cpu_checked", "seconds")
+PARAMS_TOL, MACS_TOL = 0.02, 0.04
+REFERENCE_CSV = os.path.join(os.path.dirname(__file__), "..", "tests", "data", "timm_benchmark_gmacs.csv")
+
+
+def sweep_one(arch: str, splits: Sequence[int], device: str = "meta", cpu_max_params: float = 30e6,
+              cpu_img_size: int = 64) -> List[Dict]:
+    """Split one architecture at each S and check it. Never raises: failures become rows.
+
+    Args:
+        arch: a timm architecture name.
+        splits: split factors to check.
+        device: ``'meta'`` (shapes and counts only) or ``'cpu'`` (also a real forward and backward for models
+            under ``cpu_max_params`` at ``cpu_img_size`` where the model takes it).
+        cpu_max_params: size limit for the CPU check.
+        cpu_img_size: input size of the CPU check.
+
+    Returns:
+        One row (a dict with :data:`FIELDS`) per split factor.
+    """
+    import timm
+    import torch
+
+    from .core import split
+    from .count import count
+    from .errors import SplitError
+
+    module = timm.models._registry._model_to_module.get(arch, "")
+    rows = []
+    t0 = time.perf_counter()
+    try:
+        cfg = timm.models.get_pretrained_cfg(arch)
+        kwargs = {"num_classes": 1000} if cfg is not None and not cfg.num_classes else {}  # headless models
+        with torch.device("meta"):
+            model = timm.create_model(arch, **kwargs)
+        base = count(model)
+    except Exception as e:  # noqa: BLE001 - the base model itself fails: not ours, but say so
+        return [dict(arch=arch, module=module, split=S, status="crash",
+                     reason=f"base model: {type(e).__name__}: {str(e)[:200]}", seconds=0.0) for S in splits]
+    for S in splits:
+        t = time.perf_counter()
+        row = dict(arch=arch, module=module, split=S, params_orig=base.params, gmacs_orig=round(base.gmacs, 6),
+                   cpu_checked=False)
+        try:
+            ens = split(model, S)
+            c, h, w = ens.split_plan.input_size
+            out = ens(torch.empty(1, c, h, w, device="meta"))
+            if tuple(out.shape) != (1, model.num_classes):
+                raise RuntimeError(f"output {tuple(out.shape)}, expected {(1, model.num_classes)}")
+        except (SplitError, ValueError) as e:
+            row.update(status="split_error", reason=_one_line(e))
+        except RuntimeError as e:
+            row.update(status="forward_error", reason=_one_line(e))
+        except Exception as e:  # noqa: BLE001
+            row.update(status="crash", reason=f"{type(e).__name__}: {_one_line(e)}")
+        else:
+            member = count(ens.members[0])
+            pr, mr = S * member.params / base.params, S * member.gmacs / base.gmacs if base.gmacs else 1.0
+            row.update(params_split=S * member.params, gmacs_split=round(S * member.gmacs, 6),
+                       params_ratio=round(pr, 5), gmacs_ratio=round(mr, 5))
+            ok = abs(pr - 1) <= PARAMS_TOL and abs(mr - 1) <= MACS_TOL
+            row.update(status="ok" if ok else "parity_miss",
+                       reason="" if ok else f"params {pr:.3f}, MACs {mr:.3f}")
+            if ok and device == "cpu" and base.params <= cpu_max_params:
+                row.update(_cpu_check(arch, S, kwargs, cpu_img_size))
+        row["seconds"] = round(time.perf_counter() - t + (t - t0 if S == splits[0] else 0.0), 3)
+        rows.append(row)
+    return rows
+
+
+def _cpu_check(arch, S, kwargs, img_size) -> Dict:
+    import timm
+    import torch
+
+    from .core import split
+
+    try:
+        try:
+            model, size = timm.create_model(arch, img_size=img_size, **kwargs), img_size
+        except TypeError:  # no img_size argument: CNNs run at any size, others at their own
+            model = timm.create_model(arch, **kwargs)
+            size = img_size if not model.pretrained_cfg.get("fixed_input_size") else None
+        ens = split(model, S, img_size=size)
+        c, h, w = ens.split_plan.input_size
+        out = ens(torch.randn(2, c, h, w))
+        out.float().square().mean().backward()
+        missing = [n for n, p in ens.named_parameters() if p.requires_grad and p.grad is None]
+        if missing:
+            return dict(status="forward_error", reason=f"no grad for {len(missing)} params, e.g. {missing[0]}",
+                        cpu_checked=True)
+        return dict(cpu_checked=True)
+    except Exception as e:  # noqa: BLE001
+        return dict(status="forward_error", reason=f"cpu: {type(e).__name__}: {_one_line(e)}", cpu_checked=True)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300]
+
+
+# ------------------------------------------------------------------------------------------ worker pool
+def _worker(conn, splits, device, cpu_max_params, cpu_img_size):
+    import torch
+    torch.set_num_threads(1)
+    logging.getLogger("timm_split").setLevel(logging.ERROR)
+    import warnings
+    warnings.filterwarnings("ignore")
+    while True:
+        arch = conn.recv()
+        if arch is None:
+            return
+        conn.send(sweep_one(arch, splits, device, cpu_max_params, cpu_img_size))
+
+
+class _Slot:
+    def __init__(self, ctx, args):
+        self.ctx, self.args = ctx, args
+        self.start()
+
+    def start(self):
+        self.conn, child = self.ctx.Pipe()
+        self.proc = self.ctx.Process(target=_worker, args=(child,) + self.args, daemon=True)
+        self.proc.start()
+        self.arch, self.since = None, 0.0
+
+    def kill(self):
+        self.proc.kill()
+        self.proc.join()
+        self.start()
+
+
+def run_sweep(archs: Sequence[str], splits: Sequence[int], out: str, *, device: str = "meta", timeout: float = 120,
+              workers: int = 1, cpu_max_params: float = 30e6, cpu_img_size: int = 64, progress: bool = True) -> List[Dict]:
+    """Sweep ``archs``, appending rows to the CSV ``out`` (resuming: pairs already there are skipped).
+
+    Returns:
+        All rows of the CSV after the sweep.
+    """
+    from tqdm import tqdm
+
+    done = {(r["arch"], int(r["split"])) for r in _read(out)}
+    todo = [a for a in archs if any((a, S) not in done for S in splits)]
+    new_file = not os.path.exists(out) or os.path.getsize(out) == 0
+    ctx = mp.get_context("fork" if sys.platform != "win32" else "spawn")
+    args = (tuple(splits), device, cpu_max_params, cpu_img_size)
+    slots = [_Slot(ctx, args) for _ in range(max(1, workers))]
+    queue = list(todo)
+    bar = tqdm(total=len(todo), desc=f"sweep S={','.join(map(str, splits))}", disable=not progress, file=sys.stderr)
+    with open(out, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        if new_file:
+            w.writeheader()
+        try:
+            while queue or any(s.arch for s in slots):
+                for s in slots:
+                    if s.arch is None and queue:
+                        s.arch, s.since = queue.pop(0), time.monotonic()
+                        s.conn.send(s.arch)
+                for s in slots:
+                    if s.arch is None:
+                        continue
+                    rows = None
+                    if s.conn.poll(0.05):
+                        try:
+                            rows = s.conn.recv()
+                        except EOFError:  # the worker died (out of memory, a segfault)
+                            rows = [dict(arch=s.arch, split=S, status="crash", reason="worker died") for S in splits]
+                            s.kill()
+                    elif time.monotonic() - s.since > timeout:
+                        rows = [dict(arch=s.arch, split=S, status="timeout", reason=f"over {timeout:.0f}s",
+                                     seconds=round(timeout, 1)) for S in splits]
+                        s.kill()
+                    elif not s.proc.is_alive():
+                        rows = [dict(arch=s.arch, split=S, status="crash", reason="worker died") for S in splits]
+                        s.start()
+                    if rows is not None:
+                        w.writerows([r for r in rows if (r["arch"], int(r["split"])) not in done])
+                        f.flush()
+                        bar.update(1)
+                        s.arch = None
+        finally:
+            for s in slots:
+                if s.proc.is_alive():
+                    s.conn.send(None) if s.arch is None else None
+                    s.proc.kill()
+            bar.close()
+    return _read(out)
+
+
+def _read(path: str) -> List[Dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def default_tier() -> List[str]:
+    """One small architecture per timm module: the fewest params in timm's benchmark table, else the first."""
+    import timm
+
+    params: Dict[str, float] = {}
+    if os.path.exists(REFERENCE_CSV):
+        with open(REFERENCE_CSV, newline="") as f:
+            for r in csv.DictReader(f):
+                params[r["model"]] = min(params.get(r["model"], float("inf")), float(r["param_count"]))
+    by_module: Dict[str, List[str]] = {}
+    for arch in timm.list_models():
+        if arch.startswith("splitnet_"):
+            continue
+        by_module.setdefault(timm.models._registry._model_to_module.get(arch, ""), []).append(arch)
+    return sorted(min(archs, key=lambda a: (params.get(a, float("inf")), a)) for archs in by_module.values())
+
+
+def select(filters: Iterable[str] = ("*",), excludes: Iterable[str] = (), limit: Optional[int] = None) -> List[str]:
+    """timm architectures matching any filter and no exclude, in registry order."""
+    import timm
+
+    names = [a for a in timm.list_models() if not a.startswith("splitnet_")]
+    names = [a for a in names if any(fnmatch.fnmatch(a, f) for f in filters)]
+    names = [a for a in names if not any(fnmatch.fnmatch(a, x) for x in excludes)]
+    return names[:limit] if limit else names
+
+
+def write_markdown(rows: List[Dict], path: str, command: str) -> None:
+    """docs/zoo.md from sweep rows: coverage by module, parity statistics, every failure with its reason."""
+    by_split: Dict[int, List[Dict]] = {}
+    for r in rows:
+        by_split.setdefault(int(r["split"]), []).append(r)
+    lines = ["# Zoo coverage", "", f"Generated by `{command}` from `{os.path.basename(path)[:-3]}.csv`.", "",
+             "| S | architectures | ok | parity_miss | split_error | forward_error | timeout | crash | params within ±2% "
+             "| FLOPs within ±4% | params ratio median (worst) | FLOPs ratio median (worst) | CPU checked | "
+             "median s |", "|" + "---|" * 14]
+    for S, rs in sorted(by_split.items()):
+        n = len(rs)
+        st = {k: sum(r["status"] == k for r in rs) for k in
+              ("ok", "parity_miss", "split_error", "forward_error", "timeout", "crash")}
+        pr = [float(r["params_ratio"]) for r in rs if r.get("params_ratio")]
+        mr = [float(r["gmacs_ratio"]) for r in rs if r.get("gmacs_ratio")]
+        p_ok = sum(abs(x - 1) <= PARAMS_TOL for x in pr)
+        m_ok = sum(abs(x - 1) <= MACS_TOL for x in mr)
+        worst_p = max(pr, key=lambda x: abs(x - 1)) if pr else float("nan")
+        worst_m = max(mr, key=lambda x: abs(x - 1)) if mr else float("nan")
+        secs = [float(r["seconds"]) for r in rs if r.get("seconds")]
+        cpu = sum(str(r.get("cpu_checked")) == "True" for r in rs)
+        lines.append(
+            f"| {S} | {n} | {st['ok']} ({100 * st['ok'] / n:.1f}%) | {st['parity_miss']} | {st['split_error']} | "
+            f"{st['forward_error']} | {st['timeout']} | {st['crash']} | {p_ok} ({100 * p_ok / n:.1f}%) | "
+            f"{m_ok} ({100 * m_ok / n:.1f}%) | {statistics.median(pr) if pr else float('nan'):.4f} ({worst_p:.3f}) | "
+            f"{statistics.median(mr) if mr else float('nan'):.4f} ({worst_m:.3f}) | {cpu} | "
+            f"{statistics.median(secs) if secs else 0:.2f} |")
+    lines += ["", "## By timm module", "", "| module | architectures | ok (all S) |", "|---|---|---|"]
+    mods: Dict[str, List[Dict]] = {}
+    for r in rows:
+        mods.setdefault(r.get("module") or "?", []).append(r)
+    for m, rs in sorted(mods.items()):
+        archs = {r["arch"] for r in rs}
+        ok = {a for a in archs if all(r["status"] == "ok" for r in rs if r["arch"] == a)}
+        lines.append(f"| {m} | {len(archs)} | {len(ok)} |")
+    fails = [r for r in rows if r["status"] != "ok"]
+    lines += ["", f"## Not ok ({len(fails)} rows)", "", "| arch | S | status | reason |", "|---|---|---|---|"]
+    for r in sorted(fails, key=lambda r: (r["status"], r["arch"], int(r["split"]))):
+        lines.append(f"| {r['arch']} | {r['split']} | {r['status']} | {r.get('reason', '').replace('|', '/')} |")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--filter", nargs="+", default=["*"], help="wildcards of timm names (default: all)")
+    p.add_argument("--exclude", nargs="+", default=[], help="wildcards to leave out")
+    p.add_argument("--tier", choices=["all", "default"], default="all",
+                   help="'default': one small architecture per timm module")
+    p.add_argument("--split", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--device", choices=["meta", "cpu"], default="meta")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per architecture")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--cpu-max-params", type=float, default=30e6)
+    p.add_argument("--out", default="sweep.csv", help="CSV to append to (resumes)")
+    p.add_argument("--report", metavar="CSV", help="only write --markdown from an existing CSV")
+    p.add_argument("--markdown", metavar="MD", help="write the coverage report here")
+
+
+def run(args: argparse.Namespace) -> int:
+    command = "timm-split sweep " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["sweep"] else sys.argv[1:])
+    if args.report:
+        rows = _read(args.report)
+    else:
+        archs = default_tier() if args.tier == "default" else select(args.filter, args.exclude, args.limit)
+        if args.tier == "default":
+            archs = [a for a in archs if any(fnmatch.fnmatch(a, f) for f in args.filter)][:args.limit]
+        rows = run_sweep(archs, args.split, args.out, device=args.device, timeout=args.timeout,
+                         workers=args.workers, cpu_max_params=args.cpu_max_params)
+        counts: Dict[str, int] = {}
+        for r in rows:
+            counts[r["status"]] = counts.get(r["status"], 0) + 1
+        print(f"{len(rows)} rows in {args.out}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    if args.markdown:
+        write_markdown(rows, args.markdown, command)
+        print(f"wrote {args.markdown}")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m timm_split.sweep", description=__doc__.split("\n")[0])
+    add_args(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
