@@ -422,8 +422,11 @@ class _Analysis:
                 continue
             for a in ins:
                 for j, t in enumerate(_shape(a.meta["val"])):
-                    if t == s:
-                        self.A.unify(node.meta["split_dims"][k], a.meta["split_dims"][j], "size from input shape")
+                    d = a.meta["split_dims"][j]
+                    # only widths that can change need the tie; a fixed input dim (an image side of 384) must
+                    # not fix a width that merely has the same value (an embed dim of 384)
+                    if t == s and any(not self.A.fixed[r] for r in self.A.leaves(d)):
+                        self.A.unify(node.meta["split_dims"][k], d, "size from input shape")
 
 
 def _module_of(node: fx.Node) -> str:
@@ -666,7 +669,8 @@ def _r_conv(an, node):
     xd, wd, od = an.dims(x), an.dims(w), node.meta["split_dims"]
     ws = _shape(w.meta["val"])
     A.unify(xd[0], od[0])
-    A.fix_dims(list(xd[2:]) + list(od[2:]) + list(wd[2:]), "spatial")
+    _spatial(an, x, node, list(xd[2:]), list(od[2:]))
+    A.fix_dims(list(wd[2:]), "kernel")
     w_in, w_out = (wd[0], wd[1]) if transposed else (wd[1], wd[0])
     if groups == 1:
         A.unify(xd[1], w_in)
@@ -731,7 +735,7 @@ def _r_ln(an, node):
 @_rule(aten.native_group_norm.default)
 def _r_gn(an, node):
     x, w, b = node.args[:3]
-    groups = node.args[7]
+    groups = node.args[6]  # native_group_norm(input, weight, bias, N, C, HxW, group, eps)
     xd, outs = an.dims(x), node.meta["split_dims"]
     an.same(x, outs[0])
     for p in (w, b):
@@ -802,11 +806,26 @@ def _pool(an, node, nspatial):
     lead = len(xd) - nspatial
     outs = node.meta["split_dims"]
     outs = outs if isinstance(node.meta["val"], (tuple, list)) else [outs]
-    for o in outs:
+    for i, o in enumerate(outs):
         for a, b in zip(xd[:lead], o[:lead]):
             an.A.unify(a, b)
-        an.A.fix_dims(o[lead:], "spatial")
-    an.A.fix_dims(xd[lead:], "spatial")
+        if i == 0:
+            _spatial(an, x, node, list(xd[lead:]), list(o[lead:]))
+        else:
+            an.A.fix_dims(o[lead:], "spatial")
+
+
+def _spatial(an, x, node, xd, od):
+    """Spatial dims: a length-preserving op (stride 1, same padding) works at any length, so in ~ out (ECA runs
+    a conv1d along the channels); any other spatial dim is fixed (image sides come fixed from the input)."""
+    xs = _shape(x.meta["val"])[-len(xd):] if xd else ()
+    val = node.meta["val"]
+    os_ = _shape(val if isinstance(val, torch.Tensor) else val[0])[-len(od):] if od else ()
+    for a, b, m, n in zip(xd, od, xs, os_):
+        if m == n:
+            an.A.unify(a, b, "length-preserving spatial op")
+        else:
+            an.A.fix_dims([a, b], "spatial")
 
 
 for _op, _n in [("avg_pool1d", 1), ("avg_pool2d", 2), ("avg_pool3d", 3), ("max_pool2d_with_indices", 2),

@@ -34,14 +34,15 @@ def _arch(model: nn.Module) -> str:
     return cfg.get("architecture") or type(model).__name__
 
 
-def plan_split(model: nn.Module, split_factor: int, *, img_size: ImgSize = None, scale_regularization: bool = True,
-               params_tol: float = 0.02, macs_tol: float = 0.04) -> SplitPlan:
+def plan_split(model: nn.Module, split_factor: int, *, img_size: ImgSize = None, in_chans: Optional[int] = None,
+               scale_regularization: bool = True, params_tol: float = 0.02, macs_tol: float = 0.04) -> SplitPlan:
     """Trace, analyse and plan a split, without building members (cheap: works on a meta copy).
 
     Args:
         model: any timm model or traceable ``nn.Module``; it is not modified.
         split_factor: S, the number of members.
         img_size: the input size to plan at; default the model's ``pretrained_cfg['input_size']``.
+        in_chans: input channels, for a model built with another ``in_chans`` than its cfg says.
         scale_regularization: divide dropout and drop-path rates by S.
         params_tol: allowed relative params deviation of the ensemble from the original.
         macs_tol: allowed relative MACs deviation.
@@ -49,14 +50,14 @@ def plan_split(model: nn.Module, split_factor: int, *, img_size: ImgSize = None,
     Returns:
         The :class:`~timm_split.plan.SplitPlan`.
     """
-    return _plan_and_template(model, split_factor, img_size, scale_regularization, params_tol, macs_tol)[0]
+    return _plan_and_template(model, split_factor, img_size, scale_regularization, params_tol, macs_tol, in_chans)[0]
 
 
-def _plan_and_template(model, split_factor, img_size, scale_regularization, params_tol, macs_tol):
+def _plan_and_template(model, split_factor, img_size, scale_regularization, params_tol, macs_tol, in_chans=None):
     """Plan, and check a meta member. A member that does not run is re-planned once with the sizes each
     module reads from its input shape tied to its input (``analyse(couple_inputs=True)``)."""
     S = _check_factor(split_factor)
-    shape = input_shape_for(model, img_size)
+    shape = input_shape_for(model, img_size, in_chans=in_chans)
     tr = trace(meta_copy(model), shape)
     out = [n for n in tr.graph.nodes if n.op == "output"][0].args[0]
     out_shape = tuple((out[0] if isinstance(out, tuple) else out).meta["val"].shape)
@@ -70,10 +71,11 @@ def _plan_and_template(model, split_factor, img_size, scale_regularization, para
         try:
             check_member(member, shape, out_shape)
             break
-        except SplitError:
+        except SplitError as e:
             if couple:
                 raise
-            _logger.info("%s: the member does not run; re-planning with input-shape couplings", p.arch)
+            _logger.info("%s: the member does not run (%s); re-planning with input-shape couplings", p.arch,
+                         e.__cause__ or e)
     return p, tr, out_shape, shape, cg
 
 
@@ -88,8 +90,8 @@ def _pretrained_cfg(model: nn.Module, plan: SplitPlan) -> dict:
 
 
 def split(model: nn.Module, split_factor: int, *, seed: int = 0, img_size: ImgSize = None,
-          scale_regularization: bool = True, averaging: str = "logits", init: str = "random",
-          params_tol: float = 0.02, macs_tol: float = 0.04) -> SplitEnsemble:
+          in_chans: Optional[int] = None, scale_regularization: bool = True, averaging: str = "logits",
+          init: str = "random", params_tol: float = 0.02, macs_tol: float = 0.04) -> SplitEnsemble:
     """Divide ``model`` into ``split_factor`` thinner members that together cost what it does.
 
     Args:
@@ -97,6 +99,7 @@ def split(model: nn.Module, split_factor: int, *, seed: int = 0, img_size: ImgSi
         split_factor: S, an int >= 1. S=1 returns a one-member ensemble equal to a copy of the model.
         seed: members get seeds ``seed, seed+1, ...`` for their init (the global RNG is left untouched).
         img_size: the input size to plan at; default the model's ``pretrained_cfg['input_size']``.
+        in_chans: input channels, for a model built with another ``in_chans`` than its cfg says.
         scale_regularization: divide dropout and drop-path rates by S (SplitNet's rule).
         averaging: ``'logits'`` (mean of logits) or ``'probs'`` (log of mean probabilities).
         init: ``'random'`` (each member from scratch, the family's init) or ``'inherit'`` (warm start: member
@@ -117,10 +120,10 @@ def split(model: nn.Module, split_factor: int, *, seed: int = 0, img_size: ImgSi
         raise ValueError(f"init must be 'random' or 'inherit', got {init!r}")
     if S == 1:
         member = copy.deepcopy(model)
-        p = plan_split(model, 1, img_size=img_size, scale_regularization=False)
+        p = plan_split(model, 1, img_size=img_size, in_chans=in_chans, scale_regularization=False)
         return SplitEnsemble([member], p, _pretrained_cfg(model, p), averaging)
     p, tr, out_shape, in_shape, cg = _plan_and_template(model, S, img_size, scale_regularization, params_tol,
-                                                        macs_tol)
+                                                        macs_tol, in_chans)
     tensors = dict(model.named_parameters())
     tensors.update(dict(model.named_buffers()))
     dtypes = {n: t.dtype for n, t in tensors.items()}

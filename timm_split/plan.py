@@ -432,6 +432,11 @@ def width_attributes(cg: ChannelGraph, sizes: _SizeOf):
     for name, dims in cg.param_dims.items():
         for d in dims:
             add(_parent(name), d)
+    for path, (args, _) in cg.trace.calls.items():  # what a module is called with belongs to its scope
+        for a in args:
+            if isinstance(a, torch.fx.Node) and isinstance(a.meta.get("val"), torch.Tensor):
+                for d in a.meta.get("split_dims") or []:
+                    add(path, d)
     for node in cg.trace.graph.nodes:
         st = node.meta.get("nn_module_stack") or []
         if not st or node.op != "call_function":
@@ -450,7 +455,7 @@ def width_attributes(cg: ChannelGraph, sizes: _SizeOf):
         st = node.meta.get("nn_module_stack") or []
         if g is not None and st:
             conv_groups[st[-1]] = sizes.atom(g)
-    for path, mod in model.named_modules():
+    for path, mod in model.named_modules(remove_duplicate=False):
         exact = _layer_attributes(path, mod, conv_groups.get(path), sizes, cg)
         out.extend(exact or ())
         m = local.get(path)
@@ -493,8 +498,8 @@ def _layer_attributes(path: str, mod: nn.Module, groups: Optional[int], sizes: "
         new = dict(num_features=(shape("weight") or shape("running_mean"))[0])
     elif isinstance(mod, nn.LayerNorm) and shape("weight"):
         new = dict(normalized_shape=tuple(shape("weight")))
-    elif isinstance(mod, nn.GroupNorm) and shape("weight"):
-        new = dict(num_channels=shape("weight")[0])
+    elif isinstance(mod, nn.GroupNorm) and shape("weight"):  # the group count is fixed by the analysis
+        new = dict(num_channels=shape("weight")[0], num_groups=mod.num_groups)
     elif isinstance(mod, nn.Embedding) and shape("weight"):
         new = dict(num_embeddings=shape("weight")[0], embedding_dim=shape("weight")[1])
     else:

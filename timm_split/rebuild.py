@@ -40,7 +40,7 @@ def build_member(template: nn.Module, plan: SplitPlan, device: torch.device, dty
         The member, uninitialised (call :func:`init_member`).
     """
     member = copy.deepcopy(template)
-    mods = dict(member.named_modules())
+    mods = dict(member.named_modules(remove_duplicate=False))
     made: Dict[str, torch.Tensor] = {}
     for name, shape in plan.param_shapes.items():
         mod_path, leaf = name.rsplit(".", 1) if "." in name else ("", name)
@@ -79,7 +79,7 @@ def resolve_attributes(member_meta: nn.Module, plan: SplitPlan, max_tries: int =
     """
     if not plan.ambiguous:
         return plan
-    mods = dict(member_meta.named_modules())
+    mods = dict(member_meta.named_modules(remove_duplicate=False))
     by_mod: Dict[str, List[Tuple[str, object, tuple]]] = {}
     for path, attr, old, cands in plan.ambiguous:
         by_mod.setdefault(path, []).append((attr, old, cands))
@@ -245,7 +245,7 @@ def inherit_member(member: nn.Module, original: nn.Module, selection: Dict[str, 
     """
     orig = dict(original.named_parameters())
     orig.update(dict(original.named_buffers()))
-    mods = dict(member.named_modules())
+    mods = dict(member.named_modules(remove_duplicate=False))
     tensors = dict(member.named_parameters())
     tensors.update(dict(member.named_buffers()))
     for name, t in tensors.items():

@@ -44,9 +44,9 @@ default_cfgs = generate_default_cfgs({f"splitnet_{a}": _cfg(a) for a in _ARCHS})
 
 
 def _build_split(base_arch: str, split_factor: int = 2, split_kwargs: Dict[str, Any] = None, **kwargs) -> SplitEnsemble:
-    img_size = kwargs.get("img_size")
     base = timm.create_model(base_arch, pretrained=False, **kwargs)
-    return split(base, split_factor, img_size=img_size, **(split_kwargs or {}))
+    return split(base, split_factor, img_size=kwargs.get("img_size"), in_chans=kwargs.get("in_chans"),
+                 **(split_kwargs or {}))
 
 
 def create_splitnet(arch: str, pretrained: bool = False, **kwargs) -> SplitEnsemble:

@@ -64,6 +64,10 @@ def sweep_one(arch: str, splits: Sequence[int], device: str = "meta", cpu_max_pa
         with torch.device("meta"):
             model = timm.create_model(arch, **kwargs)
         base = count(model)
+        c, h, w = model.pretrained_cfg["input_size"]
+        with torch.no_grad():
+            ref = model.eval()(torch.empty(2, c, h, w, device="meta"))
+        want = tuple((ref[0] if isinstance(ref, (tuple, list)) else ref).shape)
     except Exception as e:  # noqa: BLE001 - the base model itself fails: not ours, but say so
         return [dict(arch=arch, module=module, split=S, status="crash",
                      reason=f"base model: {type(e).__name__}: {str(e)[:200]}", seconds=0.0) for S in splits]
@@ -72,11 +76,11 @@ def sweep_one(arch: str, splits: Sequence[int], device: str = "meta", cpu_max_pa
         row = dict(arch=arch, module=module, split=S, params_orig=base.params, gmacs_orig=round(base.gmacs, 6),
                    cpu_checked=False)
         try:
-            ens = split(model, S)
+            ens = split(model, S).eval()
             c, h, w = ens.split_plan.input_size
-            out = ens(torch.empty(1, c, h, w, device="meta"))
-            if tuple(out.shape) != (1, model.num_classes):
-                raise RuntimeError(f"output {tuple(out.shape)}, expected {(1, model.num_classes)}")
+            out = ens(torch.empty(2, c, h, w, device="meta"))
+            if tuple(out.shape) != want:
+                raise RuntimeError(f"output {tuple(out.shape)}, expected {want}")
         except (SplitError, ValueError) as e:
             row.update(status="split_error", reason=_one_line(e))
         except RuntimeError as e:

@@ -71,16 +71,13 @@ def meta_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
-def input_shape_for(model: nn.Module, img_size: Optional[Tuple[int, int]] = None, batch_size: int = 2) -> Tuple:
-    """The input shape to trace ``model`` with: ``pretrained_cfg['input_size']`` unless ``img_size`` is given."""
+def input_shape_for(model: nn.Module, img_size: Optional[Tuple[int, int]] = None, batch_size: int = 2,
+                    in_chans: Optional[int] = None) -> Tuple:
+    """The input shape to trace ``model`` with: ``pretrained_cfg['input_size']`` unless ``img_size`` or
+    ``in_chans`` are given."""
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     c, h, w = cfg.get("input_size", (3, 224, 224))
-    first = cfg.get("first_conv")
-    if isinstance(first, (tuple, list)):
-        first = first[0] if first else None
-    conv = dict(model.named_modules()).get(first) if isinstance(first, str) else None
-    if isinstance(conv, nn.modules.conv._ConvNd):  # a model built with in_chans != the cfg's
-        c = conv.in_channels
+    c = in_chans or c
     if img_size is not None:
         h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     return (batch_size, c, h, w)
