@@ -544,7 +544,9 @@ def _r_slice(an, node):
     end = size if end is None else (end + size if end < 0 else min(end, size))
     start = max(0, min(start, size))
     an.same(src, od, skip=(dim,))
-    if start == 0 and end >= size and step == 1:
+    if end <= start:  # an empty slice carries no channels
+        an.A.fix_dims([od[dim]], "empty slice")
+    elif start == 0 and end >= size and step == 1:
         an.A.unify(sd[dim], od[dim])
     elif step != 1:
         if size % step == 0 and start < step and end >= size:  # x[..., s::k] picks one of k interleaved parts

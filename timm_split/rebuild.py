@@ -143,13 +143,14 @@ def reference_stats(original: nn.Module) -> Dict[str, tuple]:
 def init_member(member: nn.Module, stats: Dict[str, tuple], seed: int) -> None:
     """Initialise a member from scratch, with the model family's own init at the new widths.
 
-    1. Every tensor first gets the original's distribution (``stats`` from :func:`reference_stats`),
-       rescaled for fan: constant tensors (zero-init last BN gammas, layer-scale, zero biases) keep their
-       constant; others are drawn from a normal with the original's mean and its std times
-       sqrt(old fan / new fan). For a freshly built timm model this reproduces the family's init
-       (fan-based kaiming for convs, trunc-normal std for ViTs...).
-    2. The model's own init runs where timm has one (``init_weights()``, or ``_init_weights`` applied to
-       every module); constants of the original are restored after it.
+    1. The model's own init runs where timm has one (``init_weights()``, or ``_init_weights`` applied to
+       every module).
+    2. Every tensor it did not set (seen from the tensor's version counter) gets the original's
+       distribution (``stats`` from :func:`reference_stats`), rescaled for fan: constant tensors (zero-init
+       last BN gammas, layer-scale, zero biases, tokens) keep their constant; others are drawn from a normal
+       with the original's mean and its std times sqrt(old fan / new fan). For a freshly built timm model
+       this reproduces the family's init (fan-based kaiming for convs, trunc-normal std for ViTs...).
+    3. Buffers are copied (cut or tiled to the new shape) and BatchNorm running statistics reset.
 
     Args:
         member: the member to initialise in place (freshly built by :func:`build_member`).
@@ -161,14 +162,15 @@ def init_member(member: nn.Module, stats: Dict[str, tuple], seed: int) -> None:
         torch.manual_seed(seed)
         tensors = dict(member.named_parameters())
         tensors.update(dict(member.named_buffers()))
+        versions = {name: t._version for name, t in tensors.items()}
+        ran = _run_own_init(member)  # the family's init first; it sets what it knows about
         for name, t in tensors.items():
             kind, a, b = stats.get(name, ("const", 0.0, 0.0))
             if kind == "copy":
                 t.copy_(_resize_like(a, t.shape))
-                continue
-            if not t.is_floating_point():
-                continue
-            if kind == "const":
+            elif t._version != versions[name] or not t.is_floating_point():
+                continue  # set by the model's own init
+            elif kind == "const":
                 t.fill_(a)
             else:
                 fan = t.numel() / max(t.shape[0], 1) if t.dim() > 1 else 1
@@ -176,11 +178,6 @@ def init_member(member: nn.Module, stats: Dict[str, tuple], seed: int) -> None:
         for mod in member.modules():  # running statistics start fresh, as in a newly built model
             if isinstance(mod, nn.modules.batchnorm._NormBase) and mod.track_running_stats:
                 mod.reset_running_stats()
-        ran = _run_own_init(member)
-        for name, t in tensors.items():  # the family's constant inits (zero-init last BN...) survive
-            kind, a, _ = stats.get(name, ("", 0.0, 0.0))
-            if kind == "const" and t.is_floating_point():
-                t.fill_(a)
         if ran:
             _logger.debug("ran the model's own init: %s", ran)
 
