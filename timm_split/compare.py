@@ -16,11 +16,11 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import torch
 
 from .core import split
-from .count import count
+from .count import count, count_by_module
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["resolve_models", "compare_rows", "format_rows", "plot_rows"]
+__all__ = ["resolve_models", "compare_rows", "format_rows", "plot_rows", "by_module_table"]
 
 COLUMNS = ("model", "split", "img_size", "params_M", "gmacs", "params_ratio", "gmacs_ratio", "width_factor",
            "member_params_M", "member_gmacs")
@@ -163,3 +163,21 @@ def plot_rows(rows: List[Dict], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def by_module_table(name: str, split_factor: int, depth: int, img_size: Optional[int] = None) -> str:
+    """Params and MAC GMACs per module (to ``depth``) of the original and of the S members together."""
+    model = _build(name, img_size)
+    size = img_size or model.pretrained_cfg["input_size"][-1]
+    ens = split(model, split_factor, img_size=size)
+    orig = count_by_module(model, size, depth)
+    member = count_by_module(ens.members[0], size, depth)
+    S = split_factor
+    lines = [f"{name} S={S} by module (depth {depth}); 'split' columns are all {S} members together",
+             f"{'module':<32} {'params_M':>10} {'split':>10} {'ratio':>7} {'gmacs':>9} {'split':>9} {'ratio':>7}"]
+    for path, (p, g) in orig.items():
+        mp, mg = member.get(path, (0, 0.0))
+        lines.append(f"{(path or '(total)')[:32]:<32} {p / 1e6:>10.3f} {S * mp / 1e6:>10.3f} "
+                     f"{(S * mp / p if p else float('nan')):>7.3f} {g:>9.4f} {S * mg:>9.4f} "
+                     f"{(S * mg / g if g else float('nan')):>7.3f}")
+    return "\n".join(lines)

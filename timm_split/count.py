@@ -61,7 +61,7 @@ with warnings.catch_warnings():  # fvcore.nn scripts a loss at import, and torch
     from fvcore.nn import FlopCountAnalysis
     from fvcore.nn.jit_handles import bmm_flop_jit, conv_flop_count, get_shape
 
-__all__ = ["Cost", "count", "count_params"]
+__all__ = ["Cost", "count", "count_params", "count_by_module"]
 
 _logger = logging.getLogger(__name__)
 
@@ -531,6 +531,44 @@ def _count_meta(model: nn.Module, input_shape: Tuple[int, ...]) -> _Counts:
     _run_meta(model, input_shape, flops, rules, functions)
     mac_only = (flops.get_total_flops() - functions.excluded_flops) / 2
     return _Counts(mac_only=mac_only, total=mac_only + sum(rules.macs.values()), skipped=rules.skipped)
+
+
+def count_by_module(model: nn.Module, img_size: Union[int, Tuple[int, int], None] = None, depth: int = 1, *,
+                    in_chans: Optional[int] = None) -> Dict[str, Tuple[int, float]]:
+    """Params and MAC-only GMACs per submodule, down to ``depth`` levels of module path.
+
+    The MACs come from the same meta count as :func:`count` (``FlopCounterMode`` with the same formulas), split
+    by the counter's module tracking; norms and other non-MAC ops are not broken down.
+
+    Args:
+        model: the model, on any device (it is counted on meta, never moved or changed).
+        img_size: ``H`` or ``(H, W)``; None reads the model's ``pretrained_cfg``.
+        depth: how many path components to keep (``layer1`` is depth 1, ``layer1.0`` depth 2).
+        in_chans: input channels; None reads the cfg.
+
+    Returns:
+        Module path -> (params, GMACs of MAC ops); ``''`` is the whole model.
+    """
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"depth must be an int >= 1; got {depth!r}.")
+    size, chans = _resolve_input(model, img_size, in_chans)
+    flops = FlopCounterMode(display=False, custom_mapping=_META_MAC_FORMULAS)
+    flags = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        _run_meta(model, (1, chans) + size, flops)
+    finally:
+        for m, training in flags:
+            m.training = training
+    macs: Dict[str, float] = {}
+    for name, ops in flops.get_flop_counts().items():
+        if name != "Global":  # the first component is the root module's class name
+            macs[".".join(name.split(".")[1:])] = sum(ops.values()) / 2e9
+    out: Dict[str, Tuple[int, float]] = {"": (count_params(model), flops.get_total_flops() / 2e9)}
+    for path, sub in model.named_modules():
+        if path and path.count(".") == depth - 1:
+            out[path] = (count_params(sub), macs.get(path, 0.0))
+    return out
 
 
 def _counter_check(model: nn.Module, input_shape: Tuple[int, ...], mac_only: float) -> float:
