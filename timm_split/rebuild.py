@@ -117,6 +117,15 @@ def reference_stats(original: nn.Module) -> Dict[str, tuple]:
     """Per tensor of the original: ('const', value, 0), ('normal', mean, std * sqrt(fan)) for parameters, or
     ('copy', tensor, 0) for buffers (kept, cut or tiled where they change size; BatchNorm running statistics
     are reset afterwards); a meta original gives none."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # hundreds of tiny reductions: a thread pool only adds waiting
+    try:
+        return _reference_stats(original)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _reference_stats(original: nn.Module) -> Dict[str, tuple]:
     out: Dict[str, tuple] = {}
     buffers = {n for n, _ in original.named_buffers()}
     for name, o in list(original.named_parameters()) + list(original.named_buffers()):
