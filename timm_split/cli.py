@@ -59,6 +59,12 @@ def _cmd_compare(args) -> int:
         rows.extend(compare_rows(name, args.split, args.img_size, reparam=args.reparam, check=not args.no_check))
     fmt = args.format or "table"
     print(format_rows(rows, fmt, per_member=args.per_member))
+    if args.by_module:
+        from timm_split.compare import by_module_table
+        for name in names:
+            for S in sorted(set(args.split) - {1}):
+                print()
+                print(by_module_table(name, S, args.by_module, args.img_size))
     if args.plot:
         plot_rows(rows, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
@@ -82,11 +88,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--img-size", type=_img_size, default=None, help="square input size (default: the model's)")
     c.add_argument("--format", choices=["table", "md", "csv", "json"], default=None)
     c.add_argument("--per-member", action="store_true", help="one row per member as well")
+    c.add_argument("--by-module", type=_int_at_least(1, "--by-module depth"), metavar="DEPTH",
+                   help="also break params and MACs down by module path, to this depth")
     c.add_argument("--plot", metavar="PNG", help="write params and GMACs against S to a PNG")
     c.add_argument("--reparam", action="store_true",
                    help="count the deployed (re-parameterized) form, as timm publishes repvgg/fastvit/mobileone/levit")
     c.add_argument("--no-check", action="store_true", help="skip the FlopCounterMode cross-check")
     c.set_defaults(fn=_cmd_compare)
+    from timm_split.train import add_train_args, run_train
+    t = sub.add_parser("train", help="train a timm model or its split ensemble on Fashion-MNIST (co-training)")
+    add_train_args(t).set_defaults(fn=run_train)
+    from timm_split.sweep import add_args as add_sweep_args, run as run_sweep
+    w = sub.add_parser("sweep", help="split every timm architecture and check shapes and params/FLOPs parity")
+    add_sweep_args(w)
+    w.set_defaults(fn=run_sweep)
     return p
 
 

@@ -1,0 +1,251 @@
+"""Speed of a split ensemble against its original model, per execution strategy (issue 7).
+
+    python benchmarks/speed.py                                   # the default grid (see --help)
+    python benchmarks/speed.py --model resnet50 --split 2 --mode infer --batch 8 --strategy auto --json out.json
+    python benchmarks/speed.py --model resnet50 --split 2 --devices      # "S devices": one pinned core per member
+
+Every cell times the original model and each strategy in the same mode on the same input, interleaved (one
+call of each per round, the order rotating), after warm-up; it prints the ratio of medians (strategy /
+original) and the spread of the per-round ratios (25th-75th percentile). ``infer`` is a forward under
+``torch.no_grad`` in eval mode; ``train`` is forward, loss (CoTrainingLoss on per-member views for the
+ensemble, cross-entropy for the original), backward and an SGD step, in train mode. ``--devices`` simulates one
+device per member on a CPU: the original runs on one core with one thread, the ensemble with the 'threads'
+strategy, each worker pinned to its own core with one thread (``os.sched_setaffinity`` of the worker thread).
+Besides wall-clock it reports a "busy ratio": the busiest worker's thread CPU time (members timed by forward
+hooks) over the original's, i.e. the latency if each core were a device of its own; on a machine where other
+jobs take turns on the same cores, wall-clock cannot show that.
+The header records the load average (``os.getloadavg``), threads, ``OMP_WAIT_POLICY``, ``GLIBC_TUNABLES`` and
+torch/timm versions; each row the 1-minute load when it finished. ``--profile`` prints the top ops of one call of
+each strategy and of the original under ``torch.profiler``. On a machine shared with other jobs run it with
+``OMP_WAIT_POLICY=PASSIVE``: spinning OpenMP threads then steal the cores their own team waits for (2x slower
+two-thread runs measured here), which flatters every one-thread-per-member strategy.
+"""
+import argparse
+import contextlib
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+import timm
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import timm_split  # noqa: E402
+from timm_split import CoTrainingLoss  # noqa: E402
+
+STRATEGIES = ["loop", "threads", "vmap", "packed", "auto"]
+
+
+def _quantile(xs: List[float], q: float) -> float:
+    xs = sorted(xs)
+    i = (len(xs) - 1) * q
+    lo, hi = int(i), min(int(i) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (i - lo)
+
+
+def _step_fn(model, x, y, train: bool, ensemble: bool) -> Callable[[], None]:
+    """One timed call: inference forward, or forward + loss + backward + SGD step."""
+    if not train:
+        def infer():
+            with torch.no_grad():
+                model(x)
+        return infer
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+    loss_fn = CoTrainingLoss()
+
+    def step():
+        out = model.forward_members(x) if ensemble else model(x)
+        loss = loss_fn(out, y, epoch=1)["loss"] if ensemble else F.cross_entropy(out, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+@contextlib.contextmanager
+def _pinned(cores: Optional[List[int]], threads: int):
+    """Run the calling thread on ``cores`` with ``threads`` intra-op threads, then restore both."""
+    mask, n = os.sched_getaffinity(0), torch.get_num_threads()
+    if cores is not None:
+        os.sched_setaffinity(0, cores)
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, mask)
+        torch.set_num_threads(n)
+
+
+def _time_cell(fns: Dict[str, Callable[[], Optional[float]]], contexts: Dict[str, Callable], warmup: int,
+               repeats: int) -> Tuple[Dict[str, List[float]], Dict[str, List[float]]]:
+    """Interleaved wall times per fn, and the busy times the fns return (``--devices``; else empty)."""
+    names = list(fns)
+    times: Dict[str, List[float]] = {n: [] for n in names}
+    busy: Dict[str, List[float]] = {n: [] for n in names}
+    for n in names:
+        with contexts[n]():
+            for _ in range(warmup):
+                fns[n]()
+    for r in range(repeats):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            with contexts[n]():
+                t = time.perf_counter()
+                b = fns[n]()
+                times[n].append(time.perf_counter() - t)
+                if b is not None:
+                    busy[n].append(b)
+    return times, busy
+
+
+def _busy_original(fn: Callable[[], None]) -> Callable[[], float]:
+    """The calling thread's CPU time for ``fn`` (it runs one intra-op thread, so that is all its compute)."""
+    def timed() -> float:
+        c = time.thread_time()
+        fn()
+        return time.thread_time() - c
+    return timed
+
+
+def _busy_members(fn: Callable[[], None], ens, workers: int) -> Callable[[], float]:
+    """The busiest worker's CPU time: each member's forward is timed on its worker thread (hooks)."""
+    spent = [0.0] * len(ens.members)
+    for i, m in enumerate(ens.members):
+        m.register_forward_pre_hook(lambda mod, args, i=i: spent.__setitem__(i, spent[i] - time.thread_time()))
+        m.register_forward_hook(lambda mod, args, out, i=i: spent.__setitem__(i, spent[i] + time.thread_time()))
+
+    def timed() -> float:
+        spent[:] = [0.0] * len(spent)
+        fn()
+        return max(sum(spent[w::workers]) for w in range(workers))
+    return timed
+
+
+def run_cell(model_name: str, split: int, mode: str, batch: int, img: int, strategies: List[str], warmup: int,
+             repeats: int, devices: bool = False, profile: bool = False) -> List[dict]:
+    """Time the original and each strategy in one (model, S, mode, batch) cell; one record per strategy."""
+    torch.manual_seed(0)
+    kwargs = {"img_size": img} if "vit" in model_name else {}
+    model = timm.create_model(model_name, **kwargs)
+    train = mode == "train"
+    model.train(train)
+    x = torch.randn(batch, 3, img, img)
+    views = torch.randn(split, batch, 3, img, img) if train else x
+    y = torch.randint(0, model.num_classes, (batch,))
+    fns = {"original": _step_fn(model, x, y, train, False)}
+    contexts: Dict[str, Callable] = {"original": contextlib.nullcontext}
+    ensembles = {}
+    if devices:
+        ncores = len(os.sched_getaffinity(0))
+        cores = sorted(os.sched_getaffinity(0))
+        contexts["original"] = lambda: _pinned([cores[0]], 1)
+        strategies = ["threads"]
+        e = timm_split.split(model, split, img_size=img).train(train)
+        e.set_execution("threads", cores=[[cores[i % ncores]] for i in range(min(split, ncores))])
+        ensembles["threads"] = e
+    else:
+        for s in strategies:
+            e = timm_split.split(model, split, img_size=img).train(train)
+            try:
+                e.set_execution(s)
+            except ValueError as err:
+                logging.getLogger("speed").info("%s S=%d: %s skipped (%s)", model_name, split, s, str(err)[:80])
+                continue
+            ensembles[s] = e
+    for s, e in ensembles.items():
+        fns[s] = _step_fn(e, views, y, train, True)
+        contexts.setdefault(s, contextlib.nullcontext)
+    if devices:
+        fns["original"] = _busy_original(fns["original"])
+        fns["threads"] = _busy_members(fns["threads"], ensembles["threads"], min(split, ncores))
+    times, busy = _time_cell(fns, contexts, warmup, repeats)
+    base = statistics.median(times["original"])
+    records = []
+    for s in ensembles:
+        ratios = [t / o for t, o in zip(times[s], times["original"])]
+        rec = {"model": model_name, "S": split, "mode": mode, "batch": batch, "img_size": img,
+               "strategy": s + ("@devices" if devices else ""),
+               "ratio": statistics.median(times[s]) / base,
+               "spread": _quantile(ratios, 0.75) - _quantile(ratios, 0.25),
+               "ms": 1e3 * statistics.median(times[s]), "original_ms": 1e3 * base,
+               "device": "cpu" + (f" ({len(os.sched_getaffinity(0))} cores pinned 1/member)" if devices else ""),
+               "load": round(os.getloadavg()[0], 2), "threads": torch.get_num_threads()}
+        if busy[s]:
+            # each simulated device's own compute time, blind to other jobs taking turns on its core
+            rec["busy_ratio"] = statistics.median(busy[s]) / statistics.median(busy["original"])
+        if s == "auto":
+            rec["chose"] = sorted(set(ensembles[s]._execution.choices.values()))
+        records.append(rec)
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as prof
+        for s in ensembles:
+            with prof(activities=[ProfilerActivity.CPU]) as p, contexts[s]():
+                fns[s]()
+            print(f"--- profile {model_name} S={split} {mode} b{batch} {s}")
+            print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
+        with prof(activities=[ProfilerActivity.CPU]) as p, contexts["original"]():
+            fns["original"]()
+        print(f"--- profile {model_name} {mode} b{batch} original")
+        print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
+    return records
+
+
+def _header() -> str:
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (f"torch {torch.__version__}, timm {timm.__version__}, {platform.processor() or platform.machine()}, "
+            f"cores {len(os.sched_getaffinity(0))}, intra-op threads {torch.get_num_threads()}, "
+            f"mkldnn {torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled}, "
+            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')!r}, "
+            f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}, load average {load}")
+
+
+def main(argv: Optional[List[str]] = None) -> List[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", nargs="+", default=["resnet50", "efficientnet_b0", "vit_small_patch16_224"])
+    ap.add_argument("--split", nargs="+", type=int, default=[2, 4])
+    ap.add_argument("--mode", nargs="+", choices=["infer", "train"], default=["infer", "train"])
+    ap.add_argument("--batch", nargs="+", type=int, default=None,
+                    help="default: 1 and 32 for infer, 32 for train")
+    ap.add_argument("--img-size", type=int, default=None,
+                    help="default: 224 at batch 1, 128 at batch 32 inference, 96 for train (2-core budget)")
+    ap.add_argument("--strategy", nargs="+", default=STRATEGIES, choices=STRATEGIES + ["compile"])
+    ap.add_argument("--devices", action="store_true", help="S devices simulated by one pinned core per member")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
+    ap.add_argument("--profile", action="store_true", help="print the top ops of each strategy (torch.profiler)")
+    ap.add_argument("--json", default=None, help="write the records to this file")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(_header())
+    records = []
+    print(f"{'model':24s} {'S':>2s} {'mode':5s} {'batch':>5s} {'img':>4s} {'strategy':16s} {'ratio':>6s} "
+          f"{'spread':>6s} {'ms':>9s} {'orig ms':>9s} {'load':>5s}")
+    for model_name in args.model:
+        for split in args.split:
+            for mode in args.mode:
+                for batch in args.batch or ([1, 32] if mode == "infer" else [32]):
+                    img = args.img_size or (224 if batch == 1 else 128 if mode == "infer" else 96)
+                    for r in run_cell(model_name, split, mode, batch, img, args.strategy, args.warmup,
+                                      args.repeats, args.devices, args.profile):
+                        records.append(r)
+                        extra = f"  (chose {', '.join(r['chose'])})" if "chose" in r else ""
+                        extra += f"  busy ratio {r['busy_ratio']:.3f}" if "busy_ratio" in r else ""
+                        print(f"{r['model']:24s} {r['S']:2d} {r['mode']:5s} {r['batch']:5d} {r['img_size']:4d} "
+                              f"{r['strategy']:16s} {r['ratio']:6.3f} {r['spread']:6.3f} {r['ms']:9.1f} "
+                              f"{r['original_ms']:9.1f} {r['load']:5.2f}{extra}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"header": _header(), "records": records}, f, indent=1)
+    return records
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,247 @@
+"""Execution strategies and multi-device placement (issue 7): every strategy gives the loop's results."""
+import copy
+import logging
+import os
+import pickle
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import timm_split
+from timm_split import CoTrainingLoss
+
+CLASSES = 5
+STRATEGIES = ["loop", "threads", "vmap", "packed", "auto"]
+OPTIONS = {"threads": {"workers": 2}}  # two workers even with one intra-op thread
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on this shared 2-core machine OpenMP barriers under load make tiny ops take
+    100x longer with two. The strategies' own thread handling is tested with explicit options."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    """A small timm ResNet (bottlenecks, downsample shortcuts), split in two: fast on 2 cores."""
+    from timm.models.resnet import Bottleneck, ResNet
+    torch.manual_seed(0)
+    model = ResNet(Bottleneck, [1, 1, 1, 1], num_classes=CLASSES, stem_width=16, channels=(8, 16, 32, 64))
+    return timm_split.split(model, 2, img_size=32)
+
+
+def _data(S=2, B=4, size=32, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(S, B, 3, size, size, generator=g), torch.randint(0, CLASSES, (B,), generator=g)
+
+
+def _close(a, b, what, rtol=1e-4, atol=1e-6):
+    """Equal up to float noise, relative to the largest magnitude (BN-fed tensors have near-zero entries)."""
+    err, scale = (a.float() - b.float()).abs().max().item(), b.abs().max().item()
+    assert err <= rtol * scale + atol, f"{what}: max error {err:.3g}, max magnitude {scale:.3g}"
+
+
+def _train_steps(ens, views, target, steps=2):
+    opt = torch.optim.SGD(ens.parameters(), lr=0.05, momentum=0.9)
+    loss_fn = CoTrainingLoss(cot_weight=1.0, warmup_epochs=0)
+    outs = []
+    for _ in range(steps):
+        out = ens.forward_members(views)
+        loss = loss_fn(out, target, epoch=1)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        outs.append(out.detach())
+        opt.step()
+    return outs
+
+
+def _rtol(strategy):
+    # grouped convolutions sum in another order: after two SGD steps the relative drift is ~2e-4
+    return 1e-3 if strategy in ("packed", "auto") else 1e-4
+
+
+def _assert_same_state(a, b, rtol=1e-4, atol=1e-6):
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        _close(x, y, name, rtol, atol)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_training_matches_loop(resnet, strategy):
+    """Train mode, per-member views: outputs, gradients, params after SGD steps and BN running stats."""
+    views, target = _data()
+    ref = copy.deepcopy(resnet).train()
+    ens = copy.deepcopy(resnet).train().set_execution(strategy, **OPTIONS.get(strategy, {}))
+    assert ens.execution == strategy
+    for o, r in zip(_train_steps(ens, views, target), _train_steps(ref, views, target)):
+        _close(o, r, "outputs", _rtol(strategy))
+    for (name, p), q in zip(ens.named_parameters(), ref.parameters()):
+        assert p.grad is not None, f"{strategy}: no gradient reached {name}"
+    _assert_same_state(ens, ref, _rtol(strategy))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_eval_matches_loop(resnet, strategy):
+    """Eval mode, one shared batch, with and without grad; cached stacked/packed tensors follow param updates."""
+    x = _data()[0][0]
+    ref = copy.deepcopy(resnet).eval()
+    ens = copy.deepcopy(resnet).eval().set_execution(strategy, **OPTIONS.get(strategy, {}))
+    with torch.no_grad():
+        _close(ens(x), ref(x), "no_grad", _rtol(strategy))
+        for a, b in zip(ens.parameters(), ref.parameters()):  # an optimizer step, in place
+            a.mul_(0.9)
+            b.mul_(0.9)
+        _close(ens.forward_members(x), ref.forward_members(x), "after in-place update", _rtol(strategy))
+    out = ens(x)
+    out.square().sum().backward()
+    ref(x).square().sum().backward()
+    for (name, p), q in zip(ens.named_parameters(), ref.parameters()):
+        _close(p.grad, q.grad, name, _rtol(strategy))
+
+
+def test_packed_efficientnet_blocks():
+    """Depthwise convs, squeeze-excite, BatchNormAct2d and SiLU pack too (train mode, running stats)."""
+    torch.manual_seed(0)
+    model = timm.create_model("efficientnet_b0", num_classes=CLASSES)
+    ens = timm_split.split(model, 2, img_size=32).train()
+    ref, packed = copy.deepcopy(ens), copy.deepcopy(ens).set_execution("packed")
+    views, target = _data(B=8)
+    for o, r in zip(_train_steps(packed, views, target, 1), _train_steps(ref, views, target, 1)):
+        _close(o, r, "outputs", 1e-3)
+    # atol: a BatchNorm bias feeding the next BatchNorm has a zero gradient up to float noise (~1e-6 here)
+    _assert_same_state(packed, ref, 1e-3, 1e-5)
+
+
+def test_packed_rejects_unknown_module_by_name():
+    class Gate(nn.Module):  # channel-mixing forward the packing cannot know about
+        def forward(self, x):
+            return x * x.mean(1, keepdim=True)
+
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), Gate(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, CLASSES))
+    ens = timm_split.SplitEnsemble([copy.deepcopy(net), copy.deepcopy(net)])
+    with pytest.raises(ValueError, match=r"'packed' does not support module '1' \(.*Gate\)"):
+        ens.set_execution("packed")
+    assert ens.execution == "loop", "a failed set_execution keeps the previous strategy"
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        want = ens(x)
+        _close(ens.set_execution("auto")(x), want, "auto skips packed and still runs")
+
+
+def test_vmap_dropout_draws_per_member():
+    """vmap runs random ops with randomness='different': members get different dropout masks."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 64), nn.Dropout(0.5), nn.Linear(64, CLASSES))
+    shared = copy.deepcopy(net)
+    ens = timm_split.SplitEnsemble([shared, copy.deepcopy(shared)]).train().set_execution("vmap")
+    out = ens.forward_members(torch.randn(4, 3, 2, 2))
+    assert not torch.allclose(out[0], out[1]), "identical members, identical masks: randomness not per member"
+    out.sum().backward()
+    assert all(p.grad is not None for p in ens.parameters())
+
+
+def test_auto_caches_per_key_and_logs(resnet, caplog):
+    ens = copy.deepcopy(resnet).eval().set_execution("auto", candidates=["loop", "threads", "vmap"], repeats=1)
+    x = _data()[0][0]
+    with caplog.at_level(logging.INFO, logger="timm_split"), torch.no_grad():
+        ens(x)
+        ens(x)
+        ens(x[:2])
+    chosen = [r.getMessage() for r in caplog.records if r.getMessage().startswith("auto:")]
+    assert len(chosen) == 2, chosen  # once per input shape, not per call
+    assert "input [4, 3, 32, 32]" in chosen[0] and "input [2, 3, 32, 32]" in chosen[1]
+    assert set(ens._execution.choices.values()) <= {"loop", "threads", "vmap"}
+
+
+def test_to_devices_cpu_cpu(resnet):
+    views, target = _data()
+    ref = copy.deepcopy(resnet).train()
+    ens = copy.deepcopy(resnet).train().to_devices(["cpu", "cpu"], workers=2)
+    assert ens.execution == "threads"
+    assert [str(next(m.parameters()).device) for m in ens.members] == ["cpu", "cpu"]
+    for o, r in zip(_train_steps(ens, views, target), _train_steps(ref, views, target)):
+        _close(o, r, "outputs")
+    _assert_same_state(ens, ref)
+    with pytest.raises(ValueError, match="non-empty list"):
+        ens.to_devices("cpu")
+
+
+def test_members_on_different_devices_need_loop_or_threads():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(12, CLASSES))
+    ens = timm_split.SplitEnsemble([copy.deepcopy(net), copy.deepcopy(net)])
+    ens.members[1].to("meta")
+    for strategy in ("vmap", "packed"):
+        with pytest.raises(ValueError, match="one device"):
+            ens.set_execution(strategy)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")
+def test_threads_pinned_one_core_each(resnet):
+    ens = copy.deepcopy(resnet).eval()
+    x = _data()[0]
+    mask, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    cores = sorted(mask)[:2]
+    with torch.no_grad():
+        want = ens.forward_members(x)
+        ens.set_execution("threads", cores=[[cores[0]], [cores[1]]])
+        _close(ens.forward_members(x), want, "pinned")
+    assert os.sched_getaffinity(0) == mask and torch.get_num_threads() == threads, "the caller was changed"
+
+
+def test_threads_propagate_grad_mode(resnet):
+    ens = copy.deepcopy(resnet).eval().set_execution("threads", workers=2)
+    x = _data()[0][0]
+    with torch.no_grad():
+        assert not ens(x).requires_grad
+    with torch.inference_mode():
+        assert ens(x).is_inference()
+    assert ens(x).requires_grad
+
+
+@pytest.mark.parametrize("strategy,options,match", [
+    ("fast", {}, "execution must be one of"),
+    ("threads", {"workers": 0}, "workers must be an int"),
+    ("threads", {"cores": [[]]}, "cores must be"),
+    ("threads", {"speed": 1}, "bad option for execution 'threads'"),
+    ("auto", {"candidates": ["loop", "auto"]}, "auto candidates"),
+])
+def test_bad_arguments(resnet, strategy, options, match):
+    with pytest.raises(ValueError, match=match):
+        copy.deepcopy(resnet).set_execution(strategy, **options)
+
+
+def test_copy_and_pickle_after_running(resnet):
+    ens = copy.deepcopy(resnet).eval().set_execution("threads", workers=2)
+    x = _data()[0][0]
+    with torch.no_grad():
+        want = ens(x)
+        for clone in (copy.deepcopy(ens), pickle.loads(pickle.dumps(ens))):
+            assert clone.execution == "threads"
+            _close(clone(x), want, "clone")
+
+
+def test_compile_matches_loop():
+    """torch.compile through dynamo and AOT autograd; the 'eager' backends skip inductor's C++ build
+    (about a minute here; see test_compile_inductor, marked slow)."""
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(8, CLASSES))
+    torch.manual_seed(0)
+    ens = timm_split.split(net, 2, img_size=8).train()
+    ref, comp = copy.deepcopy(ens), copy.deepcopy(ens).set_execution("compile", backend="aot_eager")
+    views, target = _data(size=8)
+    for o, r in zip(_train_steps(comp, views, target), _train_steps(ref, views, target)):
+        _close(o, r, "outputs")
+    _assert_same_state(comp, ref)
+
+
+@pytest.mark.slow
+def test_compile_inductor(resnet):
+    ref, comp = copy.deepcopy(resnet).train(), copy.deepcopy(resnet).train().set_execution("compile")
+    views, target = _data()
+    for o, r in zip(_train_steps(comp, views, target), _train_steps(ref, views, target)):
+        _close(o, r, "outputs", 1e-3)
+    _assert_same_state(comp, ref, 1e-3)
