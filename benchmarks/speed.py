@@ -127,15 +127,18 @@ def _busy_members(fn: Callable[[], None], ens, workers: int) -> Callable[[], flo
 
 
 def run_cell(model_name: str, split: int, mode: str, batch: int, img: int, strategies: List[str], warmup: int,
-             repeats: int, devices: bool = False, profile: bool = False) -> List[dict]:
+             repeats: int, devices: bool = False, profile: bool = False, channels_last: bool = False) -> List[dict]:
     """Time the original and each strategy in one (model, S, mode, batch) cell; one record per strategy."""
     torch.manual_seed(0)
     kwargs = {"img_size": img} if "vit" in model_name else {}
-    model = timm.create_model(model_name, **kwargs)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = timm.create_model(model_name, **kwargs).to(memory_format=fmt)
     train = mode == "train"
     model.train(train)
-    x = torch.randn(batch, 3, img, img)
+    x = torch.randn(batch, 3, img, img).contiguous(memory_format=fmt)
     views = torch.randn(split, batch, 3, img, img) if train else x
+    if train and channels_last:
+        views = [v.contiguous(memory_format=fmt) for v in views]
     y = torch.randint(0, model.num_classes, (batch,))
     fns = {"original": _step_fn(model, x, y, train, False)}
     contexts: Dict[str, Callable] = {"original": contextlib.nullcontext}
@@ -145,12 +148,12 @@ def run_cell(model_name: str, split: int, mode: str, batch: int, img: int, strat
         cores = sorted(os.sched_getaffinity(0))
         contexts["original"] = lambda: _pinned([cores[0]], 1)
         strategies = ["threads"]
-        e = timm_split.split(model, split, img_size=img).train(train)
+        e = timm_split.split(model, split, img_size=img).train(train).to(memory_format=fmt)
         e.set_execution("threads", cores=[[cores[i % ncores]] for i in range(min(split, ncores))])
         ensembles["threads"] = e
     else:
         for s in strategies:
-            e = timm_split.split(model, split, img_size=img).train(train)
+            e = timm_split.split(model, split, img_size=img).train(train).to(memory_format=fmt)
             try:
                 e.set_execution(s)
             except ValueError as err:
@@ -174,6 +177,7 @@ def run_cell(model_name: str, split: int, mode: str, batch: int, img: int, strat
                "spread": _quantile(ratios, 0.75) - _quantile(ratios, 0.25),
                "ms": 1e3 * statistics.median(times[s]), "original_ms": 1e3 * base,
                "device": "cpu" + (f" ({len(os.sched_getaffinity(0))} cores pinned 1/member)" if devices else ""),
+               "memory_format": "channels_last" if channels_last else "contiguous",
                "load": round(os.getloadavg()[0], 2), "threads": torch.get_num_threads()}
         if busy[s]:
             # each simulated device's own compute time, blind to other jobs taking turns on its core
@@ -215,6 +219,8 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
                     help="default: 224 at batch 1, 128 at batch 32 inference, 96 for train (2-core budget)")
     ap.add_argument("--strategy", nargs="+", default=STRATEGIES, choices=STRATEGIES + ["compile"])
     ap.add_argument("--devices", action="store_true", help="S devices simulated by one pinned core per member")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="original, members and input channels-last (the packed strategy always is on CPU)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
@@ -234,7 +240,7 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
                 for batch in args.batch or ([1, 32] if mode == "infer" else [32]):
                     img = args.img_size or (224 if batch == 1 else 128 if mode == "infer" else 96)
                     for r in run_cell(model_name, split, mode, batch, img, args.strategy, args.warmup,
-                                      args.repeats, args.devices, args.profile):
+                                      args.repeats, args.devices, args.profile, args.channels_last):
                         records.append(r)
                         extra = f"  (chose {', '.join(r['chose'])})" if "chose" in r else ""
                         extra += f"  busy ratio {r['busy_ratio']:.3f}" if "busy_ratio" in r else ""
