@@ -117,6 +117,20 @@ def test_packed_efficientnet_blocks():
     _assert_same_state(packed, ref, 1e-3, 1e-5)
 
 
+def test_packed_groupnorm_linear_layernorm():
+    """GroupNorm, hidden linears and LayerNorm pack too (per-member groups, baddbmm, per-member normalisation)."""
+    def net():
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.GELU(), nn.AdaptiveAvgPool2d(1),
+                             nn.Flatten(), nn.Linear(8, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, CLASSES))
+    torch.manual_seed(0)
+    ens = timm_split.SplitEnsemble([net() for _ in range(3)]).train()
+    ref, packed = copy.deepcopy(ens), copy.deepcopy(ens).set_execution("packed")
+    views, target = _data(S=3, size=8)
+    for o, r in zip(_train_steps(packed, views, target), _train_steps(ref, views, target)):
+        _close(o, r, "outputs", 1e-3)
+    _assert_same_state(packed, ref, 1e-3)
+
+
 def test_packed_rejects_unknown_module_by_name():
     class Gate(nn.Module):  # channel-mixing forward the packing cannot know about
         def forward(self, x):

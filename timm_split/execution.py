@@ -204,6 +204,11 @@ class ThreadsExecution(Execution):
         self._pool: Optional[ThreadPoolExecutor] = None
         self._streams: Optional[Dict[int, Any]] = None
 
+    def reset(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+        super().reset()
+
     def _layout(self, num_members: int, cuda: bool) -> Tuple[int, List[int]]:
         total = torch.get_num_threads()
         default = num_members if cuda else max(1, min(num_members, total))  # GPU members: a thread each
@@ -246,6 +251,7 @@ class ThreadsExecution(Execution):
         cuda_devs = {d for d in devices if d.type == "cuda"}
         n, threads = self._layout(len(members), bool(cuda_devs))
         if self._pool is None or self._pool._max_workers != n:
+            self.reset()
             self._pool = ThreadPoolExecutor(n, thread_name_prefix="timm_split")
             self._streams = {}
         dev0 = devices[0]
