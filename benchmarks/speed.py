@@ -83,20 +83,30 @@ def _pinned(cores: Optional[List[int]], threads: int):
 
 
 def _time_cell(fns: Dict[str, Callable[[], Optional[float]]], contexts: Dict[str, Callable], warmup: int,
-               repeats: int) -> Tuple[Dict[str, List[float]], Dict[str, List[float]]]:
-    """Interleaved wall times per fn, and the busy times the fns return (``--devices``; else empty)."""
+               repeats: int, sync: Callable[[], None] = lambda: None
+               ) -> Tuple[Dict[str, List[float]], Dict[str, List[float]]]:
+    """Interleaved wall times per fn, and the busy times the fns return (``--devices``; else empty). ``sync``
+    waits for the device (``torch.cuda.synchronize``) before and after each timed call."""
     names = list(fns)
-    times: Dict[str, List[float]] = {n: [] for n in names}
+    times: Dict[str, List[float]] = {n: [] for n in names}  # a strategy failing in warm-up stays empty
     busy: Dict[str, List[float]] = {n: [] for n in names}
-    for n in names:
+    for n in list(names):
         with contexts[n]():
-            for _ in range(warmup):
-                fns[n]()
+            try:
+                for _ in range(warmup):
+                    fns[n]()
+            except Exception as e:  # noqa: BLE001 - a strategy that fails here is reported, not timed
+                if n == "original":
+                    raise
+                logging.getLogger("speed").warning("%s failed in warm-up: %s: %s", n, type(e).__name__, e)
+                names.remove(n)
     for r in range(repeats):
         for n in names[r % len(names):] + names[:r % len(names)]:
             with contexts[n]():
+                sync()
                 t = time.perf_counter()
                 b = fns[n]()
+                sync()
                 times[n].append(time.perf_counter() - t)
                 if b is not None:
                     busy[n].append(b)
@@ -127,19 +137,21 @@ def _busy_members(fn: Callable[[], None], ens, workers: int) -> Callable[[], flo
 
 
 def run_cell(model_name: str, split: int, mode: str, batch: int, img: int, strategies: List[str], warmup: int,
-             repeats: int, devices: bool = False, profile: bool = False, channels_last: bool = False) -> List[dict]:
+             repeats: int, devices: bool = False, profile: bool = False, channels_last: bool = False,
+             device: str = "cpu") -> List[dict]:
     """Time the original and each strategy in one (model, S, mode, batch) cell; one record per strategy."""
     torch.manual_seed(0)
     kwargs = {"img_size": img} if "vit" in model_name else {}
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = timm.create_model(model_name, **kwargs).to(memory_format=fmt)
+    model = timm.create_model(model_name, **kwargs).to(device=device, memory_format=fmt)
     train = mode == "train"
     model.train(train)
-    x = torch.randn(batch, 3, img, img).contiguous(memory_format=fmt)
-    views = torch.randn(split, batch, 3, img, img) if train else x
+    x = torch.randn(batch, 3, img, img, device=device).contiguous(memory_format=fmt)
+    views = torch.randn(split, batch, 3, img, img, device=device) if train else x
     if train and channels_last:
         views = [v.contiguous(memory_format=fmt) for v in views]
-    y = torch.randint(0, model.num_classes, (batch,))
+    y = torch.randint(0, model.num_classes, (batch,), device=device)
+    cuda = torch.device(device).type == "cuda"
     fns = {"original": _step_fn(model, x, y, train, False)}
     contexts: Dict[str, Callable] = {"original": contextlib.nullcontext}
     ensembles = {}
@@ -166,17 +178,18 @@ def run_cell(model_name: str, split: int, mode: str, batch: int, img: int, strat
     if devices:
         fns["original"] = _busy_original(fns["original"])
         fns["threads"] = _busy_members(fns["threads"], ensembles["threads"], min(split, ncores))
-    times, busy = _time_cell(fns, contexts, warmup, repeats)
+    times, busy = _time_cell(fns, contexts, warmup, repeats, torch.cuda.synchronize if cuda else lambda: None)
     base = statistics.median(times["original"])
     records = []
-    for s in ensembles:
+    for s in [s for s in ensembles if times.get(s)]:
         ratios = [t / o for t, o in zip(times[s], times["original"])]
         rec = {"model": model_name, "S": split, "mode": mode, "batch": batch, "img_size": img,
                "strategy": s + ("@devices" if devices else ""),
                "ratio": statistics.median(times[s]) / base,
                "spread": _quantile(ratios, 0.75) - _quantile(ratios, 0.25),
                "ms": 1e3 * statistics.median(times[s]), "original_ms": 1e3 * base,
-               "device": "cpu" + (f" ({len(os.sched_getaffinity(0))} cores pinned 1/member)" if devices else ""),
+               "device": (torch.cuda.get_device_name(device) if cuda else "cpu")
+               + (f" ({len(os.sched_getaffinity(0))} cores pinned 1/member)" if devices else ""),
                "memory_format": "channels_last" if channels_last else "contiguous",
                "load": round(os.getloadavg()[0], 2), "threads": torch.get_num_threads()}
         if busy[s]:
@@ -205,7 +218,8 @@ def _header() -> str:
             f"cores {len(os.sched_getaffinity(0))}, intra-op threads {torch.get_num_threads()}, "
             f"mkldnn {torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled}, "
             f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')!r}, "
-            f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}, load average {load}")
+            f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}, load average {load}"
+            + (f", GPU {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}" if torch.cuda.is_available() else ""))
 
 
 def main(argv: Optional[List[str]] = None) -> List[dict]:
@@ -216,9 +230,11 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     ap.add_argument("--batch", nargs="+", type=int, default=None,
                     help="default: 1 and 32 for infer, 32 for train")
     ap.add_argument("--img-size", type=int, default=None,
-                    help="default: 224 at batch 1, 128 at batch 32 inference, 96 for train (2-core budget)")
+                    help="default: 224 on a GPU; on the CPU 224 at batch 1, 128 at batch 32 inference, 96 for "
+                         "train (2-core budget)")
     ap.add_argument("--strategy", nargs="+", default=STRATEGIES, choices=STRATEGIES + ["compile"])
     ap.add_argument("--devices", action="store_true", help="S devices simulated by one pinned core per member")
+    ap.add_argument("--device", default="cpu", help="where the original and the members run: cpu or cuda[:i]")
     ap.add_argument("--channels-last", action="store_true",
                     help="original, members and input channels-last (the packed strategy always is on CPU)")
     ap.add_argument("--warmup", type=int, default=2)
@@ -238,9 +254,10 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
         for split in args.split:
             for mode in args.mode:
                 for batch in args.batch or ([1, 32] if mode == "infer" else [32]):
-                    img = args.img_size or (224 if batch == 1 else 128 if mode == "infer" else 96)
+                    img = args.img_size or (224 if batch == 1 or args.device != "cpu" else 128 if mode == "infer"
+                                            else 96)
                     for r in run_cell(model_name, split, mode, batch, img, args.strategy, args.warmup,
-                                      args.repeats, args.devices, args.profile, args.channels_last):
+                                      args.repeats, args.devices, args.profile, args.channels_last, args.device):
                         records.append(r)
                         extra = f"  (chose {', '.join(r['chose'])})" if "chose" in r else ""
                         extra += f"  busy ratio {r['busy_ratio']:.3f}" if "busy_ratio" in r else ""

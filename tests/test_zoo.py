@@ -14,12 +14,6 @@ from timm_split.sweep import default_tier, select, sweep_one
 _FILTER = os.environ.get("TIMM_SPLIT_FILTER", "*")
 # Known, explained misses (an engine rule is missing); strict, so a fix is noticed.
 KNOWN = {
-    "coat_tiny": "C // num_heads is arithmetic on the input width; the coupled re-plan over-fixes (params 1.22)",
-    "convit_tiny": "reshape(B, N, 2, heads, C // heads): arithmetic on the input width, not a size the graph shows",
-    "eva02_tiny_patch14_224": "attention MACs (N^2 x width) shrink only linearly: MACs 1.045 at S=2",
-    "gemma4_vit_167m": "attention MACs (N^2 x width) shrink only linearly: MACs 1.08 at S=2",
-    "gmlp_ti16_224": "token-mixing gate MACs scale linearly with width: MACs 0.955, params 1.018",
-    "inception_next_atto": "split sizes held in an attribute list are not rewritten",
     "twins_svt_small": "a view to (B, C, -1) with C from another module's input: the member check fails",
 }
 

@@ -133,11 +133,19 @@ class Atoms:
 
     def sum_to_prod(self, r: int) -> bool:
         """Rewrite a concatenation of k equal-width pieces as the product ``[k, piece]`` (the same row-major
-        layout), tying the pieces' widths. Used only where a reshape needs the product view (qkv biases that
+        layout), tying the pieces' widths; or of pieces ``[h_i, *inner]`` as ``[sum h_i, *inner]``. Used only where a reshape needs the product view (qkv biases that
         are ``cat(q_bias, k_bias, v_bias)`` and then viewed as ``3 x heads x head_dim``)."""
         r = self.find(r)
         parts = self.sum.get(r)
-        if not parts or len({self.dim_size(d) for d in parts}) != 1:
+        if not parts:
+            return False
+        # whole heads concatenated, ``[h1, hd] + [h2, hd] = [h1 + h2, hd]`` (CoaT's per-window head splits)
+        leaves = [[self.find(a) for a in self.leaves(d)] for d in parts]
+        if all(len(lv) > 1 and lv[1:] == leaves[0][1:] for lv in leaves):
+            del self.sum[r]
+            self.prod[r] = (self.make_sum([(lv[0],) for lv in leaves])[0], *leaves[0][1:])
+            return True
+        if len({self.dim_size(d) for d in parts}) != 1:
             return False
         for d in parts[1:]:
             self.unify(parts[0], d, "equal cat pieces")
@@ -216,6 +224,10 @@ class Atoms:
         leaves = self.leaves(d)
         if len(sizes) == 1:
             return [tuple(d)]
+        inner = math.prod(self.size[a] for a in leaves[1:])
+        if len(leaves) > 1 and all(s % inner == 0 for s in sizes):  # [heads, head_dim] split at whole heads
+            heads = self.split_sum((leaves[0],), [s // inner for s in sizes])
+            return [tuple(h) + tuple(leaves[1:]) for h in heads]
         if len(leaves) != 1:  # a composite dim split along its length: keep it as it is
             self.fix_dims([d], "split of a composite dim")
             return [(self.new(s, fixed=True),) for s in sizes]
@@ -289,9 +301,10 @@ def _norm_dim(d: int, rank: int) -> int:
 class _Analysis:
     """Walks the graph in order (an interpreter on dims, not values) and applies one rule per op."""
 
-    def __init__(self, tr: Trace, couple_inputs: bool = False):
+    def __init__(self, tr: Trace, couple_inputs: bool = False, free_output: bool = False):
         self.tr = tr
         self.couple_inputs = couple_inputs
+        self.free_output = free_output
         self.heads: List[Tuple[List[Dim], List[Dim]]] = []  # (batch dims, head_dim dims) of attention ops
         self.A = Atoms()
         self.mac_terms: List[Tuple[fx.Node, List[Dim], float]] = []
@@ -338,8 +351,9 @@ class _Analysis:
                 param_dims[node.target] = node.meta["split_dims"]
             return
         if node.op == "output":
-            for a in node.all_input_nodes:
-                A.fix_dims(self.dims(a), "model output")
+            for i, a in enumerate(node.all_input_nodes):
+                dims = self.dims(a)
+                A.fix_dims(dims[:-1] if self.free_output and i == 0 and len(dims) == 2 else dims, "model output")
             return
         if node.target is operator.getitem:
             src, i = node.args
@@ -427,6 +441,17 @@ class _Analysis:
                     # not fix a width that merely has the same value (an embed dim of 384)
                     if t == s and any(not self.A.fixed[r] for r in self.A.leaves(d)):
                         self.A.unify(node.meta["split_dims"][k], d, "size from input shape")
+        # ``reshape(B, N, heads, C // heads)``: two adjacent sizes whose product is an input width
+        out = node.meta["split_dims"]
+        shape = _shape(node.meta["val"])
+        for k in range(1, len(shape)):
+            if shape[k - 1] < 2 or shape[k] < 2 or any(self.A.fixed[r] for r in self.A.leaves(out[k - 1] + out[k])):
+                continue  # both sizes must be free to change (not an image side times an image side)
+            for a in ins:
+                for j, t in enumerate(_shape(a.meta["val"])):
+                    d = a.meta["split_dims"][j]
+                    if t == shape[k - 1] * shape[k] and any(not self.A.fixed[r] for r in self.A.leaves(d)):
+                        self.A.unify(out[k - 1] + out[k], d, "size from input shape")
 
 
 def _module_of(node: fx.Node) -> str:
@@ -940,18 +965,20 @@ for _name in ("empty", "zeros", "ones", "full", "arange", "eye", "rand", "randn"
         _RULES[getattr(aten, _name)] = (lambda an, node: an.couple_to_module_inputs(node))
 
 
-def analyse(tr: Trace, couple_inputs: bool = False) -> ChannelGraph:
+def analyse(tr: Trace, couple_inputs: bool = False, free_output: bool = False) -> ChannelGraph:
     """Run the channel analysis on a trace.
 
     Args:
         tr: the output of :func:`timm_split.trace.trace`.
         couple_inputs: also tie the sizes an op takes to equal dims of its module's input (see
             ``_Analysis.couple_to_module_inputs``); the retry when a member built without it does not run.
+        free_output: the width of a ``[B, C]`` model output may change (a headless model, ``num_classes=0``,
+            returns pooled features; the ensemble concatenates its members' features).
 
     Returns:
         The :class:`ChannelGraph`; ``node.meta['split_dims']`` is filled in for every node.
     """
-    cg = _Analysis(tr, couple_inputs).run()
+    cg = _Analysis(tr, couple_inputs, free_output).run()
     if cg.unknown_ops:
         _logger.info("ops without a channel rule (their dims were kept fixed): %s", cg.unknown_ops)
     return cg

@@ -11,7 +11,7 @@ from torch import nn
 from .analyse import analyse
 from .errors import SplitError
 from .ensemble import SplitEnsemble
-from .plan import SplitPlan, plan as _plan
+from .plan import SplitPlan, attribute_ties, plan as _plan
 from .rebuild import (build_member, channel_selection, check_member, inherit_member, init_member, reference_stats,
                       resolve_attributes)
 from .trace import input_shape_for, meta_copy, trace
@@ -54,28 +54,35 @@ def plan_split(model: nn.Module, split_factor: int, *, img_size: ImgSize = None,
 
 
 def _plan_and_template(model, split_factor, img_size, scale_regularization, params_tol, macs_tol, in_chans=None):
-    """Plan, and check a meta member. A member that does not run is re-planned once with the sizes each
-    module reads from its input shape tied to its input (``analyse(couple_inputs=True)``)."""
+    """Plan, and check a meta member. A member that does not run is re-planned with the sizes each module
+    reads from its input shape tied to its input (``analyse(couple_inputs=True)``), and then once more with
+    the groups behind each ambiguous width attribute made one (``attribute_ties``)."""
     S = _check_factor(split_factor)
     shape = input_shape_for(model, img_size, in_chans=in_chans)
     tr = trace(meta_copy(model), shape)
     out = [n for n in tr.graph.nodes if n.op == "output"][0].args[0]
     out_shape = tuple((out[0] if isinstance(out, tuple) else out).meta["val"].shape)
-    for couple in (False, True):
-        cg = analyse(tr, couple_inputs=couple)
+    ambiguous: tuple = ()
+    headless = getattr(model, "num_classes", None) == 0  # its output is features: their width may change
+    for couple, tie in ((False, False), (True, False), (True, True)):
+        cg = analyse(tr, couple_inputs=couple, free_output=headless)
+        if tie and not attribute_ties(cg, ambiguous):
+            raise error
         p = _plan(cg, S, arch=_arch(model), params_tol=params_tol, macs_tol=macs_tol,
                   scale_regularization=scale_regularization)
         member = build_member(tr.model, p, torch.device("meta"), {}, tr.aliases)
+        ambiguous = p.ambiguous
         if p.ambiguous:
             p = resolve_attributes(member, p)
         try:
-            check_member(member, shape, out_shape)
+            check_member(member, shape, out_shape, headless)
             break
         except SplitError as e:
-            if couple:
+            if tie:
                 raise
-            _logger.info("%s: the member does not run (%s); re-planning with input-shape couplings", p.arch,
-                         e.__cause__ or e)
+            error = e
+            _logger.info("%s: the member does not run (%s); re-planning with %s", p.arch, e.__cause__ or e,
+                         "the groups of ambiguous attributes tied" if couple else "input-shape couplings")
     return p, tr, out_shape, shape, cg
 
 

@@ -22,7 +22,9 @@ class SplitEnsemble(nn.Module):
     """S thinner members of one architecture that together cost what the original did.
 
     ``forward`` averages the members' logits (``averaging='logits'``), or returns the log of their averaged
-    probabilities (``averaging='probs'``, so argmax and NLL still work). ``forward_members`` returns every
+    probabilities (``averaging='probs'``, so argmax and NLL still work). A headless model (``num_classes=0``)
+    returns features, so its ensemble returns the members' features side by side, as ``forward_head(x,
+    pre_logits=True)`` does. ``forward_members`` returns every
     member's output, ``[S, B, num_classes]``, for co-training. How the members run (one after another,
     concurrently, vmapped, compiled or packed into one grouped network) is chosen with :meth:`set_execution`;
     :meth:`to_devices` spreads them over several devices.
@@ -160,7 +162,10 @@ class SplitEnsemble(nn.Module):
         return super()._apply(fn, recurse)
 
     def combine(self, member_outputs: torch.Tensor) -> torch.Tensor:
-        """Average ``[S, B, K]`` member logits the way ``averaging`` says."""
+        """Average ``[S, B, K]`` member logits the way ``averaging`` says; a headless ensemble
+        (``num_classes == 0``) concatenates its members' pooled features instead, ``[B, num_features]``."""
+        if self.num_classes == 0 and member_outputs.dim() == 3:
+            return torch.cat(list(member_outputs.unbind(0)), dim=-1)
         if self.averaging == "probs":
             return torch.logsumexp(member_outputs.float().log_softmax(-1), 0) - torch.log(
                 torch.tensor(float(member_outputs.shape[0]), device=member_outputs.device))

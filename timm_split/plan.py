@@ -15,6 +15,7 @@ width maps to a single new width. No attribute names are keyed by model.
 from __future__ import annotations
 
 import logging
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -266,19 +267,12 @@ def plan(cg: ChannelGraph, split_factor: int, *, arch: str = "", params_tol: flo
         distortion = float(np.mean(np.abs(np.log(np.maximum(x, 1.0)) - target_log))) if len(x) else 0.0
         return objective(pr, mr, distortion), pr, mr
 
-    def calibrate(div: np.ndarray):
-        snap = lambda y: np.maximum(np.round(y / div), 1.0) * div  # noqa: E731
-        x = snap(old * f0)
-        best = score(x)
-        if S == 1 or not len(variables):
-            return x, best
-        for f in f0 * np.exp(np.linspace(-0.25, 0.25, 51)):  # one global factor
-            y = snap(old * f)
-            sc = score(y)
-            if sc[0] < best[0]:
-                x, best = y, sc
-        for _ in range(max_steps):  # then single-group steps, every candidate scored at once
-            if abs(best[1] - 1) <= params_tol / 3 and abs(best[2] - 1) <= macs_tol / 3:
+    def inside(sc, margin: float) -> bool:
+        return abs(sc[1] - 1) <= params_tol * margin and abs(sc[2] - 1) <= macs_tol * margin
+
+    def steps(x: np.ndarray, best, div: np.ndarray):
+        for _ in range(max_steps):  # single-group steps, every candidate scored at once
+            if inside(best, 1 / 3):
                 break
             sz = cost.sizes(x)
             vp, vm = np.prod(sz[p_idx], axis=1) * p_w, np.prod(sz[m_idx], axis=1) * m_w
@@ -302,8 +296,37 @@ def plan(cg: ChannelGraph, split_factor: int, *, arch: str = "", params_tol: flo
             x, best = cand
         return x, best
 
-    def inside(sc, margin: float) -> bool:
-        return abs(sc[1] - 1) <= params_tol * margin and abs(sc[2] - 1) <= macs_tol * margin
+    def pairs(x: np.ndarray, best, div: np.ndarray):
+        # Two families of groups at once (a family: the groups of one old width, e.g. every block's MLP hidden
+        # width) on a grid of factors. Where attention's N^2 x width MACs grow with a width that params also
+        # depend on, parity needs two families to move apart (the attention width down, the MLP hidden width
+        # up, at most 1.5x the original), which neither one global factor nor single-group steps reach.
+        fams = sorted((np.flatnonzero(old == w) for w in np.unique(old)), key=lambda f: -old[f].sum())[:5]
+        grid = np.exp(np.linspace(-0.7, 0.7, 21))
+        top = np.maximum(np.floor(old * 1.5 / div) * div, div)
+        for a, b in itertools.combinations(fams, 2):
+            x0 = x
+            for fa, fb in itertools.product(grid, grid):
+                y = x0.copy()
+                y[a] = np.maximum(np.round(x0[a] * fa / div[a]), 1.0) * div[a]
+                y[b] = np.maximum(np.round(x0[b] * fb / div[b]), 1.0) * div[b]
+                sc = score(np.minimum(y, top))
+                if sc[0] < best[0] - 1e-9:
+                    x, best = np.minimum(y, top), sc
+        return x, best
+
+    def calibrate(div: np.ndarray):
+        snap = lambda y: np.maximum(np.round(y / div), 1.0) * div  # noqa: E731
+        x = snap(old * f0)
+        best = score(x)
+        if S == 1 or not len(variables):
+            return x, best
+        for f in f0 * np.exp(np.linspace(-0.25, 0.25, 51)):  # one global factor
+            y = snap(old * f)
+            sc = score(y)
+            if sc[0] < best[0]:
+                x, best = y, sc
+        return steps(x, best, div)
 
     # divisors: powers of two up to 8; finer only where coarse steps cannot reach parity with margin
     found = None
@@ -314,6 +337,9 @@ def plan(cg: ChannelGraph, split_factor: int, *, arch: str = "", params_tol: flo
             found = (x_c, best_c, div_c)
         if inside(best_c, 0.5):
             break
+    if S > 1 and not inside(found[1], 1.0):  # the fallback, for attention-heavy models
+        x_c, _, div_c = found
+        found = (*steps(*pairs(x_c, found[1], div_c), div_c), div_c)
     x, best, div = found
     _, pr, mr = best
     if S > 1 and (abs(pr - 1) > params_tol or abs(mr - 1) > macs_tol):
@@ -407,6 +433,50 @@ def _parent(path: str) -> str:
     return path.rsplit(".", 1)[0] if "." in path else ""
 
 
+def _scopes(cg: ChannelGraph) -> Tuple[Dict[str, List], Dict[str, List]]:
+    """The dims each module sees: its parameters and buffers, what it is called with, and what the ops in it
+    (or in its children) produce; and separately the dims of its own parameters and buffers."""
+    scopes: Dict[str, List] = {}
+    own: Dict[str, List] = {}
+    for name, dims in cg.param_dims.items():
+        scopes.setdefault(_parent(name), []).extend(dims)
+        own.setdefault(_parent(name), []).extend(dims)
+    for path, (args, _) in cg.trace.calls.items():  # what a module is called with belongs to its scope
+        for a in args:
+            if isinstance(a, torch.fx.Node) and isinstance(a.meta.get("val"), torch.Tensor):
+                scopes.setdefault(path, []).extend(a.meta.get("split_dims") or [])
+    for node in cg.trace.graph.nodes:
+        st = node.meta.get("nn_module_stack") or []
+        if node.op == "output":  # what the model returns belongs to the model's scope
+            scopes.setdefault("", []).extend(d for a in node.all_input_nodes for d in a.meta.get("split_dims") or [])
+        if not st or node.op != "call_function":
+            continue
+        dims = node.meta.get("split_dims") or []
+        flat = dims if isinstance(node.meta.get("val"), torch.Tensor) else [d for o in dims for d in o]
+        for path in {st[-1], _parent(st[-1])} | ({st[-2]} if len(st) > 1 else set()):
+            scopes.setdefault(path, []).extend(flat)
+    return scopes, own
+
+
+def attribute_ties(cg: ChannelGraph, ambiguous: Sequence[Tuple[str, str, object, tuple]]) -> int:
+    """Make the channel groups behind each ambiguous attribute one group, in place (``cg.atoms``).
+
+    A module that keeps one width in one attribute (``val_dim`` of every head of a cascaded attention) needs
+    the groups of that old width in its scope to stay equal; the first plan does not know that.
+
+    Returns:
+        How many groups were merged away.
+    """
+    A, scopes, merged = cg.atoms, _scopes(cg)[0], 0
+    for path, _, old, _ in ambiguous:
+        roots = {A.find(d[0]) for d in scopes.get(path, ()) if len(d) == 1 and A.size[d[0]] == old}
+        roots = sorted(r for r in roots if not A.fixed[r] and r not in A.prod and r not in A.sum)
+        for r in roots[1:]:
+            A.union(roots[0], r)
+            merged += 1
+    return merged
+
+
 def width_attributes(cg: ChannelGraph, sizes: _SizeOf):
     """Find the module attributes that hold channel widths, and their new values.
 
@@ -420,32 +490,31 @@ def width_attributes(cg: ChannelGraph, sizes: _SizeOf):
     """
     A = cg.atoms
     model = cg.trace.model
-    local: Dict[str, Dict[int, set]] = {}
+    scopes, own_dims = _scopes(cg)
 
-    def add(path: str, dim) -> None:
-        m = local.setdefault(path, {})
-        whole_old = A.dim_size(dim)
-        m.setdefault(whole_old, set()).add(sizes.dim(dim))
-        for r in A.leaves(dim):
-            m.setdefault(A.size[r], set()).add(sizes.atom(r))
+    def table(dims_of: Dict[str, List]) -> Dict[str, Dict[int, set]]:
+        out: Dict[str, Dict[int, set]] = {}
+        for path, dims in dims_of.items():
+            m = out.setdefault(path, {})
+            for dim in dims:
+                m.setdefault(A.dim_size(dim), set()).add(sizes.dim(dim))
+                for r in A.leaves(dim):
+                    m.setdefault(A.size[r], set()).add(sizes.atom(r))
+        return out
 
-    for name, dims in cg.param_dims.items():
-        for d in dims:
-            add(_parent(name), d)
-    for path, (args, _) in cg.trace.calls.items():  # what a module is called with belongs to its scope
-        for a in args:
-            if isinstance(a, torch.fx.Node) and isinstance(a.meta.get("val"), torch.Tensor):
-                for d in a.meta.get("split_dims") or []:
-                    add(path, d)
+    local, own = table(scopes), table(own_dims)  # own: widths of a module's own parameters and buffers
+
+    sections: Dict[str, Dict[tuple, set]] = {}  # split sizes a module passes to split_with_sizes
     for node in cg.trace.graph.nodes:
         st = node.meta.get("nn_module_stack") or []
-        if not st or node.op != "call_function":
+        if node.target is not torch.ops.aten.split_with_sizes.default or not st:
             continue
-        dims = node.meta.get("split_dims") or []
-        flat = dims if isinstance(node.meta.get("val"), torch.Tensor) else [d for o in dims for d in o]
+        old = tuple(node.args[1])
+        rank = len(node.args[0].meta["val"].shape)
+        d = (node.args[2] if len(node.args) > 2 else 0) % rank
+        new = tuple(sizes.dim(piece[d]) for piece in node.meta["split_dims"])
         for path in {st[-1], _parent(st[-1])} | ({st[-2]} if len(st) > 1 else set()):
-            for d in flat:
-                add(path, d)
+            sections.setdefault(path, {}).setdefault(old, set()).add(new)
 
     out: List[Tuple[str, str, object, object]] = []
     ambiguous: List[Tuple[str, str, object, tuple]] = []
@@ -466,13 +535,34 @@ def width_attributes(cg: ChannelGraph, sizes: _SizeOf):
         for attr, v in list(vars(mod).items()):
             if attr.startswith("_") or attr in _SKIP_ATTRS or attr in skip:
                 continue
-            if isinstance(v, int) and not isinstance(v, bool) and len(m.get(v, ())) > 1 and v > 1:
-                ambiguous.append((path, attr, v, tuple(sorted(m[v] | {v}))))
-                continue
-            nv = _map_value(attr, v, mapping)
+            if type(v) is int and v > 1:
+                # a size passed to split_with_sizes in this module names its piece: a candidate where the
+                # old width is ambiguous, the value where the module's tensors do not show it at all
+                piece = {n[i] for o, ns in sections.get(path, {}).items() for n in ns for i, e in enumerate(o) if e == v}
+                cands = m.get(v, set()) | piece if len(m.get(v, ())) > 1 or v not in m else set()
+                if len(cands) > 1:
+                    ambiguous.append((path, attr, v, tuple(sorted(cands | {v}))))
+                    continue
+                if cands and cands != {v}:
+                    out.append((path, attr, v, cands.pop()))
+                    continue
+            ints = isinstance(v, (tuple, list)) and all(type(e) is int for e in v)
+            cut = sections.get(path, {}).get(tuple(v), ()) if ints else ()
+            nv = type(v)(next(iter(cut))) if len(cut) == 1 else _map_value(attr, v, mapping)
+            if nv is None and isinstance(v, int) and v not in m:
+                nv = _multiple_of_own(v, own.get(path, {}))
             if nv is not None and nv != v:
                 out.append((path, attr, v, nv))
     return tuple(out), tuple(ambiguous)
+
+
+def _multiple_of_own(v: int, own: Dict[int, set]) -> Optional[int]:
+    """A size a module keeps as a small multiple of one of its own tensors' widths (rotary embeddings keep
+    ``dim`` and a ``periods`` buffer of ``dim // 4``): scaled with that width where exactly one width fits."""
+    if isinstance(v, bool) or v < 16:
+        return None
+    fits = {k * next(iter(n)) for o, n in own.items() for k in (2, 4) if o >= 8 and v == k * o and len(n) == 1}
+    return fits.pop() if len(fits) == 1 else None
 
 
 _CONV_ATTRS = ("in_channels", "out_channels", "groups")

@@ -286,8 +286,10 @@ def _run_own_init(member: nn.Module) -> str:
     return ""
 
 
-def check_member(member_meta: nn.Module, input_shape: Sequence[int], out_shape: Sequence[int]) -> None:
-    """Run a meta member forward and compare its output shape with the original's.
+def check_member(member_meta: nn.Module, input_shape: Sequence[int], out_shape: Sequence[int],
+                 free_output: bool = False) -> None:
+    """Run a meta member forward and compare its output shape with the original's (all but the last dim
+    where ``free_output``: a headless model's features).
 
     Raises:
         SplitError: the member does not run, or its output shape differs.
@@ -306,5 +308,6 @@ def check_member(member_meta: nn.Module, input_shape: Sequence[int], out_shape: 
     finally:
         member_meta.train(was)
     y = y[0] if isinstance(y, (tuple, list)) else y
-    if tuple(y.shape) != tuple(out_shape):
+    n = len(out_shape) - 1 if free_output and len(out_shape) == 2 else len(out_shape)
+    if y.dim() != len(out_shape) or tuple(y.shape)[:n] != tuple(out_shape)[:n]:
         raise SplitError(f"the rebuilt member returns shape {tuple(y.shape)}, the original {tuple(out_shape)}")
