@@ -346,11 +346,11 @@ class VmapExecution(Execution):
         def call(p: Dict[str, torch.Tensor], b: Dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
             return functional_call(base, (p, b), (xi,))
 
-        ctx = contextlib.nullcontext()
-        if x.device.type == "cpu":
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-            ctx = sdpa_kernel([SDPBackend.MATH])
-        with ctx:
+        # attention's math path under vmap: the fused CPU kernels have no batch rule, and on CUDA the
+        # memory-efficient kernel's backward fails under vmap ("LSE is not correctly aligned (strideH)",
+        # vit_small training on an H200, torch 2.11)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        with sdpa_kernel([SDPBackend.MATH]):
             out = vmap(call, in_dims=(0, 0, None if shared else 0), randomness="different")(params, buffers, x)
         if training and buffers:
             _write_back(members, buffers, lambda name, t, i: t[i])
