@@ -432,8 +432,8 @@ class _Analysis:
         if not ins:
             return
         for k, s in enumerate(_shape(node.meta["val"])):
-            if s < 2:
-                continue
+            if s < 2 or any(self.A.fixed[r] for r in self.A.leaves(node.meta["split_dims"][k])):
+                continue  # a fixed size (1,024 tokens) must not fix a width that merely equals it (1,024 wide)
             for a in ins:
                 for j, t in enumerate(_shape(a.meta["val"])):
                     d = a.meta["split_dims"][j]

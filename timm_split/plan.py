@@ -125,6 +125,11 @@ class SplitPlan:
         return "\n".join(lines)
 
 
+# factors tried for two families at once: a coarse pass (0.2x to 5x of where each family is, capped at 1.5x
+# the original width), then a fine one around the result
+_PAIR_GRIDS = (np.exp(np.linspace(-1.6, 1.6, 33)), np.exp(np.linspace(-0.3, 0.3, 31)))
+
+
 def width_divisor(old: int, target: float, cap: int = 8) -> int:
     """The divisor for a group: the largest power of two dividing ``old`` (at most ``cap``) that fits ``target``."""
     d = 1
@@ -302,9 +307,8 @@ def plan(cg: ChannelGraph, split_factor: int, *, arch: str = "", params_tol: flo
         # depend on, parity needs two families to move apart (the attention width down, the MLP hidden width
         # up, at most 1.5x the original), which neither one global factor nor single-group steps reach.
         fams = sorted((np.flatnonzero(old == w) for w in np.unique(old)), key=lambda f: -old[f].sum())[:5]
-        grid = np.exp(np.linspace(-0.7, 0.7, 21))
         top = np.maximum(np.floor(old * 1.5 / div) * div, div)
-        for a, b in itertools.combinations(fams, 2):
+        for a, b, grid in ((a, b, g) for g in _PAIR_GRIDS for a, b in itertools.combinations(fams, 2)):
             x0 = x
             for fa, fb in itertools.product(grid, grid):
                 y = x0.copy()
@@ -548,6 +552,13 @@ def width_attributes(cg: ChannelGraph, sizes: _SizeOf):
                     continue
             ints = isinstance(v, (tuple, list)) and all(type(e) is int for e in v)
             cut = sections.get(path, {}).get(tuple(v), ()) if ints else ()
+            if ints and not cut and v and any(e > 1 and len(m.get(e, ())) > 1 for e in v):
+                # a shape tuple with an ambiguous width (RmsNorm's normalized_shape where 1,024 is both the
+                # width and the token count): try each combination
+                opts = [sorted(m[e] | {e}) if e > 1 and len(m.get(e, ())) > 1 else [mapping.get(e, e)] for e in v]
+                combos = tuple(type(v)(c) for c in itertools.islice(itertools.product(*opts), 16))
+                ambiguous.append((path, attr, v, combos))
+                continue
             nv = type(v)(next(iter(cut))) if len(cut) == 1 else _map_value(attr, v, mapping)
             if nv is None and isinstance(v, int) and v not in m:
                 nv = _multiple_of_own(v, own.get(path, {}))

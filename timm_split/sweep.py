@@ -33,6 +33,18 @@ PARAMS_TOL, MACS_TOL = 0.02, 0.04
 REFERENCE_CSV = os.path.join(os.path.dirname(__file__), "..", "tests", "data", "timm_benchmark_gmacs.csv")
 
 
+def _count_and_shape(count, model):
+    """``count(model)`` at batch 2, and the shape of the output of that counted forward (no second forward)."""
+    shapes = []
+    hook = model.register_forward_hook(
+        lambda mod, args, out: shapes.append(tuple((out[0] if isinstance(out, (tuple, list)) else out).shape)))
+    try:
+        cost = count(model, batch_size=2)
+    finally:
+        hook.remove()
+    return cost, shapes[-1]
+
+
 def sweep_one(arch: str, splits: Sequence[int], device: str = "meta", cpu_max_params: float = 30e6,
               cpu_img_size: int = 64) -> List[Dict]:
     """Split one architecture at each S and check it. Never raises: failures become rows.
@@ -63,11 +75,7 @@ def sweep_one(arch: str, splits: Sequence[int], device: str = "meta", cpu_max_pa
         kwargs = {"num_classes": 1000} if cfg is not None and not cfg.num_classes else {}  # headless models
         with torch.device("meta"):
             model = timm.create_model(arch, **kwargs)
-        base = count(model)
-        c, h, w = model.pretrained_cfg["input_size"]
-        with torch.no_grad():
-            ref = model.eval()(torch.empty(2, c, h, w, device="meta"))
-        want = tuple((ref[0] if isinstance(ref, (tuple, list)) else ref).shape)
+        base, want = _count_and_shape(count, model)  # one meta forward gives both
     except Exception as e:  # noqa: BLE001 - the base model itself fails: not ours, but say so
         return [dict(arch=arch, module=module, split=S, status="crash",
                      reason=f"base model: {type(e).__name__}: {str(e)[:200]}", seconds=0.0) for S in splits]
@@ -77,10 +85,9 @@ def sweep_one(arch: str, splits: Sequence[int], device: str = "meta", cpu_max_pa
                    cpu_checked=False)
         try:
             ens = split(model, S).eval()
-            c, h, w = ens.split_plan.input_size
-            out = ens(torch.empty(2, c, h, w, device="meta"))
-            if tuple(out.shape) != want:
-                raise RuntimeError(f"output {tuple(out.shape)}, expected {want}")
+            total, got = _count_and_shape(count, ens)  # the ensemble's meta forward, counted
+            if got != want:
+                raise RuntimeError(f"output {got}, expected {want}")
         except (SplitError, ValueError) as e:
             row.update(status="split_error", reason=_one_line(e))
         except RuntimeError as e:
@@ -88,9 +95,8 @@ def sweep_one(arch: str, splits: Sequence[int], device: str = "meta", cpu_max_pa
         except Exception as e:  # noqa: BLE001
             row.update(status="crash", reason=f"{type(e).__name__}: {_one_line(e)}")
         else:
-            member = count(ens.members[0])
-            pr, mr = S * member.params / base.params, S * member.gmacs / base.gmacs if base.gmacs else 1.0
-            row.update(params_split=S * member.params, gmacs_split=round(S * member.gmacs, 6),
+            pr, mr = total.params / base.params, total.gmacs / base.gmacs if base.gmacs else 1.0
+            row.update(params_split=total.params, gmacs_split=round(total.gmacs, 6),
                        params_ratio=round(pr, 5), gmacs_ratio=round(mr, 5))
             ok = abs(pr - 1) <= PARAMS_TOL and abs(mr - 1) <= MACS_TOL
             row.update(status="ok" if ok else "parity_miss",
