@@ -301,10 +301,12 @@ def _norm_dim(d: int, rank: int) -> int:
 class _Analysis:
     """Walks the graph in order (an interpreter on dims, not values) and applies one rule per op."""
 
-    def __init__(self, tr: Trace, couple_inputs: bool = False, free_output: bool = False):
+    def __init__(self, tr: Trace, couple_inputs: bool = False, free_output: bool = False,
+                 couple_products: bool = False):
         self.tr = tr
         self.couple_inputs = couple_inputs
         self.free_output = free_output
+        self.couple_products = couple_products
         self.heads: List[Tuple[List[Dim], List[Dim]]] = []  # (batch dims, head_dim dims) of attention ops
         self.A = Atoms()
         self.mac_terms: List[Tuple[fx.Node, List[Dim], float]] = []
@@ -441,17 +443,21 @@ class _Analysis:
                     # not fix a width that merely has the same value (an embed dim of 384)
                     if t == s and any(not self.A.fixed[r] for r in self.A.leaves(d)):
                         self.A.unify(node.meta["split_dims"][k], d, "size from input shape")
-        # ``reshape(B, N, heads, C // heads)``: two adjacent sizes whose product is an input width
+        # ``reshape(B, N, heads, C // heads)``: the last two sizes multiply to the input's last (channel) width;
+        # both must be free to change (not a block size times a grid size). A later retry than the equal-size
+        # ties: where those suffice (NesT), this one only costs freedom
+        if not self.couple_products:
+            return
         out = node.meta["split_dims"]
         shape = _shape(node.meta["val"])
-        for k in range(1, len(shape)):
-            if shape[k - 1] < 2 or shape[k] < 2 or any(self.A.fixed[r] for r in self.A.leaves(out[k - 1] + out[k])):
-                continue  # both sizes must be free to change (not an image side times an image side)
-            for a in ins:
-                for j, t in enumerate(_shape(a.meta["val"])):
-                    d = a.meta["split_dims"][j]
-                    if t == shape[k - 1] * shape[k] and any(not self.A.fixed[r] for r in self.A.leaves(d)):
-                        self.A.unify(out[k - 1] + out[k], d, "size from input shape")
+        k = len(shape) - 1
+        if k < 1 or shape[k - 1] < 2 or shape[k] < 2 or any(self.A.fixed[r] for r in self.A.leaves(out[k - 1] + out[k])):
+            return
+        for a in ins:
+            in_shape = _shape(a.meta["val"])
+            d = a.meta["split_dims"][-1] if in_shape else None
+            if d and in_shape[-1] == shape[k - 1] * shape[k] and any(not self.A.fixed[r] for r in self.A.leaves(d)):
+                self.A.unify(out[k - 1] + out[k], d, "size from input shape")
 
 
 def _module_of(node: fx.Node) -> str:
@@ -965,20 +971,23 @@ for _name in ("empty", "zeros", "ones", "full", "arange", "eye", "rand", "randn"
         _RULES[getattr(aten, _name)] = (lambda an, node: an.couple_to_module_inputs(node))
 
 
-def analyse(tr: Trace, couple_inputs: bool = False, free_output: bool = False) -> ChannelGraph:
+def analyse(tr: Trace, couple_inputs: bool = False, free_output: bool = False,
+            couple_products: bool = False) -> ChannelGraph:
     """Run the channel analysis on a trace.
 
     Args:
         tr: the output of :func:`timm_split.trace.trace`.
         couple_inputs: also tie the sizes an op takes to equal dims of its module's input (see
             ``_Analysis.couple_to_module_inputs``); the retry when a member built without it does not run.
+        couple_products: with ``couple_inputs``, also tie a reshape's last two sizes to the module input's
+            last width where they multiply to it (``C // num_heads``); the next retry.
         free_output: the width of a ``[B, C]`` model output may change (a headless model, ``num_classes=0``,
             returns pooled features; the ensemble concatenates its members' features).
 
     Returns:
         The :class:`ChannelGraph`; ``node.meta['split_dims']`` is filled in for every node.
     """
-    cg = _Analysis(tr, couple_inputs, free_output).run()
+    cg = _Analysis(tr, couple_inputs, free_output, couple_products).run()
     if cg.unknown_ops:
         _logger.info("ops without a channel rule (their dims were kept fixed): %s", cg.unknown_ops)
     return cg

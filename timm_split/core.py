@@ -55,8 +55,9 @@ def plan_split(model: nn.Module, split_factor: int, *, img_size: ImgSize = None,
 
 def _plan_and_template(model, split_factor, img_size, scale_regularization, params_tol, macs_tol, in_chans=None):
     """Plan, and check a meta member. A member that does not run is re-planned with the sizes each module
-    reads from its input shape tied to its input (``analyse(couple_inputs=True)``), and then once more with
-    the groups behind each ambiguous width attribute made one (``attribute_ties``)."""
+    reads from its input shape tied to its input (``analyse(couple_inputs=True)``), then also with the
+    ``C // heads`` products tied (``couple_products=True``), and then once more with the groups behind each
+    ambiguous width attribute made one (``attribute_ties``)."""
     S = _check_factor(split_factor)
     shape = input_shape_for(model, img_size, in_chans=in_chans)
     tr = trace(meta_copy(model), shape)
@@ -64,8 +65,8 @@ def _plan_and_template(model, split_factor, img_size, scale_regularization, para
     out_shape = tuple((out[0] if isinstance(out, tuple) else out).meta["val"].shape)
     ambiguous: tuple = ()
     headless = getattr(model, "num_classes", None) == 0  # its output is features: their width may change
-    for couple, tie in ((False, False), (True, False), (True, True)):
-        cg = analyse(tr, couple_inputs=couple, free_output=headless)
+    for couple, products, tie in ((False, False, False), (True, False, False), (True, True, False), (True, True, True)):
+        cg = analyse(tr, couple_inputs=couple, free_output=headless, couple_products=products)
         if tie and not attribute_ties(cg, ambiguous):
             raise error
         p = _plan(cg, S, arch=_arch(model), params_tol=params_tol, macs_tol=macs_tol,
@@ -82,7 +83,8 @@ def _plan_and_template(model, split_factor, img_size, scale_regularization, para
                 raise
             error = e
             _logger.info("%s: the member does not run (%s); re-planning with %s", p.arch, e.__cause__ or e,
-                         "the groups of ambiguous attributes tied" if couple else "input-shape couplings")
+                         "the groups of ambiguous attributes tied" if products else
+                         "C // heads couplings" if couple else "input-shape couplings")
     return p, tr, out_shape, shape, cg
 
 
