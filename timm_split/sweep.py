@@ -33,6 +33,11 @@ PARAMS_TOL, MACS_TOL = 0.02, 0.04
 REFERENCE_CSV = os.path.join(os.path.dirname(__file__), "..", "tests", "data", "timm_benchmark_gmacs.csv")
 
 
+def _module(arch: str) -> str:
+    import timm
+    return timm.models._registry._model_to_module.get(arch, "")
+
+
 def _count_and_shape(count, model):
     """``count(model)`` at batch 2, and the shape of the output of that counted forward (no second forward)."""
     shapes = []
@@ -67,7 +72,7 @@ def sweep_one(arch: str, splits: Sequence[int], device: str = "meta", cpu_max_pa
     from .count import count
     from .errors import SplitError
 
-    module = timm.models._registry._model_to_module.get(arch, "")
+    module = _module(arch)
     rows = []
     t0 = time.perf_counter()
     try:
@@ -203,14 +208,16 @@ def run_sweep(archs: Sequence[str], splits: Sequence[int], out: str, *, device: 
                         try:
                             rows = s.conn.recv()
                         except EOFError:  # the worker died (out of memory, a segfault)
-                            rows = [dict(arch=s.arch, split=S, status="crash", reason="worker died") for S in splits]
+                            rows = [dict(arch=s.arch, module=_module(s.arch), split=S, status="crash",
+                                         reason="worker died") for S in splits]
                             s.kill()
                     elif time.monotonic() - s.since > timeout:
-                        rows = [dict(arch=s.arch, split=S, status="timeout", reason=f"over {timeout:.0f}s",
-                                     seconds=round(timeout, 1)) for S in splits]
+                        rows = [dict(arch=s.arch, module=_module(s.arch), split=S, status="timeout",
+                                     reason=f"over {timeout:.0f}s", seconds=round(timeout, 1)) for S in splits]
                         s.kill()
                     elif not s.proc.is_alive():
-                        rows = [dict(arch=s.arch, split=S, status="crash", reason="worker died") for S in splits]
+                        rows = [dict(arch=s.arch, module=_module(s.arch), split=S, status="crash",
+                                     reason="worker died") for S in splits]
                         s.start()
                     if rows is not None:
                         w.writerows([r for r in rows if (r["arch"], int(r["split"])) not in done])
