@@ -133,8 +133,9 @@ class Atoms:
 
     def sum_to_prod(self, r: int) -> bool:
         """Rewrite a concatenation of k equal-width pieces as the product ``[k, piece]`` (the same row-major
-        layout), tying the pieces' widths; or of pieces ``[h_i, *inner]`` as ``[sum h_i, *inner]``. Used only where a reshape needs the product view (qkv biases that
-        are ``cat(q_bias, k_bias, v_bias)`` and then viewed as ``3 x heads x head_dim``)."""
+        layout), tying the pieces' widths; or of pieces ``[h_i, *inner]`` as ``[sum h_i, *inner]``. Used only
+        where a reshape needs the product view (qkv biases that are ``cat(q_bias, k_bias, v_bias)`` and then
+        viewed as ``3 x heads x head_dim``)."""
         r = self.find(r)
         parts = self.sum.get(r)
         if not parts:
@@ -158,6 +159,14 @@ class Atoms:
 
     def dim_size(self, d: Dim) -> int:
         return math.prod(self.size[self.find(a)] for a in d)
+
+    def any_free(self, d: Dim) -> bool:
+        """Whether some factor of the dim ``d`` can change width."""
+        return any(not self.fixed[r] for r in self.leaves(d))
+
+    def all_free(self, d: Dim) -> bool:
+        """Whether every factor of the dim ``d`` can change width."""
+        return not any(self.fixed[r] for r in self.leaves(d))
 
     def leaves(self, d: Dim) -> List[int]:
         """The finest known product factors of a dim (roots), size-1 atoms dropped."""
@@ -336,7 +345,7 @@ class _Analysis:
         # attention keeps its heads and shrinks head_dim; where head_dim cannot change (rotary tables), the
         # heads shrink instead
         for batch, head_dim in self.heads:
-            if any(not A.fixed[r] for d in head_dim for r in A.leaves(d)):
+            if any(A.any_free(d) for d in head_dim):
                 A.fix_dims(batch, "attention heads (head_dim shrinks instead)")
         return ChannelGraph(self.tr, A, param_dims, self.mac_terms, self.groups_atoms, self.unknown)
 
@@ -434,14 +443,14 @@ class _Analysis:
         if not ins:
             return
         for k, s in enumerate(_shape(node.meta["val"])):
-            if s < 2 or any(self.A.fixed[r] for r in self.A.leaves(node.meta["split_dims"][k])):
+            if s < 2 or not self.A.all_free(node.meta["split_dims"][k]):
                 continue  # a fixed size (1,024 tokens) must not fix a width that merely equals it (1,024 wide)
             for a in ins:
                 for j, t in enumerate(_shape(a.meta["val"])):
                     d = a.meta["split_dims"][j]
                     # only widths that can change need the tie; a fixed input dim (an image side of 384) must
                     # not fix a width that merely has the same value (an embed dim of 384)
-                    if t == s and any(not self.A.fixed[r] for r in self.A.leaves(d)):
+                    if t == s and self.A.any_free(d):
                         self.A.unify(node.meta["split_dims"][k], d, "size from input shape")
         # ``reshape(B, N, heads, C // heads)``: the last two sizes multiply to the input's last (channel) width;
         # both must be free to change (not a block size times a grid size). A later retry than the equal-size
@@ -451,12 +460,12 @@ class _Analysis:
         out = node.meta["split_dims"]
         shape = _shape(node.meta["val"])
         k = len(shape) - 1
-        if k < 1 or shape[k - 1] < 2 or shape[k] < 2 or any(self.A.fixed[r] for r in self.A.leaves(out[k - 1] + out[k])):
+        if k < 1 or shape[k - 1] < 2 or shape[k] < 2 or not self.A.all_free(out[k - 1] + out[k]):
             return
         for a in ins:
             in_shape = _shape(a.meta["val"])
             d = a.meta["split_dims"][-1] if in_shape else None
-            if d and in_shape[-1] == shape[k - 1] * shape[k] and any(not self.A.fixed[r] for r in self.A.leaves(d)):
+            if d and in_shape[-1] == shape[k - 1] * shape[k] and self.A.any_free(d):
                 self.A.unify(out[k - 1] + out[k], d, "size from input shape")
 
 

@@ -53,6 +53,11 @@ def plan_split(model: nn.Module, split_factor: int, *, img_size: ImgSize = None,
     return _plan_and_template(model, split_factor, img_size, scale_regularization, params_tol, macs_tol, in_chans)[0]
 
 
+# (couple_inputs, couple_products, tie ambiguous attributes' groups, what the attempt adds), tried in order
+_ATTEMPTS = ((False, False, False, "nothing"), (True, False, False, "input-shape couplings"),
+             (True, True, False, "C // heads couplings"), (True, True, True, "the groups of ambiguous attributes tied"))
+
+
 def _plan_and_template(model, split_factor, img_size, scale_regularization, params_tol, macs_tol, in_chans=None):
     """Plan, and check a meta member. A member that does not run is re-planned with the sizes each module
     reads from its input shape tied to its input (``analyse(couple_inputs=True)``), then also with the
@@ -63,12 +68,13 @@ def _plan_and_template(model, split_factor, img_size, scale_regularization, para
     tr = trace(meta_copy(model), shape)
     out = [n for n in tr.graph.nodes if n.op == "output"][0].args[0]
     out_shape = tuple((out[0] if isinstance(out, tuple) else out).meta["val"].shape)
-    ambiguous: tuple = ()
     headless = getattr(model, "num_classes", None) == 0  # its output is features: their width may change
-    for couple, products, tie in ((False, False, False), (True, False, False), (True, True, False), (True, True, True)):
+    error: Optional[SplitError] = None
+    ambiguous: tuple = ()
+    for i, (couple, products, tie, _) in enumerate(_ATTEMPTS):
         cg = analyse(tr, couple_inputs=couple, free_output=headless, couple_products=products)
         if tie and not attribute_ties(cg, ambiguous):
-            raise error
+            break  # no groups to tie: the previous attempt's error stands
         p = _plan(cg, S, arch=_arch(model), params_tol=params_tol, macs_tol=macs_tol,
                   scale_regularization=scale_regularization)
         member = build_member(tr.model, p, torch.device("meta"), {}, tr.aliases)
@@ -77,15 +83,13 @@ def _plan_and_template(model, split_factor, img_size, scale_regularization, para
             p = resolve_attributes(member, p)
         try:
             check_member(member, shape, out_shape, headless)
-            break
+            return p, tr, out_shape, shape, cg
         except SplitError as e:
-            if tie:
-                raise
             error = e
-            _logger.info("%s: the member does not run (%s); re-planning with %s", p.arch, e.__cause__ or e,
-                         "the groups of ambiguous attributes tied" if products else
-                         "C // heads couplings" if couple else "input-shape couplings")
-    return p, tr, out_shape, shape, cg
+            if i + 1 < len(_ATTEMPTS):
+                _logger.info("%s: the member does not run (%s); re-planning with %s", p.arch, e.__cause__ or e,
+                             _ATTEMPTS[i + 1][3])
+    raise error
 
 
 def _pretrained_cfg(model: nn.Module, plan: SplitPlan) -> dict:

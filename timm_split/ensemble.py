@@ -52,7 +52,8 @@ class SplitEnsemble(nn.Module):
         self.num_classes = getattr(first, "num_classes", None)
         # pre-logits of the ensemble are the members' pre-logits side by side
         self.num_features = getattr(first, "num_features", 0) * self.split_factor
-        self.head_hidden_size = getattr(first, "head_hidden_size", getattr(first, "num_features", 0)) * self.split_factor
+        hidden = getattr(first, "head_hidden_size", getattr(first, "num_features", 0))
+        self.head_hidden_size = hidden * self.split_factor
         self._execution: Execution = LoopExecution()
 
     # ---- timm surface

@@ -22,6 +22,7 @@ would. Strategies only replace :meth:`SplitEnsemble.forward_members` (and so ``f
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import copy
 import logging
@@ -97,7 +98,7 @@ def _check_same_structure(members: Members, name: str) -> None:
                              "member 0 in its parameter names, shapes or dtypes")
 
 
-class Execution:
+class Execution(abc.ABC):
     """A way to run the members: ``run(members, views) -> [S, B, ...]`` on the first member's device.
 
     Subclasses hold only caches besides their options; ``reset()`` drops the caches (called when the ensemble
@@ -110,9 +111,9 @@ class Execution:
     def check(self, members: Members) -> None:
         """Raise ``ValueError`` (with a hint) if this strategy cannot run ``members``."""
 
+    @abc.abstractmethod
     def run(self, members: Members, views: List[torch.Tensor]) -> torch.Tensor:
         """Run every member on its view; returns their outputs stacked ``[S, B, ...]``."""
-        raise NotImplementedError
 
     def reset(self) -> None:
         """Drop caches (stacked/packed tensors, thread pools, compiled code)."""

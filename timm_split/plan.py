@@ -371,7 +371,8 @@ def plan(cg: ChannelGraph, split_factor: int, *, arch: str = "", params_tol: flo
                      for a in args], [shape(o) for o in outs if o is not None])
     return SplitPlan(
         arch=arch, split_factor=S, width_factor=f0, groups=groups, param_shapes=shapes,
-        attributes=attrs, ambiguous=ambiguous, module_io=io, regularization=regs, params=(int(P0), int(round(S * P1))), macs=(M0, S * M1),
+        attributes=attrs, ambiguous=ambiguous, module_io=io, regularization=regs,
+        params=(int(P0), int(round(S * P1))), macs=(M0, S * M1),
         input_size=tuple(cg.trace.input_node.meta["val"].shape[1:]),
         fixed=_top_reasons_list(cg), unknown_ops=tuple(sorted(cg.unknown_ops.items())), widths=new_of,
     )
@@ -542,7 +543,8 @@ def width_attributes(cg: ChannelGraph, sizes: _SizeOf):
             if type(v) is int and v > 1:
                 # a size passed to split_with_sizes in this module names its piece: a candidate where the
                 # old width is ambiguous, the value where the module's tensors do not show it at all
-                piece = {n[i] for o, ns in sections.get(path, {}).items() for n in ns for i, e in enumerate(o) if e == v}
+                piece = {n[i] for o, ns in sections.get(path, {}).items() for n in ns
+                         for i, e in enumerate(o) if e == v}
                 cands = m.get(v, set()) | piece if len(m.get(v, ())) > 1 or v not in m else set()
                 if len(cands) > 1:
                     ambiguous.append((path, attr, v, tuple(sorted(cands | {v}))))

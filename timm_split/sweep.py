@@ -38,8 +38,16 @@ def _module(arch: str) -> str:
     return timm.models._registry._model_to_module.get(arch, "")
 
 
-def _count_and_shape(count, model):
+def _failed(arch: str, splits: Sequence[int], status: str, reason: str, **extra) -> List[Dict]:
+    """Rows for an architecture that gave no rows of its own (its base model fails, its worker died or ran
+    out of time)."""
+    return [dict(arch=arch, module=_module(arch), split=S, status=status, reason=reason, **extra) for S in splits]
+
+
+def _count_and_shape(model):
     """``count(model)`` at batch 2, and the shape of the output of that counted forward (no second forward)."""
+    from .count import count
+
     shapes = []
     hook = model.register_forward_hook(
         lambda mod, args, out: shapes.append(tuple((out[0] if isinstance(out, (tuple, list)) else out).shape)))
@@ -69,7 +77,6 @@ def sweep_one(arch: str, splits: Sequence[int], device: str = "meta", cpu_max_pa
     import torch
 
     from .core import split
-    from .count import count
     from .errors import SplitError
 
     module = _module(arch)
@@ -80,17 +87,16 @@ def sweep_one(arch: str, splits: Sequence[int], device: str = "meta", cpu_max_pa
         kwargs = {"num_classes": 1000} if cfg is not None and not cfg.num_classes else {}  # headless models
         with torch.device("meta"):
             model = timm.create_model(arch, **kwargs)
-        base, want = _count_and_shape(count, model)  # one meta forward gives both
+        base, want = _count_and_shape(model)  # one meta forward gives both
     except Exception as e:  # noqa: BLE001 - the base model itself fails: not ours, but say so
-        return [dict(arch=arch, module=module, split=S, status="crash",
-                     reason=f"base model: {type(e).__name__}: {str(e)[:200]}", seconds=0.0) for S in splits]
+        return _failed(arch, splits, "crash", f"base model: {type(e).__name__}: {str(e)[:200]}", seconds=0.0)
     for S in splits:
         t = time.perf_counter()
         row = dict(arch=arch, module=module, split=S, params_orig=base.params, gmacs_orig=round(base.gmacs, 6),
                    cpu_checked=False)
         try:
             ens = split(model, S).eval()
-            total, got = _count_and_shape(count, ens)  # the ensemble's meta forward, counted
+            total, got = _count_and_shape(ens)  # the ensemble's meta forward, counted
             if got != want:
                 raise RuntimeError(f"output {got}, expected {want}")
         except (SplitError, ValueError) as e:
@@ -208,16 +214,13 @@ def run_sweep(archs: Sequence[str], splits: Sequence[int], out: str, *, device: 
                         try:
                             rows = s.conn.recv()
                         except EOFError:  # the worker died (out of memory, a segfault)
-                            rows = [dict(arch=s.arch, module=_module(s.arch), split=S, status="crash",
-                                         reason="worker died") for S in splits]
+                            rows = _failed(s.arch, splits, "crash", "worker died")
                             s.kill()
                     elif time.monotonic() - s.since > timeout:
-                        rows = [dict(arch=s.arch, module=_module(s.arch), split=S, status="timeout",
-                                     reason=f"over {timeout:.0f}s", seconds=round(timeout, 1)) for S in splits]
+                        rows = _failed(s.arch, splits, "timeout", f"over {timeout:.0f}s", seconds=round(timeout, 1))
                         s.kill()
                     elif not s.proc.is_alive():
-                        rows = [dict(arch=s.arch, module=_module(s.arch), split=S, status="crash",
-                                     reason="worker died") for S in splits]
+                        rows = _failed(s.arch, splits, "crash", "worker died")
                         s.start()
                     if rows is not None:
                         w.writerows([r for r in rows if (r["arch"], int(r["split"])) not in done])
