@@ -354,3 +354,61 @@ def test_width_attribute_rules(net):
     assert abs(p.params_ratio - 1) < 0.1 and abs(p.macs_ratio - 1) < 0.15, (p.params_ratio, p.macs_ratio)
     changed = {(path.rsplit(".", 1)[-1], attr) for path, attr, old, new in p.attributes if new != old}
     assert changed & {("1", "splits"), ("1", "val_dim"), ("rope", "dim")}, changed
+
+
+@pytest.mark.parametrize("kind, kwargs", [
+    ("LSTM", dict(num_layers=2, bidirectional=True, batch_first=True)),
+    ("LSTM", dict(proj_size=3)),
+    ("GRU", dict(num_layers=2, batch_first=True)),
+    ("RNN", dict(bidirectional=True, nonlinearity="relu")),
+])
+def test_recurrent_ops_on_meta_from_shapes(kind, kwargs):
+    """On meta, whole-sequence LSTM/GRU/RNN calls take their output shapes from the weights (aten would run
+    one cell per time step); a weight that does not fit the input falls through to the op, which raises."""
+    from timm_split.trace import MetaRecurrent, recurrent_meta_output
+
+    rnn = getattr(nn, kind)(5, 7, **kwargs)
+    x = torch.randn(4, 9, 5)
+    want = rnn(x)
+    with torch.device("meta"):
+        meta = getattr(nn, kind)(5, 7, **kwargs)
+    assert recurrent_meta_output(torch.lstm, (x,)) is None  # not a whole-sequence call on meta
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        seen: set = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with MetaRecurrent(), Ops() as ops:
+        got = meta(x.to("meta"))
+    assert not {"mm", "addmm", "matmul", "linear"} & ops.seen, ops.seen  # no cell ran
+    flat = lambda o: [t for t in torch.utils._pytree.tree_flatten(o)[0] if isinstance(t, torch.Tensor)]  # noqa: E731
+    assert [t.shape for t in flat(got)] == [t.shape for t in flat(want)]
+    with torch.device("meta"):
+        wrong = getattr(nn, kind)(6, 7, **kwargs)  # expects 6 input features, gets 5
+    with pytest.raises(RuntimeError), MetaRecurrent():
+        wrong(x.to("meta"))
+
+
+def test_ambiguous_attributes_varied_only_where_read():
+    """resolve_attributes varies only the attributes a forward reads: 3 forwards here, not 7."""
+    from timm_split.rebuild import _settle
+
+    class Reads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.width, self.unused, self.calls = 8, 8, 0
+
+        def forward(self, x):
+            self.calls += 1
+            return x.reshape(x.shape[0], self.width, -1)
+
+    mod = Reads()
+    entries = [("width", 8, (2, 4, 8)), ("unused", 8, (4, 6, 8))]
+    fit = _settle(mod, entries, [torch.empty(2, 32, device="meta")], [(2, 8, 4)], max_tries=64)
+    assert fit == (8, 4) and mod.calls == 3
+    assert type(mod) is Reads
+    assert _settle(mod, entries, [torch.empty(2, 32, device="meta")], [(2, 3, 4)], max_tries=64) is None

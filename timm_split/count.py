@@ -56,6 +56,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
+from .trace import recurrent_meta_output
+
 with warnings.catch_warnings():  # fvcore.nn scripts a loss at import, and torch.jit.script is deprecated
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
     from fvcore.nn import FlopCountAnalysis
@@ -486,10 +488,13 @@ class _FvcoreFunctionsMode(TorchFunctionMode):
         if func in _ADAPTIVE_AVG_POOL_2D and args:
             self.rules.macs["adaptive_avg_pool2d"] += _numel(args[0])
         elif func in _RECURRENT:
+            self.rules.skipped[f"aten::{func.__name__}"] += 1
+            out = recurrent_meta_output(func, args) if not kwargs else None
+            if out is not None:  # on meta, from shapes: no per-step decomposition, no FLOPs to take out
+                return out
             before = self.flops.get_total_flops()
             out = func(*args, **kwargs)
             self.excluded_flops += self.flops.get_total_flops() - before
-            self.rules.skipped[f"aten::{func.__name__}"] += 1
             return out
         return func(*args, **kwargs)
 

@@ -10,6 +10,7 @@ import dataclasses
 import itertools
 import logging
 import math
+from itertools import chain
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -19,6 +20,7 @@ from torch.utils._pytree import tree_flatten
 from .errors import SplitError
 from .analyse import ChannelGraph
 from .plan import SplitPlan, _SizeOf
+from .trace import MetaRecurrent
 
 _logger = logging.getLogger(__name__)
 
@@ -84,32 +86,91 @@ def resolve_attributes(member_meta: nn.Module, plan: SplitPlan, max_tries: int =
     for path, attr, old, cands in plan.ambiguous:
         by_mod.setdefault(path, []).append((attr, old, cands))
     chosen = []
+    fits: Dict[tuple, tuple] = {}  # identical modules fed identical shapes settle the same way (ViT blocks)
     for path in sorted(by_mod, key=lambda p: -p.count(".") if p else 1):
         mod, entries = mods[path], by_mod[path]
         args_spec, out_shapes = plan.module_io.get(path, ([], []))
-        args = [torch.empty(a[1], dtype=a[2], device="meta") if a[0] == "tensor" else a[1] for a in args_spec]
-        combos = itertools.islice(itertools.product(*[c for _, _, c in entries]), max_tries)
-        fit = None
-        for combo in combos:
-            for (attr, _, _), v in zip(entries, combo):
-                setattr(mod, attr, v)
-            try:
-                with torch.no_grad():
-                    out = mod(*args)
-            except Exception:  # noqa: BLE001 - a wrong candidate fails in any way
-                continue
-            flat = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
-            if [tuple(o.shape) for o in flat] == [tuple(s) for s in out_shapes]:
-                fit = combo
-                break
+        key = (_signature(mod), repr(entries), repr(args_spec), repr(out_shapes))
+        fit = fits.get(key)
+        if key not in fits:
+            args = [torch.empty(a[1], dtype=a[2], device="meta") if a[0] == "tensor" else a[1] for a in args_spec]
+            fit = _settle(mod, entries, args, [tuple(s) for s in out_shapes], max_tries)
         if fit is None:
             fit = tuple(old for _, old, _ in entries)
             _logger.debug("no candidate fits the attributes of %s; keeping %s", path, fit)
+        fits[key] = fit
         for (attr, old, _), v in zip(entries, fit):
             setattr(mod, attr, v)
             if v != old:
                 chosen.append((path, attr, old, v))
     return dataclasses.replace(plan, attributes=plan.attributes + tuple(chosen), ambiguous=(), module_io={})
+
+
+def _settle(mod: nn.Module, entries: list, args: list, out_shapes: list, max_tries: int) -> Optional[tuple]:
+    """The first combination of candidate values with which ``mod(*args)`` returns ``out_shapes``, or None.
+
+    Every run records which of the attributes the forward reads; only those are varied (one it never reads
+    cannot change its output), and the set grows as other values reach other code. A whole encoder with four
+    ambiguous attributes, one of them read, takes 4 forwards instead of 32."""
+    names, read = {attr for attr, _, _ in entries}, set()
+
+    def spy(self, k):
+        if k in names:
+            read.add(k)
+        return object.__getattribute__(self, k)
+
+    cls = type(mod)
+    spying = type(cls.__name__, (cls,), {"__getattribute__": spy})
+
+    def attempt(combo):
+        for (attr, _, _), v in zip(entries, combo):
+            setattr(mod, attr, v)
+        mod.__class__ = spying
+        try:
+            with torch.no_grad(), MetaRecurrent():
+                out = mod(*args)
+        except Exception:  # noqa: BLE001 - a wrong candidate fails in any way
+            return None
+        finally:
+            mod.__class__ = cls
+        return [tuple(o.shape) for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
+
+    tried: set = set()
+    live: set = set()
+    while len(tried) < max_tries:
+        pools = [c if attr in live else c[:1] for attr, _, c in entries]
+        for combo in itertools.product(*pools):
+            if combo in tried:
+                continue
+            if len(tried) >= max_tries:
+                return None
+            tried.add(combo)
+            if attempt(combo) == out_shapes:
+                return combo
+            if read - live:
+                break  # the forward reached another attribute: vary it too
+        else:
+            return None  # every combination of the attributes it reads was tried
+        live |= read
+    return None
+
+
+_PLAIN = (int, float, bool, str, type(None))
+
+
+def _signature(mod: nn.Module) -> tuple:
+    """What a module's forward can depend on, short of its code: its class and, for it and every submodule,
+    the plain attributes (ints, floats, strings and tuples of them) and the tensor shapes and dtypes."""
+    def plain(v):
+        return isinstance(v, _PLAIN) or (isinstance(v, (tuple, list)) and all(isinstance(x, _PLAIN) for x in v))
+
+    sig = []
+    for path, m in mod.named_modules(remove_duplicate=False):
+        attrs = tuple(sorted((k, repr(v)) for k, v in vars(m).items() if not k.startswith("_") and plain(v)))
+        tensors = tuple((k, tuple(t.shape), t.dtype) for k, t in chain(m._parameters.items(), m._buffers.items())
+                        if t is not None)
+        sig.append((path, type(m), attrs, tensors))
+    return tuple(sig)
 
 
 @torch.no_grad()
@@ -297,7 +358,7 @@ def check_member(member_meta: nn.Module, input_shape: Sequence[int], out_shape: 
     was = member_meta.training
     member_meta.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), MetaRecurrent():
             y = member_meta(torch.empty(tuple(input_shape), device="meta"))
     except Exception as e:  # noqa: BLE001
         raise SplitError(

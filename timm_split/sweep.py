@@ -4,16 +4,24 @@
     timm-split sweep --filter 'vit_*' --limit 20 --device cpu   # plus a real CPU forward/backward
     timm-split sweep --report docs/zoo.csv --markdown docs/zoo.md
 
+For each architecture: build it on meta, count it (one meta forward gives its params, MACs and output shape),
+split it, and count one member the same way. The members are built from one plan (their parameter shapes are
+checked equal), so the ensemble's MACs are S times the member's and its params are counted over all members;
+its output is the average of S member outputs, so the member's output shape is checked against the original's.
+Running all S members would repeat the same meta forward S times; the ensemble's own forward (averaging,
+execution strategies) is tested in tests/.
+
 Each architecture runs in a worker process with a per-model timeout: a model that hangs is killed and
 recorded as ``timeout``, and the sweep goes on. Rows are appended to the CSV as they finish, so a stopped
 sweep resumes where it left off. Statuses: ``ok``, ``split_error`` (a ``SplitError`` or ``ValueError`` from the
-engine), ``forward_error`` (the ensemble does not run or gives the wrong shape), ``parity_miss`` (params
+engine), ``forward_error`` (a member does not run or gives the wrong shape), ``parity_miss`` (params
 outside ±2% or FLOPs outside ±4%), ``timeout``, ``crash`` (any other exception: a bug to fix).
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import fnmatch
 import logging
 import multiprocessing as mp
@@ -58,6 +66,17 @@ def _count_and_shape(model):
     return cost, shapes[-1]
 
 
+def _ensemble_cost(ens, member):
+    """The ensemble's cost from one member's: every member is built from one plan, so S times its MACs (the
+    averaging of S outputs has no MACs in fvcore's convention) and the params of all members, counted."""
+    from .count import count_params
+
+    first = [tuple(p.shape) for p in ens.members[0].parameters()]
+    assert all([tuple(p.shape) for p in m.parameters()] == first for m in ens.members), "members differ"
+    return dataclasses.replace(member, params=count_params(ens), gmacs=member.gmacs * len(ens.members),
+                               gmacs_mac_only=member.gmacs_mac_only * len(ens.members))
+
+
 def sweep_one(arch: str, splits: Sequence[int], device: str = "meta", cpu_max_params: float = 30e6,
               cpu_img_size: int = 64) -> List[Dict]:
     """Split one architecture at each S and check it. Never raises: failures become rows.
@@ -96,7 +115,8 @@ def sweep_one(arch: str, splits: Sequence[int], device: str = "meta", cpu_max_pa
                    cpu_checked=False)
         try:
             ens = split(model, S).eval()
-            total, got = _count_and_shape(ens)  # the ensemble's meta forward, counted
+            member, got = _count_and_shape(ens.members[0])  # one member's meta forward, counted
+            total = _ensemble_cost(ens, member)
             if got != want:
                 raise RuntimeError(f"output {got}, expected {want}")
         except (SplitError, ValueError) as e:

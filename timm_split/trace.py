@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
@@ -25,7 +26,7 @@ from .errors import SplitError
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["Trace", "meta_copy", "trace", "input_shape_for"]
+__all__ = ["Trace", "meta_copy", "trace", "input_shape_for", "MetaRecurrent", "recurrent_meta_output"]
 
 
 @dataclass
@@ -81,6 +82,48 @@ def input_shape_for(model: nn.Module, img_size: Optional[Tuple[int, int]] = None
     if img_size is not None:
         h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     return (batch_size, c, h, w)
+
+
+_GATES = {torch.lstm: 4, torch.gru: 3, torch.rnn_tanh: 1, torch.rnn_relu: 1}
+
+
+def recurrent_meta_output(func: Any, args: tuple) -> Optional[tuple]:
+    """The outputs of a whole-sequence recurrent op (``torch.lstm``, ``gru``, ``rnn_tanh``, ``rnn_relu``) on
+    meta tensors, made from shapes alone, or None where this does not apply (a packed sequence, real tensors,
+    weights whose shapes do not chain: then the op itself must run and raise).
+
+    On meta, aten decomposes these ops into one cell per time step, which costs seconds per call for nothing:
+    the shapes follow from the input, the states and the weights, and every weight shape is checked here.
+    """
+    gates = _GATES.get(func)
+    if gates is None or len(args) < 9 or not isinstance(args[0], torch.Tensor) or not args[0].is_meta:
+        return None
+    x, hx, weights, has_biases, layers, _, _, bidirectional, batch_first = args[:9]
+    states = list(hx) if func is torch.lstm else [hx]
+    if x.dim() != 3 or not isinstance(weights, (list, tuple)) or not all(isinstance(h, torch.Tensor) for h in states):
+        return None
+    dirs = 2 if bidirectional else 1
+    h_out, h_cell = states[0].shape[-1], states[-1].shape[-1]
+    per = len(weights) // max(1, layers * dirs)
+    feat = x.shape[-1]
+    for i in range(layers * dirs):
+        w_ih, w_hh = weights[i * per], weights[i * per + 1]
+        want_in = feat if i < dirs else dirs * h_out
+        if tuple(w_ih.shape) != (gates * h_cell, want_in) or tuple(w_hh.shape) != (gates * h_cell, h_out):
+            return None
+    batch = x.shape[0] if batch_first else x.shape[1]
+    if any(tuple(h.shape[:2]) != (layers * dirs, batch) for h in states):
+        return None
+    out = x.new_empty(tuple(x.shape[:2]) + (dirs * h_out,))
+    return (out,) + tuple(torch.empty_like(h) for h in states)
+
+
+class MetaRecurrent(TorchFunctionMode):
+    """Runs whole-sequence recurrent ops on meta tensors from their shapes (:func:`recurrent_meta_output`)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = recurrent_meta_output(func, args) if not kwargs else None
+        return out if out is not None else func(*args, **(kwargs or {}))
 
 
 class _Recorder(TorchDispatchMode):
