@@ -21,6 +21,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
+from torch import nn
 
 from .errors import SplitError
 from .trace import Trace
@@ -344,10 +345,48 @@ class _Analysis:
                 ) from e
         # attention keeps its heads and shrinks head_dim; where head_dim cannot change (rotary tables), the
         # heads shrink instead
+        self.fix_buffer_geometry(param_dims)
+        mixed = self.layer_widths(param_dims)  # talking heads: a Linear over the heads makes them a width
         for batch, head_dim in self.heads:
-            if any(A.any_free(d) for d in head_dim):
+            if any(A.any_free(d) for d in head_dim) and not any(r in mixed for d in batch for r in A.leaves(d)):
                 A.fix_dims(batch, "attention heads (head_dim shrinks instead)")
         return ChannelGraph(self.tr, A, param_dims, self.mac_terms, self.groups_atoms, self.unknown)
+
+    def layer_widths(self, param_dims: Dict[str, List[Dim]]) -> set:
+        """The atoms a Linear's weight spans (its in and out features)."""
+        modules = dict(self.tr.model.named_modules(remove_duplicate=False))
+        return {self.A.find(a) for name, dims in param_dims.items()
+                if name.endswith(".weight") and isinstance(modules.get(name.rpartition(".")[0]), nn.Linear)
+                for d in dims for a in self.A.leaves(d)}
+
+    def fix_buffer_geometry(self, param_dims: Dict[str, List[Dim]]) -> None:
+        """Fix the widths that only a buffer makes and only layers read: Swin-V2's relative-coordinate table
+        ``[1, 2h-1, 2w-1, 2]`` feeds a Linear(2, 512), and its 2 is (dy, dx), not a channel count. A width
+        that any parameter produces (a layer's output, a bias, a norm's scale) stays free, and so does one no
+        layer reads (a rotary ``periods`` buffer, which follows head_dim)."""
+        A, modules = self.A, dict(self.tr.model.named_modules(remove_duplicate=False))
+        made_by_buffer, made_by_param, read_by_layer = set(), set(), set()
+        for name, dims in param_dims.items():
+            path, _, leaf = name.rpartition(".")
+            mod = modules.get(path)
+            read = None  # the weight dim a layer contracts over: it reads that width, it does not make it
+            if leaf == "weight" and isinstance(mod, nn.Linear):
+                read = 1
+            elif leaf == "weight" and isinstance(mod, nn.modules.conv._ConvNd):
+                read = 0 if mod.transposed else 1
+            for i, d in enumerate(dims):
+                if len(d) != 1:
+                    continue
+                r = A.find(d[0])
+                if name in self.tr.buffers:
+                    made_by_buffer.add(r)
+                elif i != read:
+                    made_by_param.add(r)
+                else:
+                    read_by_layer.add(r)
+        for r in (made_by_buffer & read_by_layer) - made_by_param:
+            if not A.fixed[r] and r not in A.prod and r not in A.sum:
+                A.fix(r, "a buffer's geometry (only read by layers)")
 
     def step(self, node: fx.Node, param_dims: Dict[str, List[Dim]]) -> None:
         A = self.A
@@ -443,7 +482,7 @@ class _Analysis:
         if not ins:
             return
         for k, s in enumerate(_shape(node.meta["val"])):
-            if s < 2 or not self.A.all_free(node.meta["split_dims"][k]):
+            if s < 2 or not self.A.any_free(node.meta["split_dims"][k]):
                 continue  # a fixed size (1,024 tokens) must not fix a width that merely equals it (1,024 wide)
             for a in ins:
                 for j, t in enumerate(_shape(a.meta["val"])):

@@ -458,9 +458,14 @@ def _scopes(cg: ChannelGraph) -> Tuple[Dict[str, List], Dict[str, List]]:
             continue
         dims = node.meta.get("split_dims") or []
         flat = dims if isinstance(node.meta.get("val"), torch.Tensor) else [d for o in dims for d in o]
+        if node.target in _SPLITS:  # ``x.split(self.expand_chs // 2)``: the whole being split is in scope too
+            flat = list(flat) + list(node.args[0].meta.get("split_dims") or [])
         for path in {st[-1], _parent(st[-1])} | ({st[-2]} if len(st) > 1 else set()):
             scopes.setdefault(path, []).extend(flat)
     return scopes, own
+
+
+_SPLITS = frozenset({torch.ops.aten.split.Tensor, torch.ops.aten.chunk.default, torch.ops.aten.unsafe_split.Tensor})
 
 
 def attribute_ties(cg: ChannelGraph, ambiguous: Sequence[Tuple[str, str, object, tuple]]) -> int:
@@ -564,7 +569,11 @@ def width_attributes(cg: ChannelGraph, sizes: _SizeOf):
             nv = type(v)(next(iter(cut))) if len(cut) == 1 else _map_value(attr, v, mapping)
             if nv is None and isinstance(v, int) and v not in m:
                 nv = _multiple_of_own(v, own.get(path, {}))
-            if nv is not None and nv != v:
+            if nv is not None and nv != v and ints and not cut and path in cg.trace.calls:
+                # a tuple of sizes matched by value may be geometry (a window of 16 x 16 beside 16 heads): the
+                # module is run with both to see which gives the planned shapes
+                ambiguous.append((path, attr, v, (nv, v)))
+            elif nv is not None and nv != v:
                 out.append((path, attr, v, nv))
     return tuple(out), tuple(ambiguous)
 

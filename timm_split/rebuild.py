@@ -140,11 +140,11 @@ def _settle(mod: nn.Module, entries: list, args: list, out_shapes: list, max_tri
     while len(tried) < max_tries:
         pools = [c if attr in live else c[:1] for attr, _, c in entries]
         for combo in itertools.product(*pools):
-            if combo in tried:
+            if repr(combo) in tried:  # candidates may be lists: not hashable
                 continue
             if len(tried) >= max_tries:
                 return None
-            tried.add(combo)
+            tried.add(repr(combo))
             if attempt(combo) == out_shapes:
                 return combo
             if read - live:
