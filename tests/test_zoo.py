@@ -1,7 +1,8 @@
 """The whole timm zoo (issue 3), parametrized over timm's registry like timm's tests/test_models.py.
 
 Default tier: one small architecture per timm module, S=2, on meta. The full sweep (every architecture,
-S=2 and 4) is `pytest -m sweep` (slow), or `timm-split sweep`, which writes docs/zoo.csv.
+S=2 and 4, and a CPU forward/backward at S=2 for those under 30M params) is `pytest -m sweep` (slow), or
+`timm-split sweep` (`--device cpu` for the CPU tier), which writes docs/zoo.csv.
 """
 import fnmatch
 import os
@@ -42,6 +43,18 @@ def test_module_default_tier(arch):
 @pytest.mark.parametrize("arch", [_param(a) for a in select((_FILTER,))])
 def test_zoo_sweep(arch):
     _check(arch, (2, 4))
+
+
+@pytest.mark.sweep
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("arch", [_param(a) for a in select((_FILTER,))])
+def test_zoo_cpu_forward_backward(arch):
+    """Every architecture under 30M params: a real CPU forward and backward of the S=2 ensemble at 64 px (or
+    the model's fixed size), every parameter reached by the gradient."""
+    (row,) = sweep_one(arch, (2,), device="cpu", cpu_max_params=30e6, cpu_img_size=64)
+    if row["status"] == "ok" and not row["cpu_checked"]:
+        pytest.skip(f"{row['params_orig'] / 1e6:.1f}M params: over the CPU tier's 30M")
+    assert row["status"] == "ok" and row["cpu_checked"], (row["status"], row.get("reason"))
 
 
 def test_default_tier_covers_every_module():

@@ -312,11 +312,12 @@ class _Analysis:
     """Walks the graph in order (an interpreter on dims, not values) and applies one rule per op."""
 
     def __init__(self, tr: Trace, couple_inputs: bool = False, free_output: bool = False,
-                 couple_products: bool = False):
+                 couple_products: bool = False, couple_partial: bool = False):
         self.tr = tr
         self.couple_inputs = couple_inputs
         self.free_output = free_output
         self.couple_products = couple_products
+        self.couple_partial = couple_partial
         self.heads: List[Tuple[List[Dim], List[Dim]]] = []  # (batch dims, head_dim dims) of attention ops
         self.A = Atoms()
         self.mac_terms: List[Tuple[fx.Node, List[Dim], float]] = []
@@ -353,11 +354,16 @@ class _Analysis:
         return ChannelGraph(self.tr, A, param_dims, self.mac_terms, self.groups_atoms, self.unknown)
 
     def layer_widths(self, param_dims: Dict[str, List[Dim]]) -> set:
-        """The atoms a Linear's weight spans (its in and out features)."""
+        """The atoms that are a Linear's whole input width (what it mixes: CaiT's ``proj_l`` over the heads;
+        not a width that is one factor of its input or output, as heads are of every ``qkv``)."""
         modules = dict(self.tr.model.named_modules(remove_duplicate=False))
-        return {self.A.find(a) for name, dims in param_dims.items()
-                if name.endswith(".weight") and isinstance(modules.get(name.rpartition(".")[0]), nn.Linear)
-                for d in dims for a in self.A.leaves(d)}
+        out = set()
+        for name, dims in param_dims.items():
+            if name.endswith(".weight") and isinstance(modules.get(name.rpartition(".")[0]), nn.Linear):
+                leaves = self.A.leaves(dims[1]) if len(dims) == 2 else []
+                if len(leaves) == 1:
+                    out.add(self.A.find(leaves[0]))
+        return out
 
     def fix_buffer_geometry(self, param_dims: Dict[str, List[Dim]]) -> None:
         """Fix the widths that only a buffer makes and only layers read: Swin-V2's relative-coordinate table
@@ -482,8 +488,11 @@ class _Analysis:
         if not ins:
             return
         for k, s in enumerate(_shape(node.meta["val"])):
-            if s < 2 or not self.A.any_free(node.meta["split_dims"][k]):
-                continue  # a fixed size (1,024 tokens) must not fix a width that merely equals it (1,024 wide)
+            # a fixed size (1,024 tokens) must not fix a width that merely equals it (1,024 wide); a size with
+            # one fixed factor (heads x dim_v, heads fixed) is tied only on a later retry (lambda layers)
+            free = self.A.any_free if self.couple_partial else self.A.all_free
+            if s < 2 or not free(node.meta["split_dims"][k]):
+                continue
             for a in ins:
                 for j, t in enumerate(_shape(a.meta["val"])):
                     d = a.meta["split_dims"][j]
@@ -1020,7 +1029,7 @@ for _name in ("empty", "zeros", "ones", "full", "arange", "eye", "rand", "randn"
 
 
 def analyse(tr: Trace, couple_inputs: bool = False, free_output: bool = False,
-            couple_products: bool = False) -> ChannelGraph:
+            couple_products: bool = False, couple_partial: bool = False) -> ChannelGraph:
     """Run the channel analysis on a trace.
 
     Args:
@@ -1029,13 +1038,15 @@ def analyse(tr: Trace, couple_inputs: bool = False, free_output: bool = False,
             ``_Analysis.couple_to_module_inputs``); the retry when a member built without it does not run.
         couple_products: with ``couple_inputs``, also tie a reshape's last two sizes to the module input's
             last width where they multiply to it (``C // num_heads``); the next retry.
+        couple_partial: with ``couple_inputs``, also tie sizes that have a fixed factor (``heads x dim_v``
+            with the heads fixed, as a lambda layer's ``reshape(B, C, H, W)``); the last retry.
         free_output: the width of a ``[B, C]`` model output may change (a headless model, ``num_classes=0``,
             returns pooled features; the ensemble concatenates its members' features).
 
     Returns:
         The :class:`ChannelGraph`; ``node.meta['split_dims']`` is filled in for every node.
     """
-    cg = _Analysis(tr, couple_inputs, free_output, couple_products).run()
+    cg = _Analysis(tr, couple_inputs, free_output, couple_products, couple_partial).run()
     if cg.unknown_ops:
         _logger.info("ops without a channel rule (their dims were kept fixed): %s", cg.unknown_ops)
     return cg

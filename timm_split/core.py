@@ -53,16 +53,20 @@ def plan_split(model: nn.Module, split_factor: int, *, img_size: ImgSize = None,
     return _plan_and_template(model, split_factor, img_size, scale_regularization, params_tol, macs_tol, in_chans)[0]
 
 
-# (couple_inputs, couple_products, tie ambiguous attributes' groups, what the attempt adds), tried in order
-_ATTEMPTS = ((False, False, False, "nothing"), (True, False, False, "input-shape couplings"),
-             (True, True, False, "C // heads couplings"), (True, True, True, "the groups of ambiguous attributes tied"))
+# (couple_inputs, couple_products, tie ambiguous attributes' groups, couple_partial, what the attempt adds),
+# tried in order
+_ATTEMPTS = ((False, False, False, False, "nothing"), (True, False, False, False, "input-shape couplings"),
+             (True, True, False, False, "C // heads couplings"),
+             (True, True, True, False, "the groups of ambiguous attributes tied"),
+             (True, False, False, True, "input-shape couplings of sizes with a fixed factor"))
 
 
 def _plan_and_template(model, split_factor, img_size, scale_regularization, params_tol, macs_tol, in_chans=None):
     """Plan, and check a meta member. A member that does not run is re-planned with the sizes each module
     reads from its input shape tied to its input (``analyse(couple_inputs=True)``), then also with the
-    ``C // heads`` products tied (``couple_products=True``), and then once more with the groups behind each
-    ambiguous width attribute made one (``attribute_ties``)."""
+    ``C // heads`` products tied (``couple_products=True``), then with the groups behind each ambiguous width
+    attribute made one (``attribute_ties``), and last with sizes that have a fixed factor tied to the input
+    too (``couple_partial=True``)."""
     S = _check_factor(split_factor)
     shape = input_shape_for(model, img_size, in_chans=in_chans)
     tr = trace(meta_copy(model), shape)
@@ -71,10 +75,11 @@ def _plan_and_template(model, split_factor, img_size, scale_regularization, para
     headless = getattr(model, "num_classes", None) == 0  # its output is features: their width may change
     error: Optional[SplitError] = None
     ambiguous: tuple = ()
-    for i, (couple, products, tie, _) in enumerate(_ATTEMPTS):
-        cg = analyse(tr, couple_inputs=couple, free_output=headless, couple_products=products)
+    for i, (couple, products, tie, partial, _) in enumerate(_ATTEMPTS):
+        cg = analyse(tr, couple_inputs=couple, free_output=headless, couple_products=products,
+                     couple_partial=partial)
         if tie and not attribute_ties(cg, ambiguous):
-            break  # no groups to tie: the previous attempt's error stands
+            continue  # no groups to tie: nothing new to try here
         p = _plan(cg, S, arch=_arch(model), params_tol=params_tol, macs_tol=macs_tol,
                   scale_regularization=scale_regularization)
         member = build_member(tr.model, p, torch.device("meta"), {}, tr.aliases)
@@ -88,7 +93,7 @@ def _plan_and_template(model, split_factor, img_size, scale_regularization, para
             error = e
             if i + 1 < len(_ATTEMPTS):
                 _logger.info("%s: the member does not run (%s); re-planning with %s", p.arch, e.__cause__ or e,
-                             _ATTEMPTS[i + 1][3])
+                             _ATTEMPTS[i + 1][-1])
     raise error
 
 
