@@ -151,6 +151,10 @@ def _cpu_check(arch, S, kwargs, img_size) -> Dict:
         except TypeError:  # no img_size argument: CNNs run at any size, others at their own
             model = timm.create_model(arch, **kwargs)
             size = img_size if not model.pretrained_cfg.get("fixed_input_size") else None
+        except Exception:  # noqa: BLE001 - img_size is accepted but this architecture cannot be built at it
+            model, size = timm.create_model(arch, **kwargs), None
+        if size is not None and not _runs_at(model, size):  # too small for the architecture: its own size
+            model, size = timm.create_model(arch, **kwargs), None
         ens = split(model, S, img_size=size)
         c, h, w = ens.split_plan.input_size
         out = ens(torch.randn(2, c, h, w))
@@ -162,6 +166,20 @@ def _cpu_check(arch, S, kwargs, img_size) -> Dict:
         return dict(cpu_checked=True)
     except Exception as e:  # noqa: BLE001
         return dict(status="forward_error", reason=f"cpu: {type(e).__name__}: {_one_line(e)}", cpu_checked=True)
+
+
+def _runs_at(model, size: int) -> bool:
+    """Whether ``model`` runs at ``size`` x ``size`` (a meta copy, so no memory and no compute)."""
+    import torch
+
+    from .trace import input_shape_for, meta_copy
+
+    try:
+        with torch.no_grad():
+            meta_copy(model).eval()(torch.empty(input_shape_for(model, size), device="meta"))
+        return True
+    except Exception:  # noqa: BLE001 - any failure means: not at this size
+        return False
 
 
 def _one_line(e: BaseException) -> str:
