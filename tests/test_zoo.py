@@ -61,3 +61,18 @@ def test_default_tier_covers_every_module():
     import timm
     modules = {timm.models._registry._model_to_module[a] for a in default_tier()}
     assert modules == {m for m in timm.list_modules() if m != "splitnet"}
+
+
+def test_cpu_check_size_fallback():
+    """The CPU tier's small size is used only where the architecture runs at it (CrossViT cannot at 64 px)."""
+    import timm
+    import torch
+
+    from timm_split.sweep import _runs_at
+
+    with torch.device("meta"):
+        crossvit = timm.create_model("crossvit_tiny_240", img_size=64)
+        own = timm.create_model("crossvit_tiny_240")
+        resnet = timm.create_model("resnet18")
+    assert not _runs_at(crossvit, 64) and _runs_at(own, 240)
+    assert _runs_at(resnet, 64)
