@@ -318,6 +318,7 @@ class _Analysis:
         self.free_output = free_output
         self.couple_products = couple_products
         self.couple_partial = couple_partial
+        self.modules = dict(tr.model.named_modules(remove_duplicate=False))
         self.heads: List[Tuple[List[Dim], List[Dim]]] = []  # (batch dims, head_dim dims) of attention ops
         self.A = Atoms()
         self.mac_terms: List[Tuple[fx.Node, List[Dim], float]] = []
@@ -353,14 +354,26 @@ class _Analysis:
                 A.fix_dims(batch, "attention heads (head_dim shrinks instead)")
         return ChannelGraph(self.tr, A, param_dims, self.mac_terms, self.groups_atoms, self.unknown)
 
+    def read_dim(self, name: str) -> Optional[int]:
+        """The dim of parameter ``name`` that its layer contracts over (reads, does not make): a Linear's
+        ``in_features``, a conv's ``in_channels``; None for any other tensor."""
+        path, _, leaf = name.rpartition(".")
+        mod = self.modules.get(path)
+        if leaf != "weight":
+            return None
+        if isinstance(mod, nn.Linear):
+            return 1
+        if isinstance(mod, nn.modules.conv._ConvNd):
+            return 0 if mod.transposed else 1
+        return None
+
     def layer_widths(self, param_dims: Dict[str, List[Dim]]) -> set:
         """The atoms that are a Linear's whole input width (what it mixes: CaiT's ``proj_l`` over the heads;
         not a width that is one factor of its input or output, as heads are of every ``qkv``)."""
-        modules = dict(self.tr.model.named_modules(remove_duplicate=False))
         out = set()
         for name, dims in param_dims.items():
-            if name.endswith(".weight") and isinstance(modules.get(name.rpartition(".")[0]), nn.Linear):
-                leaves = self.A.leaves(dims[1]) if len(dims) == 2 else []
+            if isinstance(self.modules.get(name.rpartition(".")[0]), nn.Linear) and self.read_dim(name) == 1:
+                leaves = self.A.leaves(dims[1])
                 if len(leaves) == 1:
                     out.add(self.A.find(leaves[0]))
         return out
@@ -370,16 +383,10 @@ class _Analysis:
         ``[1, 2h-1, 2w-1, 2]`` feeds a Linear(2, 512), and its 2 is (dy, dx), not a channel count. A width
         that any parameter produces (a layer's output, a bias, a norm's scale) stays free, and so does one no
         layer reads (a rotary ``periods`` buffer, which follows head_dim)."""
-        A, modules = self.A, dict(self.tr.model.named_modules(remove_duplicate=False))
+        A = self.A
         made_by_buffer, made_by_param, read_by_layer = set(), set(), set()
         for name, dims in param_dims.items():
-            path, _, leaf = name.rpartition(".")
-            mod = modules.get(path)
-            read = None  # the weight dim a layer contracts over: it reads that width, it does not make it
-            if leaf == "weight" and isinstance(mod, nn.Linear):
-                read = 1
-            elif leaf == "weight" and isinstance(mod, nn.modules.conv._ConvNd):
-                read = 0 if mod.transposed else 1
+            read = self.read_dim(name)
             for i, d in enumerate(dims):
                 if len(d) != 1:
                     continue

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .analyse import ChannelGraph, Dim
+from .analyse import _EQUAL_SPLITS, ChannelGraph, Dim
 
 _logger = logging.getLogger(__name__)
 
@@ -458,14 +458,11 @@ def _scopes(cg: ChannelGraph) -> Tuple[Dict[str, List], Dict[str, List]]:
             continue
         dims = node.meta.get("split_dims") or []
         flat = dims if isinstance(node.meta.get("val"), torch.Tensor) else [d for o in dims for d in o]
-        if node.target in _SPLITS:  # ``x.split(self.expand_chs // 2)``: the whole being split is in scope too
+        if node.target in _EQUAL_SPLITS:  # ``x.split(self.expand_chs // 2)``: the whole being split is in scope too
             flat = list(flat) + list(node.args[0].meta.get("split_dims") or [])
         for path in {st[-1], _parent(st[-1])} | ({st[-2]} if len(st) > 1 else set()):
             scopes.setdefault(path, []).extend(flat)
     return scopes, own
-
-
-_SPLITS = frozenset({torch.ops.aten.split.Tensor, torch.ops.aten.chunk.default, torch.ops.aten.unsafe_split.Tensor})
 
 
 def attribute_ties(cg: ChannelGraph, ambiguous: Sequence[Tuple[str, str, object, tuple]]) -> int:

@@ -70,9 +70,9 @@ def _ensemble_cost(ens, member):
     """The ensemble's cost from one member's: every member is built from one plan, so S times its MACs (the
     averaging of S outputs has no MACs in fvcore's convention) and the params of all members, counted."""
     from .count import count_params
+    from .execution import _check_same_structure
 
-    first = [tuple(p.shape) for p in ens.members[0].parameters()]
-    assert all([tuple(p.shape) for p in m.parameters()] == first for m in ens.members), "members differ"
+    _check_same_structure(ens.members, "count one member x S")
     return dataclasses.replace(member, params=count_params(ens), gmacs=member.gmacs * len(ens.members),
                                gmacs_mac_only=member.gmacs_mac_only * len(ens.members))
 
@@ -152,8 +152,8 @@ def _cpu_check(arch, S, kwargs, img_size) -> Dict:
             model = timm.create_model(arch, **kwargs)
             size = img_size if not model.pretrained_cfg.get("fixed_input_size") else None
         except Exception:  # noqa: BLE001 - img_size is accepted but this architecture cannot be built at it
-            model, size = timm.create_model(arch, **kwargs), None
-        if size is not None and not _runs_at(model, size):  # too small for the architecture: its own size
+            model, size = None, None
+        if model is None or (size is not None and not _runs_at(model, size)):  # too small: its own size
             model, size = timm.create_model(arch, **kwargs), None
         ens = split(model, S, img_size=size)
         c, h, w = ens.split_plan.input_size
@@ -172,10 +172,10 @@ def _runs_at(model, size: int) -> bool:
     """Whether ``model`` runs at ``size`` x ``size`` (a meta copy, so no memory and no compute)."""
     import torch
 
-    from .trace import input_shape_for, meta_copy
+    from .trace import MetaRecurrent, input_shape_for, meta_copy
 
     try:
-        with torch.no_grad():
+        with torch.no_grad(), MetaRecurrent():
             meta_copy(model).eval()(torch.empty(input_shape_for(model, size), device="meta"))
         return True
     except Exception:  # noqa: BLE001 - any failure means: not at this size
