@@ -228,4 +228,3 @@ def test_fashion_mnist_real_files():
         assert np.bincount(ds.targets).tolist() == [len(ds) // 10] * 10
     img, label = train[0]
     assert img.mode == "L" and img.size == (28, 28) and 0 <= label <= 9
-

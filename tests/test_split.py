@@ -324,6 +324,33 @@ class _RopeAttention(nn.Module):
         return self.proj(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, -1))
 
 
+class _KwargRopeAttention(nn.Module):
+    """Gets its rotary table as a keyword argument, made once by the model (timm's DINOv3 ``rope=``)."""
+
+    def __init__(self, c, heads):
+        super().__init__()
+        self.num_heads, self.qkv, self.proj = heads, nn.Linear(c, 3 * c), nn.Linear(c, c)
+
+    def forward(self, x, rope=None):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        if rope is not None:
+            q, k = q * rope.cos(), k * rope.cos()
+        return self.proj(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, -1))
+
+
+class _KwargRopeNet(nn.Module):
+    def __init__(self, c=64, heads=4):
+        super().__init__()
+        self.embed = nn.Sequential(nn.Conv2d(3, c, 4, 4), nn.Flatten(2), _Transpose())
+        self.rope, self.attn = _Rotary(c // heads), _KwargRopeAttention(c, heads)
+        self.head = nn.Sequential(_Mean(), nn.Linear(c, 10))
+
+    def forward(self, x):
+        x = self.embed(x)
+        return self.head(self.attn(x, rope=self.rope.get_embed(x.shape[1])))
+
+
 def _tokens(block, c):
     return nn.Sequential(nn.Conv2d(3, c, 4, 4), nn.Flatten(2), _Transpose(), block, _Mean(), nn.Linear(c, 10))
 
@@ -344,16 +371,18 @@ class _Mean(nn.Module):
     pytest.param(lambda: nn.Sequential(nn.Conv2d(3, 128, 1), _HeadsSharingOneWidth(), nn.AdaptiveAvgPool2d(1),
                                        nn.Flatten(), nn.Linear(128, 10)), id="one-width-for-all-heads"),
     pytest.param(lambda: _tokens(_RopeAttention(64), 64), id="rotary-dim-and-buffer"),
+    pytest.param(_KwargRopeNet, id="rotary-table-as-keyword"),
 ])
 def test_width_attribute_rules(net):
     """Widths held in attributes the layer types do not name: split-size lists, one attribute shared by the
-    groups of several heads (tied and re-planned), a size kept as a multiple of a buffer's width."""
+    groups of several heads (tied and re-planned), a size kept as a multiple of a buffer's width, a head count
+    settled by running the module with its keyword arguments."""
     ens = timm_split.split(net(), 4, img_size=16)
     assert ens(torch.randn(2, 3, 16, 16)).shape == (2, 10)
     p = ens.split_plan
     assert abs(p.params_ratio - 1) < 0.1 and abs(p.macs_ratio - 1) < 0.15, (p.params_ratio, p.macs_ratio)
     changed = {(path.rsplit(".", 1)[-1], attr) for path, attr, old, new in p.attributes if new != old}
-    assert changed & {("1", "splits"), ("1", "val_dim"), ("rope", "dim")}, changed
+    assert changed & {("1", "splits"), ("1", "val_dim"), ("rope", "dim"), ("attn", "num_heads")}, changed
 
 
 @pytest.mark.parametrize("kind, kwargs", [
@@ -408,7 +437,7 @@ def test_ambiguous_attributes_varied_only_where_read():
 
     mod = Reads()
     entries = [("width", 8, (2, 4, 8)), ("unused", 8, (4, 6, 8))]
-    fit = _settle(mod, entries, [torch.empty(2, 32, device="meta")], [(2, 8, 4)], max_tries=64)
+    fit = _settle(mod, entries, [torch.empty(2, 32, device="meta")], {}, [(2, 8, 4)], max_tries=64)
     assert fit == (8, 4) and mod.calls == 3
     assert type(mod) is Reads
-    assert _settle(mod, entries, [torch.empty(2, 32, device="meta")], [(2, 3, 4)], max_tries=64) is None
+    assert _settle(mod, entries, [torch.empty(2, 32, device="meta")], {}, [(2, 3, 4)], max_tries=64) is None

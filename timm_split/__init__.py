@@ -1,5 +1,5 @@
 """timm_split: divide any timm model into S thinner, co-trained copies of itself (SplitNet)."""
-from . import splitnet  # registers splitnet_<arch> with timm
+from . import splitnet  # noqa: F401 - registers splitnet_<arch> with timm
 from .checkpoint import load_checkpoint, save_checkpoint
 from .core import plan_split, split
 from .ensemble import SplitEnsemble

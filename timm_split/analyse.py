@@ -490,7 +490,7 @@ class _Analysis:
         call = self.tr.calls.get(_module_of(node)) if self.couple_inputs else None
         if not call or not isinstance(node.meta.get("val"), torch.Tensor):
             return
-        ins = [a for a in call[0] if isinstance(a, fx.Node) and "split_dims" in a.meta
+        ins = [a for a in (*call[0], *call[2].values()) if isinstance(a, fx.Node) and "split_dims" in a.meta
                and isinstance(a.meta.get("val"), torch.Tensor)]
         if not ins:
             return
@@ -764,7 +764,6 @@ def _r_conv(an, node):
     x, w, b = node.args[:3]
     transposed, groups = node.args[6], node.args[8]
     xd, wd, od = an.dims(x), an.dims(w), node.meta["split_dims"]
-    ws = _shape(w.meta["val"])
     A.unify(xd[0], od[0])
     _spatial(an, x, node, list(xd[2:]), list(od[2:]))
     A.fix_dims(list(wd[2:]), "kernel")

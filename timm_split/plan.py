@@ -64,7 +64,8 @@ class SplitPlan:
         ambiguous: (module path, attribute, old value, candidate new values) where the old width matches
             several channel groups; the rebuild picks the candidate under which the module alone gives
             ``module_io``'s output shapes.
-        module_io: module path -> (planned input args, planned output shapes) for modules in ``ambiguous``.
+        module_io: module path -> (planned input args, planned output shapes, planned keyword args) for
+            modules in ``ambiguous``.
         regularization: (module path, attribute, old value, new value) for dropout / drop-path rates.
         params: (original, ensemble total).
         macs: (original, ensemble total), MAC ops only, from the traced graph at ``input_size``.
@@ -365,10 +366,12 @@ def plan(cg: ChannelGraph, split_factor: int, *, arch: str = "", params_tol: flo
     attrs, ambiguous = width_attributes(cg, sizes)
     io = {}
     for path in {a[0] for a in ambiguous}:
-        args, outs = cg.trace.calls.get(path, ([], []))
+        args, outs, kwargs = cg.trace.calls.get(path, ([], [], {}))
         shape = lambda n: tuple(sizes.dim(d) for d in n.meta["split_dims"])  # noqa: E731
-        io[path] = ([("tensor", shape(a), a.meta["val"].dtype) if isinstance(a, torch.fx.Node) else ("value", a)
-                     for a in args], [shape(o) for o in outs if o is not None])
+        spec = lambda a: (  # noqa: E731
+            ("tensor", shape(a), a.meta["val"].dtype) if isinstance(a, torch.fx.Node) else ("value", a))
+        io[path] = ([spec(a) for a in args], [shape(o) for o in outs if o is not None],
+                    {k: spec(a) for k, a in kwargs.items()})
     return SplitPlan(
         arch=arch, split_factor=S, width_factor=f0, groups=groups, param_shapes=shapes,
         attributes=attrs, ambiguous=ambiguous, module_io=io, regularization=regs,
@@ -446,8 +449,8 @@ def _scopes(cg: ChannelGraph) -> Tuple[Dict[str, List], Dict[str, List]]:
     for name, dims in cg.param_dims.items():
         scopes.setdefault(_parent(name), []).extend(dims)
         own.setdefault(_parent(name), []).extend(dims)
-    for path, (args, _) in cg.trace.calls.items():  # what a module is called with belongs to its scope
-        for a in args:
+    for path, (args, _, kwargs) in cg.trace.calls.items():  # what a module is called with belongs to its scope
+        for a in (*args, *kwargs.values()):
             if isinstance(a, torch.fx.Node) and isinstance(a.meta.get("val"), torch.Tensor):
                 scopes.setdefault(path, []).extend(a.meta.get("split_dims") or [])
     for node in cg.trace.graph.nodes:

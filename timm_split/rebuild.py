@@ -27,6 +27,7 @@ _logger = logging.getLogger(__name__)
 __all__ = ["build_member", "init_member", "inherit_member", "channel_selection", "reference_stats", "check_member",
            "resolve_attributes"]
 
+
 def build_member(template: nn.Module, plan: SplitPlan, device: torch.device, dtype_of: Dict[str, torch.dtype],
                  aliases: Dict[str, str]) -> nn.Module:
     """Copy ``template`` (a meta model) and give it the plan's shapes and attributes, with empty tensors.
@@ -89,12 +90,13 @@ def resolve_attributes(member_meta: nn.Module, plan: SplitPlan, max_tries: int =
     fits: Dict[tuple, tuple] = {}  # identical modules fed identical shapes settle the same way (ViT blocks)
     for path in sorted(by_mod, key=lambda p: -p.count(".") if p else 1):
         mod, entries = mods[path], by_mod[path]
-        args_spec, out_shapes = plan.module_io.get(path, ([], []))
-        key = (_signature(mod), repr(entries), repr(args_spec), repr(out_shapes))
+        args_spec, out_shapes, kwargs_spec = plan.module_io.get(path, ([], [], {}))
+        key = (_signature(mod), repr(entries), repr(args_spec), repr(out_shapes), repr(kwargs_spec))
         fit = fits.get(key)
         if key not in fits:
-            args = [torch.empty(a[1], dtype=a[2], device="meta") if a[0] == "tensor" else a[1] for a in args_spec]
-            fit = _settle(mod, entries, args, [tuple(s) for s in out_shapes], max_tries)
+            make = lambda a: torch.empty(a[1], dtype=a[2], device="meta") if a[0] == "tensor" else a[1]  # noqa: E731
+            args, kwargs = [make(a) for a in args_spec], {k: make(a) for k, a in kwargs_spec.items()}
+            fit = _settle(mod, entries, args, kwargs, [tuple(s) for s in out_shapes], max_tries)
         if fit is None:
             fit = tuple(old for _, old, _ in entries)
             _logger.debug("no candidate fits the attributes of %s; keeping %s", path, fit)
@@ -106,8 +108,9 @@ def resolve_attributes(member_meta: nn.Module, plan: SplitPlan, max_tries: int =
     return dataclasses.replace(plan, attributes=plan.attributes + tuple(chosen), ambiguous=(), module_io={})
 
 
-def _settle(mod: nn.Module, entries: list, args: list, out_shapes: list, max_tries: int) -> Optional[tuple]:
-    """The first combination of candidate values with which ``mod(*args)`` returns ``out_shapes``, or None.
+def _settle(mod: nn.Module, entries: list, args: list, kwargs: dict, out_shapes: list,
+            max_tries: int) -> Optional[tuple]:
+    """The first combination of candidate values with which ``mod(*args, **kwargs)`` gives ``out_shapes``, or None.
 
     Every run records which of the attributes the forward reads; only those are varied (one it never reads
     cannot change its output), and the set grows as other values reach other code. A whole encoder with four
@@ -128,7 +131,7 @@ def _settle(mod: nn.Module, entries: list, args: list, out_shapes: list, max_tri
         mod.__class__ = spying
         try:
             with torch.no_grad(), MetaRecurrent():
-                out = mod(*args)
+                out = mod(*args, **kwargs)
         except Exception:  # noqa: BLE001 - a wrong candidate fails in any way
             return None
         finally:

@@ -41,7 +41,8 @@ class Trace:
         params: qualified parameter/buffer name -> placeholder node.
         aliases: names that share a tensor with an earlier name (tied weights) -> that name.
         input_node: the image input placeholder.
-        calls: module path -> (args, outputs) of its first call: graph nodes for tensors, values otherwise.
+        calls: module path -> (args, outputs, kwargs) of its first call: graph nodes for tensors, values
+            otherwise (keyword arguments: a dict; DINOv3's attention takes its rope table as ``rope=``).
         buffers: names in ``params`` that are buffers, not parameters.
     """
 
@@ -50,7 +51,7 @@ class Trace:
     params: Dict[str, fx.Node]
     aliases: Dict[str, str] = field(default_factory=dict)
     input_node: Optional[fx.Node] = None
-    calls: Dict[str, Tuple[list, list]] = field(default_factory=dict)
+    calls: Dict[str, Tuple[list, list, dict]] = field(default_factory=dict)
     buffers: frozenset = frozenset()
 
 
@@ -195,23 +196,24 @@ def trace(model: nn.Module, input_shape: Tuple[int, ...]) -> Trace:
 
     names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
     stack: List[str] = []
-    calls: Dict[str, Tuple[list, list]] = {}
+    calls: Dict[str, Tuple[list, list, dict]] = {}
     pending: List[list] = []
 
     def pre(mod, args):
         stack.append(names.get(id(mod), "?"))
         pending.append([env.get(id(a), None) if isinstance(a, torch.Tensor) else a for a in args])
 
-    def post(mod, args, out):
+    def post(mod, args, kwargs, out):  # global pre-hooks get no kwargs: those are read here
         if stack:
             path = stack.pop()
             in_args = pending.pop()
             if path not in calls:
                 flat_out, _ = tree_flatten(out)
-                calls[path] = (in_args, [env.get(id(o)) for o in flat_out if isinstance(o, torch.Tensor)])
+                in_kwargs = {k: env.get(id(v)) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+                calls[path] = (in_args, [env.get(id(o)) for o in flat_out if isinstance(o, torch.Tensor)], in_kwargs)
 
     h1 = nn.modules.module.register_module_forward_pre_hook(pre)
-    h2 = nn.modules.module.register_module_forward_hook(post)
+    h2 = nn.modules.module.register_module_forward_hook(post, with_kwargs=True)
     model.eval()
     try:
         with torch.no_grad(), _Recorder(graph, env, keep, stack):
