@@ -3,6 +3,7 @@ import math
 
 import pytest
 import timm
+from timm.layers import EvoNorm2dS0a
 import torch
 from torch import nn
 
@@ -372,17 +373,23 @@ class _Mean(nn.Module):
                                        nn.Flatten(), nn.Linear(128, 10)), id="one-width-for-all-heads"),
     pytest.param(lambda: _tokens(_RopeAttention(64), 64), id="rotary-dim-and-buffer"),
     pytest.param(_KwargRopeNet, id="rotary-table-as-keyword"),
+    pytest.param(lambda: nn.Sequential(  # EvoNorm's group std: x.var(keepdim=True) expanded back to x.shape
+        nn.Conv2d(3, 128, 3, padding=1), EvoNorm2dS0a(128, group_size=16),
+        nn.Conv2d(128, 256, 3, padding=1, groups=8), EvoNorm2dS0a(256, group_size=16),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(256, 10)), id="group-statistic-expanded-back"),
 ])
 def test_width_attribute_rules(net):
     """Widths held in attributes the layer types do not name: split-size lists, one attribute shared by the
     groups of several heads (tied and re-planned), a size kept as a multiple of a buffer's width, a head count
-    settled by running the module with its keyword arguments."""
+    settled by running the module with its keyword arguments, a group count of a norm whose statistic is
+    broadcast back over the channels it reduced."""
     ens = timm_split.split(net(), 4, img_size=16)
     assert ens(torch.randn(2, 3, 16, 16)).shape == (2, 10)
     p = ens.split_plan
     assert abs(p.params_ratio - 1) < 0.1 and abs(p.macs_ratio - 1) < 0.15, (p.params_ratio, p.macs_ratio)
     changed = {(path.rsplit(".", 1)[-1], attr) for path, attr, old, new in p.attributes if new != old}
-    assert changed & {("1", "splits"), ("1", "val_dim"), ("rope", "dim"), ("attn", "num_heads")}, changed
+    rules = {("1", "splits"), ("1", "val_dim"), ("rope", "dim"), ("attn", "num_heads"), ("3", "groups")}
+    assert changed & rules, changed
 
 
 @pytest.mark.parametrize("kind, kwargs", [

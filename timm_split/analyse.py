@@ -584,11 +584,37 @@ def _r_expand(an, node):
     for k in range(off):
         an.A.fix_dims([od[k]], "expand")
     for k, s in enumerate(sh):
+        back = _reduced_from(src, k) if s != out_shape[off + k] else None
         if s == out_shape[off + k]:
             an.A.unify(an.dims(src)[k], od[off + k])
+        elif back is not None and _shape(back.meta["val"])[k] == out_shape[off + k]:
+            an.A.unify(an.dims(back)[k], od[off + k])  # a statistic broadcast back over what it reduced
         else:
             an.A.fix_dims([od[off + k]], "expand")
     an.couple_to_module_inputs(node)
+
+
+_KEEPDIM_REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default, aten.var.correction,
+                       aten.std.correction, aten.linalg_vector_norm.default}
+
+
+def _reduced_from(node: fx.Node, k: int) -> Optional[fx.Node]:
+    """The tensor whose dim ``k`` a keepdim reduction took to size 1, looking back through ops of one tensor input
+    and unchanged shape (``x.var(dim=(2, 3, 4), keepdim=True).add(eps).sqrt()``: EvoNorm's group std, which is
+    then expanded to ``x.shape``), or None."""
+    shape = _shape(node.meta.get("val"))
+    while node.op == "call_function":
+        ins = [a for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
+        if node.target in _KEEPDIM_REDUCTIONS:
+            src = node.args[0]
+            dims = _arg(node, 2 if node.target is aten.linalg_vector_norm.default else 1, "dim")
+            dims = [dims] if isinstance(dims, int) else list(dims or ())
+            nd = len(_shape(src.meta["val"]))
+            return src if len(_shape(src.meta["val"])) == len(shape) and k in [d % nd for d in dims] else None
+        if len(ins) != 1 or _shape(ins[0].meta["val"]) != shape:
+            return None
+        node = ins[0]
+    return None
 
 
 @_rule(aten.repeat.default)
