@@ -126,6 +126,17 @@ def test_init_follows_family():
     assert 0.015 < std < 0.025, std
 
 
+@pytest.mark.timeout(120)
+def test_planner_moves_three_families_where_two_are_not_enough():
+    """gMixer at S=4: token-mixing weights do not shrink with the width, and parity needs the embedding, the
+    token MLP and the channel MLP to move three different ways (two-family moves stopped at params 1.020,
+    MACs 0.912)."""
+    with torch.device("meta"):
+        model = timm.create_model("gmixer_12_224", num_classes=1000)
+    plan = timm_split.plan_split(model, 4)
+    assert abs(plan.params_ratio - 1) <= 0.02 and abs(plan.macs_ratio - 1) <= 0.04, plan
+
+
 def test_plan_is_printable_and_consistent():
     model = timm.create_model("resnet50", num_classes=100)
     ens = timm_split.split(model, 4)
