@@ -486,11 +486,13 @@ class _Analysis:
         (``B, N, C = x.shape; ... .reshape(B, N, C)``), a coupling the graph cannot show. Where an output dim
         equals an input dim of the module that runs the op, unify them: unifying equal sizes is always
         consistent, so this can only remove freedom, never break a member. It is off on the first try:
-        equal sizes are often a coincidence (ViT's attn_dim == embed_dim), and coupling them costs freedom."""
+        equal sizes are often a coincidence (ViT's attn_dim == embed_dim), and coupling them costs freedom.
+        Positional inputs only: a keyword argument is a side table (EVA-02's ``rope=``, whose sizes equal
+        head_dim by construction), and coupling to it fixed EVA-02-tiny's widths at S=4."""
         call = self.tr.calls.get(_module_of(node)) if self.couple_inputs else None
         if not call or not isinstance(node.meta.get("val"), torch.Tensor):
             return
-        ins = [a for a in (*call[0], *call[2].values()) if isinstance(a, fx.Node) and "split_dims" in a.meta
+        ins = [a for a in call[0] if isinstance(a, fx.Node) and "split_dims" in a.meta
                and isinstance(a.meta.get("val"), torch.Tensor)]
         if not ins:
             return
