@@ -137,6 +137,18 @@ def test_planner_moves_three_families_where_two_are_not_enough():
     assert abs(plan.params_ratio - 1) <= 0.02 and abs(plan.macs_ratio - 1) <= 0.04, plan
 
 
+@pytest.mark.timeout(120)
+def test_keyword_tables_do_not_couple_widths():
+    """EVA-02 passes its rotary table to each attention as ``rope=``. The module call records it (the attribute
+    settler needs it), but sizes are coupled to positional inputs only: coupling to the table, whose sizes equal
+    head_dim, fixed the widths of eva02_tiny_patch14_336 at S=4 (params 1.571, MACs 2.280)."""
+    with torch.device("meta"):
+        model = timm.create_model("eva02_tiny_patch14_336", num_classes=1000)
+    ens = timm_split.split(model, 4)
+    plan = ens.split_plan
+    assert abs(plan.params_ratio - 1) <= 0.02 and abs(plan.macs_ratio - 1) <= 0.04, plan
+
+
 def test_plan_is_printable_and_consistent():
     model = timm.create_model("resnet50", num_classes=100)
     ens = timm_split.split(model, 4)
