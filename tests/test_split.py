@@ -149,6 +149,17 @@ def test_keyword_tables_do_not_couple_widths():
     assert abs(plan.params_ratio - 1) <= 0.02 and abs(plan.macs_ratio - 1) <= 0.04, plan
 
 
+@pytest.mark.timeout(120)
+def test_attribute_settler_gets_keyword_arguments():
+    """DINOv3's attention gets its rotary table as ``rope=``. Run without it, every head count fits, and the
+    settler kept 12 of 16 heads against a table planned for 16 (the member then failed to run)."""
+    with torch.device("meta"):
+        model = timm.create_model("vit_large_patch16_dinov3", num_classes=1000)
+    plan = timm_split.split(model, 2).split_plan
+    assert ("blocks.0.attn", "num_heads", 16, 12) not in plan.attributes
+    assert abs(plan.params_ratio - 1) <= 0.02 and abs(plan.macs_ratio - 1) <= 0.04, plan
+
+
 def test_plan_is_printable_and_consistent():
     model = timm.create_model("resnet50", num_classes=100)
     ens = timm_split.split(model, 4)
@@ -348,33 +359,6 @@ class _RopeAttention(nn.Module):
         return self.proj(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, -1))
 
 
-class _KwargRopeAttention(nn.Module):
-    """Gets its rotary table as a keyword argument, made once by the model (timm's DINOv3 ``rope=``)."""
-
-    def __init__(self, c, heads):
-        super().__init__()
-        self.num_heads, self.qkv, self.proj = heads, nn.Linear(c, 3 * c), nn.Linear(c, c)
-
-    def forward(self, x, rope=None):
-        B, N, C = x.shape
-        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        if rope is not None:
-            q, k = q * rope.cos(), k * rope.cos()
-        return self.proj(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, -1))
-
-
-class _KwargRopeNet(nn.Module):
-    def __init__(self, c=64, heads=4):
-        super().__init__()
-        self.embed = nn.Sequential(nn.Conv2d(3, c, 4, 4), nn.Flatten(2), _Transpose())
-        self.rope, self.attn = _Rotary(c // heads), _KwargRopeAttention(c, heads)
-        self.head = nn.Sequential(_Mean(), nn.Linear(c, 10))
-
-    def forward(self, x):
-        x = self.embed(x)
-        return self.head(self.attn(x, rope=self.rope.get_embed(x.shape[1])))
-
-
 def _tokens(block, c):
     return nn.Sequential(nn.Conv2d(3, c, 4, 4), nn.Flatten(2), _Transpose(), block, _Mean(), nn.Linear(c, 10))
 
@@ -395,7 +379,6 @@ class _Mean(nn.Module):
     pytest.param(lambda: nn.Sequential(nn.Conv2d(3, 128, 1), _HeadsSharingOneWidth(), nn.AdaptiveAvgPool2d(1),
                                        nn.Flatten(), nn.Linear(128, 10)), id="one-width-for-all-heads"),
     pytest.param(lambda: _tokens(_RopeAttention(64), 64), id="rotary-dim-and-buffer"),
-    pytest.param(_KwargRopeNet, id="rotary-table-as-keyword"),
     pytest.param(lambda: nn.Sequential(  # EvoNorm's group std: x.var(keepdim=True) expanded back to x.shape
         nn.Conv2d(3, 128, 3, padding=1), EvoNorm2dS0a(128, group_size=16),
         nn.Conv2d(128, 256, 3, padding=1, groups=8), EvoNorm2dS0a(256, group_size=16),
@@ -403,15 +386,14 @@ class _Mean(nn.Module):
 ])
 def test_width_attribute_rules(net):
     """Widths held in attributes the layer types do not name: split-size lists, one attribute shared by the
-    groups of several heads (tied and re-planned), a size kept as a multiple of a buffer's width, a head count
-    settled by running the module with its keyword arguments, a group count of a norm whose statistic is
-    broadcast back over the channels it reduced."""
+    groups of several heads (tied and re-planned), a size kept as a multiple of a buffer's width, a group count
+    of a norm whose statistic is broadcast back over the channels it reduced."""
     ens = timm_split.split(net(), 4, img_size=16)
     assert ens(torch.randn(2, 3, 16, 16)).shape == (2, 10)
     p = ens.split_plan
     assert abs(p.params_ratio - 1) < 0.1 and abs(p.macs_ratio - 1) < 0.15, (p.params_ratio, p.macs_ratio)
     changed = {(path.rsplit(".", 1)[-1], attr) for path, attr, old, new in p.attributes if new != old}
-    rules = {("1", "splits"), ("1", "val_dim"), ("rope", "dim"), ("attn", "num_heads"), ("3", "groups")}
+    rules = {("1", "splits"), ("1", "val_dim"), ("rope", "dim"), ("3", "groups")}
     assert changed & rules, changed
 
 
