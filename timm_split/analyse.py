@@ -586,10 +586,11 @@ def _r_expand(an, node):
     for k in range(off):
         an.A.fix_dims([od[k]], "expand")
     for k, s in enumerate(sh):
-        back = _reduced_from(src, k) if s != out_shape[off + k] else None
-        if s == out_shape[off + k]:
+        n = out_shape[off + k]
+        back = None if s == n else _reduced_from(src, k)
+        if s == n:
             an.A.unify(an.dims(src)[k], od[off + k])
-        elif back is not None and _shape(back.meta["val"])[k] == out_shape[off + k]:
+        elif back is not None and _shape(back.meta["val"])[k] == n:
             an.A.unify(an.dims(back)[k], od[off + k])  # a statistic broadcast back over what it reduced
         else:
             an.A.fix_dims([od[off + k]], "expand")

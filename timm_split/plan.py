@@ -303,6 +303,9 @@ def plan(cg: ChannelGraph, split_factor: int, *, arch: str = "", params_tol: flo
             x, best = cand
         return x, best
 
+    def snap(y: np.ndarray, div: np.ndarray) -> np.ndarray:  # to the nearest multiple of each divisor, >= 1 of it
+        return np.maximum(np.round(y / div), 1.0) * div
+
     def pairs(x: np.ndarray, best, div: np.ndarray):
         # Two families of groups at once (a family: the groups of one old width, e.g. every block's MLP hidden
         # width) on a grid of factors. Where attention's N^2 x width MACs grow with a width that params also
@@ -314,33 +317,32 @@ def plan(cg: ChannelGraph, split_factor: int, *, arch: str = "", params_tol: flo
             x0 = x
             for fa, fb in itertools.product(grid, grid):
                 y = x0.copy()
-                y[a] = np.maximum(np.round(x0[a] * fa / div[a]), 1.0) * div[a]
-                y[b] = np.maximum(np.round(x0[b] * fb / div[b]), 1.0) * div[b]
+                y[a] = snap(x0[a] * fa, div[a])
+                y[b] = snap(x0[b] * fb, div[b])
                 sc = score(np.minimum(y, top))
                 if sc[0] < best[0] - 1e-9:
                     x, best = np.minimum(y, top), sc
         # three families where two are not enough (gMixer: the embedding up, the token MLP at 1/2, the channel MLP
         # at 1/5, where token-mixing weights do not shrink with the width), from the uniform shrink: the best
         # point so far can sit where no family move leads out
-        uniform = np.maximum(np.round(old * f0 / div), 1.0) * div
+        uniform = snap(old * f0, div)
         for trio in itertools.combinations(fams[:4], 3) if not inside(best, 1.0) else ():
             for fs in itertools.product(_TRIO_GRID, _TRIO_GRID, _TRIO_GRID):
                 y = uniform.copy()
                 for fam, fa in zip(trio, fs):
-                    y[fam] = np.maximum(np.round(uniform[fam] * fa / div[fam]), 1.0) * div[fam]
+                    y[fam] = snap(uniform[fam] * fa, div[fam])
                 sc = score(np.minimum(y, top))
                 if sc[0] < best[0] - 1e-9:
                     x, best = np.minimum(y, top), sc
         return x, best
 
     def calibrate(div: np.ndarray):
-        snap = lambda y: np.maximum(np.round(y / div), 1.0) * div  # noqa: E731
-        x = snap(old * f0)
+        x = snap(old * f0, div)
         best = score(x)
         if S == 1 or not len(variables):
             return x, best
         for f in f0 * np.exp(np.linspace(-0.25, 0.25, 51)):  # one global factor
-            y = snap(old * f)
+            y = snap(old * f, div)
             sc = score(y)
             if sc[0] < best[0]:
                 x, best = y, sc
