@@ -281,9 +281,24 @@ class _DataDependent(nn.Module):
         return y.mean((2, 3))
 
 
+def _global_module_hooks():
+    mod = torch.nn.modules.module
+    return {k: dict(v) for k, v in vars(mod).items() if k.startswith("_global_") and isinstance(v, dict)}
+
+
 def test_untraceable_model_raises_split_error():
+    before = _global_module_hooks()
     with pytest.raises(SplitError, match="meta device in module ''.*item"):
         timm_split.split(_DataDependent(), 2, img_size=8)
+    assert _global_module_hooks() == before
+
+
+def test_split_leaves_no_global_hooks():
+    """The tracer's global module hooks are gone afterwards, with_kwargs flag included (torch's handle leaves
+    that entry behind, and torch.compile then warns about global hooks for the rest of the process)."""
+    before = _global_module_hooks()
+    timm_split.split(timm.create_model("resnet18", pretrained=False), 2, img_size=32)
+    assert _global_module_hooks() == before
 
 
 def test_headless_model_concatenates_features():

@@ -597,8 +597,12 @@ def _r_expand(an, node):
     an.couple_to_module_inputs(node)
 
 
-_KEEPDIM_REDUCTIONS = {aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default, aten.var.correction,
-                       aten.std.correction, aten.linalg_vector_norm.default}
+# reductions over a ``dim`` argument: op -> position of ``dim`` (``keepdim`` follows it)
+_REDUCTIONS = {**dict.fromkeys([
+    aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default, aten.var.correction,
+    aten.std.correction, aten.var_mean.correction, aten.logsumexp.default, aten.max.dim, aten.min.dim,
+    aten.argmax.default, aten.argmin.default, aten.prod.dim_int, aten.any.dim, aten.all.dim], 1),
+    aten.linalg_vector_norm.default: 2}
 
 
 def _reduced_from(node: fx.Node, k: int) -> Optional[fx.Node]:
@@ -608,9 +612,9 @@ def _reduced_from(node: fx.Node, k: int) -> Optional[fx.Node]:
     shape = _shape(node.meta.get("val"))
     while node.op == "call_function":
         ins = [a for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
-        if node.target in _KEEPDIM_REDUCTIONS:
+        if node.target in _REDUCTIONS:
             src = node.args[0]
-            dims = _arg(node, 2 if node.target is aten.linalg_vector_norm.default else 1, "dim")
+            dims = _arg(node, _REDUCTIONS[node.target], "dim")
             dims = [dims] if isinstance(dims, int) else list(dims or ())
             nd = len(_shape(src.meta["val"]))
             return src if len(_shape(src.meta["val"])) == len(shape) and k in [d % nd for d in dims] else None
@@ -899,16 +903,10 @@ def _arg(node, i, name, default=None):
     return node.kwargs.get(name, default)
 
 
-@_rule(aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default, aten.var.correction,
-       aten.std.correction, aten.var_mean.correction, aten.logsumexp.default, aten.max.dim, aten.min.dim,
-       aten.argmax.default, aten.argmin.default, aten.prod.dim_int, aten.any.dim, aten.all.dim)
+@_rule(*_REDUCTIONS)
 def _r_reduce(an, node):
-    _reduce(an, node, _arg(node, 1, "dim"), bool(_arg(node, 2, "keepdim", False)))
-
-
-@_rule(aten.linalg_vector_norm.default)
-def _r_vnorm(an, node):
-    _reduce(an, node, _arg(node, 2, "dim"), bool(_arg(node, 3, "keepdim", False)))
+    i = _REDUCTIONS[node.target]
+    _reduce(an, node, _arg(node, i, "dim"), bool(_arg(node, i + 1, "keepdim", False)))
 
 
 @_rule(aten.mean.default, aten.sum.default, aten.max.default, aten.min.default)

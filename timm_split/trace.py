@@ -228,6 +228,9 @@ def trace(model: nn.Module, input_shape: Tuple[int, ...]) -> Trace:
     finally:
         h1.remove()
         h2.remove()
+        # torch's handle does not remove its with_kwargs flag; a left-over entry makes torch.compile warn
+        # about global hooks for the rest of the process
+        nn.modules.module._global_forward_hooks_with_kwargs.pop(h2.id, None)
     flat, _ = tree_flatten(out)
     outs = [env[id(o)] for o in flat if isinstance(o, torch.Tensor) and id(o) in env]
     graph.output(outs[0] if len(outs) == 1 else tuple(outs))
