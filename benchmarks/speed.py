@@ -138,7 +138,7 @@ def _busy_members(fn: Callable[[], None], ens, workers: int) -> Callable[[], flo
 
 def run_cell(model_name: str, split: int, mode: str, batch: int, img: int, strategies: List[str], warmup: int,
              repeats: int, devices: bool = False, profile: bool = False, channels_last: bool = False,
-             device: str = "cpu") -> List[dict]:
+             device: str = "cpu", compiled_original: bool = False) -> List[dict]:
     """Time the original and each strategy in one (model, S, mode, batch) cell; one record per strategy."""
     torch.manual_seed(0)
     kwargs = {"img_size": img} if "vit" in model_name else {}
@@ -175,6 +175,10 @@ def run_cell(model_name: str, split: int, mode: str, batch: int, img: int, strat
     for s, e in ensembles.items():
         fns[s] = _step_fn(e, views, y, train, True)
         contexts.setdefault(s, contextlib.nullcontext)
+    if compiled_original:  # the fair reference for 'compile': the original compiled the same way
+        ensembles["original+compile"] = torch.compile(model)
+        fns["original+compile"] = _step_fn(ensembles["original+compile"], x, y, train, False)
+        contexts["original+compile"] = contextlib.nullcontext
     if devices:
         fns["original"] = _busy_original(fns["original"])
         fns["threads"] = _busy_members(fns["threads"], ensembles["threads"], min(split, ncores))
@@ -240,6 +244,8 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
+    ap.add_argument("--compiled-original", action="store_true",
+                    help="also time torch.compile(original), the reference to read the 'compile' strategy against")
     ap.add_argument("--profile", action="store_true", help="print the top ops of each strategy (torch.profiler)")
     ap.add_argument("--json", default=None, help="write the records to this file")
     args = ap.parse_args(argv)
@@ -257,7 +263,8 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
                     img = args.img_size or (224 if batch == 1 or args.device != "cpu" else 128 if mode == "infer"
                                             else 96)
                     for r in run_cell(model_name, split, mode, batch, img, args.strategy, args.warmup,
-                                      args.repeats, args.devices, args.profile, args.channels_last, args.device):
+                                      args.repeats, args.devices, args.profile, args.channels_last, args.device,
+                                      args.compiled_original):
                         records.append(r)
                         extra = f"  (chose {', '.join(r['chose'])})" if "chose" in r else ""
                         extra += f"  busy ratio {r['busy_ratio']:.3f}" if "busy_ratio" in r else ""

@@ -3,6 +3,7 @@ import copy
 import logging
 import os
 import pickle
+import threading
 
 import pytest
 import timm
@@ -216,8 +217,51 @@ def test_threads_propagate_grad_mode(resnet):
     assert ens(x).requires_grad
 
 
+def _backward_threads(ens, views, **kwargs):
+    """The names of the threads that ran each member's first conv backward, and the params' grads."""
+    names = set()
+    hooks = [m.conv1.register_full_backward_hook(lambda *a: names.add(threading.current_thread().name))
+             for m in ens.members]
+    try:
+        ens.zero_grad(set_to_none=True)
+        ens.forward_members(views).square().sum().backward(**kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return names, [p.grad.clone() for p in ens.parameters()]
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_threads_backward_on_the_workers(resnet, parallel):
+    """CPU backward runs on the worker threads (parallel_backward) and gives the loop's gradients, also to
+    torch.autograd.grad and to the views."""
+    views = _data()[0].requires_grad_()
+    ref = copy.deepcopy(resnet).train()
+    ens = copy.deepcopy(resnet).train().set_execution("threads", workers=2, parallel_backward=parallel)
+    names, grads = _backward_threads(ens, views)
+    _, want = _backward_threads(ref, views)
+    assert names and all(n.startswith("timm_split") == parallel for n in names), names
+    for g, w in zip(grads, want):
+        _close(g, w, "grad")
+    out = ens.forward_members(views)
+    g_view, g_param = torch.autograd.grad(out[1].sum(), [views, next(ens.members[1].parameters())])
+    r_view, r_param = torch.autograd.grad(ref.forward_members(views)[1].sum(),
+                                          [views, next(ref.members[1].parameters())])
+    _close(g_view, r_view, "view grad")
+    _close(g_param, r_param, "param grad")
+
+
+def test_threads_backward_twice_names_the_fix(resnet):
+    ens = copy.deepcopy(resnet).train().set_execution("threads", workers=2)
+    loss = ens.forward_members(_data()[0]).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward twice.*set_execution\\('loop'\\)"):
+        loss.backward()
+
+
 @pytest.mark.parametrize("strategy,options,match", [
     ("fast", {}, "execution must be one of"),
+    ("threads", {"parallel_backward": 1}, "parallel_backward must be"),
     ("threads", {"workers": 0}, "workers must be an int"),
     ("threads", {"cores": [[]]}, "cores must be"),
     ("threads", {"speed": 1}, "bad option for execution 'threads'"),

@@ -175,19 +175,29 @@ class ThreadsExecution(Execution):
     calling thread's count is divided among the workers (2 cores, S=2: one thread per member). With ``cores``
     each worker is pinned (``os.sched_setaffinity`` of the worker thread) to its own cores and runs one intra-op
     thread per core: the "one device per member" set-up on a CPU. On CUDA each member runs on its own stream.
-    Backward runs as autograd runs it (for CPU members, on the thread that calls ``backward``).
+
+    Backward: autograd runs CPU work on the thread that calls ``backward``, so for CPU members that need a
+    graph the call is wrapped in one autograd node whose backward runs each worker's members' own graphs
+    (``torch.autograd.grad``) on that worker, concurrently, and hands the gradients back to the outer graph:
+    ``.grad``, ``torch.autograd.grad`` and parameter hooks see what the loop gives. The members' graphs are
+    freed by that backward, so a second backward through the same call (``retain_graph``) or a double
+    backward (``create_graph``) raises; use ``'loop'`` for those. ``parallel_backward=False`` leaves backward
+    to autograd (on one thread). On CUDA autograd already runs each device's backward on its own thread.
 
     Args:
         workers: number of worker threads; default ``min(S, intra-op threads)`` (``len(cores)`` with cores).
         threads_per_worker: intra-op threads per worker; default intra-op threads // workers (at least 1).
         cores: per worker, the CPU ids to pin it to, e.g. ``[[0], [1]]``.
+        parallel_backward: run CPU members' backward on the workers too (see above).
     """
 
     name = "threads"
     _transient = ("_pool", "_streams")
 
     def __init__(self, workers: Optional[int] = None, threads_per_worker: Optional[int] = None,
-                 cores: Optional[Sequence[Sequence[int]]] = None):
+                 cores: Optional[Sequence[Sequence[int]]] = None, parallel_backward: bool = True):
+        if not isinstance(parallel_backward, bool):
+            raise ValueError(f"parallel_backward must be True or False, got {parallel_backward!r}")
         for arg, val in (("workers", workers), ("threads_per_worker", threads_per_worker)):
             if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 1):
                 raise ValueError(f"{arg} must be an int >= 1 or None (automatic), got {val!r}")
@@ -202,6 +212,7 @@ class ThreadsExecution(Execution):
         self.workers = workers
         self.threads_per_worker = threads_per_worker
         self.cores = cores
+        self.parallel_backward = parallel_backward
         self._pool: Optional[ThreadPoolExecutor] = None
         self._streams: Optional[Dict[int, Any]] = None
 
@@ -223,12 +234,15 @@ class ThreadsExecution(Execution):
             threads = [max(1, total // n)] * n
         return n, threads
 
-    def _worker(self, w: int, threads: int, jobs: List[Tuple[int, nn.Module, torch.Tensor]], state: _ThreadState,
-                main_streams: Dict[torch.device, Any]) -> List[Tuple[int, torch.Tensor]]:
+    def _enter_worker(self, w: int, threads: int) -> None:
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
         if self.cores:
             os.sched_setaffinity(0, self.cores[w])
+
+    def _worker(self, w: int, threads: int, jobs: List[Tuple[int, nn.Module, torch.Tensor]], state: _ThreadState,
+                main_streams: Dict[torch.device, Any]) -> List[Tuple[int, torch.Tensor]]:
+        self._enter_worker(w, threads)
         outs = []
         with state.enter():
             for i, m, v in jobs:
@@ -247,14 +261,21 @@ class ThreadsExecution(Execution):
                     outs.append((i, m(x)))
         return outs
 
-    def run(self, members: Members, views: List[torch.Tensor]) -> torch.Tensor:
-        devices = [_device(m) for m in members]
-        cuda_devs = {d for d in devices if d.type == "cuda"}
-        n, threads = self._layout(len(members), bool(cuda_devs))
+    def _pool_for(self, n: int) -> ThreadPoolExecutor:
         if self._pool is None or self._pool._max_workers != n:
             self.reset()
             self._pool = ThreadPoolExecutor(n, thread_name_prefix="timm_split")
             self._streams = {}
+        return self._pool
+
+    def run(self, members: Members, views: List[torch.Tensor]) -> torch.Tensor:
+        devices = [_device(m) for m in members]
+        cuda_devs = {d for d in devices if d.type == "cuda"}
+        n, threads = self._layout(len(members), bool(cuda_devs))
+        if self.parallel_backward and n > 1 and not cuda_devs and _needs_graph(members):
+            params = [p for m in members for p in m.parameters() if p.requires_grad]
+            return _ThreadedBackward.apply(self, members, n, threads, len(views), *views, *params)
+        self._pool_for(n)
         dev0 = devices[0]
         main_streams = {d: torch.cuda.current_stream(d) for d in cuda_devs}
         state, calling_threads = _ThreadState(), torch.get_num_threads()
@@ -273,6 +294,74 @@ class ThreadsExecution(Execution):
                 main.wait_stream(stream)
                 done[i].record_stream(main)
         return torch.stack([done[i].to(dev0) for i in range(len(members))])
+
+
+class _ThreadedBackward(torch.autograd.Function):
+    """CPU members forward and backward on the workers: one node in the caller's graph whose inputs are the views
+    and every trainable parameter. Forward builds each member's own graph on its worker; backward runs
+    ``torch.autograd.grad`` of those graphs on the same workers, concurrently (autograd releases the GIL), and
+    returns the gradients for the views and parameters, which autograd then accumulates as usual."""
+
+    @staticmethod
+    def forward(ctx, ex: ThreadsExecution, members: Members, n: int, threads: List[int], num_views: int,
+                *tensors: torch.Tensor) -> torch.Tensor:
+        views, state = tensors[:num_views], _ThreadState()
+        state.grad = True  # Function.forward runs under no_grad; the members' own graphs are wanted
+        pool, calling_threads = ex._pool_for(n), torch.get_num_threads()
+        jobs: List[List[int]] = [list(range(w, len(members), n)) for w in range(n)]
+
+        def forward_worker(w: int) -> List[Tuple[int, torch.Tensor, torch.Tensor]]:
+            ex._enter_worker(w, threads[w])
+            with state.enter():
+                out = []
+                for i in jobs[w]:
+                    v = views[i].detach().to(_device(members[i])).requires_grad_(views[i].requires_grad)
+                    out.append((i, v, members[i](v)))
+                return out
+
+        try:
+            done = {i: (v, y) for f in [pool.submit(forward_worker, w) for w in range(n)] for i, v, y in f.result()}
+        finally:
+            torch.set_num_threads(calling_threads)
+        ctx.graphs = (ex, members, n, threads, jobs, done, len(tensors) - num_views)
+        return torch.stack([done[i][1].detach() for i in range(len(members))])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        if getattr(ctx, "graphs", None) is None:
+            raise RuntimeError("the 'threads' execution frees the members' graphs in backward, so it cannot run "
+                               "backward twice (retain_graph); use set_execution('loop') for that")
+        ex, members, n, threads, jobs, done, num_params = ctx.graphs
+        ctx.graphs = None
+        calling_threads = torch.get_num_threads()
+
+        def backward_worker(w: int) -> Dict[int, Tuple[Optional[torch.Tensor], List[Optional[torch.Tensor]]]]:
+            ex._enter_worker(w, threads[w])
+            mine = [i for i in jobs[w] if done[i][1].requires_grad]
+            ins = [[done[i][0]] * done[i][0].requires_grad + [p for p in members[i].parameters() if p.requires_grad]
+                   for i in mine]
+            flat = torch.autograd.grad([done[i][1] for i in mine], [t for group in ins for t in group],
+                                       [grad[i] for i in mine], allow_unused=True) if mine else []
+            out, k = {}, 0
+            for i, group in zip(mine, ins):
+                g = list(flat[k:k + len(group)])
+                k += len(group)
+                out[i] = (g.pop(0) if done[i][0].requires_grad else None, g)
+            return out
+
+        try:
+            futures = [ex._pool_for(n).submit(backward_worker, w) for w in range(n)]
+            grads = {i: gs for f in futures for i, gs in f.result().items()}
+        finally:
+            torch.set_num_threads(calling_threads)
+        view_grads = [grads[i][0] if i in grads else None for i in range(len(members))]
+        param_grads: List[Optional[torch.Tensor]] = []
+        for i, m in enumerate(members):
+            count = sum(p.requires_grad for p in m.parameters())
+            param_grads += grads[i][1] if i in grads else [None] * count
+        assert len(param_grads) == num_params
+        return (None, None, None, None, None, *view_grads, *param_grads)
 
 
 # ---------------------------------------------------------------------------------------------------- vmap
