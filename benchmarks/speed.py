@@ -39,7 +39,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import timm_split  # noqa: E402
 from timm_split import CoTrainingLoss  # noqa: E402
 
-STRATEGIES = ["loop", "threads", "vmap", "packed", "auto"]
+STRATEGIES = ["loop", "threads", "vmap", "packed", "threads+packed", "auto"]
+VARIANTS = timm_split.execution.AutoExecution.VARIANTS  # 'threads+packed' -> ('threads', {'pack': True})
 
 
 def _quantile(xs: List[float], q: float) -> float:
@@ -167,7 +168,8 @@ def run_cell(model_name: str, split: int, mode: str, batch: int, img: int, strat
         for s in strategies:
             e = timm_split.split(model, split, img_size=img).train(train).to(memory_format=fmt)
             try:
-                e.set_execution(s)
+                name, options = VARIANTS.get(s, (s, {}))
+                e.set_execution(name, **options)
             except ValueError as err:
                 logging.getLogger("speed").info("%s S=%d: %s skipped (%s)", model_name, split, s, str(err)[:80])
                 continue
@@ -216,6 +218,24 @@ def run_cell(model_name: str, split: int, mode: str, batch: int, img: int, strat
     return records
 
 
+def markdown(records: List[dict]) -> str:
+    """The records as one markdown row per cell and a column per strategy (the tables in docs/speed.md)."""
+    strategies = list(dict.fromkeys(r["strategy"] for r in records))
+    cells: Dict[tuple, Dict[str, dict]] = {}
+    for r in records:
+        cells.setdefault((r["model"], r["S"], r["mode"], r["batch"], r["img_size"]), {})[r["strategy"]] = r
+    lines = ["| model | S | mode | batch@px | original ms | " + " | ".join(strategies)
+             + (" | auto chose" if "auto" in strategies else "") + " | load |",
+             "|---" * (6 + len(strategies) + ("auto" in strategies)) + "|"]
+    for (model, split, mode, batch, img), row in cells.items():
+        any_r = next(iter(row.values()))
+        vals = [f"{row[s]['ratio']:.2f} ±{row[s]['spread'] / 2:.2f}" if s in row else "n/a" for s in strategies]
+        chose = [", ".join(row["auto"]["chose"]) if "auto" in row else "n/a"] if "auto" in strategies else []
+        lines.append(f"| {model} | {split} | {mode} | {batch}@{img} | {any_r['original_ms']:.0f} | "
+                     + " | ".join(vals + chose) + f" | {max(r['load'] for r in row.values()):.1f} |")
+    return "\n".join(lines)
+
+
 def _header() -> str:
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     return (f"torch {torch.__version__}, timm {timm.__version__}, {platform.processor() or platform.machine()}, "
@@ -248,7 +268,14 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
                     help="also time torch.compile(original), the reference to read the 'compile' strategy against")
     ap.add_argument("--profile", action="store_true", help="print the top ops of each strategy (torch.profiler)")
     ap.add_argument("--json", default=None, help="write the records to this file")
+    ap.add_argument("--markdown", nargs="*", default=None, metavar="JSON",
+                    help="print the records as a markdown table at the end; given files, only print theirs")
     args = ap.parse_args(argv)
+    if args.markdown:
+        for path in args.markdown:
+            with open(path) as f:
+                print(markdown(json.load(f)["records"]))
+        return []
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -274,6 +301,8 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"header": _header(), "records": records}, f, indent=1)
+    if args.markdown is not None:
+        print(markdown(records))
     return records
 
 

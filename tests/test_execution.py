@@ -4,6 +4,7 @@ import logging
 import os
 import pickle
 import threading
+import time
 
 import pytest
 import timm
@@ -14,8 +15,13 @@ import timm_split
 from timm_split import CoTrainingLoss
 
 CLASSES = 5
-STRATEGIES = ["loop", "threads", "vmap", "packed", "auto"]
-OPTIONS = {"threads": {"workers": 2}}  # two workers even with one intra-op thread
+STRATEGIES = ["loop", "threads", "vmap", "packed", "auto", "threads+packed"]
+# two workers even with one intra-op thread; 'threads+packed' is threads with pack=True, as auto names it
+OPTIONS = {"threads": {"workers": 2}, "threads+packed": {"workers": 2, "pack": True}}
+
+
+def _set(ens, strategy):
+    return ens.set_execution(strategy.split("+")[0], **OPTIONS.get(strategy, {}))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -64,7 +70,7 @@ def _train_steps(ens, views, target, steps=2):
 
 def _rtol(strategy):
     # grouped convolutions sum in another order: after two SGD steps the relative drift is ~2e-4
-    return 1e-3 if strategy in ("packed", "auto") else 1e-4
+    return 1e-3 if "packed" in strategy or strategy == "auto" else 1e-4
 
 
 def _assert_same_state(a, b, rtol=1e-4, atol=1e-6):
@@ -77,8 +83,8 @@ def test_training_matches_loop(resnet, strategy):
     """Train mode, per-member views: outputs, gradients, params after SGD steps and BN running stats."""
     views, target = _data()
     ref = copy.deepcopy(resnet).train()
-    ens = copy.deepcopy(resnet).train().set_execution(strategy, **OPTIONS.get(strategy, {}))
-    assert ens.execution == strategy
+    ens = _set(copy.deepcopy(resnet).train(), strategy)
+    assert ens.execution == strategy.split("+")[0]
     for o, r in zip(_train_steps(ens, views, target), _train_steps(ref, views, target)):
         _close(o, r, "outputs", _rtol(strategy))
     for (name, p), q in zip(ens.named_parameters(), ref.parameters()):
@@ -91,7 +97,7 @@ def test_eval_matches_loop(resnet, strategy):
     """Eval mode, one shared batch, with and without grad; cached stacked/packed tensors follow param updates."""
     x = _data()[0][0]
     ref = copy.deepcopy(resnet).eval()
-    ens = copy.deepcopy(resnet).eval().set_execution(strategy, **OPTIONS.get(strategy, {}))
+    ens = _set(copy.deepcopy(resnet).eval(), strategy)
     with torch.no_grad():
         _close(ens(x), ref(x), "no_grad", _rtol(strategy))
         for a, b in zip(ens.parameters(), ref.parameters()):  # an optimizer step, in place
@@ -116,6 +122,27 @@ def test_packed_efficientnet_blocks():
         _close(o, r, "outputs", 1e-3)
     # atol: a BatchNorm bias feeding the next BatchNorm has a zero gradient up to float noise (~1e-6 here)
     _assert_same_state(packed, ref, 1e-3, 1e-5)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_threads_packed_two_members_per_worker(training):
+    """S=4 on two workers with pack=True: each worker runs a packed pair, forward and backward."""
+    from timm.models.resnet import Bottleneck, ResNet
+    torch.manual_seed(0)
+    model = ResNet(Bottleneck, [1, 1, 1, 1], num_classes=CLASSES, stem_width=16, channels=(8, 16, 32, 64))
+    ref = timm_split.split(model, 4, img_size=32).train(training)
+    ens = copy.deepcopy(ref).set_execution("threads", workers=2, pack=True)
+    views, target = _data(S=4)
+    for o, r in zip(_train_steps(ens, views, target), _train_steps(ref, views, target)):
+        _close(o, r, "outputs", 1e-3)
+    _assert_same_state(ens, ref, 1e-3, 1e-5)
+    assert sorted(ens._execution._packers) == [0, 1]
+
+
+def test_threads_pack_rejects_what_packed_rejects():
+    ens = timm_split.SplitEnsemble([nn.Sequential(nn.Flatten(), nn.LSTM(4, 4))] * 2)
+    with pytest.raises(ValueError, match="'packed' does not support module '1'"):
+        ens.set_execution("threads", pack=True)
 
 
 def test_packed_groupnorm_linear_layernorm():
@@ -170,6 +197,34 @@ def test_auto_caches_per_key_and_logs(resnet, caplog):
     assert len(chosen) == 2, chosen  # once per input shape, not per call
     assert "input [4, 3, 32, 32]" in chosen[0] and "input [2, 3, 32, 32]" in chosen[1]
     assert set(ens._execution.choices.values()) <= {"loop", "threads", "vmap"}
+
+
+class _Sleeper(timm_split.execution.Execution):
+    """A stand-in strategy that takes a known time and counts its calls."""
+
+    def __init__(self, seconds):
+        self.seconds, self.calls = seconds, 0
+
+    def run(self, members, views):
+        self.calls += 1
+        time.sleep(self.seconds)
+        return torch.zeros(len(members), 1)
+
+
+@pytest.mark.parametrize("close", [True, False])
+def test_auto_times_a_close_call_again(resnet, close):
+    """The two best within 10%: they and the loop get the rounds again; a clear winner is not timed further."""
+    auto = timm_split.execution.AutoExecution(candidates=["loop", "threads", "vmap", "packed"], repeats=3)
+    fakes = {"loop": _Sleeper(0.04), "threads": _Sleeper(0.02), "vmap": _Sleeper(0.02 if close else 0.03),
+             "packed": _Sleeper(0.035)}
+    auto._get("loop")
+    auto._executions.update(fakes)
+    with torch.no_grad():
+        chosen = auto.choose(resnet.members, [torch.zeros(1)] * 2)
+    assert chosen in ("threads", "vmap") if close else chosen == "threads"
+    extra = 3 if close else 0
+    assert {n: f.calls for n, f in fakes.items()} == {"loop": 4 + extra, "threads": 4 + extra, "vmap": 4 + extra,
+                                                      "packed": 4}
 
 
 def test_to_devices_cpu_cpu(resnet):

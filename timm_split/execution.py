@@ -189,15 +189,19 @@ class ThreadsExecution(Execution):
         threads_per_worker: intra-op threads per worker; default intra-op threads // workers (at least 1).
         cores: per worker, the CPU ids to pin it to, e.g. ``[[0], [1]]``.
         parallel_backward: run CPU members' backward on the workers too (see above).
+        pack: each worker runs its members as one ``'packed'`` network (CPU members of packable architectures
+            only): fewer, wider ops per worker. ``auto`` tries it as ``'threads+packed'``.
     """
 
     name = "threads"
-    _transient = ("_pool", "_streams")
+    _transient = ("_pool", "_streams", "_packers")
 
     def __init__(self, workers: Optional[int] = None, threads_per_worker: Optional[int] = None,
-                 cores: Optional[Sequence[Sequence[int]]] = None, parallel_backward: bool = True):
-        if not isinstance(parallel_backward, bool):
-            raise ValueError(f"parallel_backward must be True or False, got {parallel_backward!r}")
+                 cores: Optional[Sequence[Sequence[int]]] = None, parallel_backward: bool = True,
+                 pack: bool = False):
+        for arg, val in (("parallel_backward", parallel_backward), ("pack", pack)):
+            if not isinstance(val, bool):
+                raise ValueError(f"{arg} must be True or False, got {val!r}")
         for arg, val in (("workers", workers), ("threads_per_worker", threads_per_worker)):
             if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 1):
                 raise ValueError(f"{arg} must be an int >= 1 or None (automatic), got {val!r}")
@@ -213,8 +217,25 @@ class ThreadsExecution(Execution):
         self.threads_per_worker = threads_per_worker
         self.cores = cores
         self.parallel_backward = parallel_backward
+        self.pack = pack
         self._pool: Optional[ThreadPoolExecutor] = None
         self._streams: Optional[Dict[int, Any]] = None
+        self._packers: Optional[Dict[int, PackedExecution]] = None
+
+    def check(self, members: Members) -> None:
+        if self.pack:
+            if any(_device(m).type != "cpu" for m in members):
+                raise ValueError("threads with pack=True packs CPU members per worker; on CUDA use 'packed' or "
+                                 "'threads'")
+            PackedExecution().check(members)  # names the module that cannot be packed
+
+    def _run_members(self, w: int, members: Members, views: List[torch.Tensor]) -> torch.Tensor:
+        """Worker ``w``'s members on their views, one after another or packed: ``[k, B, ...]``."""
+        if self.pack:
+            if self._packers is None:
+                self._packers = {}
+            return self._packers.setdefault(w, PackedExecution()).run(members, views)
+        return torch.stack([m(v) for m, v in zip(members, views)])
 
     def reset(self) -> None:
         if self._pool is not None:
@@ -245,6 +266,9 @@ class ThreadsExecution(Execution):
         self._enter_worker(w, threads)
         outs = []
         with state.enter():
+            if self.pack:
+                y = self._run_members(w, [m for _, m, _ in jobs], [v for _, _, v in jobs])
+                return [(i, y[j]) for j, (i, _, _) in enumerate(jobs)]
             for i, m, v in jobs:
                 dev = _device(m)
                 if dev.type != "cuda":
@@ -298,7 +322,7 @@ class ThreadsExecution(Execution):
 
 class _ThreadedBackward(torch.autograd.Function):
     """CPU members forward and backward on the workers: one node in the caller's graph whose inputs are the views
-    and every trainable parameter. Forward builds each member's own graph on its worker; backward runs
+    and every trainable parameter. Forward builds each worker's members' own graph on that worker; backward runs
     ``torch.autograd.grad`` of those graphs on the same workers, concurrently (autograd releases the GIL), and
     returns the gradients for the views and parameters, which autograd then accumulates as usual."""
 
@@ -308,23 +332,24 @@ class _ThreadedBackward(torch.autograd.Function):
         views, state = tensors[:num_views], _ThreadState()
         state.grad = True  # Function.forward runs under no_grad; the members' own graphs are wanted
         pool, calling_threads = ex._pool_for(n), torch.get_num_threads()
-        jobs: List[List[int]] = [list(range(w, len(members), n)) for w in range(n)]
 
-        def forward_worker(w: int) -> List[Tuple[int, torch.Tensor, torch.Tensor]]:
+        def forward_worker(w: int) -> Tuple[List[int], Dict[int, torch.Tensor], torch.Tensor]:
             ex._enter_worker(w, threads[w])
+            idx = list(range(w, len(members), n))
+            # one leaf per distinct view (a shared batch stays shared), keyed by the first member slot it fills
+            first = {id(views[i]): i for i in reversed(idx)}
+            leaves = {i: views[i].detach().requires_grad_(views[i].requires_grad) for i in first.values()}
             with state.enter():
-                out = []
-                for i in jobs[w]:
-                    v = views[i].detach().to(_device(members[i])).requires_grad_(views[i].requires_grad)
-                    out.append((i, v, members[i](v)))
-                return out
+                y = ex._run_members(w, [members[i] for i in idx], [leaves[first[id(views[i])]] for i in idx])
+            return idx, leaves, y
 
         try:
-            done = {i: (v, y) for f in [pool.submit(forward_worker, w) for w in range(n)] for i, v, y in f.result()}
+            done = [f.result() for f in [pool.submit(forward_worker, w) for w in range(n)]]
         finally:
             torch.set_num_threads(calling_threads)
-        ctx.graphs = (ex, members, n, threads, jobs, done, len(tensors) - num_views)
-        return torch.stack([done[i][1].detach() for i in range(len(members))])
+        ctx.graphs = (ex, members, threads, done)
+        outs = {i: y[j] for idx, _, y in done for j, i in enumerate(idx)}
+        return torch.stack([outs[i].detach() for i in range(len(members))])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -332,36 +357,30 @@ class _ThreadedBackward(torch.autograd.Function):
         if getattr(ctx, "graphs", None) is None:
             raise RuntimeError("the 'threads' execution frees the members' graphs in backward, so it cannot run "
                                "backward twice (retain_graph); use set_execution('loop') for that")
-        ex, members, n, threads, jobs, done, num_params = ctx.graphs
+        ex, members, threads, done = ctx.graphs
         ctx.graphs = None
         calling_threads = torch.get_num_threads()
+        params = [[p for p in m.parameters() if p.requires_grad] for m in members]
 
-        def backward_worker(w: int) -> Dict[int, Tuple[Optional[torch.Tensor], List[Optional[torch.Tensor]]]]:
+        def backward_worker(w: int) -> Dict[int, Optional[torch.Tensor]]:
             ex._enter_worker(w, threads[w])
-            mine = [i for i in jobs[w] if done[i][1].requires_grad]
-            ins = [[done[i][0]] * done[i][0].requires_grad + [p for p in members[i].parameters() if p.requires_grad]
-                   for i in mine]
-            flat = torch.autograd.grad([done[i][1] for i in mine], [t for group in ins for t in group],
-                                       [grad[i] for i in mine], allow_unused=True) if mine else []
-            out, k = {}, 0
-            for i, group in zip(mine, ins):
-                g = list(flat[k:k + len(group)])
-                k += len(group)
-                out[i] = (g.pop(0) if done[i][0].requires_grad else None, g)
-            return out
+            idx, leaves, y = done[w]
+            if not y.requires_grad:
+                return {}
+            ins = [v for v in leaves.values() if v.requires_grad] + [p for i in idx for p in params[i]]
+            return dict(zip(map(id, ins), torch.autograd.grad([y], ins, [grad[idx]], allow_unused=True)))
 
         try:
-            futures = [ex._pool_for(n).submit(backward_worker, w) for w in range(n)]
-            grads = {i: gs for f in futures for i, gs in f.result().items()}
+            grads: Dict[int, Optional[torch.Tensor]] = {}
+            for f in [ex._pool_for(len(done)).submit(backward_worker, w) for w in range(len(done))]:
+                grads.update(f.result())
         finally:
             torch.set_num_threads(calling_threads)
-        view_grads = [grads[i][0] if i in grads else None for i in range(len(members))]
-        param_grads: List[Optional[torch.Tensor]] = []
-        for i, m in enumerate(members):
-            count = sum(p.requires_grad for p in m.parameters())
-            param_grads += grads[i][1] if i in grads else [None] * count
-        assert len(param_grads) == num_params
-        return (None, None, None, None, None, *view_grads, *param_grads)
+        view_grads: List[Optional[torch.Tensor]] = [None] * len(members)
+        for _, leaves, _ in done:  # a view shared by several members: its summed gradient goes to one slot
+            for i, v in leaves.items():
+                view_grads[i] = grads.get(id(v))
+        return (None, None, None, None, None, *view_grads, *[grads.get(id(p)) for ps in params for p in ps])
 
 
 # ---------------------------------------------------------------------------------------------------- vmap
@@ -705,26 +724,30 @@ class AutoExecution(Execution):
     candidate that cannot run the members (``packed`` on a transformer, ``vmap`` across devices...) is skipped.
 
     Args:
-        candidates: strategies to try; default ``('loop', 'threads', 'vmap', 'packed')`` (``'compile'`` only
-            if named: compiling takes about a minute per model).
+        candidates: strategies to try; default ``('loop', 'threads', 'vmap', 'packed', 'threads+packed')``
+            (the last is ``'threads'`` with ``pack=True``; ``'compile'`` only if named: compiling takes about a
+            minute per model).
         repeats: timed rounds, each running every candidate once (order rotating) after one warm-up call. A
             candidate's score is the median over rounds of its time over the loop's in the same round (paired,
             so drifts in the machine's load cancel); the lowest wins. A candidate more than 1.3x slower than
-            the loop in the first round is not timed again.
+            the loop in the first round is not timed again. If the two best are within 10% of each other, they
+            and the loop get ``repeats`` more rounds, and the scores are taken over all rounds.
         margin: another strategy replaces ``'loop'`` only if it is faster by this fraction (timings on a busy
             machine are noisy; the loop is the safe default).
     """
 
     name = "auto"
     _transient = ("_executions", "choices")
-    DEFAULT = ("loop", "threads", "vmap", "packed")
+    DEFAULT = ("loop", "threads", "vmap", "packed", "threads+packed")
+    VARIANTS = {"threads+packed": ("threads", {"pack": True})}  # candidate name -> strategy and options
     PRUNE = 1.3
+    CLOSE = 0.1
 
     def __init__(self, candidates: Optional[Sequence[str]] = None, repeats: int = 5, margin: float = 0.03) -> None:
         candidates = tuple(candidates or self.DEFAULT)
-        bad = [c for c in candidates if c not in STRATEGIES or c == "auto"]
-        if bad or not candidates:
-            raise ValueError(f"auto candidates must be among {STRATEGIES[1:]}, got {list(candidates)}")
+        known = STRATEGIES[1:] + tuple(self.VARIANTS)
+        if not candidates or any(c not in known for c in candidates):
+            raise ValueError(f"auto candidates must be among {known}, got {list(candidates)}")
         if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
             raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
         if not 0 <= margin < 1:
@@ -737,7 +760,8 @@ class AutoExecution(Execution):
         if self._executions is None:
             self._executions, self.choices = {}, {}
         if name not in self._executions:
-            self._executions[name] = make_execution(name)
+            strategy, options = self.VARIANTS.get(name, (name, {}))
+            self._executions[name] = make_execution(strategy, **options)
         return self._executions[name]
 
     @staticmethod
@@ -766,7 +790,7 @@ class AutoExecution(Execution):
             _sync(dev)
             return time.perf_counter() - t
 
-        runnable, times = [], {}
+        runnable, times, score = [], {}, {}
         with _preserved(members):
             for name in dict.fromkeys(("loop",) + self.candidates):  # the loop is always the reference
                 ex = self._get(name)
@@ -783,9 +807,15 @@ class AutoExecution(Execution):
                     runnable = [n for n in runnable if n == "loop" or times[n][0] <= self.PRUNE * times["loop"][0]]
                 for name in runnable[r % len(runnable):] + runnable[:r % len(runnable)]:
                     times[name].append(trial(self._get(name)))
-        # paired: each candidate against the loop of the same round, which cancels slow drifts of machine load
-        score = {n: statistics.median(t / ref for t, ref in zip(ts, times["loop"])) for n, ts in times.items()
-                 if n in self.candidates and ts}
+            score = self._score(times) if "loop" in times else {}
+            best = sorted(score, key=score.get)[:2]
+            if len(best) == 2 and score[best[1]] < (1 + self.CLOSE) * score[best[0]]:
+                # a close call: the two best (and the loop, the reference) get as many rounds again
+                finalists = list(dict.fromkeys(["loop"] + best))
+                for r in range(self.repeats):
+                    for name in finalists[r % len(finalists):] + finalists[:r % len(finalists)]:
+                        times[name].append(trial(self._get(name)))
+                score = self._score({n: times[n] for n in finalists})
         winner = min(score, key=score.get) if score else "loop"
         if "loop" in score and score[winner] > 1 - self.margin:
             winner = "loop"
@@ -794,6 +824,12 @@ class AutoExecution(Execution):
                      winner, key[0], list(key[1]), "shared" if key[3] else "per-member views", key[4], key[5],
                      1e3 * statistics.median(times.get("loop") or [0]), {n: round(v, 3) for n, v in score.items()})
         return winner
+
+    def _score(self, times: Dict[str, List[float]]) -> Dict[str, float]:
+        """Per candidate, the median over rounds of its time over the loop's in the same round (paired, which
+        cancels slow drifts of the machine's load)."""
+        return {n: statistics.median(t / ref for t, ref in zip(ts, times["loop"])) for n, ts in times.items()
+                if n in self.candidates and ts}
 
     def run(self, members: Members, views: List[torch.Tensor]) -> torch.Tensor:
         return self._get(self.choose(members, views)).run(members, views)
