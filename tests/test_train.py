@@ -168,3 +168,17 @@ def test_no_cot(data_dir, tmp_path, s2_run):
     e, e_cot = log["epochs"][0], s2_run[0]["epochs"][0]
     assert e["cot"] == 0 and e["cot_weight"] == 0 and e["loss"] == e["ce"]
     assert e_cot["cot"] > 0 and e_cot["cot_weight"] > 0
+
+
+def test_execution_threads_trains_as_the_loop(data_dir, tmp_path, s2_run):
+    """--execution threads (forward and backward on worker threads) gives the loop's run, to float tolerance."""
+    log = train(_cfg(data_dir, tmp_path, split=2, execution="threads"), progress=False)
+    e, ref = log["epochs"][0], s2_run[0]["epochs"][0]
+    assert log["config"]["execution"] == "threads"
+    assert e["loss"] == pytest.approx(ref["loss"], rel=1e-4)
+    assert e["test"]["ensemble"]["nll"] == pytest.approx(ref["test"]["ensemble"]["nll"], rel=1e-3)
+
+
+def test_bad_execution_names_the_choices(data_dir, tmp_path):
+    with pytest.raises(ValueError, match="execution must be one of .*'threads'"):
+        train(_cfg(data_dir, tmp_path, split=2, execution="fast"), progress=False)

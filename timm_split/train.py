@@ -92,6 +92,7 @@ class TrainConfig:
     device: Optional[str] = None
     workers: int = 0
     eval_every: int = 1
+    execution: str = "loop"
     model_kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def check(self) -> "TrainConfig":
@@ -100,6 +101,9 @@ class TrainConfig:
         for name, v in positive.items():
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1; got {v!r}.")
+        from .execution import STRATEGIES
+        if self.execution not in STRATEGIES:
+            raise ValueError(f"execution must be one of {STRATEGIES} (see docs/speed.md); got {self.execution!r}.")
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset must be one of {DATASETS}; got {self.dataset!r}.")
         if self.lr <= 0:
@@ -365,7 +369,7 @@ def train(cfg: TrainConfig, model_fn: Optional[Callable[[], nn.Module]] = None, 
     os.makedirs(out, exist_ok=True)
 
     train_loader, test_loader = create_loaders(cfg, device)
-    ens = build_model(cfg, model_fn).to(device)
+    ens = build_model(cfg, model_fn).to(device).set_execution(cfg.execution)
     S = ens.split_factor
     steps_per_epoch = len(train_loader)
     cost = [count(ens.members[0], cfg.img_size, in_chans=1)] * S  # the members share one architecture
@@ -459,6 +463,8 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``timm-split train`` flags (one per :class:`TrainConfig` field, plus ``--threads``)."""
     from timm.utils import ParseKwargs
 
+    from .execution import STRATEGIES
+
     d = TrainConfig()
     a = parser.add_argument
     a("--model", default=d.model, help="timm model name (created with num_classes=10, in_chans=1)")
@@ -491,6 +497,9 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a("--device", default=None, help="default: cuda if available, else cpu")
     a("--workers", type=int, default=d.workers, help="data loader worker processes")
     a("--eval-every", type=int, default=d.eval_every, help="test every N epochs (0: only after the last)")
+    a("--execution", default=d.execution, choices=STRATEGIES,
+      help="how the members run (same results; speed differs, see docs/speed.md): 'threads' runs each member's "
+           "forward and backward on its own worker thread")
     a("--threads", type=int, default=None, help="torch.set_num_threads")
     a("--no-progress", action="store_true", help="no tqdm bar")
     return parser
