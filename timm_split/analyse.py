@@ -617,7 +617,7 @@ def _reduced_from(node: fx.Node, k: int) -> Optional[fx.Node]:
             dims = _arg(node, _REDUCTIONS[node.target], "dim")
             dims = [dims] if isinstance(dims, int) else list(dims or ())
             nd = len(_shape(src.meta["val"]))
-            return src if len(_shape(src.meta["val"])) == len(shape) and k in [d % nd for d in dims] else None
+            return src if nd == len(shape) and k in [d % nd for d in dims] else None
         if len(ins) != 1 or _shape(ins[0].meta["val"]) != shape:
             return None
         node = ins[0]

@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .execution import STRATEGIES, Execution, LoopExecution, make_execution
+from .execution import Execution, LoopExecution, make_execution
 from .plan import SplitPlan
 
 _logger = logging.getLogger(__name__)
@@ -127,8 +127,6 @@ class SplitEnsemble(nn.Module):
             ValueError: unknown strategy or option, or a strategy that cannot run these members (``'packed'``
                 names the first module it cannot pack; ``'vmap'``/``'packed'`` need every member on one device).
         """
-        if strategy not in STRATEGIES:
-            raise ValueError(f"execution must be one of {STRATEGIES}, got {strategy!r}")
         ex = make_execution(strategy, **options)
         ex.check(self.members)
         self._execution.reset()

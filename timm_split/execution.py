@@ -292,6 +292,15 @@ class ThreadsExecution(Execution):
             self._streams = {}
         return self._pool
 
+    def _on_workers(self, n: int, fn: Callable[[int], Any]) -> List[Any]:
+        """``fn(w)`` on each of ``n`` workers concurrently; the results in worker order."""
+        pool, calling_threads = self._pool_for(n), torch.get_num_threads()
+        try:
+            return [f.result() for f in [pool.submit(fn, w) for w in range(n)]]
+        finally:
+            # set_num_threads in a worker also sets the default that new threads start with: restore it
+            torch.set_num_threads(calling_threads)
+
     def run(self, members: Members, views: List[torch.Tensor]) -> torch.Tensor:
         devices = [_device(m) for m in members]
         cuda_devs = {d for d in devices if d.type == "cuda"}
@@ -299,19 +308,14 @@ class ThreadsExecution(Execution):
         if self.parallel_backward and n > 1 and not cuda_devs and _needs_graph(members):
             params = [p for m in members for p in m.parameters() if p.requires_grad]
             return _ThreadedBackward.apply(self, members, n, threads, len(views), *views, *params)
-        self._pool_for(n)
         dev0 = devices[0]
         main_streams = {d: torch.cuda.current_stream(d) for d in cuda_devs}
-        state, calling_threads = _ThreadState(), torch.get_num_threads()
+        state = _ThreadState()
         jobs: List[List[Tuple[int, nn.Module, torch.Tensor]]] = [[] for _ in range(n)]
         for i, (m, v) in enumerate(zip(members, views)):
             jobs[i % n].append((i, m, v))
-        futures = [self._pool.submit(self._worker, w, threads[w], jobs[w], state, main_streams) for w in range(n)]
-        try:
-            done = dict(pair for f in futures for pair in f.result())
-        finally:
-            # set_num_threads in a worker also sets the default that new threads start with: restore it
-            torch.set_num_threads(calling_threads)
+        done = dict(pair for out in self._on_workers(
+            n, lambda w: self._worker(w, threads[w], jobs[w], state, main_streams)) for pair in out)
         for i, stream in (self._streams or {}).items():
             if i in done:
                 main = main_streams[done[i].device]
@@ -331,7 +335,6 @@ class _ThreadedBackward(torch.autograd.Function):
                 *tensors: torch.Tensor) -> torch.Tensor:
         views, state = tensors[:num_views], _ThreadState()
         state.grad = True  # Function.forward runs under no_grad; the members' own graphs are wanted
-        pool, calling_threads = ex._pool_for(n), torch.get_num_threads()
 
         def forward_worker(w: int) -> Tuple[List[int], Dict[int, torch.Tensor], torch.Tensor]:
             ex._enter_worker(w, threads[w])
@@ -343,10 +346,7 @@ class _ThreadedBackward(torch.autograd.Function):
                 y = ex._run_members(w, [members[i] for i in idx], [leaves[first[id(views[i])]] for i in idx])
             return idx, leaves, y
 
-        try:
-            done = [f.result() for f in [pool.submit(forward_worker, w) for w in range(n)]]
-        finally:
-            torch.set_num_threads(calling_threads)
+        done = ex._on_workers(n, forward_worker)
         ctx.graphs = (ex, members, threads, done)
         outs = {i: y[j] for idx, _, y in done for j, i in enumerate(idx)}
         return torch.stack([outs[i].detach() for i in range(len(members))])
@@ -359,7 +359,6 @@ class _ThreadedBackward(torch.autograd.Function):
                                "backward twice (retain_graph); use set_execution('loop') for that")
         ex, members, threads, done = ctx.graphs
         ctx.graphs = None
-        calling_threads = torch.get_num_threads()
         params = [[p for p in m.parameters() if p.requires_grad] for m in members]
 
         def backward_worker(w: int) -> Dict[int, Optional[torch.Tensor]]:
@@ -370,12 +369,9 @@ class _ThreadedBackward(torch.autograd.Function):
             ins = [v for v in leaves.values() if v.requires_grad] + [p for i in idx for p in params[i]]
             return dict(zip(map(id, ins), torch.autograd.grad([y], ins, [grad[idx]], allow_unused=True)))
 
-        try:
-            grads: Dict[int, Optional[torch.Tensor]] = {}
-            for f in [ex._pool_for(len(done)).submit(backward_worker, w) for w in range(len(done))]:
-                grads.update(f.result())
-        finally:
-            torch.set_num_threads(calling_threads)
+        grads: Dict[int, Optional[torch.Tensor]] = {}
+        for worker_grads in ex._on_workers(len(done), backward_worker):
+            grads.update(worker_grads)
         view_grads: List[Optional[torch.Tensor]] = [None] * len(members)
         for _, leaves, _ in done:  # a view shared by several members: its summed gradient goes to one slot
             for i, v in leaves.items():
@@ -790,6 +786,10 @@ class AutoExecution(Execution):
             _sync(dev)
             return time.perf_counter() - t
 
+        def timed_round(names: List[str], r: int) -> None:  # each once, the order rotating with the round
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                times[name].append(trial(self._get(name)))
+
         runnable, times, score = [], {}, {}
         with _preserved(members):
             for name in dict.fromkeys(("loop",) + self.candidates):  # the loop is always the reference
@@ -805,16 +805,14 @@ class AutoExecution(Execution):
             for r in range(self.repeats if "loop" in times else 0):  # no loop: the real call raises the error
                 if r == 1:  # after one timed round, drop the clearly slower (vmap on CPU: 1.5-2.5x)
                     runnable = [n for n in runnable if n == "loop" or times[n][0] <= self.PRUNE * times["loop"][0]]
-                for name in runnable[r % len(runnable):] + runnable[:r % len(runnable)]:
-                    times[name].append(trial(self._get(name)))
+                timed_round(runnable, r)
             score = self._score(times) if "loop" in times else {}
             best = sorted(score, key=score.get)[:2]
             if len(best) == 2 and score[best[1]] < (1 + self.CLOSE) * score[best[0]]:
                 # a close call: the two best (and the loop, the reference) get as many rounds again
                 finalists = list(dict.fromkeys(["loop"] + best))
                 for r in range(self.repeats):
-                    for name in finalists[r % len(finalists):] + finalists[:r % len(finalists)]:
-                        times[name].append(trial(self._get(name)))
+                    timed_round(finalists, r)
                 score = self._score({n: times[n] for n in finalists})
         winner = min(score, key=score.get) if score else "loop"
         if "loop" in score and score[winner] > 1 - self.margin:

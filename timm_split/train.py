@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .execution import STRATEGIES, make_execution
+
 _logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -101,9 +103,7 @@ class TrainConfig:
         for name, v in positive.items():
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1; got {v!r}.")
-        from .execution import STRATEGIES
-        if self.execution not in STRATEGIES:
-            raise ValueError(f"execution must be one of {STRATEGIES} (see docs/speed.md); got {self.execution!r}.")
+        make_execution(self.execution)  # raises the ValueError that names the strategies
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset must be one of {DATASETS}; got {self.dataset!r}.")
         if self.lr <= 0:
@@ -462,8 +462,6 @@ def _write_json(path: str, obj: Any) -> None:
 def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``timm-split train`` flags (one per :class:`TrainConfig` field, plus ``--threads``)."""
     from timm.utils import ParseKwargs
-
-    from .execution import STRATEGIES
 
     d = TrainConfig()
     a = parser.add_argument
