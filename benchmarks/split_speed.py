@@ -13,8 +13,8 @@ import timm
 import torch
 
 import timm_split
-from timm_split.analyse import analyse
-from timm_split.plan import plan
+from timm_split.engine.analyse import analyse
+from timm_split.engine.plan import plan
 from timm_split.trace import input_shape_for, meta_copy, trace
 
 

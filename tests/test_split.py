@@ -450,8 +450,8 @@ def test_recurrent_ops_on_meta_from_shapes(kind, kwargs):
 
 
 def test_ambiguous_attributes_varied_only_where_read():
-    """resolve_attributes varies only the attributes a forward reads: 3 forwards here, not 7."""
-    from timm_split.rebuild import _settle
+    """fit_module varies only the attributes a forward reads: 3 forwards here, not 7."""
+    from timm_split.engine.attributes import fit_module
 
     class Reads(nn.Module):
         def __init__(self):
@@ -464,7 +464,7 @@ def test_ambiguous_attributes_varied_only_where_read():
 
     mod = Reads()
     entries = [("width", 8, (2, 4, 8)), ("unused", 8, (4, 6, 8))]
-    fit = _settle(mod, entries, [torch.empty(2, 32, device="meta")], {}, [(2, 8, 4)], max_tries=64)
+    fit = fit_module(mod, entries, [torch.empty(2, 32, device="meta")], {}, [(2, 8, 4)], max_tries=64)
     assert fit == (8, 4) and mod.calls == 3
     assert type(mod) is Reads
-    assert _settle(mod, entries, [torch.empty(2, 32, device="meta")], {}, [(2, 3, 4)], max_tries=64) is None
+    assert fit_module(mod, entries, [torch.empty(2, 32, device="meta")], {}, [(2, 3, 4)], max_tries=64) is None

@@ -2,11 +2,11 @@
 from . import splitnet  # noqa: F401 - registers splitnet_<arch> with timm
 from .checkpoint import load_checkpoint, save_checkpoint
 from .core import plan_split, split
+from .engine.plan import ChannelGroup, SplitPlan
 from .ensemble import SplitEnsemble
 from .errors import SplitError
 from .loss import CoTrainingLoss
 from .optim import param_groups, scaled_weight_decay
-from .plan import ChannelGroup, SplitPlan
 
 __version__ = "0.1.0"
 

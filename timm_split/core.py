@@ -1,20 +1,27 @@
-"""``split(model, S)``: trace -> analyse -> plan -> rebuild -> ensemble."""
+"""``split(model, S)``: trace -> analyse -> plan -> rebuild -> ensemble.
+
+The stages live in :mod:`timm_split.trace` and :mod:`timm_split.engine`; this module runs them in order, with
+the retry ladder (:data:`~timm_split.engine.analyse.RETRY_LADDER`) around analyse -> plan -> meta member.
+"""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
-from typing import Optional, Tuple, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-from .analyse import analyse
-from .errors import SplitError
+from .engine.analyse import RETRY_LADDER, ChannelGraph, analyse
+from .engine.attributes import attribute_ties, settle_attributes
+from .engine.atoms import NewWidths
+from .engine.plan import SplitPlan, plan as _plan
+from .engine.rebuild import (build_member, channel_selection, check_member, inherit_member, init_member,
+                             reference_stats)
 from .ensemble import SplitEnsemble
-from .plan import SplitPlan, attribute_ties, plan as _plan
-from .rebuild import (build_member, channel_selection, check_member, inherit_member, init_member, reference_stats,
-                      resolve_attributes)
-from .trace import input_shape_for, meta_copy, trace
+from .errors import SplitError
+from .trace import Trace, input_shape_for, meta_copy, trace
 
 _logger = logging.getLogger(__name__)
 
@@ -34,6 +41,17 @@ def _arch(model: nn.Module) -> str:
     return cfg.get("architecture") or type(model).__name__
 
 
+class _Planned(NamedTuple):
+    """What the pipeline hands from planning to the rebuild."""
+
+    plan: SplitPlan
+    trace: Trace
+    out_shape: Tuple[int, ...]
+    in_shape: Tuple[int, ...]
+    graph: ChannelGraph
+    sizes: NewWidths
+
+
 def plan_split(model: nn.Module, split_factor: int, *, img_size: ImgSize = None, in_chans: Optional[int] = None,
                scale_regularization: bool = True, params_tol: float = 0.02, macs_tol: float = 0.04) -> SplitPlan:
     """Trace, analyse and plan a split, without building members (cheap: works on a meta copy).
@@ -41,33 +59,21 @@ def plan_split(model: nn.Module, split_factor: int, *, img_size: ImgSize = None,
     Args:
         model: any timm model or traceable ``nn.Module``; it is not modified.
         split_factor: S, the number of members.
-        img_size: the input size to plan at; default the model's ``pretrained_cfg['input_size']``.
+        img_size: the input size to plan at; default the size the model was built for.
         in_chans: input channels, for a model built with another ``in_chans`` than its cfg says.
         scale_regularization: divide dropout and drop-path rates by S.
         params_tol: allowed relative params deviation of the ensemble from the original.
         macs_tol: allowed relative MACs deviation.
 
     Returns:
-        The :class:`~timm_split.plan.SplitPlan`.
+        The :class:`~timm_split.engine.plan.SplitPlan`.
     """
-    return _plan_and_template(model, split_factor, img_size, scale_regularization, params_tol, macs_tol, in_chans)[0]
-
-
-# (couple_inputs, couple_products, tie ambiguous attributes' groups, couple_partial, what the attempt adds),
-# tried in order
-_ATTEMPTS = ((False, False, False, False, "nothing"), (True, False, False, False, "input-shape couplings"),
-             (True, True, False, False, "C // heads couplings"),
-             (True, True, True, False, "the groups of ambiguous attributes tied"),
-             (True, False, False, True, "input-shape couplings of sizes with a fixed factor"))
-
-
-def _plan_and_template(model, split_factor, img_size, scale_regularization, params_tol, macs_tol, in_chans=None):
-    """Plan, and check a meta member. A member that does not run is re-planned with the sizes each module
-    reads from its input shape tied to its input (``analyse(couple_inputs=True)``), then also with the
-    ``C // heads`` products tied (``couple_products=True``), then with the groups behind each ambiguous width
-    attribute made one (``attribute_ties``), and last with sizes that have a fixed factor tied to the input
-    too (``couple_partial=True``)."""
     S = _check_factor(split_factor)
+    return _plan_and_template(model, S, img_size, scale_regularization, params_tol, macs_tol, in_chans).plan
+
+
+def _plan_and_template(model, S, img_size, scale_regularization, params_tol, macs_tol, in_chans=None) -> _Planned:
+    """trace -> (analyse -> plan -> meta member) up the retry ladder until a meta member runs."""
     shape = input_shape_for(model, img_size, in_chans=in_chans)
     tr = trace(meta_copy(model), shape)
     out = [n for n in tr.graph.nodes if n.op == "output"][0].args[0]
@@ -75,25 +81,23 @@ def _plan_and_template(model, split_factor, img_size, scale_regularization, para
     headless = getattr(model, "num_classes", None) == 0  # its output is features: their width may change
     error: Optional[SplitError] = None
     ambiguous: tuple = ()
-    for i, (couple, products, tie, partial, _) in enumerate(_ATTEMPTS):
-        cg = analyse(tr, couple_inputs=couple, free_output=headless, couple_products=products,
-                     couple_partial=partial)
-        if tie and not attribute_ties(cg, ambiguous):
+    for i, options in enumerate(RETRY_LADDER):
+        cg = analyse(tr, dataclasses.replace(options, free_output=headless))
+        if options.tie_attributes and not attribute_ties(cg, ambiguous):
             continue  # no groups to tie: nothing new to try here
-        p = _plan(cg, S, arch=_arch(model), params_tol=params_tol, macs_tol=macs_tol,
-                  scale_regularization=scale_regularization)
-        member = build_member(tr.model, p, torch.device("meta"), {}, tr.aliases)
-        ambiguous = p.ambiguous
-        if p.ambiguous:
-            p = resolve_attributes(member, p)
+        draft = _plan(cg, S, arch=_arch(model), params_tol=params_tol, macs_tol=macs_tol,
+                      scale_regularization=scale_regularization)
+        member = build_member(tr.model, draft.plan, torch.device("meta"), {}, tr.aliases)
+        ambiguous = draft.ambiguous
+        p = settle_attributes(member, draft.plan, draft.ambiguous, draft.module_io)
         try:
             check_member(member, shape, out_shape, headless)
-            return p, tr, out_shape, shape, cg
+            return _Planned(p, tr, out_shape, shape, cg, draft.sizes)
         except SplitError as e:
             error = e
-            if i + 1 < len(_ATTEMPTS):
+            if i + 1 < len(RETRY_LADDER):
                 _logger.info("%s: the member does not run (%s); re-planning with %s", p.arch, e.__cause__ or e,
-                             _ATTEMPTS[i + 1][-1])
+                             RETRY_LADDER[i + 1].adds)
     raise error
 
 
@@ -140,8 +144,17 @@ def split(model: nn.Module, split_factor: int, *, seed: int = 0, img_size: ImgSi
         member = copy.deepcopy(model)
         p = plan_split(model, 1, img_size=img_size, in_chans=in_chans, scale_regularization=False)
         return SplitEnsemble([member], p, _pretrained_cfg(model, p), averaging)
-    p, tr, out_shape, in_shape, cg = _plan_and_template(model, S, img_size, scale_regularization, params_tol,
-                                                        macs_tol, in_chans)
+    planned = _plan_and_template(model, S, img_size, scale_regularization, params_tol, macs_tol, in_chans)
+    members = _rebuild(model, planned, init, seed)
+    p = planned.plan
+    _logger.info("split %s into %d members: params ratio %.4f, MACs ratio %.4f", p.arch, S, p.params_ratio,
+                 p.macs_ratio)
+    return SplitEnsemble(members, p, _pretrained_cfg(model, p), averaging)
+
+
+def _rebuild(model: nn.Module, planned: _Planned, init: str, seed: int) -> list:
+    """The S members, on the model's device, initialised (meta members stay empty)."""
+    p, tr, S = planned.plan, planned.trace, planned.plan.split_factor
     tensors = dict(model.named_parameters())
     tensors.update(dict(model.named_buffers()))
     dtypes = {n: t.dtype for n, t in tensors.items()}
@@ -151,11 +164,9 @@ def split(model: nn.Module, split_factor: int, *, seed: int = 0, img_size: ImgSi
     for i in range(S):
         m = build_member(tr.model, p, device, dtypes, tr.aliases)
         if device.type != "meta" and init == "inherit":
-            inherit_member(m, model, channel_selection(cg, p, i, seed))
+            inherit_member(m, model, channel_selection(planned.graph, planned.sizes, S, i, seed))
         elif device.type != "meta":
             init_member(m, stats, seed + i)
         m.train(model.training)
         members.append(m)
-    _logger.info("split %s into %d members: params ratio %.4f, MACs ratio %.4f", p.arch, S, p.params_ratio,
-                 p.macs_ratio)
-    return SplitEnsemble(members, p, _pretrained_cfg(model, p), averaging)
+    return members

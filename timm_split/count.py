@@ -45,9 +45,10 @@ import math
 import re
 import warnings
 from collections import Counter
+import dataclasses
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -63,7 +64,8 @@ with warnings.catch_warnings():  # fvcore.nn scripts a loss at import, and torch
     from fvcore.nn import FlopCountAnalysis
     from fvcore.nn.jit_handles import bmm_flop_jit, conv_flop_count, get_shape
 
-__all__ = ["Cost", "count", "count_params", "count_by_module"]
+__all__ = ["Cost", "count", "count_params", "ensemble_cost", "count_by_module", "fvcore_norm_macs", "FVCORE_PER_OUTPUT",
+           "FVCORE_PER_INPUT"]
 
 _logger = logging.getLogger(__name__)
 
@@ -178,6 +180,29 @@ def count(
         skipped=dict(sorted(counts.skipped.items())),
         counter_check=counter_check,
     )
+
+
+def ensemble_cost(member: Cost, members: Sequence[nn.Module]) -> Cost:
+    """The cost of S members of one architecture from one member's: S times its MACs (averaging S outputs has
+    no MACs in fvcore's convention) and the params of all members, counted.
+
+    Args:
+        member: ``count(members[0], ...)``.
+        members: the S members (a :class:`~timm_split.ensemble.SplitEnsemble`'s ``members``).
+
+    Returns:
+        The members' total :class:`Cost`.
+
+    Raises:
+        ValueError: the members differ in their parameter shapes (count each one instead).
+    """
+    shapes = [[tuple(p.shape) for p in m.parameters()] for m in members]
+    if any(s != shapes[0] for s in shapes[1:]):
+        raise ValueError("ensemble_cost needs members of one architecture (equal parameter shapes); count each "
+                         "member with count() and add them up instead")
+    S = len(members)
+    return dataclasses.replace(member, params=sum(count_params(m) for m in members), gmacs=member.gmacs * S,
+                               gmacs_mac_only=member.gmacs_mac_only * S)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -398,13 +423,35 @@ def _first(out: Any) -> Any:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+# fvcore's default handles for the non-MAC ops it counts, in MACs per element: per output element of upsampling
+# and grid sampling, per input element of adaptive average pooling and the norms (fvcore_norm_macs). The
+# planner's cost model (timm_split.engine.rules) reads the same table, so the two cannot drift apart.
+FVCORE_PER_OUTPUT = {"upsample_nearest2d": 1, "upsample_bilinear2d": 4, "grid_sampler_2d": 4, "grid_sampler_3d": 4}
+FVCORE_PER_INPUT = {"_adaptive_avg_pool2d": 1}
+
+
+def fvcore_norm_macs(kind: str, affine: bool, training: bool = False) -> int:
+    """fvcore's MACs per input element of a norm: ``batch_norm`` in eval 1 (2 with an affine weight), any norm in
+    training and ``layer_norm``/``group_norm`` always 4 (5 with an affine weight).
+
+    Args:
+        kind: ``'batch_norm'``, ``'layer_norm'`` or ``'group_norm'``.
+        affine: whether the norm has a weight.
+        training: batch norm in training mode (fvcore's ``norm_flop_counter`` then applies).
+
+    Returns:
+        MACs per element of the norm's input.
+    """
+    if kind == "batch_norm" and not training:
+        return 2 if affine else 1
+    return 5 if affine else 4
+
+
 def _batch_norm_macs(args: Tuple[Any, ...], out: Any) -> int:
     # native_batch_norm / _native_batch_norm_legit(input, weight, bias, [running_mean, running_var,] training,
-    # ...); _native_batch_norm_legit_no_training has no training flag. fvcore's batchnorm_flop_jit: eval 1 or 2
-    # per element (affine), training like its norm_flop_counter: 4 or 5.
-    affine = args[1] is not None
+    # ...); _native_batch_norm_legit_no_training has no training flag.
     training = next((a for a in args[3:] if isinstance(a, bool)), False)
-    return _numel(args[0]) * ((5 if affine else 4) if training else (2 if affine else 1))
+    return _numel(args[0]) * fvcore_norm_macs("batch_norm", args[1] is not None, training)
 
 
 # fvcore's default non-MAC handles, as rules on the (post-autograd) aten ops seen on meta:
@@ -413,12 +460,10 @@ _META_FVCORE_RULES: Dict[Any, Callable[[Tuple[Any, ...], Any], int]] = {
     aten.native_batch_norm: _batch_norm_macs,
     aten._native_batch_norm_legit: _batch_norm_macs,
     aten._native_batch_norm_legit_no_training: _batch_norm_macs,
-    aten.native_layer_norm: lambda a, out: _numel(a[0]) * (5 if a[2] is not None else 4),
-    aten.native_group_norm: lambda a, out: _numel(a[0]) * (5 if a[1] is not None else 4),
-    aten.upsample_nearest2d: lambda a, out: _numel(_first(out)),
-    aten.upsample_bilinear2d: lambda a, out: 4 * _numel(_first(out)),
-    aten.grid_sampler_2d: lambda a, out: 4 * _numel(_first(out)),
-    aten.grid_sampler_3d: lambda a, out: 4 * _numel(_first(out)),
+    aten.native_layer_norm: lambda a, out: _numel(a[0]) * fvcore_norm_macs("layer_norm", a[2] is not None),
+    aten.native_group_norm: lambda a, out: _numel(a[0]) * fvcore_norm_macs("group_norm", a[1] is not None),
+    **{getattr(aten, name): (lambda k: lambda a, out: k * _numel(_first(out)))(k)
+       for name, k in FVCORE_PER_OUTPUT.items()},
 }
 
 
@@ -486,7 +531,7 @@ class _FvcoreFunctionsMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in _ADAPTIVE_AVG_POOL_2D and args:
-            self.rules.macs["adaptive_avg_pool2d"] += _numel(args[0])
+            self.rules.macs["adaptive_avg_pool2d"] += FVCORE_PER_INPUT["_adaptive_avg_pool2d"] * _numel(args[0])
         elif func in _RECURRENT:
             self.rules.skipped[f"aten::{func.__name__}"] += 1
             out = recurrent_meta_output(func, args) if not kwargs else None

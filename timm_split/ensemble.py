@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .execution import Execution, LoopExecution, make_execution
-from .plan import SplitPlan
+from .engine.plan import SplitPlan
 
 _logger = logging.getLogger(__name__)
 

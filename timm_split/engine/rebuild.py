@@ -6,26 +6,22 @@ before any memory is allocated.
 from __future__ import annotations
 
 import copy
-import dataclasses
-import itertools
 import logging
 import math
-from itertools import chain
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
 
-from .errors import SplitError
+from ..errors import SplitError
+from ..trace import MetaRecurrent
 from .analyse import ChannelGraph
-from .plan import SplitPlan, _SizeOf
-from .trace import MetaRecurrent
+from .atoms import NewWidths
+from .plan import SplitPlan
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["build_member", "init_member", "inherit_member", "channel_selection", "reference_stats", "check_member",
-           "resolve_attributes"]
+__all__ = ["build_member", "init_member", "inherit_member", "channel_selection", "reference_stats", "check_member"]
 
 
 def build_member(template: nn.Module, plan: SplitPlan, device: torch.device, dtype_of: Dict[str, torch.dtype],
@@ -63,117 +59,6 @@ def build_member(template: nn.Module, plan: SplitPlan, device: torch.device, dty
     for path, attr, _, new in plan.attributes + plan.regularization:
         setattr(mods[path], attr, new)
     return member
-
-
-def resolve_attributes(member_meta: nn.Module, plan: SplitPlan, max_tries: int = 64) -> SplitPlan:
-    """Settle the plan's ambiguous attributes by running each such module alone on meta tensors.
-
-    Modules are tried deepest first. For each, every combination of candidate values is set until the
-    module, fed the planned input shapes, returns the planned output shapes. The chosen values join
-    ``plan.attributes``; where none fits, the old values stay and the member check reports the failure.
-
-    Args:
-        member_meta: a meta member built from ``plan`` (it is updated in place).
-        plan: the plan.
-        max_tries: cap on combinations per module.
-
-    Returns:
-        The plan with ``attributes`` completed and ``ambiguous`` emptied.
-    """
-    if not plan.ambiguous:
-        return plan
-    mods = dict(member_meta.named_modules(remove_duplicate=False))
-    by_mod: Dict[str, List[Tuple[str, object, tuple]]] = {}
-    for path, attr, old, cands in plan.ambiguous:
-        by_mod.setdefault(path, []).append((attr, old, cands))
-    chosen = []
-    fits: Dict[tuple, tuple] = {}  # identical modules fed identical shapes settle the same way (ViT blocks)
-    for path in sorted(by_mod, key=lambda p: -p.count(".") if p else 1):
-        mod, entries = mods[path], by_mod[path]
-        args_spec, out_shapes, kwargs_spec = plan.module_io.get(path, ([], [], {}))
-        key = (_signature(mod), repr(entries), repr(args_spec), repr(out_shapes), repr(kwargs_spec))
-        fit = fits.get(key)
-        if key not in fits:
-            make = lambda a: torch.empty(a[1], dtype=a[2], device="meta") if a[0] == "tensor" else a[1]  # noqa: E731
-            args, kwargs = [make(a) for a in args_spec], {k: make(a) for k, a in kwargs_spec.items()}
-            fit = _settle(mod, entries, args, kwargs, [tuple(s) for s in out_shapes], max_tries)
-        if fit is None:
-            fit = tuple(old for _, old, _ in entries)
-            _logger.debug("no candidate fits the attributes of %s; keeping %s", path, fit)
-        fits[key] = fit
-        for (attr, old, _), v in zip(entries, fit):
-            setattr(mod, attr, v)
-            if v != old:
-                chosen.append((path, attr, old, v))
-    return dataclasses.replace(plan, attributes=plan.attributes + tuple(chosen), ambiguous=(), module_io={})
-
-
-def _settle(mod: nn.Module, entries: list, args: list, kwargs: dict, out_shapes: list,
-            max_tries: int) -> Optional[tuple]:
-    """The first combination of candidate values with which ``mod(*args, **kwargs)`` gives ``out_shapes``, or None.
-
-    Every run records which of the attributes the forward reads; only those are varied (one it never reads
-    cannot change its output), and the set grows as other values reach other code. A whole encoder with four
-    ambiguous attributes, one of them read, takes 4 forwards instead of 32."""
-    names, read = {attr for attr, _, _ in entries}, set()
-
-    def spy(self, k):
-        if k in names:
-            read.add(k)
-        return object.__getattribute__(self, k)
-
-    cls = type(mod)
-    spying = type(cls.__name__, (cls,), {"__getattribute__": spy})
-
-    def attempt(combo):
-        for (attr, _, _), v in zip(entries, combo):
-            setattr(mod, attr, v)
-        mod.__class__ = spying
-        try:
-            with torch.no_grad(), MetaRecurrent():
-                out = mod(*args, **kwargs)
-        except Exception:  # noqa: BLE001 - a wrong candidate fails in any way
-            return None
-        finally:
-            mod.__class__ = cls
-        return [tuple(o.shape) for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
-
-    tried: set = set()
-    live: set = set()
-    while len(tried) < max_tries:
-        pools = [c if attr in live else c[:1] for attr, _, c in entries]
-        for combo in itertools.product(*pools):
-            if repr(combo) in tried:  # candidates may be lists: not hashable
-                continue
-            if len(tried) >= max_tries:
-                return None
-            tried.add(repr(combo))
-            if attempt(combo) == out_shapes:
-                return combo
-            if read - live:
-                break  # the forward reached another attribute: vary it too
-        else:
-            return None  # every combination of the attributes it reads was tried
-        live |= read
-    return None
-
-
-_PLAIN = (int, float, bool, str, type(None))
-
-
-def _signature(mod: nn.Module) -> tuple:
-    """What a module's forward can depend on, short of its code: its class and, for it and every submodule,
-    the plain attributes (ints, floats, strings and tuples of them) and the tensor shapes and dtypes."""
-    def plain(v):
-        return isinstance(v, _PLAIN) or (isinstance(v, (tuple, list)) and all(isinstance(x, _PLAIN) for x in v))
-
-    sig = []
-    for path, m in mod.named_modules(remove_duplicate=False):
-        attrs = tuple(sorted((k, repr(v)) for k, v in vars(m).items() if not k.startswith("_") and plain(v)))
-        tensors = tuple((k, tuple(t.shape), t.dtype) for k, t in chain(m._parameters.items(), m._buffers.items())
-                        if t is not None)
-        sig.append((path, type(m), attrs, tensors))
-    return tuple(sig)
 
 
 @torch.no_grad()
@@ -266,15 +151,25 @@ def _resize_like(src: torch.Tensor, shape) -> torch.Tensor:
     return src
 
 
-def channel_selection(cg: ChannelGraph, plan: SplitPlan, member: int, seed: int) -> Dict[str, List[torch.Tensor]]:
+def channel_selection(cg: ChannelGraph, sizes: NewWidths, split_factor: int, member: int,
+                      seed: int) -> Dict[str, List[torch.Tensor]]:
     """For ``init='inherit'``: which channels of the original member ``member`` keeps, per parameter dim.
 
     Every channel group draws one random permutation (from ``seed``); member ``i`` takes ``new`` channels
     starting at offset ``i * old / S`` of it, so members share some channels and differ in the rest. The same
     selection is used by every tensor of the group; products and concatenations combine their parts'.
+
+    Args:
+        cg: the analysis.
+        sizes: the new width of every atom (``PlanDraft.sizes``).
+        split_factor: S.
+        member: the member's index.
+        seed: the seed of the permutations (the same for every member).
+
+    Returns:
+        Per parameter/buffer name, per dim, the original's indices the member keeps.
     """
-    A, S = cg.atoms, plan.split_factor
-    sizes = _SizeOf(cg, plan.widths, plan.width_factor)
+    A, S = cg.atoms, split_factor
     gen = torch.Generator().manual_seed(seed)
     memo: Dict[int, torch.Tensor] = {}
 
