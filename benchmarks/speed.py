@@ -39,8 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import timm_split  # noqa: E402
 from timm_split import CoTrainingLoss  # noqa: E402
 
-STRATEGIES = ["loop", "threads", "vmap", "packed", "threads+packed", "auto"]
-VARIANTS = timm_split.execution.AutoExecution.VARIANTS  # 'threads+packed' -> ('threads', {'pack': True})
+STRATEGIES = ["loop", "threads", "packed", "threads+packed", "auto"]
 
 
 def _quantile(xs: List[float], q: float) -> float:
@@ -168,8 +167,7 @@ def run_cell(model_name: str, split: int, mode: str, batch: int, img: int, strat
         for s in strategies:
             e = timm_split.split(model, split, img_size=img).train(train).to(memory_format=fmt)
             try:
-                name, options = VARIANTS.get(s, (s, {}))
-                e.set_execution(name, **options)
+                e.set_execution(s)
             except ValueError as err:
                 logging.getLogger("speed").info("%s S=%d: %s skipped (%s)", model_name, split, s, str(err)[:80])
                 continue

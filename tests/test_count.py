@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from timm_split import sweep
 from timm_split.count import Cost, count, count_params
 
 # timm's published GMACs for ~1,600 model/size rows (a copy of ../shared/reference/timm_benchmark_gmacs.csv,
-# kept in the repo so CI never skips these tests)
-REFERENCE_CSV = os.environ.get("TIMM_SPLIT_REFERENCE_CSV", os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), "data", "timm_benchmark_gmacs.csv"))
+# shipped as package data: sweep.default_tier reads it too, and CI never skips these tests)
+REFERENCE_CSV = os.environ.get("TIMM_SPLIT_REFERENCE_CSV", sweep.REFERENCE_CSV)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ import logging
 import os
 import pickle
 import threading
-import time
 
 import pytest
 import timm
@@ -15,13 +14,13 @@ import timm_split
 from timm_split import CoTrainingLoss
 
 CLASSES = 5
-STRATEGIES = ["loop", "threads", "vmap", "packed", "auto", "threads+packed"]
-# two workers even with one intra-op thread; 'threads+packed' is threads with pack=True, as auto names it
-OPTIONS = {"threads": {"workers": 2}, "threads+packed": {"workers": 2, "pack": True}}
+STRATEGIES = ["threads", "packed", "auto", "threads+packed"]  # each against the loop
+# two workers even with one intra-op thread
+OPTIONS = {"threads": {"workers": 2}, "threads+packed": {"workers": 2}}
 
 
 def _set(ens, strategy):
-    return ens.set_execution(strategy.split("+")[0], **OPTIONS.get(strategy, {}))
+    return ens.set_execution(strategy, **OPTIONS.get(strategy, {}))
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -84,7 +83,7 @@ def test_training_matches_loop(resnet, strategy):
     views, target = _data()
     ref = copy.deepcopy(resnet).train()
     ens = _set(copy.deepcopy(resnet).train(), strategy)
-    assert ens.execution == strategy.split("+")[0]
+    assert ens.execution == strategy
     for o, r in zip(_train_steps(ens, views, target), _train_steps(ref, views, target)):
         _close(o, r, "outputs", _rtol(strategy))
     for (name, p), q in zip(ens.named_parameters(), ref.parameters()):
@@ -132,11 +131,11 @@ def test_threads_packed_two_members_per_worker(training):
     model = ResNet(Bottleneck, [1, 1, 1, 1], num_classes=CLASSES, stem_width=16, channels=(8, 16, 32, 64))
     ref = timm_split.split(model, 4, img_size=32).train(training)
     ens = copy.deepcopy(ref).set_execution("threads", workers=2, pack=True)
+    assert ens.execution == "threads+packed", "the name auto and set_execution know it by"
     views, target = _data(S=4)
     for o, r in zip(_train_steps(ens, views, target), _train_steps(ref, views, target)):
         _close(o, r, "outputs", 1e-3)
     _assert_same_state(ens, ref, 1e-3, 1e-5)
-    assert sorted(ens._execution._packers) == [0, 1]
 
 
 def test_threads_pack_rejects_what_packed_rejects():
@@ -175,19 +174,8 @@ def test_packed_rejects_unknown_module_by_name():
         _close(ens.set_execution("auto")(x), want, "auto skips packed and still runs")
 
 
-def test_vmap_dropout_draws_per_member():
-    """vmap runs random ops with randomness='different': members get different dropout masks."""
-    net = nn.Sequential(nn.Flatten(), nn.Linear(12, 64), nn.Dropout(0.5), nn.Linear(64, CLASSES))
-    shared = copy.deepcopy(net)
-    ens = timm_split.SplitEnsemble([shared, copy.deepcopy(shared)]).train().set_execution("vmap")
-    out = ens.forward_members(torch.randn(4, 3, 2, 2))
-    assert not torch.allclose(out[0], out[1]), "identical members, identical masks: randomness not per member"
-    out.sum().backward()
-    assert all(p.grad is not None for p in ens.parameters())
-
-
 def test_auto_caches_per_key_and_logs(resnet, caplog):
-    ens = copy.deepcopy(resnet).eval().set_execution("auto", candidates=["loop", "threads", "vmap"], repeats=1)
+    ens = copy.deepcopy(resnet).eval().set_execution("auto", candidates=["loop", "threads"], repeats=1)
     x = _data()[0][0]
     with caplog.at_level(logging.INFO, logger="timm_split"), torch.no_grad():
         ens(x)
@@ -196,35 +184,47 @@ def test_auto_caches_per_key_and_logs(resnet, caplog):
     chosen = [r.getMessage() for r in caplog.records if r.getMessage().startswith("auto:")]
     assert len(chosen) == 2, chosen  # once per input shape, not per call
     assert "input [4, 3, 32, 32]" in chosen[0] and "input [2, 3, 32, 32]" in chosen[1]
-    assert set(ens._execution.choices.values()) <= {"loop", "threads", "vmap"}
+    assert all("auto: 'loop'" in c or "auto: 'threads'" in c for c in chosen), chosen
 
 
-class _Sleeper(timm_split.execution.Execution):
-    """A stand-in strategy that takes a known time and counts its calls."""
+class _Clock:
+    """A fake clock: stand-in strategies advance it by their duration, so auto's timing is exact."""
 
-    def __init__(self, seconds):
-        self.seconds, self.calls = seconds, 0
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+class _Timed(timm_split.execution.Execution):
+    """A stand-in strategy that takes a known time on the fake clock and counts its calls."""
+
+    def __init__(self, clock, seconds):
+        self.clock, self.seconds, self.calls = clock, seconds, 0
 
     def run(self, members, views):
         self.calls += 1
-        time.sleep(self.seconds)
+        self.clock.now += self.seconds
         return torch.zeros(len(members), 1)
 
 
 @pytest.mark.parametrize("close", [True, False])
 def test_auto_times_a_close_call_again(resnet, close):
-    """The two best within 10%: they and the loop get the rounds again; a clear winner is not timed further."""
-    auto = timm_split.execution.AutoExecution(candidates=["loop", "threads", "vmap", "packed"], repeats=3)
-    fakes = {"loop": _Sleeper(0.04), "threads": _Sleeper(0.02), "vmap": _Sleeper(0.02 if close else 0.03),
-             "packed": _Sleeper(0.035)}
-    auto._get("loop")
-    auto._executions.update(fakes)
+    """The two best within 10%: they and the loop get the rounds again; a clear winner is not timed further;
+    a candidate over 1.3x the loop in the first round is not timed again."""
+    clock = _Clock()
+    fakes = {"loop": _Timed(clock, 0.04), "threads": _Timed(clock, 0.02),
+             "packed": _Timed(clock, 0.021 if close else 0.03), "compile": _Timed(clock, 0.06)}
+    ens = copy.deepcopy(resnet).eval().set_execution("auto", candidates=fakes, repeats=3, clock=clock)
     with torch.no_grad():
-        chosen = auto.choose(resnet.members, [torch.zeros(1)] * 2)
-    assert chosen in ("threads", "vmap") if close else chosen == "threads"
+        ens(_data()[0][0])
+    assert ens.execution == "auto"
     extra = 3 if close else 0
-    assert {n: f.calls for n, f in fakes.items()} == {"loop": 4 + extra, "threads": 4 + extra, "vmap": 4 + extra,
-                                                      "packed": 4}
+    # one warm-up call each, 3 rounds (compile pruned after the first), 3 more for the close pair and the loop,
+    # and the real call by the winner
+    assert {n: f.calls for n, f in fakes.items()} == {"loop": 4 + extra, "threads": 4 + extra + 1,
+                                                      "packed": 4 + extra, "compile": 2}
 
 
 def test_to_devices_cpu_cpu(resnet):
@@ -244,7 +244,7 @@ def test_members_on_different_devices_need_loop_or_threads():
     net = nn.Sequential(nn.Flatten(), nn.Linear(12, CLASSES))
     ens = timm_split.SplitEnsemble([copy.deepcopy(net), copy.deepcopy(net)])
     ens.members[1].to("meta")
-    for strategy in ("vmap", "packed"):
+    for strategy in ("compile", "packed"):
         with pytest.raises(ValueError, match="one device"):
             ens.set_execution(strategy)
 
@@ -321,6 +321,8 @@ def test_threads_backward_twice_names_the_fix(resnet):
     ("threads", {"cores": [[]]}, "cores must be"),
     ("threads", {"speed": 1}, "bad option for execution 'threads'"),
     ("auto", {"candidates": ["loop", "auto"]}, "auto candidates"),
+    ("auto", {"candidates": ["loop", "vmap"]}, "auto candidates"),
+    ("threads+packed", {"pack": False}, "implies"),
 ])
 def test_bad_arguments(resnet, strategy, options, match):
     with pytest.raises(ValueError, match=match):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import dataclasses
 import fnmatch
 import logging
 import multiprocessing as mp
@@ -38,7 +37,7 @@ __all__ = ["FIELDS", "sweep_one", "default_tier", "run_sweep", "write_markdown",
 FIELDS = ("arch", "module", "split", "status", "reason", "params_orig", "params_split", "gmacs_orig", "gmacs_split",
           "params_ratio", "gmacs_ratio", "cpu_checked", "seconds")
 PARAMS_TOL, MACS_TOL = 0.02, 0.04
-REFERENCE_CSV = os.path.join(os.path.dirname(__file__), "..", "tests", "data", "timm_benchmark_gmacs.csv")
+REFERENCE_CSV = os.path.join(os.path.dirname(__file__), "resources", "timm_benchmark_gmacs.csv")  # package data
 
 
 def _module(arch: str) -> str:
@@ -67,14 +66,10 @@ def _count_and_shape(model):
 
 
 def _ensemble_cost(ens, member):
-    """The ensemble's cost from one member's: every member is built from one plan, so S times its MACs (the
-    averaging of S outputs has no MACs in fvcore's convention) and the params of all members, counted."""
-    from .count import count_params
-    from .execution import _check_same_structure
+    """The ensemble's cost from one member's (:func:`timm_split.count.ensemble_cost`)."""
+    from .count import ensemble_cost
 
-    _check_same_structure(ens.members, "count one member x S")
-    return dataclasses.replace(member, params=count_params(ens), gmacs=member.gmacs * len(ens.members),
-                               gmacs_mac_only=member.gmacs_mac_only * len(ens.members))
+    return ensemble_cost(member, ens.members)
 
 
 def sweep_one(arch: str, splits: Sequence[int], device: str = "meta", cpu_max_params: float = 30e6,

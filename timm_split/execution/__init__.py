@@ -1,0 +1,64 @@
+"""How the S members of a :class:`~timm_split.ensemble.SplitEnsemble` run: one call picks a strategy.
+
+``ens.set_execution(name, **options)`` with ``name`` one of :data:`STRATEGIES`:
+
+* ``'loop'``: members one after another (the reference; what ``forward_members`` always did).
+* ``'threads'``: members concurrently on a thread pool (inter-op parallelism), each worker with its share of
+  the intra-op threads, optionally pinned to its own cores; CPU backward runs on the workers too; on CUDA each
+  member gets its own stream.
+* ``'threads+packed'``: ``'threads'`` with ``pack=True``: each worker runs its members as one packed network.
+* ``'compile'``: ``torch.compile`` of the loop, compiled lazily on the first call.
+* ``'packed'``: the S members rewritten as one network of S-times wider grouped layers (ResNet,
+  EfficientNet/MobileNet, RegNet... blocks; anything else raises a ``ValueError`` naming the module).
+* ``'auto'``: times the candidates once per (devices, input shape, training, grad) and keeps the fastest.
+
+Every strategy returns the loop's result up to float tolerance (with dropout or drop-path active the random
+draws differ), lets gradients reach every member's parameters, and leaves every member's buffers as the loop
+would. Strategies only replace :meth:`SplitEnsemble.forward_members` (and so ``forward``);
+``forward_features``/``forward_head`` always loop.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict
+
+from .auto import AutoExecution
+from .base import Execution
+from .compile import CompileExecution
+from .loop import LoopExecution
+from .packed import PackedExecution
+from .threads import ThreadsExecution
+
+__all__ = ["STRATEGIES", "Execution", "LoopExecution", "ThreadsExecution", "CompileExecution", "PackedExecution",
+           "AutoExecution", "make_execution"]
+
+# name -> (class, the options the name implies)
+_REGISTRY: Dict[str, tuple] = {
+    "auto": (AutoExecution, {}),
+    "loop": (LoopExecution, {}),
+    "threads": (ThreadsExecution, {}),
+    "threads+packed": (ThreadsExecution, {"pack": True}),
+    "compile": (CompileExecution, {}),
+    "packed": (PackedExecution, {}),
+}
+STRATEGIES = tuple(_REGISTRY)
+
+
+def make_execution(strategy: str, **options: Any) -> Execution:
+    """Build the execution strategy ``strategy`` (one of :data:`STRATEGIES`) with its options.
+
+    Raises:
+        ValueError: unknown strategy or option.
+    """
+    if strategy not in _REGISTRY:
+        raise ValueError(f"execution must be one of {STRATEGIES}, got {strategy!r}")
+    cls, implied = _REGISTRY[strategy]
+    clash = {k for k in implied if k in options and options[k] != implied[k]}
+    if clash:
+        raise ValueError(f"execution '{strategy}' implies {implied}; drop {sorted(clash)} or use "
+                         f"'{strategy.split('+')[0]}'")
+    make: Callable[..., Execution] = cls
+    try:
+        return make(**{**implied, **options})
+    except TypeError as e:
+        raise ValueError(f"bad option for execution '{strategy}': {e} (see timm_split.execution."
+                         f"{cls.__name__})") from None

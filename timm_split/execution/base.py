@@ -1,0 +1,127 @@
+"""The execution ABC and the helpers the strategies share."""
+from __future__ import annotations
+
+import abc
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+__all__ = ["Execution", "Members", "Cache", "device_of", "sync", "tensors_of", "is_training", "needs_graph",
+           "version_key", "check_same_device", "check_same_structure", "write_back"]
+
+Members = Sequence[nn.Module]
+
+
+def device_of(module: nn.Module) -> torch.device:
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def tensors_of(module: nn.Module) -> Dict[str, torch.Tensor]:
+    out = dict(module.named_parameters())
+    out.update(module.named_buffers())
+    return out
+
+
+def is_training(module: nn.Module) -> bool:
+    return any(m.training for m in module.modules())
+
+
+def needs_graph(members: Members) -> bool:
+    return torch.is_grad_enabled() and any(p.requires_grad for m in members for p in m.parameters())
+
+
+def version_key(members: Members) -> Optional[Tuple]:
+    """Changes whenever any member tensor is replaced, moved or updated in place (optimizer step, BN update);
+    None for inference tensors, which have no version counter (then nothing is cached)."""
+    ts = [t for m in members for t in tensors_of(m).values()]
+    if any(t.is_inference() for t in ts):
+        return None
+    return tuple((t.data_ptr(), t._version, t.device) for t in ts)
+
+
+def check_same_device(members: Members, name: str) -> torch.device:
+    devices = {device_of(m) for m in members}
+    if len(devices) > 1:
+        raise ValueError(f"execution '{name}' needs every member on one device, got {sorted(map(str, devices))}; "
+                         "use 'threads' or 'loop' after to_devices()")
+    return devices.pop()
+
+
+def check_same_structure(members: Members, name: str) -> None:
+    ref = {k: (tuple(v.shape), v.dtype) for k, v in tensors_of(members[0]).items()}
+    for i, m in enumerate(members[1:], 1):
+        if {k: (tuple(v.shape), v.dtype) for k, v in tensors_of(m).items()} != ref:
+            raise ValueError(f"execution '{name}' needs members of one architecture; member {i} differs from "
+                             "member 0 in its parameter names, shapes or dtypes")
+
+
+class Execution(abc.ABC):
+    """A way to run the members: ``run(members, views) -> [S, B, ...]`` on the first member's device.
+
+    Subclasses hold only caches besides their options; ``reset()`` drops the caches (called when the ensemble
+    moves or changes device), and pickling/deep-copying drops them too.
+    """
+
+    name = "base"
+    _transient: Tuple[str, ...] = ()
+
+    def check(self, members: Members) -> None:
+        """Raise ``ValueError`` (with a hint) if this strategy cannot run ``members``."""
+
+    @abc.abstractmethod
+    def run(self, members: Members, views: List[torch.Tensor]) -> torch.Tensor:
+        """Run every member on its view; returns their outputs stacked ``[S, B, ...]``."""
+
+    def reset(self) -> None:
+        """Drop caches (stacked/packed tensors, thread pools, compiled code)."""
+        for k in self._transient:
+            setattr(self, k, None)
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = dict(self.__dict__)
+        state.update({k: None for k in self._transient})
+        return state
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in self.__dict__.items() if not k.startswith("_"))
+        return f"{type(self).__name__}({opts})"
+
+
+class Cache:
+    """One cached value, valid while the members' tensors are unchanged and no autograd graph is needed."""
+
+    def __init__(self) -> None:
+        self.key: Optional[Tuple] = None
+        self.value: Any = None
+
+    def get(self, members: Members, build: Callable[[], Any]) -> Any:
+        if needs_graph(members):
+            self.key = self.value = None
+            return build()
+        key = version_key(members)
+        if key is None or key != self.key:
+            self.value, self.key = build(), key
+        return self.value
+
+
+Unpack = Callable[[str, torch.Tensor, int], torch.Tensor]
+
+
+def write_back(members: Members, packed: Dict[str, torch.Tensor], unpack: Unpack) -> None:
+    """Copy updated (packed or stacked) buffers back into each member's own buffers."""
+    with torch.no_grad():
+        for i, m in enumerate(members):
+            own = dict(m.named_buffers())
+            for name, t in packed.items():
+                if name in own:
+                    own[name].copy_(unpack(name, t, i))
