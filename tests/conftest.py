@@ -5,6 +5,32 @@ import torch
 
 logging.getLogger("timm_split").setLevel(logging.ERROR)
 
+# model -> (creation kwargs, CPU test input size). Models with a fixed token grid are built at the test size.
+ACCEPTANCE = {
+    "resnet50": ({}, 64),
+    "wide_resnet50_2": ({}, 64),
+    "resnext50_32x4d": ({}, 64),
+    "seresnet50": ({}, 64),
+    "efficientnet_b0": ({}, 64),
+    "mobilenetv3_large_100": ({}, 64),
+    "regnety_016": ({}, 64),
+    "densenet121": ({}, 64),
+    "dla34": ({}, 64),
+    "cspdarknet53": ({}, 64),
+    "convnext_tiny": ({}, 64),
+    "vit_small_patch16_224": ({"img_size": 64}, 64),
+    "deit_tiny_patch16_224": ({"img_size": 64}, 64),
+    "swin_tiny_patch4_window7_224": ({}, 224),
+    "maxvit_tiny_tf_224": ({"img_size": 64}, 64),
+    "eva02_tiny_patch14_224": ({"img_size": 70}, 70),
+    "mixer_b16_224": ({"img_size": 64}, 64),
+    "levit_128": ({"img_size": 64}, 64),
+    "ghostnet_100": ({}, 64),
+    "inception_v3": ({}, 96),
+    "hrnet_w18_small": ({}, 64),
+    "fastvit_t8": ({}, 64),
+}
+
 # oneDNN builds a kernel per new conv shape on its first call (about 3 s for a resnet50 at 64 px on this
 # 2-core machine); the tests run each shape once or twice on tiny inputs, where the native kernels are faster.
 torch.backends.mkldnn.enabled = False

@@ -493,3 +493,32 @@ def test_reference_sample_is_broad():
 @pytest.mark.parametrize("name, size, reparam", REFERENCE_MODELS_SLOW)
 def test_matches_timm_reference_slow(name, size, reparam):
     _check_reference(name, size, reparam)
+
+
+@pytest.mark.timeout(60)
+def test_planner_cost_model_counts_like_count():
+    """The planner's symbolic MACs and count() read one table of fvcore's per-element weights (norms in eval,
+    upsampling, adaptive pooling): both give the same total for a net made of those ops."""
+    import timm_split
+
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.GroupNorm(4, 16),
+                        nn.Upsample(scale_factor=2, mode="bilinear"), nn.AdaptiveAvgPool2d(3), nn.Flatten(),
+                        nn.LayerNorm(144), nn.Linear(144, 10)).eval()
+    plan = timm_split.plan_split(net, 1, img_size=8)
+    batch = 2  # the plan traces a batch of 2
+    assert plan.macs[0] / batch == pytest.approx(count(net, 8, device="meta").gmacs * 1e9, rel=1e-12)
+
+
+@pytest.mark.timeout(60)
+def test_ensemble_cost_is_members_params_and_s_times_macs():
+    from timm_split.count import ensemble_cost
+
+    members = [nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.LazyLinear(4)) for _ in range(3)]
+    for m in members:
+        m(torch.zeros(1, 3, 6, 6))  # materialise the lazy layer
+    one = count(members[0], 6)
+    total = ensemble_cost(one, members)
+    assert total.params == 3 * one.params and total.gmacs == pytest.approx(3 * one.gmacs)
+    assert total.gmacs_mac_only == pytest.approx(3 * one.gmacs_mac_only)
+    with pytest.raises(ValueError, match="one architecture"):
+        ensemble_cost(one, [members[0], nn.Linear(3, 4)])

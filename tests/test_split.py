@@ -9,35 +9,9 @@ from torch import nn
 
 import timm_split
 from timm_split import SplitError
-from timm_split.count import count
 
-from conftest import assert_unchanged, snapshot
+from conftest import ACCEPTANCE, assert_unchanged, snapshot
 
-# model -> (creation kwargs, CPU test input size). Models with a fixed token grid are built at the test size.
-ACCEPTANCE = {
-    "resnet50": ({}, 64),
-    "wide_resnet50_2": ({}, 64),
-    "resnext50_32x4d": ({}, 64),
-    "seresnet50": ({}, 64),
-    "efficientnet_b0": ({}, 64),
-    "mobilenetv3_large_100": ({}, 64),
-    "regnety_016": ({}, 64),
-    "densenet121": ({}, 64),
-    "dla34": ({}, 64),
-    "cspdarknet53": ({}, 64),
-    "convnext_tiny": ({}, 64),
-    "vit_small_patch16_224": ({"img_size": 64}, 64),
-    "deit_tiny_patch16_224": ({"img_size": 64}, 64),
-    "swin_tiny_patch4_window7_224": ({}, 224),
-    "maxvit_tiny_tf_224": ({"img_size": 64}, 64),
-    "eva02_tiny_patch14_224": ({"img_size": 70}, 70),
-    "mixer_b16_224": ({"img_size": 64}, 64),
-    "levit_128": ({"img_size": 64}, 64),
-    "ghostnet_100": ({}, 64),
-    "inception_v3": ({}, 96),
-    "hrnet_w18_small": ({}, 64),
-    "fastvit_t8": ({}, 64),
-}
 NUM_CLASSES = 10
 
 
@@ -48,34 +22,13 @@ def _create(name, device="cpu"):
     return model, size
 
 
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("split_factor", [2, 4])
-@pytest.mark.parametrize("name", list(ACCEPTANCE))
-def test_meta_parity(name, split_factor):
-    """On meta at the model's own size: output shape, and params/FLOPs parity counted with fvcore."""
-    with torch.device("meta"):
-        model = timm.create_model(name, num_classes=1000)
-    snap = snapshot(model)
-    ens = timm_split.split(model, split_factor)
-    assert_unchanged(model, snap)
-    assert all(p.is_meta for p in ens.parameters())
-    c, h, w = ens.split_plan.input_size
-    out = ens(torch.empty(2, c, h, w, device="meta"))
-    assert out.shape == (2, model.num_classes)
-    assert len(ens.members) == split_factor
-    orig, member = count(model), count(ens.members[0])
-    params_ratio = split_factor * member.params / orig.params
-    macs_ratio = split_factor * member.gmacs / orig.gmacs
-    assert abs(params_ratio - 1) <= 0.02, params_ratio
-    assert abs(macs_ratio - 1) <= 0.04, macs_ratio
-    assert sum(p.numel() for p in ens.parameters()) == split_factor * member.params
-
-
+@pytest.mark.tier
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("split_factor", [2, 4])
 @pytest.mark.parametrize("name", list(ACCEPTANCE))
 def test_cpu_forward_backward(name, split_factor):
-    """On CPU at a small size: [B, num_classes] out, a grad on every parameter, the input model unchanged."""
+    """On CPU at a small size: [B, num_classes] out, a grad on every parameter, the input model unchanged.
+    (Meta parity of the acceptance list is in tests/test_zoo.py's parity tier.)"""
     model, size = _create(name)
     model.train()
     snap = snapshot(model)

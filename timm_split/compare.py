@@ -16,7 +16,7 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import torch
 
 from .core import split
-from .count import count, count_by_module
+from .count import count, count_by_module, ensemble_cost
 
 _logger = logging.getLogger(__name__)
 
@@ -58,13 +58,13 @@ def _build(name: str, img_size: Optional[int]):
         return timm.create_model(name)
 
 
-def compare_rows(name: str, splits: Iterable[int], img_size: Optional[int] = None, *, reparam: bool = False,
+def compare_rows(name: str, split_factors: Iterable[int], img_size: Optional[int] = None, *, reparam: bool = False,
                  check: bool = True, seed: int = 0) -> List[Dict]:
     """Count a model and its splits (all on the meta device: no memory, no real compute).
 
     Args:
         name: a timm model name.
-        splits: split factors; 1 (the original) is always included first.
+        split_factors: the S values; 1 (the original) is always included first.
         img_size: square input size; default the model's own.
         reparam: count the deployed (re-parameterized) form, as timm publishes repvgg/fastvit/mobileone/levit.
         check: cross-check MAC-only counts against FlopCounterMode and record it in ``counter_check``.
@@ -76,24 +76,23 @@ def compare_rows(name: str, splits: Iterable[int], img_size: Optional[int] = Non
     model = _build(name, img_size)
     size = img_size or model.pretrained_cfg["input_size"][-1]
     base = count(model, size, check=check, reparam=reparam)
-    rows = [_row(name, 1, size, base, [base], base, 1.0)]
-    for S in sorted({int(s) for s in splits} - {1}):
+    rows = [_row(name, 1, size, base, base, base, 1.0)]
+    for S in sorted({int(s) for s in split_factors} - {1}):
         ens = split(model, S, img_size=size, seed=seed)
         member = count(ens.members[0], size, check=check, reparam=reparam)  # members share one architecture
-        rows.append(_row(name, S, size, member, [member] * S, base, ens.split_plan.width_factor))
+        rows.append(_row(name, S, size, ensemble_cost(member, ens.members), member, base,
+                         ens.split_plan.width_factor))
     return rows
 
 
-def _row(name, S, size, c, members, base, width) -> Dict:
-    params = sum(m.params for m in members)
-    gmacs = sum(m.gmacs for m in members)
-    checks = [m.counter_check for m in members if m.counter_check is not None]
+def _row(name, S, size, total, member, base, width) -> Dict:
+    """One row: the S members' ``total`` cost (and one ``member``'s, for the per-member columns)."""
     return {
-        "model": name, "split": S, "img_size": size, "params": params, "gmacs": gmacs,
-        "gmacs_mac_only": sum(m.gmacs_mac_only for m in members), "params_ratio": params / base.params,
-        "gmacs_ratio": gmacs / base.gmacs if base.gmacs else float("nan"), "width_factor": width,
-        "members": [{"params": m.params, "gmacs": m.gmacs} for m in members],
-        "counter_check": max(checks) if checks else None, "meta": c.meta,
+        "model": name, "split": S, "img_size": size, "params": total.params, "gmacs": total.gmacs,
+        "gmacs_mac_only": total.gmacs_mac_only, "params_ratio": total.params / base.params,
+        "gmacs_ratio": total.gmacs / base.gmacs if base.gmacs else float("nan"), "width_factor": width,
+        "members": [{"params": member.params, "gmacs": member.gmacs} for _ in range(S)],
+        "counter_check": member.counter_check, "meta": member.meta,
     }
 
 
