@@ -421,3 +421,35 @@ def test_ambiguous_attributes_varied_only_where_read():
     assert fit == (8, 4) and mod.calls == 3
     assert type(mod) is Reads
     assert fit_module(mod, entries, [torch.empty(2, 32, device="meta")], {}, [(2, 3, 4)], max_tries=64) is None
+
+
+@pytest.mark.timeout(120)
+def test_user_forward_hooks_are_not_traced_or_copied():
+    """A user's hook that needs real values (float() of an output) does not break split(), keeps running on the
+    original, and is not carried into members built for other widths."""
+    model = timm.create_model("resnet18", num_classes=NUM_CLASSES).eval()
+    seen = []
+    model.layer1.register_forward_hook(lambda mod, args, out: seen.append(float(out.abs().mean())))
+    model.fc.register_forward_pre_hook(lambda mod, args: seen.append(float(args[0].sum())))
+    snap = snapshot(model)
+    ens = timm_split.split(model, 2, img_size=32)
+    assert_unchanged(model, snap)
+    assert not seen, "a user hook ran during split()"
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for member in ens.members
+               for m in member.modules())
+    with torch.no_grad():
+        ens(torch.randn(1, 3, 32, 32))
+        assert not seen
+        model(torch.randn(1, 3, 32, 32))
+    assert len(seen) == 2
+
+
+@pytest.mark.timeout(120)
+def test_traced_at_the_size_the_model_was_created_at():
+    """``create_model(..., img_size=64)`` is split at 64 without repeating img_size (its cfg still says 224)."""
+    model = timm.create_model("vit_small_patch16_224", img_size=64, num_classes=NUM_CLASSES)
+    assert model.pretrained_cfg["input_size"][-1] == 224
+    ens = timm_split.split(model, 2)
+    assert ens.split_plan.input_size == (3, 64, 64)
+    with torch.no_grad():
+        assert ens(torch.randn(2, 3, 64, 64)).shape == (2, NUM_CLASSES)

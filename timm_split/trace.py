@@ -56,10 +56,17 @@ class Trace:
 
 
 def meta_copy(model: nn.Module) -> nn.Module:
-    """Deep-copy ``model`` with every parameter and buffer on the meta device (no data is copied).
+    """Deep-copy ``model`` with every parameter and buffer on the meta device (no data is copied), without the
+    forward hooks and pre-hooks its user registered.
+
+    The copy is what gets traced and what every member is built from, so a user's hook would run on meta
+    tensors (a hook that calls ``float()`` or logs a value cannot) and would be carried into members whose
+    widths it was not written for. Hooks registered by torch or timm themselves are part of the architecture
+    (``torch.nn.utils.weight_norm`` recomputes the weight in a pre-hook) and are kept. Register hooks on the
+    ensemble's members to have them there.
 
     Args:
-        model: any module, on any device.
+        model: any module, on any device. It is not modified.
 
     Returns:
         A structurally identical module whose tensors live on ``meta``.
@@ -70,18 +77,57 @@ def meta_copy(model: nn.Module) -> nn.Module:
             continue
         m = torch.empty_like(t, device="meta")
         memo[id(t)] = nn.Parameter(m, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else m
-    return copy.deepcopy(model, memo)
+    copied = copy.deepcopy(model, memo)
+    for mod in copied.modules():
+        _drop_user_hooks(mod)
+    return copied
+
+
+_HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks")
+_HOOK_FLAGS = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
+
+
+def _is_library_hook(hook: Any) -> bool:
+    fn = getattr(hook, "func", hook)  # functools.partial
+    module = getattr(fn, "__module__", None) or type(fn).__module__ or ""
+    return module.split(".")[0] in ("torch", "timm")
+
+
+def _drop_user_hooks(mod: nn.Module) -> None:
+    """Remove ``mod``'s forward hooks and pre-hooks, except torch's and timm's own."""
+    for table in _HOOK_TABLES:
+        hooks = getattr(mod, table, None)
+        for key in [k for k, h in (hooks or {}).items() if not _is_library_hook(h)]:
+            del hooks[key]
+            for flags in _HOOK_FLAGS:
+                getattr(mod, flags, {}).pop(key, None)
+
+
+def _size_built_at(model: nn.Module) -> Optional[Tuple[int, int]]:
+    """The image size a model was created at, where it keeps one (timm's ``img_size=`` of ViT-like models is in
+    ``patch_embed.img_size``; some models keep ``img_size`` themselves); None where it does not."""
+    for owner in (getattr(model, "patch_embed", None), model):
+        size = getattr(owner, "img_size", None) if owner is not None else None
+        if isinstance(size, int) and not isinstance(size, bool) and size > 0:
+            return size, size
+        if isinstance(size, (tuple, list)) and len(size) == 2 and all(type(v) is int and v > 0 for v in size):
+            return tuple(size)
+    return None
 
 
 def input_shape_for(model: nn.Module, img_size: Optional[Tuple[int, int]] = None, batch_size: int = 2,
                     in_chans: Optional[int] = None) -> Tuple:
-    """The input shape to trace ``model`` with: ``pretrained_cfg['input_size']`` unless ``img_size`` or
-    ``in_chans`` are given."""
+    """The input shape to trace ``model`` with: ``img_size`` if given, else the size the model was created at
+    (``timm.create_model('vit_small_patch16_224', img_size=64)`` keeps 64 in ``patch_embed.img_size`` while
+    its ``pretrained_cfg`` still says 224), else ``pretrained_cfg['input_size']`` (or ``default_cfg``), else
+    224; the channels from ``in_chans`` or the cfg."""
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     c, h, w = cfg.get("input_size", (3, 224, 224))
     c = in_chans or c
     if img_size is not None:
         h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    else:
+        h, w = _size_built_at(model) or (h, w)
     return (batch_size, c, h, w)
 
 
