@@ -120,7 +120,8 @@ def split(model: nn.Module, split_factor: int, *, seed: int = 0, img_size: ImgSi
         model: any timm model or traceable ``nn.Module`` (CPU, GPU or ``meta``). It is never modified.
         split_factor: S, an int >= 1. S=1 returns a one-member ensemble equal to a copy of the model.
         seed: members get seeds ``seed, seed+1, ...`` for their init (the global RNG is left untouched).
-        img_size: the input size to plan at; default the model's ``pretrained_cfg['input_size']``.
+        img_size: the input size to plan at; default the size the model was created at (its ``pretrained_cfg``
+            where it keeps none).
         in_chans: input channels, for a model built with another ``in_chans`` than its cfg says.
         scale_regularization: divide dropout and drop-path rates by S (SplitNet's rule).
         averaging: ``'logits'`` (mean of logits) or ``'probs'`` (log of mean probabilities).

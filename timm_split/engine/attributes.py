@@ -349,7 +349,19 @@ def fit_module(mod: nn.Module, entries: list, args: list, kwargs: dict, out_shap
 
     Every run records which of the attributes the forward reads; only those are varied (one it never reads
     cannot change its output), and the set grows as other values reach other code. A whole encoder with four
-    ambiguous attributes, one of them read, takes 4 forwards instead of 32."""
+    ambiguous attributes, one of them read, takes 4 forwards instead of 32.
+
+    Args:
+        mod: the module (on meta); its attributes are left at the last combination tried.
+        entries: (attribute, old value, candidate values) per attribute.
+        args: positional inputs (meta tensors of the planned shapes, or values).
+        kwargs: keyword inputs.
+        out_shapes: the planned shapes of its tensor outputs, flattened.
+        max_tries: cap on combinations.
+
+    Returns:
+        The fitting values, one per entry, or None.
+    """
     names, read = {attr for attr, _, _ in entries}, set()
 
     def spy(self, k):
