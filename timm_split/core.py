@@ -21,7 +21,7 @@ from .engine.rebuild import (build_member, channel_selection, check_member, inhe
                              reference_stats)
 from .ensemble import SplitEnsemble
 from .errors import SplitError
-from .trace import Trace, input_shape_for, meta_copy, trace
+from .trace import Trace, drop_user_hooks, input_shape_for, meta_copy, trace
 
 _logger = logging.getLogger(__name__)
 
@@ -143,6 +143,8 @@ def split(model: nn.Module, split_factor: int, *, seed: int = 0, img_size: ImgSi
         raise ValueError(f"init must be 'random' or 'inherit', got {init!r}")
     if S == 1:
         member = copy.deepcopy(model)
+        for m in member.modules():  # members never carry the user's hooks (see trace.meta_copy)
+            drop_user_hooks(m)
         p = plan_split(model, 1, img_size=img_size, in_chans=in_chans, scale_regularization=False)
         return SplitEnsemble([member], p, _pretrained_cfg(model, p), averaging)
     planned = _plan_and_template(model, S, img_size, scale_regularization, params_tol, macs_tol, in_chans)

@@ -26,7 +26,8 @@ from .errors import SplitError
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["Trace", "meta_copy", "trace", "input_shape_for", "MetaRecurrent", "recurrent_meta_output"]
+__all__ = ["Trace", "meta_copy", "drop_user_hooks", "trace", "input_shape_for", "MetaRecurrent",
+           "recurrent_meta_output"]
 
 
 @dataclass
@@ -79,7 +80,7 @@ def meta_copy(model: nn.Module) -> nn.Module:
         memo[id(t)] = nn.Parameter(m, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else m
     copied = copy.deepcopy(model, memo)
     for mod in copied.modules():
-        _drop_user_hooks(mod)
+        drop_user_hooks(mod)
     return copied
 
 
@@ -93,8 +94,12 @@ def _is_library_hook(hook: Any) -> bool:
     return module.split(".")[0] in ("torch", "timm")
 
 
-def _drop_user_hooks(mod: nn.Module) -> None:
-    """Remove ``mod``'s forward hooks and pre-hooks, except torch's and timm's own."""
+def drop_user_hooks(mod: nn.Module) -> None:
+    """Remove ``mod``'s own forward hooks and pre-hooks (not its children's), except torch's and timm's.
+
+    Args:
+        mod: a module, changed in place (a copy: the user's model is never passed here).
+    """
     for table in _HOOK_TABLES:
         hooks = getattr(mod, table, None)
         for key in [k for k, h in (hooks or {}).items() if not _is_library_hook(h)]:
