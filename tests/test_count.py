@@ -235,6 +235,9 @@ def test_img_size_and_in_chans_from_pretrained_cfg():
         gray = timm.create_model("test_byobnet", in_chans=1)
     gray.pretrained_cfg = dict(gray.pretrained_cfg, input_size=(1, 64, 64))
     assert count(gray).img_size == (64, 64)
+    with torch.device("meta"):
+        small = timm.create_model("vit_small_patch16_224", img_size=64)  # its cfg still says 224
+    assert count(small).img_size == (64, 64), "counted at the size it was created at, as split() plans it"
 
 
 @pytest.mark.timeout(30)

@@ -57,7 +57,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
-from .trace import recurrent_meta_output
+from .trace import recurrent_meta_output, size_built_at
 
 with warnings.catch_warnings():  # fvcore.nn scripts a loss at import, and torch.jit.script is deprecated
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
@@ -212,9 +212,12 @@ def ensemble_cost(member: Cost, members: Sequence[nn.Module]) -> Cost:
 def _resolve_input(
         model: nn.Module, img_size: Union[int, Tuple[int, int], None], in_chans: Optional[int],
 ) -> Tuple[Tuple[int, int], int]:
-    """Return ``((H, W), C)`` from the arguments or the model's ``pretrained_cfg['input_size']``."""
+    """Return ``((H, W), C)`` from the arguments, else the size the model was created at, else its
+    ``pretrained_cfg['input_size']`` (as :func:`timm_split.trace.input_shape_for`)."""
     cfg = getattr(model, "pretrained_cfg", None)
     cfg_size = cfg.get("input_size") if isinstance(cfg, Mapping) else None
+    if img_size is None:
+        img_size = size_built_at(model)
     if img_size is None:
         if cfg_size is None:
             raise ValueError(

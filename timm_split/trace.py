@@ -26,7 +26,7 @@ from .errors import SplitError
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["Trace", "meta_copy", "drop_user_hooks", "trace", "input_shape_for", "MetaRecurrent",
+__all__ = ["Trace", "meta_copy", "drop_user_hooks", "trace", "input_shape_for", "size_built_at", "MetaRecurrent",
            "recurrent_meta_output"]
 
 
@@ -108,9 +108,16 @@ def drop_user_hooks(mod: nn.Module) -> None:
                 getattr(mod, flags, {}).pop(key, None)
 
 
-def _size_built_at(model: nn.Module) -> Optional[Tuple[int, int]]:
+def size_built_at(model: nn.Module) -> Optional[Tuple[int, int]]:
     """The image size a model was created at, where it keeps one (timm's ``img_size=`` of ViT-like models is in
-    ``patch_embed.img_size``; some models keep ``img_size`` themselves); None where it does not."""
+    ``patch_embed.img_size``; some models keep ``img_size`` themselves); None where it does not.
+
+    Args:
+        model: any module.
+
+    Returns:
+        ``(H, W)`` or None.
+    """
     for owner in (getattr(model, "patch_embed", None), model):
         size = getattr(owner, "img_size", None) if owner is not None else None
         if isinstance(size, int) and not isinstance(size, bool) and size > 0:
@@ -132,7 +139,7 @@ def input_shape_for(model: nn.Module, img_size: Optional[Tuple[int, int]] = None
     if img_size is not None:
         h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     else:
-        h, w = _size_built_at(model) or (h, w)
+        h, w = size_built_at(model) or (h, w)
     return (batch_size, c, h, w)
 
 
