@@ -33,7 +33,7 @@ from .ensemble import SplitEnsemble, Views
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["MemberParallel"]
+__all__ = ["MemberParallel", "ensemble_signature"]
 
 
 class _AllGather(torch.autograd.Function):
@@ -93,7 +93,9 @@ def _check_same_ensemble(ensemble: Any, group: Optional[dist.ProcessGroup]) -> N
 class MemberParallel(nn.Module):
     """This rank's member of a :class:`~timm_split.ensemble.SplitEnsemble`, co-trained across ranks.
 
-    Must be built on every rank of ``group`` in the same order (it creates sub-groups when ``k > 1``).
+    Must be built on every rank of ``group`` in the same order (it creates sub-groups when ``k > 1``). The ranks
+    first all-gather their S and a digest of their ensemble (:func:`ensemble_signature`), so ranks given
+    different splits all raise a ValueError instead of hanging in the first collective.
 
     Args:
         ensemble: the full ensemble, built identically on every rank (``split(model, S, seed=...)``).
