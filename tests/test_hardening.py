@@ -5,6 +5,7 @@ Each test names the input class it covers in docs/reliability.md.
 import csv
 import math
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -29,7 +30,7 @@ def test_split_needs_a_module(model, hint):
         timm_split.split(model, 2)
 
 
-@pytest.mark.parametrize("img_size", [0, -32, "32", 32.5, (32,), (16, 16, 16), (16, 0), True])
+@pytest.mark.parametrize("img_size", [0, -32, "32", 32.5, (32,), (16, 16, 16), (16, 0), True, np.int64(32)])
 def test_bad_img_size(img_size):
     with pytest.raises(ValueError, match=r"img_size must be a positive int or \(height, width\)"):
         timm_split.split(_net(), 2, img_size=img_size)
@@ -66,6 +67,7 @@ def test_split_factor_bound_before_tracing(S):
         timm_split.plan_split(model, S)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 def test_scripted_model_is_not_supported():
     with pytest.raises(SplitError, match=r"TorchScript .* is not supported.*split the eager model"):
         timm_split.split(torch.jit.script(_net()), 2, img_size=16)

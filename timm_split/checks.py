@@ -29,7 +29,8 @@ MAX_SPLIT_FACTOR = 256
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    """A Python int (not a bool; numpy ints are refused, as ``split_factor`` always refused them)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _shown(value: Any) -> str:
