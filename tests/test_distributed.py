@@ -1,4 +1,5 @@
 """Member-parallel co-training (issue 7): gloo on CPU, processes on this machine, against single-process training."""
+import datetime
 import socket
 
 import pytest
@@ -107,6 +108,74 @@ def test_member_and_data_parallel(tmp_path):
     params = {n for n, _ in _ensemble().named_parameters()}
     for k in params:
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def _init(rank: int, world: int, port: int) -> None:
+    torch.set_num_threads(1)
+    # a collective that waits for a rank that never comes fails after 20 s instead of hanging the test
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=20))
+
+
+def _combine_worker(rank: int, world: int, port: int, out: str) -> None:
+    from timm_split.distributed import MemberParallel
+    _init(rank, world, port)
+    try:
+        for averaging in ("logits", "probs"):
+            ens = _ensemble().eval()
+            ens.averaging = averaging
+            x = torch.randn(3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(2))
+            net = MemberParallel(ens)
+            with torch.no_grad():
+                got, want = net.combine(net(x)), ens(x)
+            if rank == 0:
+                torch.save((got, want), f"{out}.{averaging}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _mismatch_worker(rank: int, world: int, port: int, out: str, splits, widths) -> None:
+    from timm_split.distributed import MemberParallel
+    _init(rank, world, port)
+    try:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Conv2d(3, widths[rank], 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                            nn.Linear(widths[rank], CLASSES))
+        ens = timm_split.split(net, splits[rank], img_size=SIZE)
+        try:
+            mp_net = MemberParallel(ens)
+            mp_net(torch.randn(2, 3, SIZE, SIZE))  # before the check: the ranks hang here (or in new_group)
+            msg = "no error"
+        except Exception as e:  # noqa: BLE001 - recorded for the parent to check
+            msg = f"{type(e).__name__}: {e}"
+        with open(f"{out}.{rank}", "w") as f:
+            f.write(msg)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(fn, world: int, *args) -> None:
+    mp.start_processes(fn, args=(world, _free_port(), *args), nprocs=world, join=True, start_method="fork")
+
+
+@pytest.mark.timeout(120)
+def test_member_parallel_combine_equals_the_ensemble(tmp_path):
+    """MemberParallel.combine gives SplitEnsemble's prediction (it raised AttributeError: num_classes)."""
+    _spawn(_combine_worker, S, str(tmp_path / "combine"))
+    for averaging in ("logits", "probs"):
+        got, want = torch.load(tmp_path / f"combine.{averaging}")
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("splits,widths", [((2, 1), (16, 16)), ((2, 2), (16, 24))], ids=["S", "plan"])
+def test_member_parallel_ranks_with_different_splits_raise(tmp_path, splits, widths):
+    """Ranks built with different S (or plans) raise a ValueError on every rank instead of hanging."""
+    _spawn(_mismatch_worker, 2, str(tmp_path / "msg"), splits, widths)
+    for rank in range(2):
+        msg = (tmp_path / f"msg.{rank}").read_text()
+        assert msg.startswith("ValueError: the ranks were given different ensembles"), msg
+        assert "rank 0: S=2" in msg and f"rank 1: S={splits[1]}" in msg
 
 
 def test_needs_initialised_process_group():

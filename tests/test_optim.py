@@ -87,3 +87,26 @@ def test_param_groups_timm_model():
 def test_param_groups_bad_list():
     with pytest.raises(ValueError, match="collection"):
         param_groups(Member(), 5e-4, 2, no_weight_decay_list="pos_embed")
+
+
+def _split_resnet(S: int):
+    import timm_split
+    net = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(16, 10))
+    return timm_split.split(net, S, img_size=16)
+
+
+@pytest.mark.timeout(60)
+def test_param_groups_reads_split_factor_from_the_model():
+    ens = _split_resnet(4)
+    want = {scaled_weight_decay(5e-4, 4), 0.0}
+    assert set(_groups_by_wd(param_groups(ens, 5e-4))) == want
+    assert set(_groups_by_wd(param_groups(ens, 5e-4, 4))) == want  # an explicit S that agrees is fine
+    # behind a wrapper (as DDP or torch.compile wrap it), S is still the ensemble's
+    assert set(_groups_by_wd(param_groups(nn.Sequential(ens), 5e-4))) == want
+    with pytest.raises(ValueError, match=r"split_factor=2 disagrees with the model's split_factor=4"):
+        param_groups(ens, 5e-4, 2)
+
+
+def test_param_groups_unsplit_model_defaults_to_one():
+    assert set(_groups_by_wd(param_groups(Member(), 5e-4))) == {5e-4, 0.0}

@@ -6,32 +6,22 @@ import logging
 import sys
 from typing import List, Optional
 
+from timm_split.checks import int_at_least, split_factor_arg
+
 __all__ = ["main"]
 
 
-def _int_at_least(minimum: int, what: str):
-    """An argparse type: an int >= ``minimum``, with a message naming ``what``."""
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} must be an int >= {minimum}, got {text!r}") from None
-        if v < minimum:
-            raise argparse.ArgumentTypeError(f"{what} must be an int >= {minimum}, got {v}")
-        return v
-    return parse
-
-
-_split_factor = _int_at_least(1, "split factor")
-_img_size = _int_at_least(8, "--img-size (pixels)")
+_img_size = int_at_least(8, "--img-size (pixels)")
 
 
 def _cmd_demo(args) -> int:
     import timm
 
     import timm_split
-    from timm_split.compare import compare_rows, format_rows
+    from timm_split.compare import compare_rows, format_rows, resolve_models
 
+    if resolve_models([args.model]) != [args.model]:
+        raise ValueError(f"--model takes one timm model name, not a pattern; got {args.model!r}")
     model = timm.create_model(args.model)
     ens = timm_split.split(model, args.split)
     print(ens.split_plan)
@@ -51,9 +41,11 @@ def _cmd_demo(args) -> int:
 def _cmd_compare(args) -> int:
     from tqdm import tqdm
 
-    from timm_split.compare import compare_rows, format_rows, plot_rows, resolve_models
+    from timm_split.compare import check_plot_path, compare_rows, format_rows, plot_rows, resolve_models
 
     names = resolve_models(args.models)
+    if args.plot:  # before the counting, which can take minutes
+        check_plot_path(args.plot)
     rows = []
     for name in tqdm(names, desc="counting", disable=len(names) < 2 or not sys.stderr.isatty(), file=sys.stderr):
         rows.extend(compare_rows(name, args.split, args.img_size, reparam=args.reparam, check=not args.no_check))
@@ -80,15 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("demo", help="split a model, print its plan and the param/FLOP comparison (no data)")
     d.add_argument("--model", default="resnet50")
-    d.add_argument("--split", type=_split_factor, default=4)
+    d.add_argument("--split", type=split_factor_arg, default=4)
     d.set_defaults(fn=_cmd_demo)
     c = sub.add_parser("compare", help="params and GMACs of models and their splits, counted with fvcore")
     c.add_argument("models", nargs="+", help="timm model names or wildcards ('convnext_*')")
-    c.add_argument("--split", type=_split_factor, nargs="+", default=[2, 4], help="split factors (default 2 4)")
+    c.add_argument("--split", type=split_factor_arg, nargs="+", default=[2, 4], help="split factors (default 2 4)")
     c.add_argument("--img-size", type=_img_size, default=None, help="square input size (default: the model's)")
     c.add_argument("--format", choices=["table", "md", "csv", "json"], default=None)
     c.add_argument("--per-member", action="store_true", help="one row per member as well")
-    c.add_argument("--by-module", type=_int_at_least(1, "--by-module depth"), metavar="DEPTH",
+    c.add_argument("--by-module", type=int_at_least(1, "--by-module depth"), metavar="DEPTH",
                    help="also break params and MACs down by module path, to this depth")
     c.add_argument("--plot", metavar="PNG", help="write params and GMACs against S to a PNG")
     c.add_argument("--reparam", action="store_true",

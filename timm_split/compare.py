@@ -11,16 +11,18 @@ import difflib
 import io
 import json
 import logging
+import os
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
+from .checks import atomic_write, check_writable
 from .core import split
 from .count import count, count_by_module, ensemble_cost
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["resolve_models", "compare_rows", "format_rows", "plot_rows", "by_module_table"]
+__all__ = ["resolve_models", "compare_rows", "format_rows", "plot_rows", "check_plot_path", "by_module_table"]
 
 COLUMNS = ("model", "split", "img_size", "params_M", "gmacs", "params_ratio", "gmacs_ratio", "width_factor",
            "member_params_M", "member_gmacs")
@@ -138,14 +140,27 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def plot_rows(rows: List[Dict], path: str) -> None:
-    """Write a PNG of params and GMACs (ensemble totals) against S, one line per model."""
+def _pyplot():
+    """``matplotlib.pyplot`` on the Agg backend; ValueError naming the extra to install when it is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ValueError("--plot needs matplotlib: pip install 'timm_split[plot]'") from e
+    return plt
+
+
+def check_plot_path(path: str) -> None:
+    """Raise ValueError now if :func:`plot_rows` could not write ``path`` (no matplotlib, a folder that is
+    missing or read-only), so a long count does not end in that error."""
+    _pyplot()
+    check_writable(path, "--plot")
+
+
+def plot_rows(rows: List[Dict], path: str) -> None:
+    """Write a PNG of params and GMACs (ensemble totals) against S, one line per model (atomically)."""
+    plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     models = list(dict.fromkeys(r["model"] for r in rows))
     for name in models:
@@ -160,8 +175,11 @@ def plot_rows(rows: List[Dict], path: str) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    ext = os.path.splitext(path)[1].lstrip(".").lower() or "png"
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format=ext))
+    finally:
+        plt.close(fig)
 
 
 def by_module_table(name: str, split_factor: int, depth: int, img_size: Optional[int] = None) -> str:

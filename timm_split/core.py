@@ -13,6 +13,7 @@ from typing import NamedTuple, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from .checks import check_split_args
 from .engine.analyse import RETRY_LADDER, ChannelGraph, analyse
 from .engine.attributes import attribute_ties, settle_attributes
 from .engine.atoms import NewWidths
@@ -68,6 +69,8 @@ def plan_split(model: nn.Module, split_factor: int, *, img_size: ImgSize = None,
     Returns:
         The :class:`~timm_split.engine.plan.SplitPlan`.
     """
+    check_split_args(model, split_factor, img_size=img_size, in_chans=in_chans, params_tol=params_tol,
+                     macs_tol=macs_tol)
     S = _check_factor(split_factor)
     return _plan_and_template(model, S, img_size, scale_regularization, params_tol, macs_tol, in_chans).plan
 
@@ -138,6 +141,8 @@ def split(model: nn.Module, split_factor: int, *, seed: int = 0, img_size: ImgSi
         ValueError: ``split_factor`` is not an int >= 1, or so large a channel group would vanish.
         SplitError: the model has a construct the engine cannot handle (the message names the node).
     """
+    check_split_args(model, split_factor, img_size=img_size, in_chans=in_chans, seed=seed, params_tol=params_tol,
+                     macs_tol=macs_tol)
     S = _check_factor(split_factor)
     if init not in ("random", "inherit"):
         raise ValueError(f"init must be 'random' or 'inherit', got {init!r}")

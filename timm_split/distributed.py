@@ -21,6 +21,7 @@ same data, up to float tolerance). Targets must be the same on the S ranks of a 
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Any, Dict, List, Optional, Union
 
@@ -32,7 +33,7 @@ from .ensemble import SplitEnsemble, Views
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["MemberParallel"]
+__all__ = ["MemberParallel", "ensemble_signature"]
 
 
 class _AllGather(torch.autograd.Function):
@@ -58,10 +59,43 @@ class _AllGather(torch.autograd.Function):
         return grad[dist.get_rank(ctx.group)] / n, None
 
 
+def ensemble_signature(ensemble: SplitEnsemble) -> str:
+    """A digest of what every rank must agree on: S, the averaging and every tensor's name, shape and dtype.
+
+    Args:
+        ensemble: the ensemble a rank was given.
+
+    Returns:
+        A hex sha256 digest (the same on every process for the same plan, unlike Python's ``hash``).
+    """
+    spec = [ensemble.split_factor, ensemble.averaging]
+    spec += [(k, tuple(v.shape), str(v.dtype)) for k, v in ensemble.state_dict().items()]
+    return hashlib.sha256(repr(spec).encode()).hexdigest()
+
+
+def _check_same_ensemble(ensemble: Any, group: Optional[dist.ProcessGroup]) -> None:
+    """Raise on every rank, not hang on some, when the ranks were given different splits (S or plan) or one
+    rank was given no ensemble: each rank takes part in one all-gather before it checks anything itself."""
+    if isinstance(ensemble, SplitEnsemble):
+        own = (ensemble.split_factor, ensemble_signature(ensemble)[:12])
+    else:
+        own = (None, f"a {type(ensemble).__name__}")
+    every: List[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, own, group=group)
+    if own[0] is None:
+        raise ValueError(f"ensemble must be a SplitEnsemble (from timm_split.split), got {own[1]}")
+    if any(s != own for s in every):
+        ranks = ", ".join(f"rank {r}: " + (f"S={s[0]} plan {s[1]}" if s[0] else s[1]) for r, s in enumerate(every))
+        raise ValueError(f"the ranks were given different ensembles ({ranks}); build the same split on every rank: "
+                         "the same model, split_factor, img_size and timm_split version")
+
+
 class MemberParallel(nn.Module):
     """This rank's member of a :class:`~timm_split.ensemble.SplitEnsemble`, co-trained across ranks.
 
-    Must be built on every rank of ``group`` in the same order (it creates sub-groups when ``k > 1``).
+    Must be built on every rank of ``group`` in the same order (it creates sub-groups when ``k > 1``). The ranks
+    first all-gather their S and a digest of their ensemble (:func:`ensemble_signature`), so ranks given
+    different splits all raise a ValueError instead of hanging in the first collective.
 
     Args:
         ensemble: the full ensemble, built identically on every rank (``split(model, S, seed=...)``).
@@ -82,15 +116,15 @@ class MemberParallel(nn.Module):
         if not dist.is_available() or not dist.is_initialized():
             raise ValueError("MemberParallel needs torch.distributed initialised: call "
                              "dist.init_process_group('gloo' or 'nccl') first")
-        if not isinstance(ensemble, SplitEnsemble):
-            raise ValueError(f"ensemble must be a SplitEnsemble (from timm_split.split), got {type(ensemble).__name__}")
+        _check_same_ensemble(ensemble, group)
         S = ensemble.split_factor
         world, rank = dist.get_world_size(group), dist.get_rank(group)
         if world % S:
             raise ValueError(f"world size {world} is not a multiple of the split factor {S}; launch k*{S} processes "
                              f"(one per member, times k data-parallel replicas)")
         ranks = dist.get_process_group_ranks(group) if group is not None else list(range(world))
-        self.split_factor, self.averaging = S, ensemble.averaging
+        # what SplitEnsemble.combine reads, so combine() gives the ensemble's prediction
+        self.split_factor, self.averaging, self.num_classes = S, ensemble.averaging, ensemble.num_classes
         self.member_index, self.replica_index, self.num_replicas = rank % S, rank // S, world // S
         self.gather_group, member_group = group, None
         if self.num_replicas > 1:
@@ -147,7 +181,7 @@ class MemberParallel(nn.Module):
 
     def combine(self, member_outputs: torch.Tensor) -> torch.Tensor:
         """The ensemble prediction from gathered ``[S, B, K]`` outputs (``SplitEnsemble.combine``)."""
-        return SplitEnsemble.combine(self, member_outputs)  # only reads self.averaging
+        return SplitEnsemble.combine(self, member_outputs)  # reads split_factor, averaging and num_classes
 
     def ensemble_state_dict(self) -> Dict[str, torch.Tensor]:
         """The whole ensemble's state dict (``members.i.`` keys, on CPU), gathered from this replica's ranks.

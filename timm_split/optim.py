@@ -1,12 +1,12 @@
 """Optimizer helpers: weight decay scaled for S thinner members (SplitNet)."""
 import logging
 import math
-from typing import Any, Collection, Dict, List, Set
+from typing import Any, Collection, Dict, List, Optional, Set
 
 from torch import nn
 from timm.optim import param_groups_weight_decay
 
-__all__ = ["scaled_weight_decay", "param_groups"]
+__all__ = ["scaled_weight_decay", "param_groups", "model_split_factor"]
 
 _logger = logging.getLogger(__name__)
 
@@ -47,24 +47,43 @@ def _model_no_weight_decay(model: nn.Module) -> Set[str]:
     return names
 
 
+def model_split_factor(model: nn.Module) -> Optional[int]:
+    """S of a split model: the ``split_factor`` of ``model`` or of the first submodule that has one.
+
+    Looking through the submodules finds S behind wrappers (``DistributedDataParallel``, ``torch.compile``).
+
+    Args:
+        model: a :class:`~timm_split.ensemble.SplitEnsemble`, a wrapper of one, or any module.
+
+    Returns:
+        S, or ``None`` for a model with no ``split_factor`` (an unsplit model).
+    """
+    for module in model.modules():
+        value = getattr(module, "split_factor", None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
 def param_groups(
         model: nn.Module,
         weight_decay: float,
-        split_factor: int,
+        split_factor: Optional[int] = None,
         no_weight_decay_list: Collection[str] = (),
 ) -> List[Dict[str, Any]]:
     """Parameter groups with SplitNet's scaled weight decay, for any ``torch.optim`` optimizer.
 
     Wraps ``timm.optim.param_groups_weight_decay``: biases, 1-d parameters (norms) and the names in
     ``no_weight_decay_list`` or in any (sub)module's ``no_weight_decay()`` get no decay; the rest get
-    ``scaled_weight_decay(weight_decay, split_factor)``. Example::
+    ``scaled_weight_decay(weight_decay, S)``. Example::
 
-        torch.optim.SGD(param_groups(ens, 5e-4, 2), lr=0.1, momentum=0.9)
+        torch.optim.SGD(param_groups(ens, 5e-4), lr=0.1, momentum=0.9)
 
     Args:
-        model: The (split) model.
+        model: The (split) model; S is read from its ``split_factor`` (see :func:`model_split_factor`).
         weight_decay: Weight decay of the unsplit model, ``>= 0``.
-        split_factor: Number of members S, ``>= 1``.
+        split_factor: S, only for a model that does not say (a plain module of members); a value that
+            disagrees with the model's ``split_factor`` raises. A model with neither is unsplit: S=1.
         no_weight_decay_list: Extra full parameter names (timm also accepts fnmatch patterns) to exclude.
 
     Returns:
@@ -73,8 +92,12 @@ def param_groups(
     if isinstance(no_weight_decay_list, str):
         raise ValueError("no_weight_decay_list must be a collection of names, not a string; "
                          f"use ({no_weight_decay_list!r},).")
-    wd = scaled_weight_decay(weight_decay, split_factor)
+    own = model_split_factor(model)
+    if own is not None and split_factor is not None and split_factor != own:
+        raise ValueError(f"split_factor={split_factor!r} disagrees with the model's split_factor={own}; "
+                         "drop the argument: param_groups(model, weight_decay) reads S from the model.")
+    S = own if own is not None else (1 if split_factor is None else split_factor)
+    wd = scaled_weight_decay(weight_decay, S)
     skip = set(no_weight_decay_list) | _model_no_weight_decay(model)
-    _logger.debug("weight decay %g scaled to %g for S=%d; %d names without decay", weight_decay, wd,
-                  split_factor, len(skip))
+    _logger.debug("weight decay %g scaled to %g for S=%s; %d names without decay", weight_decay, wd, S, len(skip))
     return param_groups_weight_decay(model, weight_decay=wd, no_weight_decay_list=skip)

@@ -22,7 +22,9 @@ from __future__ import annotations
 import argparse
 import csv
 import fnmatch
+import io
 import logging
+import math
 import multiprocessing as mp
 import os
 import statistics
@@ -36,6 +38,7 @@ __all__ = ["FIELDS", "sweep_one", "default_tier", "run_sweep", "write_markdown",
 
 FIELDS = ("arch", "module", "split", "status", "reason", "params_orig", "params_split", "gmacs_orig", "gmacs_split",
           "params_ratio", "gmacs_ratio", "cpu_checked", "seconds")
+STATUSES = ("ok", "parity_miss", "split_error", "forward_error", "timeout", "crash")
 PARAMS_TOL, MACS_TOL = 0.02, 0.04
 REFERENCE_CSV = os.path.join(os.path.dirname(__file__), "resources", "timm_benchmark_gmacs.csv")  # package data
 
@@ -224,16 +227,12 @@ def run_sweep(archs: Sequence[str], splits: Sequence[int], out: str, *, device: 
 
     done = {(r["arch"], int(r["split"])) for r in _read(out)}
     todo = [a for a in archs if any((a, S) not in done for S in splits)]
-    new_file = not os.path.exists(out) or os.path.getsize(out) == 0
     ctx = mp.get_context("fork" if sys.platform != "win32" else "spawn")
     args = (tuple(splits), device, cpu_max_params, cpu_img_size)
     slots = [_Slot(ctx, args) for _ in range(max(1, workers))]
     queue = list(todo)
     bar = tqdm(total=len(todo), desc=f"sweep S={','.join(map(str, splits))}", disable=not progress, file=sys.stderr)
-    with open(out, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
-        if new_file:
-            w.writeheader()
+    with _open_for_append(out) as f:
         try:
             while queue or any(s.arch for s in slots):
                 for s in slots:
@@ -257,8 +256,7 @@ def run_sweep(archs: Sequence[str], splits: Sequence[int], out: str, *, device: 
                         rows = _failed(s.arch, splits, "crash", "worker died")
                         s.start()
                     if rows is not None:
-                        w.writerows([r for r in rows if (r["arch"], int(r["split"])) not in done])
-                        f.flush()
+                        _append(f, [r for r in rows if (r["arch"], int(r["split"])) not in done])
                         bar.update(1)
                         s.arch = None
         finally:
@@ -270,11 +268,69 @@ def run_sweep(archs: Sequence[str], splits: Sequence[int], out: str, *, device: 
     return _read(out)
 
 
+def _csv_text(rows: List[Dict], header: bool = False) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=FIELDS, extrasaction="ignore")
+    if header:
+        w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def _open_for_append(path: str):
+    """``path`` opened to append rows: a new file gets the header; a file whose last row was cut mid-write gets
+    a newline first, so the next row starts on a line of its own (the cut row is skipped on reading)."""
+    ends_clean = True
+    if os.path.exists(path) and os.path.getsize(path) > 0:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            ends_clean = f.read(1) == b"\n"
+        header = False
+    else:
+        header = True
+    f = open(path, "a", newline="")
+    f.write(("" if ends_clean else "\n") + (_csv_text([], header=True) if header else ""))
+    f.flush()
+    return f
+
+
+def _append(f, rows: List[Dict]) -> None:
+    """Append ``rows`` in one write and flush, so a stopped sweep leaves whole rows (at most one cut)."""
+    f.write(_csv_text(rows))
+    f.flush()
+
+
+def _complete(row: Dict) -> bool:
+    """Whether a CSV row is whole: every field there (no cut), no extra fields (no glued rows), known status."""
+    if None in row or any(row.get(k) is None for k in FIELDS) or row["status"] not in STATUSES or not row["arch"]:
+        return False
+    try:
+        int(row["split"])
+    except ValueError:
+        return False
+    return True
+
+
 def _read(path: str) -> List[Dict]:
+    """The whole rows of a sweep CSV (none if it does not exist); rows cut mid-write are skipped with a warning.
+
+    Raises:
+        ValueError: the file is not a sweep CSV (its header lacks the sweep's columns).
+    """
     if not os.path.exists(path):
         return []
     with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        missing = [k for k in FIELDS if k not in (reader.fieldnames or FIELDS)]
+        if missing:
+            raise ValueError(f"{path} is not a timm-split sweep CSV (no {', '.join(missing[:3])} column); pass "
+                             "another --out or --report")
+        rows = list(reader)
+    whole = [r for r in rows if _complete(r)]
+    if len(whole) < len(rows):
+        _logger.warning("%s: skipped %d row(s) that do not parse (cut mid-write); their architectures run again",
+                        path, len(rows) - len(whole))
+    return whole
 
 
 def default_tier() -> List[str]:
@@ -306,6 +362,8 @@ def select(filters: Iterable[str] = ("*",), excludes: Iterable[str] = (), limit:
 
 def write_markdown(rows: List[Dict], path: str, command: str) -> None:
     """docs/zoo.md from sweep rows: coverage by module, parity statistics, every failure with its reason."""
+    from .checks import atomic_write
+
     by_split: Dict[int, List[Dict]] = {}
     for r in rows:
         by_split.setdefault(int(r["split"]), []).append(r)
@@ -343,28 +401,62 @@ def write_markdown(rows: List[Dict], path: str, command: str) -> None:
     lines += ["", f"## Not ok ({len(fails)} rows)", "", "| arch | S | status | reason |", "|---|---|---|---|"]
     for r in sorted(fails, key=lambda r: (r["status"], r["arch"], int(r["split"]))):
         lines.append(f"| {r['arch']} | {r['split']} | {r['status']} | {r.get('reason', '').replace('|', '/')} |")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
+    atomic_write(path, write)
+
+
+def _seconds(text: str) -> float:
+    """An argparse type: a number of seconds > 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not v > 0 or math.isinf(v):
+        raise argparse.ArgumentTypeError(f"--timeout must be a number of seconds > 0, got {text!r}")
+    return v
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
+    from .checks import int_at_least, split_factor_arg
+
     p.add_argument("--filter", nargs="+", default=["*"], help="wildcards of timm names (default: all)")
     p.add_argument("--exclude", nargs="+", default=[], help="wildcards to leave out")
     p.add_argument("--tier", choices=["all", "default"], default="all",
                    help="'default': one small architecture per timm module")
-    p.add_argument("--split", type=int, nargs="+", default=[2, 4])
-    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--split", type=split_factor_arg, nargs="+", default=[2, 4])
+    p.add_argument("--limit", type=int_at_least(1, "--limit"), default=None)
     p.add_argument("--device", choices=["meta", "cpu"], default="meta")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds per architecture")
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--timeout", type=_seconds, default=120.0, help="seconds per architecture")
+    p.add_argument("--workers", type=int_at_least(1, "--workers"), default=1)
     p.add_argument("--cpu-max-params", type=float, default=30e6)
     p.add_argument("--out", default="sweep.csv", help="CSV to append to (resumes)")
     p.add_argument("--report", metavar="CSV", help="only write --markdown from an existing CSV")
     p.add_argument("--markdown", metavar="MD", help="write the coverage report here")
 
 
+def _check_paths(args: argparse.Namespace) -> None:
+    """Usage errors before any work: a --report that is not there or holds no rows, an unwritable --out or
+    --markdown."""
+    from .checks import check_writable
+
+    if args.report:
+        if not os.path.isfile(args.report):
+            raise ValueError(f"--report {args.report!r}: no such file; pass the CSV a sweep wrote (its --out)")
+        if not _read(args.report):
+            raise ValueError(f"--report {args.report!r} has no sweep rows; run the sweep first (--out)")
+    else:
+        check_writable(args.out, "--out")
+    if args.markdown:
+        check_writable(args.markdown, "--markdown")
+
+
 def run(args: argparse.Namespace) -> int:
     command = "timm-split sweep " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["sweep"] else sys.argv[1:])
+    _check_paths(args)
     if args.report:
         rows = _read(args.report)
     else:
@@ -386,7 +478,12 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m timm_split.sweep", description=__doc__.split("\n")[0])
     add_args(p)
-    return run(p.parse_args(argv))
+    args = p.parse_args(argv)
+    try:
+        return run(args)
+    except ValueError as e:
+        p.error(str(e))
+    return 2
 
 
 if __name__ == "__main__":

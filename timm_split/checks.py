@@ -1,0 +1,249 @@
+"""Argument checks for :func:`timm_split.split` and :func:`timm_split.plan_split`, run before any tracing.
+
+Every check is cheap (no forward pass): a bad argument fails at once with a ``ValueError`` that names the fix,
+and a model the engine cannot split for a known reason (scripted, nothing to resize, parametrized weights,
+quantization-aware training modules) fails with a :class:`~timm_split.errors.SplitError` that names the modules.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import numbers
+import os
+import tempfile
+from typing import Any, Callable, Iterator, List, Tuple
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .errors import SplitError
+
+__all__ = ["check_split_args", "check_split_factor", "check_writable", "atomic_write", "int_at_least",
+           "split_factor_arg", "MAX_SPLIT_FACTOR"]
+
+# Each member is 1/sqrt(S) as wide: at S=256 a 64-channel stage keeps 4 channels. SplitNet uses S of 2 to 16;
+# the work of a split grows faster than linearly in S (resnet18 at S=256: about 25 s), so a larger S is an error
+# rather than minutes of work. The plan still checks every channel group against S after tracing.
+MAX_SPLIT_FACTOR = 256
+
+
+def _is_int(value: Any) -> bool:
+    """A Python int (not a bool; numpy ints are refused, as ``split_factor`` always refused them)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _shown(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def check_split_factor(split_factor: Any) -> int:
+    """``split_factor`` as an int in ``[1, MAX_SPLIT_FACTOR]``.
+
+    Args:
+        split_factor: S, the number of members.
+
+    Returns:
+        S as an ``int``.
+
+    Raises:
+        ValueError: not an int, below 1 or above :data:`MAX_SPLIT_FACTOR`.
+    """
+    if not _is_int(split_factor) or split_factor < 1:
+        raise ValueError(f"split_factor must be an int >= 1, got {_shown(split_factor)} (e.g. split(model, 2))")
+    if split_factor > MAX_SPLIT_FACTOR:
+        raise ValueError(f"split_factor must be <= {MAX_SPLIT_FACTOR}, got {split_factor}: each member is "
+                         f"1/sqrt(S) as wide, so a 64-channel layer keeps 4 channels at S={MAX_SPLIT_FACTOR}; "
+                         "SplitNet uses S of 2 to 16")
+    return int(split_factor)
+
+
+def _check_model(model: Any) -> None:
+    if isinstance(model, nn.Module):
+        return
+    if isinstance(model, str):
+        hint = f"split(timm.create_model({model!r}), S), or timm.create_model('splitnet_{model}', split_factor=S)"
+    elif callable(model):
+        hint = f"call it first: split({getattr(model, '__name__', 'fn')}(), S)"
+    else:
+        hint = "split(timm.create_model('resnet18'), 2)"
+    raise ValueError(f"model must be an nn.Module (a model instance), got {_shown(model)}; {hint}")
+
+
+def _check_img_size(img_size: Any) -> None:
+    if img_size is None or (_is_int(img_size) and img_size >= 1):
+        return
+    if isinstance(img_size, (tuple, list)) and len(img_size) == 2 and all(_is_int(v) and v >= 1 for v in img_size):
+        return
+    hint = f"; pass {int(img_size)}" if isinstance(img_size, str) and img_size.strip().isdigit() else ""
+    raise ValueError(f"img_size must be a positive int or (height, width) of positive ints, e.g. img_size=224 or "
+                     f"(224, 224); got {_shown(img_size)}{hint}")
+
+
+def _check_scalars(seed: Any, in_chans: Any, params_tol: Any, macs_tol: Any) -> None:
+    if not _is_int(seed) or not 0 <= seed < 2 ** 63:
+        raise ValueError(f"seed must be an int in [0, 2**63), got {_shown(seed)} (e.g. seed=0)")
+    if in_chans is not None and (not _is_int(in_chans) or in_chans < 1):
+        raise ValueError(f"in_chans must be None or an int >= 1 (e.g. 3 for RGB), got {_shown(in_chans)}")
+    for name, tol in (("params_tol", params_tol), ("macs_tol", macs_tol)):
+        if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not math.isfinite(tol) or tol <= 0:
+            raise ValueError(f"{name} must be a finite number > 0 (a relative deviation: 0.02 is 2%), got "
+                             f"{_shown(tol)}")
+
+
+def _named_modules(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
+    for name, module in model.named_modules():
+        yield name or "(the model)", module
+
+
+def _unsupported(model: nn.Module) -> List[Tuple[str, str, str]]:
+    """(kind, module path, what) for each module whose weights the engine cannot resize; kind keys _REMEDIES."""
+    from torch.ao.quantization import FakeQuantizeBase, ObserverBase
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+
+    found = []
+    for name, module in _named_modules(model):
+        if parametrize.is_parametrized(module):
+            for tensor, plist in module.parametrizations.items():
+                found.append(("parametrization", name, f"{'+'.join(type(p).__name__ for p in plist)} on {tensor}"))
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, (WeightNorm, SpectralNorm)):
+                found.append(("hook", name, f"{type(hook).__name__} on {hook.name}"))
+        inside = any(name.startswith(f"{outer}.") for kind, outer, _ in found if kind == "quant")
+        if isinstance(module, (FakeQuantizeBase, ObserverBase)) and not inside:
+            found.append(("quant", name, type(module).__name__))
+    return found
+
+
+_REMEDIES = {
+    "parametrization": "split the model without them (torch.nn.utils.parametrize.remove_parametrizations on a "
+                       "copy, or before applying weight_norm/spectral_norm) and apply them to each member after",
+    "hook": "split the model before torch.nn.utils.weight_norm/spectral_norm (or remove_weight_norm/"
+            "remove_spectral_norm on a copy) and apply them to each member after",
+    "quant": "split the float model, then prepare each member for quantization-aware training",
+}
+
+
+def _check_splittable(model: nn.Module) -> None:
+    scripted = next((n for n, m in _named_modules(model) if isinstance(m, torch.jit.ScriptModule)), None)
+    if scripted is not None:
+        raise SplitError(f"TorchScript (torch.jit.script/trace) is not supported, and {scripted} is scripted: split "
+                         "the eager model, then script the members or the ensemble")
+    if next(model.parameters(), None) is None:
+        raise SplitError(f"{type(model).__name__} has no parameters: there is nothing to split")
+    found = _unsupported(model)
+    if found:
+        kinds = sorted({k for k, _, _ in found})
+        listed = "; ".join(f"{name}: {what}" for _, name, what in found[:4]) + ("; ..." if len(found) > 4 else "")
+        raise SplitError(f"split cannot resize {len(found)} module(s) with weight reparametrizations or "
+                         f"quantization observers ({listed}): " + "; ".join(_REMEDIES[k] for k in kinds))
+
+
+def check_split_args(model: Any, split_factor: Any, *, img_size: Any = None, in_chans: Any = None, seed: Any = 0,
+                     params_tol: Any = 0.02, macs_tol: Any = 0.04) -> int:
+    """Check the arguments of ``split``/``plan_split`` before any tracing.
+
+    Args:
+        model: the model to split: an ``nn.Module`` instance.
+        split_factor: S, an int in ``[1, MAX_SPLIT_FACTOR]``.
+        img_size: None, a positive int or ``(height, width)``.
+        in_chans: None or an int >= 1.
+        seed: an int in ``[0, 2**63)``.
+        params_tol: a finite relative tolerance > 0.
+        macs_tol: a finite relative tolerance > 0.
+
+    Returns:
+        S as an ``int``.
+
+    Raises:
+        ValueError: a bad argument (the message names the fix).
+        SplitError: a model the engine cannot split: scripted, without parameters, with parametrized weights
+            (weight_norm, spectral_norm), or with quantization-aware training modules.
+    """
+    _check_model(model)
+    S = check_split_factor(split_factor)
+    _check_img_size(img_size)
+    _check_scalars(seed, in_chans, params_tol, macs_tol)
+    _check_splittable(model)
+    return S
+
+
+def check_writable(path: str, what: str = "output") -> None:
+    """Fail now, not after the work, when ``path`` cannot be written: its folder is missing, read-only or a
+    file, or ``path`` is a folder. Tries a temporary file next to it (removed again); ``path`` is not touched.
+
+    Args:
+        path: the file to be written.
+        what: how the message names it, e.g. ``'--plot'``.
+
+    Raises:
+        ValueError: ``path`` cannot be written (the message says why and what to pass instead).
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"{what} {path!r} is a folder; pass a file name in it, e.g. {os.path.join(path, 'out')!r}")
+    if not os.path.isdir(folder):
+        raise ValueError(f"{what} {path!r}: the folder {folder!r} does not exist (or is a file); create it first "
+                         "or pass another path")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as e:
+        raise ValueError(f"{what} {path!r} cannot be written ({e.strerror or e}); pass a path in a writable "
+                         "folder") from None
+
+
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """Write ``path`` whole or not at all: ``write(tmp)`` fills a temporary file next to it, then
+    ``os.replace`` puts it in place. The file gets the usual mode (umask), and the temporary file is removed
+    if ``write`` raises.
+
+    Args:
+        path: the file to write.
+        write: writes the content to the path it is given.
+    """
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def int_at_least(minimum: int, what: str) -> Callable[[str], int]:
+    """An argparse type: an int >= ``minimum``, with a message naming ``what``.
+
+    Args:
+        minimum: the smallest value allowed.
+        what: how the message names the option, e.g. ``'--img-size (pixels)'``.
+
+    Returns:
+        The parsing function.
+    """
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be an int >= {minimum}, got {text!r}") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"{what} must be an int >= {minimum}, got {v}")
+        return v
+    return parse
+
+
+def split_factor_arg(text: str) -> int:
+    """An argparse type: a split factor in ``[1, MAX_SPLIT_FACTOR]``, the check ``split()`` makes.
+
+    Args:
+        text: the option's text.
+
+    Returns:
+        S.
+    """
+    value = int_at_least(1, "split factor")(text)
+    try:
+        return check_split_factor(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
