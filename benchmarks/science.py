@@ -303,7 +303,8 @@ def train_steps(spec: Spec, st: Setting, max_steps: Optional[int] = None, clock:
     order_gen = torch.Generator().manual_seed(spec.seed)  # data order: shared by the arms of one seed
     aug_gen = torch.Generator(device=st.device).manual_seed(spec.seed + 7919)
     step, sums = 0, {}
-    for epoch in range(st.epochs):
+    epochs = st.epochs if max_steps is None else max(st.epochs, math.ceil(max_steps / steps_per_epoch))
+    for epoch in range(epochs):
         order = torch.randperm(n, generator=order_gen).to(st.device)
         sums = {k: torch.zeros((), device=st.device) for k in ("loss", "ce", "cot")}  # no host sync per step
         for i in range(steps_per_epoch):
@@ -422,6 +423,7 @@ def _line(rec: Dict[str, Any]) -> str:
 def run_specs(specs: Sequence[Spec], st: Setting, records: str, jobs: int, threads: int = 1) -> None:
     """Run every spec without a record, ``jobs`` at a time in worker processes; print progress as runs finish."""
     todo = [s for s in specs if _done(s, st, records) is None]
+    todo.sort(key=lambda s: (s.seed, specs.index(s)))  # seed-major: a stopped grid leaves every arm equally far
     print(f"{len(specs)} runs: {len(specs) - len(todo)} already recorded in {records}, {len(todo)} to run on "
           f"{jobs} process(es) x {threads} thread(s), device {st.device}", flush=True)
     if not todo:
@@ -651,7 +653,8 @@ def grid_report(recs: List[Dict[str, Any]], labels: np.ndarray) -> List[str]:
     for key in sorted({_group_key(r) for r in recs}):
         group = [r for r in recs if _group_key(r) == key]
         arms: Dict[str, List[Dict[str, Any]]] = {}
-        for r in sorted(group, key=lambda r: r["seed"]):
+        order = list(ARMS)
+        for r in sorted(group, key=lambda r: (order.index(r["arm"]), _label(r), r["seed"])):
             arms.setdefault(_label(r), []).append(r)
         single = arms.get("single", [])
         sp = single[0]["params"] if single else None
@@ -667,11 +670,13 @@ def grid_report(recs: List[Dict[str, Any]], labels: np.ndarray) -> List[str]:
             lines.append(f"| ens2_single (2x cost) | 1+1 | {len(pairs)} pairs | {2 * sp:,} | - | {_ms(tops)} | - | "
                          "- | - | - | - | - | - |")
         lines.append("")
-        lines += _tests(arms, labels)
+        lines += _tests(arms, labels, group[0]["stage"] == "grid")
     return lines
 
 
-def _tests(arms: Dict[str, List[Dict[str, Any]]], labels: np.ndarray) -> List[str]:
+def _tests(arms: Dict[str, List[Dict[str, Any]]], labels: np.ndarray, primary: bool) -> List[str]:
+    """Each arm against the single network (Welch; S=2/S=4 also by the paired bootstrap), controls also against
+    s2; the s2 line states the decision rule's outcome (the verdict when ``primary``: the pre-registered grid)."""
     single, lines = arms.get("single", []), []
     for name in [a for a in arms if a != "single"]:
         rs = arms[name]
@@ -684,7 +689,8 @@ def _tests(arms: Dict[str, List[Dict[str, Any]]], labels: np.ndarray) -> List[st
                                        np.stack([_correct(pick[1][s], labels) for s in seeds]))
             line += f", paired bootstrap 95% CI {_ci(boot)} ({len(seeds)} paired seeds)"
             if name == "s2":
-                line += f". **Verdict (pre-registered rule): {verdict(w, boot)}.**"
+                what = "Verdict (pre-registered rule)" if primary else "Decision rule applied to this block"
+                line += f". **{what}: {verdict(w, boot)}.**"
         elif "s2" in arms and name != "s2":
             v = welch_ci(_top1(rs), _top1(arms["s2"]))
             line += f"; − s2: {v[0]:+.2f}, Welch 95% CI {_ci(v)}"
