@@ -155,3 +155,19 @@ def test_bad_arguments_name_the_fix():
         rand_augment(torch.zeros(2, 1, 8, 8), ops=("Color",))
     with pytest.raises(ValueError, match="probability"):
         hflip(torch.zeros(2, 1, 8, 8), 1.5)
+
+
+def test_rand_augment_geometric_ops_match_the_single_op_per_image():
+    # geometric ops drawn in one layer are resampled together; each image must still get exactly one of them
+    x = _images(24, seed=6).float() / 255
+    ops = ("Rotate", "ShearX", "TranslateYRel")
+    out = rand_augment(x, num_ops=1, magnitude=9.0, magnitude_std=0.0, prob=1.0, ops=ops, generator=_gen(9))
+    m = torch.full((1,), 9.0)
+    used = set()
+    for i in range(24):
+        candidates = {(name, s): RAND_AUGMENT_OPS[name](x[i:i + 1], m, torch.full((1,), s))[0]
+                      for name in ops for s in (-1.0, 1.0)}
+        hits = [key for key, c in candidates.items() if torch.allclose(out[i], c, atol=1e-6)]
+        assert hits, f"image {i} matches no single geometric op"
+        used.add(hits[0][0])
+    assert used == set(ops)

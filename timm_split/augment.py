@@ -165,35 +165,46 @@ def _affine(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def _eye(x: torch.Tensor) -> torch.Tensor:
-    return torch.eye(2, 3, device=x.device).repeat(x.shape[0], 1, 1)
+class _Geometric:
+    """An affine RandAugment op: ``theta(m, sign)`` gives its output->input matrices, so several geometric ops
+    drawn in one layer resample the batch once."""
+
+    def __init__(self, theta: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        self.theta = theta
+
+    def __call__(self, x, m, sign):
+        return _affine(x, self.theta(m, sign))
 
 
-def _rotate(x, m, sign):
+def _eye(m: torch.Tensor) -> torch.Tensor:
+    return torch.eye(2, 3, device=m.device).repeat(m.shape[0], 1, 1)
+
+
+def _rotate(m, sign):
     a = torch.deg2rad(sign * m / 10 * 30)  # timm: up to 30 degrees
-    theta = _eye(x)
+    theta = _eye(m)
     theta[:, 0, 0], theta[:, 0, 1], theta[:, 1, 0], theta[:, 1, 1] = a.cos(), -a.sin(), a.sin(), a.cos()
-    return _affine(x, theta)
+    return theta
 
 
-def _shear(dim: int) -> Callable:
-    def op(x, m, sign):
-        theta = _eye(x)
+def _shear(dim: int) -> _Geometric:
+    def theta_fn(m, sign):
+        theta = _eye(m)
         theta[:, dim, 1 - dim] = sign * m / 10 * 0.3  # timm: shear factor up to 0.3
-        return _affine(x, theta)
-    return op
+        return theta
+    return _Geometric(theta_fn)
 
 
-def _translate(dim: int) -> Callable:
-    def op(x, m, sign):
-        theta = _eye(x)
+def _translate(dim: int) -> _Geometric:
+    def theta_fn(m, sign):
+        theta = _eye(m)
         theta[:, dim, 2] = sign * m / 10 * 0.45 * 2  # timm's TranslateRel: up to 0.45 of the size (2 = full width)
-        return _affine(x, theta)
-    return op
+        return theta
+    return _Geometric(theta_fn)
 
 
 RAND_AUGMENT_OPS = {
-    "AutoContrast": _auto_contrast, "Equalize": _equalize, "Invert": _invert, "Rotate": _rotate,
+    "AutoContrast": _auto_contrast, "Equalize": _equalize, "Invert": _invert, "Rotate": _Geometric(_rotate),
     "Posterize": _posterize, "Solarize": _solarize, "SolarizeAdd": _solarize_add, "Contrast": _contrast,
     "Brightness": _brightness, "Sharpness": _sharpness, "ShearX": _shear(0), "ShearY": _shear(1),
     "TranslateXRel": _translate(0), "TranslateYRel": _translate(1),
@@ -238,10 +249,18 @@ def rand_augment(x: torch.Tensor, num_ops: int = 2, magnitude: float = 9.0, magn
         m = (magnitude + magnitude_std * torch.randn(n, generator=generator, device=dev)).clamp(0, 10)
         sign = torch.where(_rand(n, generator, dev) < 0.5, -1.0, 1.0)
         out = x.clone()
+        theta, geometric = _eye(m), torch.zeros(n, dtype=torch.bool, device=dev)
         for k, fn in enumerate(fns):
+            if isinstance(fn, _Geometric):  # collected: one resampling for all geometric ops of this layer
+                theta = torch.where((choice == k)[:, None, None], fn.theta(m, sign), theta)
+                geometric |= choice == k
+                continue
             idx = (choice == k).nonzero().squeeze(1)
             if idx.numel():
                 out[idx] = fn(x[idx], m[idx], sign[idx]).to(x.dtype)
+        idx = geometric.nonzero().squeeze(1)
+        if idx.numel():
+            out[idx] = _affine(x[idx], theta[idx]).to(x.dtype)
         x = out
     return x
 
