@@ -18,6 +18,7 @@ config, so a grid may span sessions. Independent runs go to ``--jobs`` single-th
 """
 import argparse
 import concurrent.futures as cf
+import copy
 import dataclasses
 import json
 import math
@@ -231,9 +232,10 @@ def _costs(ens: SplitEnsemble, spec: Spec, st: Setting) -> Dict[str, Any]:
     from timm_split.count import count
 
     base = count(ARCHS[st.arch](spec.width), 28, in_chans=1)
-    members = [count(m, 28, in_chans=1) for m in ens.members]
+    members = [count(copy.deepcopy(m).float().cpu(), 28, in_chans=1) for m in ens.members]  # fvcore, on the CPU
     params, gmacs = sum(c.params for c in members), sum(c.gmacs for c in members)
     return {"params": params, "gmacs": gmacs, "member_params": [c.params for c in members],
+            "member_gmacs": [c.gmacs for c in members],
             "base_params": base.params, "base_gmacs": base.gmacs, "params_ratio": params / base.params,
             "gmacs_ratio": gmacs / base.gmacs}
 
@@ -406,6 +408,7 @@ def _done(spec: Spec, st: Setting, records: str) -> Optional[Dict[str, Any]]:
 
 def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
+    torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels (no effect on CPU)
 
 
 def _work(spec: Spec, st: Setting, records: str) -> Dict[str, Any]:
@@ -428,17 +431,22 @@ def run_specs(specs: Sequence[Spec], st: Setting, records: str, jobs: int, threa
           f"{jobs} process(es) x {threads} thread(s), device {st.device}", flush=True)
     if not todo:
         return
-    t0, finished = time.perf_counter(), 0
+    t0, finished, failed = time.perf_counter(), 0, []
     ctx = multiprocessing.get_context("spawn")
     with cf.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as ex:
         futures = {ex.submit(_work, s, st, records): s for s in todo}
         for fut in cf.as_completed(futures):
-            rec = fut.result()
             finished += 1
             elapsed = time.perf_counter() - t0
-            eta = elapsed / finished * (len(todo) - finished)
-            print(f"[{finished}/{len(todo)} {elapsed / 60:.1f} min, ~{eta / 60:.0f} min left] {_line(rec)}",
-                  flush=True)
+            left = elapsed / finished * (len(todo) - finished) / 60
+            head = f"[{finished}/{len(todo)} {elapsed / 60:.1f} min, ~{left:.0f} min left]"
+            try:
+                print(f"{head} {_line(fut.result())}", flush=True)
+            except Exception as e:  # keep the other runs going; report at the end
+                failed.append(futures[fut].run_id(st))
+                print(f"{head} {failed[-1]} FAILED: {type(e).__name__}: {e}", flush=True)
+    if failed:
+        raise SystemExit(f"{len(failed)} run(s) failed (no record written, a rerun retries them): {failed}")
 
 
 def measure(specs: Sequence[Spec], st: Setting, jobs: int, steps: int = 10, warmup: int = 3) -> float:
