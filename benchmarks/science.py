@@ -401,8 +401,9 @@ def _done(spec: Spec, st: Setting, records: str) -> Optional[Dict[str, Any]]:
     want = json.loads(json.dumps(_record_config(spec, st)))
     if rec.get("config") != want:
         diff = sorted(k for k in set(want) | set(rec.get("config", {})) if rec["config"].get(k) != want.get(k))
-        raise ValueError(f"{path} was run with another config (differs in {diff}); move it away or use another "
-                         "--records folder.")
+        raise SystemExit(f"{path} was run with another config (differs in {diff}): a setting outside the run id "
+                         "(arm, arch, k, per-class, epochs, seed) changed. Give the new setting its own --tag (or "
+                         "--records folder), or move the old record away.")
     return rec
 
 
