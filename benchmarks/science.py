@@ -588,16 +588,17 @@ def _pairs(recs: Sequence[Dict[str, Any]]) -> List[Tuple[Dict[str, Any], Dict[st
     return [(rs[i], rs[i + 1]) for i in range(0, len(rs) - 1, 2)]
 
 
-def _pair_gain(pairs, labels: np.ndarray) -> Tuple[List[float], List[float]]:
-    """Top-1 of each pair's averaged logits, and its gain over the pair's mean top-1 (points)."""
-    tops, gains = [], []
+def _pair_gain(pairs, labels: np.ndarray) -> Tuple[List[Dict[str, float]], List[float]]:
+    """Metrics of each pair's averaged logits (top-1 %, NLL, ECE), and its top-1 gain over the pair's mean."""
+    from timm_split.train import classification_metrics
+
+    out, gains = [], []
     for a, b in pairs:
         la, lb = _logits(a), _logits(b)
-        top = float(((la + lb).argmax(-1) == labels).mean() * 100)
+        out.append(classification_metrics(torch.from_numpy((la + lb) / 2), torch.from_numpy(labels)))
         mean = float(((la.argmax(-1) == labels).mean() + (lb.argmax(-1) == labels).mean()) * 50)
-        tops.append(top)
-        gains.append(top - mean)
-    return tops, gains
+        gains.append(out[-1]["top1"] - mean)
+    return out, gains
 
 
 def _top1(recs):
@@ -675,9 +676,10 @@ def grid_report(recs: List[Dict[str, Any]], labels: np.ndarray) -> List[str]:
         lines += [_arm_row(label, rs, sp) for label, rs in arms.items()]
         pairs = _pairs(single)
         if pairs:
-            tops, gains = _pair_gain(pairs, labels)
-            lines.append(f"| ens2_single (2x cost) | 1+1 | {len(pairs)} pairs | {2 * sp:,} | - | {_ms(tops)} | - | "
-                         "- | - | - | - | - | - |")
+            ens2 = _pair_gain(pairs, labels)[0]
+            lines.append(f"| ens2_single (2x cost) | 1+1 | {len(pairs)} pairs | {2 * sp:,} | - | "
+                         f"{_ms([m['top1'] for m in ens2])} | - | {_ms([m['nll'] for m in ens2], 3)} | "
+                         f"{_ms([100 * m['ece'] for m in ens2])} | - | - | - | - |")
         lines.append("")
         lines += _tests(arms, labels, group[0]["stage"] == "grid")
     return lines
@@ -686,7 +688,10 @@ def grid_report(recs: List[Dict[str, Any]], labels: np.ndarray) -> List[str]:
 def _tests(arms: Dict[str, List[Dict[str, Any]]], labels: np.ndarray, primary: bool) -> List[str]:
     """Each arm against the single network (Welch; S=2/S=4 also by the paired bootstrap), controls also against
     s2; the s2 line states the decision rule's outcome (the verdict when ``primary``: the pre-registered grid)."""
-    single, lines = arms.get("single", []), []
+    single = arms.get("single", [])
+    lines = ["* per seed, test top-1 (%): " + "; ".join(
+        f"{name} " + ", ".join(f"{r['seed']}: {r['test']['ensemble']['top1']:.2f}" for r in rs)
+        for name, rs in arms.items())]
     for name in [a for a in arms if a != "single"]:
         rs = arms[name]
         w = welch_ci(_top1(rs), _top1(single)) if single else (float("nan"),) * 3
