@@ -1,295 +1,838 @@
-"""Does dividing a saturated network into S co-trained members beat it at the same params and FLOPs?
+"""Does splitting pay? The pre-registered Fashion-MNIST benchmark of docs/results.md: gate, grid, report.
 
-    nohup python benchmarks/science.py > science.log 2>&1 &     # the full benchmark (about 55 min, 1 thread)
-    python benchmarks/science.py --quick                          # the whole pipeline on a tiny budget (~1 min)
-    python benchmarks/science.py --report-only                    # rewrite docs/results.{md,png} from results.json
+    python benchmarks/science.py --stage gate --measure --jobs 2   # ms per image pass, the gate's expected wall time
+    python benchmarks/science.py --stage gate --jobs 2             # stage 1: the regime gate (resumes)
+    python benchmarks/science.py --stage grid --measure --jobs 2   # the grid's expected wall time
+    python benchmarks/science.py --stage grid --jobs 2             # stage 2: the grid (resumes)
+    python benchmarks/science.py --report                          # docs/results.md tables from docs/science/
+    python benchmarks/science.py --dry-run                         # everything at a tiny size, in a temp folder
+    bash benchmarks/science_gpu.sh                                 # WRN-16-8, single x5 and S=2 x5 on one GPU
 
-Model: a wide ResNet-10 built with timm's ``ResNet`` class (BasicBlock x [1, 1, 1, 1], channels
-``(16, 32, 64, 128) * k``, a 3-conv deep stem of width 8 with stride 2 and no stem max-pool, so stages run at
-14, 7, 4 and 2 px on a 28 px, 1-channel Fashion-MNIST image). Every configuration trains with
-``timm_split.train.train`` on the same fixed subset, for the same epochs, with the same schedule:
-
-* ``big``: the network at width ``k``; ``s2`` / ``s4``: ``split(big, S)`` co-trained (JS, weight 0.5);
-* ``s2_nocot``: S=2 without the JS term; ``s2_sameview``: S=2, every member sees the same augmented view;
-* saturation: the single network at ``k/2`` and ``2k`` (``"saturation"`` in results.json).
-
-Runs already finished (``<runs>/<name>/log.json`` complete with the same config) are read back, not retrained.
+Every run trains on a class-balanced Fashion-MNIST subset held as one uint8 tensor on the device, with the seed's
+views made on whole batches (``timm_split.augment.BatchViews``: per-member pad-crop, flip, RandAugment, random
+erasing, then mixup shared by the members), ``timm_split.split`` / ``CoTrainingLoss`` / ``param_groups`` and timm's
+``create_optimizer_v2`` / ``create_scheduler_v2``. Each finished run writes ``<records>/<stage>/<id>.json`` (config,
+costs, test and clean-train metrics, last-epoch train loss, wall time) and ``<id>.npz`` (the ensemble's test logits
+as float16, the members' test predictions), both atomically; a rerun skips runs whose record exists with the same
+config, so a grid may span sessions. Independent runs go to ``--jobs`` single-thread worker processes.
 """
 import argparse
+import concurrent.futures as cf
+import copy
 import dataclasses
 import json
+import math
+import multiprocessing
 import os
 import statistics
 import sys
+import tempfile
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
 
-import timm_split  # noqa: E402
-from timm_split.count import count  # noqa: E402
-from timm_split.train import TrainConfig, train  # noqa: E402
+from timm_split import CoTrainingLoss, SplitEnsemble, param_groups, split  # noqa: E402
+from timm_split.augment import BatchViews  # noqa: E402
+from timm_split.data import read_idx  # noqa: E402
 
-CONFIGS = {  # name: (split, TrainConfig overrides)
-    "big": (1, {}),
-    "s2": (2, {}),
-    "s4": (4, {}),
-    "s2_nocot": (2, {"no_cot": True}),
-    "s2_sameview": (2, {"same_view": True}),
-}
-PAPER = {"big": 15.50, "s2": 14.48, "s4": 14.26}  # CIFAR-100 top-1 error (%), WRN-28-10, Divide and Co-training
+MEAN, STD, NUM_CLASSES = (0.2860,), (0.3530,), 10
+DATA_DIR = "/usr/share/datasets/fashion-mnist"
+RECORDS = os.path.join(ROOT, "docs", "science")
+RESULTS_MD = os.path.join(ROOT, "docs", "results.md")
 
 
-def wide_resnet10(k: float) -> nn.Module:
-    """The benchmark's network at width multiplier ``k`` (1-channel 28 px input, 10 classes)."""
-    from timm.models.resnet import BasicBlock, ResNet
+# ----------------------------------------------------------------------------------------------------------
+# networks (1-channel 28 px input, 10 classes); ``k`` scales every channel count: round(c * k)
 
-    channels = tuple(max(1, round(c * k)) for c in (16, 32, 64, 128))
-    model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=10, in_chans=1, stem_type="deep", stem_width=8,
-                   channels=channels)
-    model.maxpool = nn.Identity()  # 28 px: keep 14 px after the stride-2 stem
-    model.pretrained_cfg = {"architecture": f"wide_resnet10_k{k:g}", "input_size": (1, 28, 28)}
+def _cfg(model: nn.Module, name: str) -> nn.Module:
+    model.pretrained_cfg = {"architecture": name, "input_size": (1, 28, 28), "num_classes": NUM_CLASSES,
+                            "mean": MEAN, "std": STD}
     return model
 
 
-def _run(name: str, cfg: TrainConfig, k: float, runs_dir: str) -> Dict[str, Any]:
-    """Train one run (or read it back if its log is complete) and return its results.json row."""
-    cfg.out = os.path.join(runs_dir, f"{name}-k{k:g}-seed{cfg.seed}")
-    path = os.path.join(cfg.out, "log.json")
-    log = None
-    if os.path.isfile(path):
-        with open(path) as f:
-            old = json.load(f)
-        same = {k2: v for k2, v in old["config"].items() if k2 not in ("out", "resume")} == \
-            {k2: v for k2, v in json.loads(json.dumps(dataclasses.asdict(cfg))).items() if k2 not in ("out", "resume")}
-        if same and old.get("final") and len(old["epochs"]) == cfg.epochs:
-            log = old
-            print(f"  {name} seed {cfg.seed}: read back from {path}", flush=True)
-    if log is None:
-        log = train(cfg, model_fn=lambda: wide_resnet10(k), progress=False)
-    fin = log["final"]
-    row = {"config": name, "seed": cfg.seed, "width": k, "split": cfg.split, "params": int(log["params"]),
-           "gmacs": float(log["gmacs"]), "epochs": cfg.epochs, "ensemble_top1": fin["ensemble"]["top1"],
-           "member_top1": [m["top1"] for m in fin["members"]], "nll": fin["ensemble"]["nll"],
-           "ece": fin["ensemble"]["ece"], "member_nll": [m["nll"] for m in fin["members"]],
-           "train_seconds": float(log["train_seconds"])}
-    print(f"  {name:12s} k={k:g} seed {cfg.seed}: top-1 {row['ensemble_top1']:.2f}% (members "
-          f"{', '.join(f'{t:.2f}' for t in row['member_top1'])}), NLL {row['nll']:.4f}, ECE {row['ece']:.4f}, "
-          f"{row['train_seconds']:.0f}s", flush=True)
-    return row
+def resnet10(k: float) -> nn.Module:
+    """Wide ResNet-10 from timm's ``ResNet``: BasicBlock x [1, 1, 1, 1], channels (16, 32, 64, 128) * k, a deep
+    stem of width 8 * k with stride 2 and no max-pool (stages at 14, 7, 4, 2 px)."""
+    from timm.models.resnet import BasicBlock, ResNet
+
+    model = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=NUM_CLASSES, in_chans=1, stem_type="deep",
+                   stem_width=max(1, round(8 * k)), channels=tuple(max(1, round(c * k)) for c in (16, 32, 64, 128)))
+    model.maxpool = nn.Identity()
+    return _cfg(model, f"resnet10_k{k:g}")
 
 
-def check_costs(k: float, splits=(2, 4)) -> List[Dict[str, Any]]:
-    """Params and GMACs of the big network and of its splits, counted with ``count()``; printed."""
-    big = wide_resnet10(k)
-    base = count(big, 28, in_chans=1)
-    rows = [{"split": 1, "params": base.params, "gmacs": base.gmacs}]
-    for S in splits:
-        ens = timm_split.split(big, S, img_size=28)
-        c = count(ens.members[0], 28, in_chans=1)
-        rows.append({"split": S, "params": S * c.params, "gmacs": S * c.gmacs})
-    for r in rows:
-        r["params_ratio"], r["gmacs_ratio"] = r["params"] / base.params, r["gmacs"] / base.gmacs
-        print(f"  S={r['split']}: {r['params']:,} params ({r['params_ratio']:.4f}), {r['gmacs'] * 1e3:.3f} MMACs "
-              f"({r['gmacs_ratio']:.4f})", flush=True)
-    return rows
+class _PreActBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.bn1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2, self.conv2 = nn.BatchNorm2d(cout), nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.shortcut = None if stride == 1 and cin == cout else nn.Conv2d(cin, cout, 1, stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        o = torch.relu(self.bn1(x))
+        skip = x if self.shortcut is None else self.shortcut(o)
+        return skip + self.conv2(torch.relu(self.bn2(self.conv1(o))))
 
 
-def _stats(values: List[float], digits: int = 2) -> str:
+class WideResNet(nn.Module):
+    """Pre-activation WRN-d-k (Zagoruyko and Komodakis), CIFAR layout, no dropout: 3 groups of (d - 4) / 6
+    blocks at widths (16, 32, 64) * k, strides 1, 2, 2 (28, 14, 7 px)."""
+
+    def __init__(self, depth: int = 16, k: float = 8, in_chans: int = 1, num_classes: int = NUM_CLASSES) -> None:
+        super().__init__()
+        if (depth - 4) % 6:
+            raise ValueError(f"WRN depth must be 6n + 4 (10, 16, 22, 28, ...); got {depth}.")
+        n, widths = (depth - 4) // 6, [max(1, round(c * k)) for c in (16, 32, 64)]
+        self.num_classes, self.num_features = num_classes, widths[-1]
+        self.stem = nn.Conv2d(in_chans, 16, 3, 1, 1, bias=False)  # 16 at every k, as in the WRN paper
+        blocks, cin = [], self.stem.out_channels
+        for g, w in enumerate(widths):
+            for i in range(n):
+                blocks.append(_PreActBlock(cin, w, 2 if g and not i else 1))
+                cin = w
+        self.blocks = nn.Sequential(*blocks)
+        self.bn, self.fc = nn.BatchNorm2d(cin), nn.Linear(cin, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.blocks(self.stem(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+def wrn16(k: float) -> nn.Module:
+    """WRN-16-k (WRN-16-8: about 11M params)."""
+    return _cfg(WideResNet(16, k), f"wrn16_k{k:g}")
+
+
+ARCHS = {"resnet10": resnet10, "wrn16": wrn16}
+
+# arm: split factor S and how it differs from the main S=2 arm
+ARMS: Dict[str, Dict[str, Any]] = {
+    "single": {"S": 1}, "s2": {"S": 2}, "s4": {"S": 4}, "s2_nocot": {"S": 2, "no_cot": True},
+    "s2_sameview": {"S": 2, "same_view": True}, "s2_uniform": {"S": 2, "uniform": True},
+}
+PRIMARY, CONTROLS = ("single", "s2"), ("s2_nocot", "s2_sameview", "s2_uniform")
+
+
+@dataclasses.dataclass
+class Setting:
+    """What every run of a stage shares (the pre-registered recipe; docs/results.md)."""
+
+    arch: str = "resnet10"
+    width: float = 1.0
+    per_class: int = 100
+    epochs: int = 150
+    batch_size: int = 64
+    lr: float = 0.05
+    weight_decay: float = 5e-4
+    cot_weight: float = 0.5
+    pad: Optional[int] = None
+    hflip: float = 0.5
+    ra_ops: int = 2
+    ra_magnitude: float = 9.0
+    re_prob: float = 0.25
+    mixup_alpha: float = 0.2
+    split_kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict)
+    device: str = "cpu"
+    amp: bool = False
+    channels_last: bool = False
+    data_dir: str = DATA_DIR
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """One run: a stage, an arm, the width of the network it starts from, a seed."""
+
+    stage: str
+    arm: str
+    width: float
+    seed: int
+    kind: str = "grid"
+
+    def run_id(self, st: Setting) -> str:
+        extra = "".join(f"+{k}={v}" for k, v in sorted(st.split_kwargs.items())) if ARMS[self.arm]["S"] > 1 else ""
+        return f"{self.arm}{extra}-{st.arch}-k{self.width:g}-n{st.per_class}-e{st.epochs}-seed{self.seed}"
+
+
+def _record_config(spec: Spec, st: Setting) -> Dict[str, Any]:
+    """What must match for a stored record to count as this run (device and speed knobs excluded)."""
+    cfg = dataclasses.asdict(st)
+    for k in ("device", "amp", "channels_last", "data_dir"):
+        cfg.pop(k)
+    if ARMS[spec.arm]["S"] == 1:
+        cfg["split_kwargs"] = {}  # nothing to split: the single network is the same run whatever they say
+    return dict(cfg, arm=spec.arm, run_width=spec.width, seed=spec.seed, kind=spec.kind)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data
+
+_DATA: Dict[Tuple[str, int, str], Tuple[torch.Tensor, ...]] = {}
+
+
+def balanced_subset(labels: np.ndarray, per_class: int) -> np.ndarray:
+    """Indices of the first ``per_class`` images of every class in a fixed permutation (``RandomState(0)``)."""
+    perm = np.random.RandomState(0).permutation(len(labels))
+    keep = [perm[labels[perm] == c][:per_class] for c in range(NUM_CLASSES)]
+    if min(len(k) for k in keep) < per_class:
+        raise ValueError(f"per_class={per_class} is more than a class has ({min(len(k) for k in keep)}).")
+    return np.sort(np.concatenate(keep))
+
+
+def _idx(data_dir: str, name: str) -> np.ndarray:
+    for cand in (name + ".gz", name):
+        if os.path.isfile(os.path.join(data_dir, cand)):
+            return read_idx(os.path.join(data_dir, cand))
+    raise FileNotFoundError(f"{name}[.gz] not in {data_dir}: pass --data-dir with the four Fashion-MNIST IDX files "
+                            "(Debian: apt-get install dataset-fashion-mnist).")
+
+
+def load_data(st: Setting) -> Tuple[torch.Tensor, ...]:
+    """``(train_x uint8 [N, 1, 28, 28], train_y, test_x, test_y)`` on ``st.device`` (cached per process)."""
+    key = (st.data_dir, st.per_class, st.device)
+    if key not in _DATA:
+        tx, ty = _idx(st.data_dir, "train-images-idx3-ubyte"), _idx(st.data_dir, "train-labels-idx1-ubyte")
+        keep = balanced_subset(ty, st.per_class)
+        ex, ey = _idx(st.data_dir, "t10k-images-idx3-ubyte"), _idx(st.data_dir, "t10k-labels-idx1-ubyte")
+        dev = torch.device(st.device)
+        _DATA[key] = tuple(torch.from_numpy(a).to(dev) for a in (
+            tx[keep][:, None], ty[keep].astype(np.int64), ex[:, None], ey.astype(np.int64)))
+    return _DATA[key]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one run
+
+def build(spec: Spec, st: Setting) -> SplitEnsemble:
+    """The arm's ensemble: S=1 wraps the width-k net; ``uniform`` builds S nets at k / sqrt(S); else ``split``."""
+    arm, make = ARMS[spec.arm], ARCHS[st.arch]
+    S = arm["S"]
+    torch.manual_seed(spec.seed)
+    if S == 1:
+        net = make(spec.width)
+        return SplitEnsemble([net], pretrained_cfg=net.pretrained_cfg)
+    if arm.get("uniform"):
+        members = []
+        for i in range(S):
+            torch.manual_seed(spec.seed * S + i)
+            members.append(make(spec.width / math.sqrt(S)))
+        return SplitEnsemble(members, pretrained_cfg=members[0].pretrained_cfg)
+    return split(make(spec.width), S, seed=spec.seed * S, img_size=28, **st.split_kwargs)
+
+
+def _costs(ens: SplitEnsemble, spec: Spec, st: Setting) -> Dict[str, Any]:
+    from timm_split.count import count
+
+    base = count(ARCHS[st.arch](spec.width), 28, in_chans=1)
+    members = [count(copy.deepcopy(m).float().cpu(), 28, in_chans=1) for m in ens.members]  # fvcore, on the CPU
+    params, gmacs = sum(c.params for c in members), sum(c.gmacs for c in members)
+    return {"params": params, "gmacs": gmacs, "member_params": [c.params for c in members],
+            "member_gmacs": [c.gmacs for c in members],
+            "base_params": base.params, "base_gmacs": base.gmacs, "params_ratio": params / base.params,
+            "gmacs_ratio": gmacs / base.gmacs}
+
+
+def _autocast(st: Setting):
+    import contextlib
+
+    if not st.amp:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(st.device).type, dtype=torch.bfloat16)
+
+
+@torch.no_grad()
+def member_logits(ens: SplitEnsemble, x: torch.Tensor, views: BatchViews, st: Setting, batch: int = 1000
+                  ) -> torch.Tensor:
+    """Every member's logits ``[S, N, K]`` (float32, CPU) on the clean images ``x``, in eval mode."""
+    ens.eval()
+    out = []
+    for i in range(0, len(x), batch):
+        xb = views.normalise(x[i:i + batch])
+        if st.channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with _autocast(st):
+            out.append(ens.forward_members(xb).float().cpu())
+    ens.train()
+    return torch.cat(out, 1)
+
+
+def _metrics(logits: torch.Tensor, target: torch.Tensor, ens: SplitEnsemble) -> Dict[str, Any]:
+    from timm_split.train import classification_metrics
+
+    target = target.cpu()
+    return {"ensemble": classification_metrics(ens.combine(logits), target),
+            "members": [classification_metrics(m, target) for m in logits]}
+
+
+def _setup(spec: Spec, st: Setting, steps_per_epoch: int):
+    """Ensemble, views, optimizer, scheduler and loss of a run (timm's optimizer and cosine schedule)."""
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import create_scheduler_v2
+
+    arm = ARMS[spec.arm]
+    ens = build(spec, st).to(st.device)
+    if st.channels_last:
+        ens = ens.to(memory_format=torch.channels_last)
+    S = ens.split_factor
+    views = BatchViews(S, num_classes=NUM_CLASSES, mean=MEAN, std=STD, pad=st.pad, hflip=st.hflip,
+                       ra_ops=st.ra_ops, ra_magnitude=st.ra_magnitude, re_prob=st.re_prob,
+                       mixup_alpha=st.mixup_alpha, same_view=bool(arm.get("same_view")))
+    opt = create_optimizer_v2(param_groups(ens, st.weight_decay, S), opt="sgd", lr=st.lr, momentum=0.9)
+    sched, _ = create_scheduler_v2(opt, sched="cosine", num_epochs=st.epochs, step_on_epochs=False,
+                                   updates_per_epoch=steps_per_epoch)
+    loss_fn = CoTrainingLoss(cot_weight=0.0 if arm.get("no_cot") else st.cot_weight,
+                             warmup_epochs=st.epochs * 40 / 300, mode="js")
+    return ens, views, opt, sched, loss_fn
+
+
+def train_steps(spec: Spec, st: Setting, max_steps: Optional[int] = None, clock: Optional[List[float]] = None):
+    """Train a run; return ``(ens, views, the last epoch's mean losses)``.
+
+    ``max_steps`` stops early and ``clock`` collects the time after every step (--measure).
+    """
+    train_x, train_y = load_data(st)[:2]
+    n, bs = len(train_x), st.batch_size
+    steps_per_epoch = math.ceil(n / bs)
+    ens, views, opt, sched, loss_fn = _setup(spec, st, steps_per_epoch)
+    order_gen = torch.Generator().manual_seed(spec.seed)  # data order: shared by the arms of one seed
+    aug_gen = torch.Generator(device=st.device).manual_seed(spec.seed + 7919)
+    step, sums = 0, {}
+    epochs = st.epochs if max_steps is None else max(st.epochs, math.ceil(max_steps / steps_per_epoch))
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=order_gen).to(st.device)
+        sums = {k: torch.zeros((), device=st.device) for k in ("loss", "ce", "cot")}  # no host sync per step
+        for i in range(steps_per_epoch):
+            idx = order[i * bs:(i + 1) * bs]
+            x, soft = views(train_x[idx], train_y[idx], aug_gen)
+            if st.channels_last:
+                x = x.flatten(0, 1).contiguous(memory_format=torch.channels_last).unflatten(0, x.shape[:2])
+            with _autocast(st):
+                logits = ens.forward_members(x)
+            losses = loss_fn(logits, soft, epoch=epoch + i / steps_per_epoch)
+            opt.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            opt.step()
+            step += 1
+            sched.step_update(step)
+            if clock is not None:
+                _sync(st)
+                clock.append(time.perf_counter())
+            for k in sums:
+                sums[k] += losses[k].detach()
+            if max_steps is not None and step >= max_steps:
+                return ens, views, _mean_losses(sums, i + 1, ens.split_factor)
+        if not math.isfinite(float(sums["loss"])):
+            raise FloatingPointError(f"{spec}: loss {float(sums['loss'])} in epoch {epoch + 1}; lower --lr.")
+    return ens, views, _mean_losses(sums, steps_per_epoch, ens.split_factor)
+
+
+def _mean_losses(sums: Dict[str, torch.Tensor], steps: int, S: int) -> Dict[str, float]:
+    """Mean losses over ``steps``; ``ce_per_member`` is the members' mean cross-entropy (``ce`` sums them)."""
+    out = {k: float(v) / steps for k, v in sums.items()}
+    out["ce_per_member"] = out["ce"] / S
+    return out
+
+
+def _atomic_write(path: str, write) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def run_one(spec: Spec, st: Setting, records: str) -> Dict[str, Any]:
+    """Train one run, evaluate it, write its ``.npz`` then its ``.json`` record (atomically); return the record."""
+    t0 = time.perf_counter()
+    ens, views, last = train_steps(spec, st)
+    train_seconds = time.perf_counter() - t0
+    train_x, train_y, test_x, test_y = load_data(st)
+    test_logits = member_logits(ens, test_x, views, st)
+    train_logits = member_logits(ens, train_x, views, st)
+    ens_test = ens.combine(test_logits)
+    rid = spec.run_id(st)
+    folder = os.path.join(records, spec.stage)
+    os.makedirs(folder, exist_ok=True)
+    _atomic_write(os.path.join(folder, rid + ".npz"), lambda f: np.savez_compressed(
+        f, ensemble_logits=ens_test.numpy().astype(np.float16),
+        member_pred=test_logits.argmax(-1).numpy().astype(np.uint8)))
+    plan = ens.split_plan
+    rec = {
+        "id": rid, "stage": spec.stage, "kind": spec.kind, "arm": spec.arm, "arch": st.arch, "width": spec.width,
+        "seed": spec.seed, "split": ens.split_factor, "config": _record_config(spec, st), **_costs(ens, spec, st),
+        "plan_ratios": None if plan is None else [plan.params_ratio, plan.macs_ratio],
+        "test": _metrics(test_logits, test_y, ens), "train_clean": _metrics(train_logits, train_y, ens),
+        "train_last_epoch": last, "train_images": len(train_x), "train_seconds": train_seconds,
+        "wall_seconds": time.perf_counter() - t0, "device": st.device, "amp": st.amp,
+        "channels_last": st.channels_last, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    _atomic_write(os.path.join(folder, rid + ".json"), lambda f: f.write(json.dumps(rec, indent=1).encode()))
+    return rec
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the grid: specs, resume, parallel workers, progress, --measure
+
+def stage_specs(stage: str, folder: str, st: Setting, arms: Sequence[str], seeds: Sequence[int],
+                control_seeds: Sequence[int], gate_seeds: Sequence[int]) -> List[Spec]:
+    """The runs of a stage (records in ``<records>/<folder>``): the gate's singles at k/2, k, 2k, or the grid's
+    arms (the controls on ``control_seeds``)."""
+    k = st.width
+    if stage == "gate":
+        return [Spec(folder, "single", w, s, "gate") for w in (k / 2, k, 2 * k) for s in gate_seeds]
+    return [Spec(folder, a, k, s) for a in arms for s in (control_seeds if a in CONTROLS else seeds)]
+
+
+def _done(spec: Spec, st: Setting, records: str) -> Optional[Dict[str, Any]]:
+    """The stored record of ``spec``, or None. A record with another config under the same id is an error."""
+    path = os.path.join(records, spec.stage, spec.run_id(st) + ".json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        rec = json.load(f)
+    want = json.loads(json.dumps(_record_config(spec, st)))
+    if rec.get("config") != want:
+        diff = sorted(k for k in set(want) | set(rec.get("config", {})) if rec["config"].get(k) != want.get(k))
+        raise SystemExit(f"{path} was run with another config (differs in {diff}): a setting outside the run id "
+                         "(arm, arch, k, per-class, epochs, seed) changed. Give the new setting its own --tag (or "
+                         "--records folder), or move the old record away.")
+    return rec
+
+
+def _init_worker(threads: int) -> None:
+    torch.set_num_threads(threads)
+    torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels (no effect on CPU)
+
+
+def _work(spec: Spec, st: Setting, records: str) -> Dict[str, Any]:
+    return run_one(spec, st, records)
+
+
+def _line(rec: Dict[str, Any]) -> str:
+    t, c = rec["test"], rec["train_clean"]["ensemble"]
+    members = ", ".join(f"{m['top1']:.2f}" for m in t["members"])
+    return (f"{rec['id']}: test top-1 {t['ensemble']['top1']:.2f}% (members {members}), NLL "
+            f"{t['ensemble']['nll']:.3f}, ECE {100 * t['ensemble']['ece']:.2f}%; clean train {c['top1']:.2f}% "
+            f"loss {c['nll']:.3f}; params x{rec['params_ratio']:.3f}; {rec['wall_seconds']:.0f}s")
+
+
+def run_specs(specs: Sequence[Spec], st: Setting, records: str, jobs: int, threads: int = 1) -> None:
+    """Run every spec without a record, ``jobs`` at a time in worker processes; print progress as runs finish."""
+    todo = [s for s in specs if _done(s, st, records) is None]
+    todo.sort(key=lambda s: (s.seed, specs.index(s)))  # seed-major: a stopped grid leaves every arm equally far
+    print(f"{len(specs)} runs: {len(specs) - len(todo)} already recorded in {records}, {len(todo)} to run on "
+          f"{jobs} process(es) x {threads} thread(s), device {st.device}", flush=True)
+    if not todo:
+        return
+    t0, finished, failed = time.perf_counter(), 0, []
+    ctx = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as ex:
+        futures = {ex.submit(_work, s, st, records): s for s in todo}
+        for fut in cf.as_completed(futures):
+            finished += 1
+            elapsed = time.perf_counter() - t0
+            left = elapsed / finished * (len(todo) - finished) / 60
+            head = f"[{finished}/{len(todo)} {elapsed / 60:.1f} min, ~{left:.0f} min left]"
+            try:
+                print(f"{head} {_line(fut.result())}", flush=True)
+            except Exception as e:  # keep the other runs going; report at the end
+                failed.append(futures[fut].run_id(st))
+                print(f"{head} {failed[-1]} FAILED: {type(e).__name__}: {e}", flush=True)
+    if failed:
+        raise SystemExit(f"{len(failed)} run(s) failed (no record written, a rerun retries them): {failed}")
+
+
+def measure(specs: Sequence[Spec], st: Setting, jobs: int, steps: int = 10, warmup: int = 3) -> float:
+    """Time ``steps`` training steps (after ``warmup``) and one test pass of each distinct arm/width in ``specs``
+    in this process; print ms per image pass and the expected wall time of the runs not yet done. Returns seconds.
+    """
+    train_x = load_data(st)[0]
+    steps_per_epoch = math.ceil(len(train_x) / st.batch_size)
+    per_run: Dict[Tuple[str, float], float] = {}
+    print(f"measuring on {st.device}, {torch.get_num_threads()} thread(s), batch {st.batch_size} "
+          f"(machine load now: {os.getloadavg()[0]:.2f})", flush=True)
+    for arm, width in sorted({(s.arm, s.width) for s in specs}):
+        clock: List[float] = []
+        ens, views, _ = train_steps(Spec("measure", arm, width, 0), st, max_steps=warmup + steps, clock=clock)
+        if len(clock) < 2:
+            raise ValueError("too few training steps to time: raise --epochs or --per-class.")
+        w = max(1, min(warmup, len(clock) - 1))
+        step_s = (clock[-1] - clock[w - 1]) / (len(clock) - w)
+        test_x = load_data(st)[2][:1000]
+        t = time.perf_counter()
+        member_logits(ens, test_x, views, st)
+        _sync(st)
+        eval_s = (time.perf_counter() - t) * (10000 + len(train_x)) / len(test_x)
+        per_run[(arm, width)] = step_s * steps_per_epoch * st.epochs + eval_s
+        print(f"  {arm:12s} k={width:g}: {1000 * step_s / st.batch_size:.2f} ms per training image pass "
+              f"(all members, views included), eval {1000 * eval_s / (10000 + len(train_x)):.3f} ms/image; "
+              f"one run ~{per_run[(arm, width)] / 60:.1f} min", flush=True)
+    total = sum(per_run[(s.arm, s.width)] for s in specs)
+    print(f"{len(specs)} runs: ~{total / 3600:.2f} h of one process; ~{total / jobs / 3600:.2f} h on {jobs} "
+          f"parallel processes if each gets its own core", flush=True)
+    return total
+
+
+def _sync(st: Setting) -> None:
+    if torch.device(st.device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# analysis and report (docs/results.md tables from the records)
+
+def load_records(records: str) -> List[Dict[str, Any]]:
+    """Every ``<records>/<stage>/*.json`` record, with its ``.npz`` path."""
+    out = []
+    for stage in sorted(os.listdir(records)) if os.path.isdir(records) else []:
+        folder = os.path.join(records, stage)
+        for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+            if name.endswith(".json"):
+                with open(os.path.join(folder, name)) as f:
+                    rec = json.load(f)
+                rec["npz"] = os.path.join(folder, name[:-5] + ".npz")
+                out.append(rec)
+    return out
+
+
+def _logits(rec: Dict[str, Any]) -> np.ndarray:
+    with np.load(rec["npz"]) as z:
+        return z["ensemble_logits"].astype(np.float32)
+
+
+def _correct(rec: Dict[str, Any], labels: np.ndarray) -> np.ndarray:
+    return _logits(rec).argmax(-1) == labels
+
+
+def _ms(values: Sequence[float], digits: int = 2) -> str:
+    if not values:
+        return "-"
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def _group(rows: List[Dict[str, Any]], key: str) -> Dict[Any, List[Dict[str, Any]]]:
-    out: Dict[Any, List[Dict[str, Any]]] = {}
-    for r in rows:
-        out.setdefault(r[key], []).append(r)
-    return out
+def welch_ci(b: Sequence[float], a: Sequence[float]) -> Tuple[float, float, float]:
+    """``mean(b) - mean(a)`` and its 95% Welch interval (nan without 2 values per arm)."""
+    from scipy import stats
+
+    d = statistics.mean(b) - statistics.mean(a)
+    if len(a) < 2 or len(b) < 2:
+        return d, float("nan"), float("nan")
+    ci = stats.ttest_ind(list(b), list(a), equal_var=False).confidence_interval(0.95)
+    return d, float(ci.low), float(ci.high)
 
 
-def write_report(results: Dict[str, Any], out_dir: str) -> None:
-    """Write the tables of ``results.md`` and ``results.png``.
-
-    An existing ``results.md`` keeps everything outside its ``<!-- tables:begin -->`` / ``<!-- tables:end -->``
-    markers (the hand-written analysis); only the generated part between them is replaced.
-    """
-    runs, sat = results["runs"], results.get("saturation", [])
-    meta = results["meta"]
-    lines = [
-        f"Command: `{meta['command'].strip()}`; {meta['threads']} thread(s), {meta['machine']}, total wall "
-        f"{meta['wall_minutes']:.1f} min. Network width k={meta['width']:g}, {meta['train_subset']} training images "
-        f"(fixed subset), {meta['epochs']} epochs, batch {meta['batch_size']}, SGD lr {meta['lr']} cosine, "
-        f"weight decay {meta['weight_decay']} (x exp(1/S-1)), test on the 10,000 test images. Seeds "
-        f"{meta['seeds']}; mean ± std over seeds.", "",
-        "## Equal cost (counted with `timm_split.count.count`, fvcore convention)", "",
-        "| S | params | params ratio | MMACs | MACs ratio |", "|---|---|---|---|---|",
-    ]
-    for c in results["costs"]:
-        lines.append(f"| {c['split']} | {c['params']:,} | {c['params_ratio']:.4f} | {c['gmacs'] * 1e3:.3f} | "
-                     f"{c['gmacs_ratio']:.4f} |")
-    lines += ["", "## Results", "",
-              "| config | S | seeds | params | MMACs | ensemble top-1 (%) | member top-1 (%) | NLL | ECE (%) | "
-              "train s/run |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, rs in _group(runs, "config").items():
-        lines.append(
-            f"| {name} | {rs[0]['split']} | {len(rs)} | {rs[0]['params']:,} | {rs[0]['gmacs'] * 1e3:.3f} | "
-            f"{_stats([r['ensemble_top1'] for r in rs])} | "
-            f"{_stats([statistics.mean(r['member_top1']) for r in rs])} | "
-            f"{_stats([r['nll'] for r in rs], 3)} | {_stats([100 * r['ece'] for r in rs])} | "
-            f"{statistics.mean(r['train_seconds'] for r in rs):.0f} |")
-    if sat:
-        lines += ["", "## Width saturation (single network)", "",
-                  "| width k | params | MMACs | top-1 (%) | NLL | seeds |", "|---|---|---|---|---|---|"]
-        big = [dict(r, width=meta["width"]) for r in runs if r["config"] == "big"]
-        for k, rs in sorted(_group(sat + big, "width").items()):
-            lines.append(f"| {k:g} | {rs[0]['params']:,} | {rs[0]['gmacs'] * 1e3:.3f} | "
-                         f"{_stats([r['ensemble_top1'] for r in rs])} | {_stats([r['nll'] for r in rs], 3)} | "
-                         f"{len(rs)} |")
-    lines += ["", "## Against the paper (CIFAR-100, WRN-28-10, top-1 error %)", "",
-              "| | paper error | paper change vs big | here: error | here: change vs big |", "|---|---|---|---|---|"]
-    groups = _group(runs, "config")
-    err = {n: statistics.mean(100 - r["ensemble_top1"] for r in groups[n]) for n in PAPER if n in groups}
-    for name, paper in PAPER.items():
-        here = _stats([100 - r["ensemble_top1"] for r in groups[name]]) if name in groups else "-"
-        rel = f"{100 * (err[name] / err['big'] - 1):+.1f}%" if name in err and "big" in err else "-"
-        lines.append(f"| {name} | {paper:.2f} | {100 * (paper / PAPER['big'] - 1):+.1f}% | {here} | {rel} |")
-    begin, end = "<!-- tables:begin (generated by benchmarks/science.py) -->", "<!-- tables:end -->"
-    tables = begin + "\n" + "\n".join(lines) + "\n" + end
-    path = os.path.join(out_dir, "results.md")
-    text = open(path).read() if os.path.isfile(path) else ""
-    if begin in text and end in text:
-        text = text[:text.index(begin)] + tables + text[text.index(end) + len(end):]
-    else:
-        text = "# Divide and co-train: a wide ResNet-10 on Fashion-MNIST\n\n" + tables + "\n"
-    with open(path, "w") as f:
-        f.write(text)
-    _plot(results, os.path.join(out_dir, "results.png"))
+def paired_bootstrap_ci(correct_b: np.ndarray, correct_a: np.ndarray, reps: int = 10000, seed: int = 0,
+                        chunk: int = 500) -> Tuple[float, float]:
+    """95% percentile interval of mean top-1(b) - mean top-1(a), in points, resampling seeds (paired: row i of
+    both) and test images (the same images for both arms) with replacement. Inputs: ``[seeds, images]`` bools."""
+    if correct_a.shape != correct_b.shape or correct_a.shape[0] < 2:
+        return float("nan"), float("nan")
+    n, m = correct_a.shape
+    diff = (correct_b.astype(np.float32) - correct_a.astype(np.float32))  # [n, m]
+    rng, deltas = np.random.default_rng(seed), []
+    for start in range(0, reps, chunk):
+        c = min(chunk, reps - start)
+        draws = rng.integers(0, m, (c, m)) + (np.arange(c) * m)[:, None]
+        counts = np.bincount(draws.ravel(), minlength=c * m).reshape(c, m).astype(np.float32)
+        per_seed = diff @ counts.T / m  # [n, c]: each seed's accuracy difference on each image draw
+        pick = rng.integers(0, n, (c, n))
+        deltas.append(np.take_along_axis(per_seed.T, pick, axis=1).mean(1))
+    lo, hi = np.percentile(np.concatenate(deltas) * 100, [2.5, 97.5])
+    return float(lo), float(hi)
 
 
-def _plot(results: Dict[str, Any], path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import matplotlib.ticker
-
-    runs, sat, meta = results["runs"], results.get("saturation", []), results["meta"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    single = [dict(r, width=meta["width"]) for r in runs if r["config"] == "big"] + sat
-    pts = sorted((rs[0]["gmacs"] * 1e3, [r["ensemble_top1"] for r in rs], k)
-                 for k, rs in _group(single, "width").items())
-    if pts:
-        ax.errorbar([p[0] for p in pts], [statistics.mean(p[1]) for p in pts],
-                    yerr=[statistics.stdev(p[1]) if len(p[1]) > 1 else 0 for p in pts], fmt="o-", color="k",
-                    capsize=3, label="single network, width k/2, k, 2k")
-        for x, ys, k in pts:
-            ax.annotate(f"k={k:g}", (x, statistics.mean(ys)), textcoords="offset points", xytext=(4, -12), fontsize=8)
-    # name: marker, colour, x offset (the splits sit at the big network's cost; offsets keep them apart)
-    markers = {"s2": ("s", "C0", 1.0), "s4": ("D", "C1", 1.04), "s2_nocot": ("v", "C2", 0.96),
-               "s2_sameview": ("^", "C3", 0.92)}
-    for name, rs in _group(runs, "config").items():
-        if name not in markers:
-            continue
-        ys = [r["ensemble_top1"] for r in rs]
-        m, c, dx = markers[name]
-        ax.errorbar([rs[0]["gmacs"] * 1e3 * dx], [statistics.mean(ys)],
-                    yerr=[statistics.stdev(ys) if len(ys) > 1 else 0], fmt=m, color=c, capsize=3,
-                    label=f"{name} (width k split)")
-    ax.set_xscale("log")
-    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
-    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_xlabel("MMACs per image (fvcore)")
-    ax.set_ylabel("test top-1 (%)")
-    ax.set_title(f"Fashion-MNIST, {meta['train_subset']} train images, {meta['epochs']} epochs")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def verdict(welch: Tuple[float, float, float], boot: Tuple[float, float]) -> str:
+    """The pre-registered rule: yes if both lower bounds > 0, no if both upper bounds < +0.3, else inconclusive."""
+    lows, highs = (welch[1], boot[0]), (welch[2], boot[1])
+    if any(math.isnan(v) for v in lows + highs):
+        return "inconclusive (too few seeds for an interval)"
+    if min(lows) > 0:
+        return "yes"
+    if max(highs) < 0.3:
+        return "no"
+    return "inconclusive"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--width", type=float, default=1.0, help="width multiplier k of the big network")
-    ap.add_argument("--epochs", type=int, default=20)
-    ap.add_argument("--train-subset", type=int, default=5000)
-    ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=0.1)
-    ap.add_argument("--weight-decay", type=float, default=5e-4)
-    ap.add_argument("--scale", type=float, nargs=2, default=(0.75, 1.0), help="random-resized-crop area range")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    ap.add_argument("--saturation-seeds", type=int, nargs="*", default=None,
-                    help="seeds of the k/2 and 2k single networks (default: the first seed for 2k, all for k/2)")
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--amp", action="store_true", help="bf16 autocast")
-    ap.add_argument("--out-dir", default=None, help="where results.{json,md,png} go (default docs/)")
-    ap.add_argument("--runs-dir", default=None, help="run directories (default runs/science)")
-    ap.add_argument("--quick", action="store_true", help="tiny budget smoke test (~1 min), writes runs/science_quick")
-    ap.add_argument("--report-only", action="store_true", help="rewrite results.md/png from results.json")
-    args = ap.parse_args()
-    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-    if args.quick:
-        args.width, args.epochs, args.train_subset, args.seeds = 0.5, 1, 512, [0]
-        args.out_dir = args.out_dir or os.path.join(root, "runs", "science_quick")
-        args.runs_dir = args.runs_dir or os.path.join(root, "runs", "science_quick", "runs")
-    out_dir = args.out_dir or os.path.join(root, "docs")
-    runs_dir = args.runs_dir or os.path.join(root, "runs", "science")
-    os.makedirs(out_dir, exist_ok=True)
-    json_path = os.path.join(out_dir, "results.json")
-    if args.report_only:
-        with open(json_path) as f:
-            write_report(json.load(f), out_dir)
-        print(f"wrote {out_dir}/results.md and results.png")
-        return
+def _group_key(rec: Dict[str, Any]) -> str:
+    cfg = {k: v for k, v in rec["config"].items() if k not in ("arm", "seed", "run_width", "split_kwargs")}
+    return json.dumps(dict(cfg, folder=rec["stage"]), sort_keys=True)
 
+
+def _label(rec: Dict[str, Any]) -> str:
+    kw = rec["config"].get("split_kwargs") or {}
+    return rec["arm"] + "".join(f"+{k}={v}" for k, v in sorted(kw.items()))
+
+
+def _setting_line(rec: Dict[str, Any]) -> str:
+    c = rec["config"]
+    return (f"{c['arch']} k={c['width']:g}, {c['per_class']}/class ({rec['train_images']} train images), "
+            f"{c['epochs']} epochs, batch {c['batch_size']}, lr {c['lr']}, wd {c['weight_decay']}, views: pad "
+            f"{c['pad'] if c['pad'] is not None else 'H//8'}, flip {c['hflip']}, RandAugment n{c['ra_ops']} "
+            f"m{c['ra_magnitude']:g}, erasing {c['re_prob']}, mixup {c['mixup_alpha']}; device {rec['device']}"
+            f"{', bf16' if rec['amp'] else ''}{', channels-last' if rec['channels_last'] else ''}")
+
+
+def _pairs(recs: Sequence[Dict[str, Any]]) -> List[Tuple[Dict[str, Any], Dict[str, Any]]]:
+    """Disjoint pairs of consecutive seeds: (0, 1), (2, 3), ..."""
+    rs = sorted(recs, key=lambda r: r["seed"])
+    return [(rs[i], rs[i + 1]) for i in range(0, len(rs) - 1, 2)]
+
+
+def _pair_gain(pairs, labels: np.ndarray) -> Tuple[List[Dict[str, float]], List[float]]:
+    """Metrics of each pair's averaged logits (top-1 %, NLL, ECE), and its top-1 gain over the pair's mean."""
+    from timm_split.train import classification_metrics
+
+    out, gains = [], []
+    for a, b in pairs:
+        la, lb = _logits(a), _logits(b)
+        out.append(classification_metrics(torch.from_numpy((la + lb) / 2), torch.from_numpy(labels)))
+        mean = float(((la.argmax(-1) == labels).mean() + (lb.argmax(-1) == labels).mean()) * 50)
+        gains.append(out[-1]["top1"] - mean)
+    return out, gains
+
+
+def _top1(recs):
+    return [r["test"]["ensemble"]["top1"] for r in recs]
+
+
+def gate_report(recs: List[Dict[str, Any]], labels: np.ndarray) -> List[str]:
+    """Stage 1 tables and the go/no-go of the pre-registered gate, one block per gate setting."""
+    lines = []
+    for key in sorted({_group_key(r) for r in recs}):
+        group = [r for r in recs if _group_key(r) == key]
+        k = group[0]["config"]["width"]
+        by_w = {w: [r for r in group if r["width"] == w] for w in sorted({r["width"] for r in group})}
+        lines += [f"### Gate: {_setting_line(group[0])}", "",
+                  "| width | params | MMACs | seeds | test top-1 (%) per seed | test top-1 (%) | clean train top-1 (%) "
+                  "| clean train loss | last-epoch train CE per member | NLL | ECE (%) | min/run |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for w, rs in by_w.items():
+            rs = sorted(rs, key=lambda r: r["seed"])
+            lines.append(
+                f"| {w:g}{' (k)' if w == k else ''} | {rs[0]['params']:,} | {rs[0]['gmacs'] * 1e3:.2f} | {len(rs)} | "
+                f"{', '.join(f'{t:.2f}' for t in _top1(rs))} | {_ms(_top1(rs))} | "
+                f"{_ms([r['train_clean']['ensemble']['top1'] for r in rs])} | "
+                f"{_ms([r['train_clean']['ensemble']['nll'] for r in rs], 3)} | "
+                f"{_ms([r['train_last_epoch']['ce_per_member'] for r in rs], 3)} | "
+                f"{_ms([r['test']['ensemble']['nll'] for r in rs], 3)} | "
+                f"{_ms([100 * r['test']['ensemble']['ece'] for r in rs])} | "
+                f"{statistics.mean(r['wall_seconds'] for r in rs) / 60:.1f} |")
+        big, wide = by_w.get(k, []), by_w.get(2 * k, [])
+        fit = statistics.mean(r["train_clean"]["ensemble"]["top1"] for r in big) if big else float("nan")
+        gain = statistics.mean(_top1(wide)) - statistics.mean(_top1(big)) if big and wide else float("nan")
+        pair_gains = _pair_gain(_pairs(big), labels)[1]
+        ens = statistics.mean(pair_gains) if pair_gains else float("nan")
+        go = fit >= 98 and gain <= 0.2 and ens >= 1
+        lines += ["", f"Gate numbers (rule: train fit ≥ 98%, width gain ≤ 0.2 points, ensemble gain ≥ 1 point): "
+                  f"**train fit {fit:.2f}%**, **width gain k → 2k {gain:+.2f} points**, **ensemble gain of two "
+                  f"independent width-k networks {ens:+.2f} points** ({len(pair_gains)} disjoint seed pairs). "
+                  f"Gate: **{'GO' if go else 'NO GO'}**.", ""]
+    return lines
+
+
+def _arm_row(label: str, rs: List[Dict[str, Any]], single_params: Optional[int]) -> str:
+    members = [statistics.mean(m["top1"] for m in r["test"]["members"]) for r in rs]
+    ratio = f" (x{rs[0]['params'] / single_params:.3f})" if single_params else ""
+    return (f"| {label} | {rs[0]['split']} | {len(rs)} | {rs[0]['params']:,}{ratio} | {rs[0]['gmacs'] * 1e3:.2f} "
+            f"(x{rs[0]['gmacs_ratio']:.3f}) | {_ms(_top1(rs))} | {_ms(members)} | "
+            f"{_ms([r['test']['ensemble']['nll'] for r in rs], 3)} | "
+            f"{_ms([100 * r['test']['ensemble']['ece'] for r in rs])} | "
+            f"{_ms([r['train_clean']['ensemble']['top1'] for r in rs])} | "
+            f"{_ms([r['train_clean']['ensemble']['nll'] for r in rs], 3)} | "
+            f"{_ms([r['train_last_epoch']['ce_per_member'] for r in rs], 3)} | "
+            f"{statistics.mean(r['wall_seconds'] for r in rs) / 60:.1f} |")
+
+
+def _ci(t: Tuple[float, ...]) -> str:
+    return "-" if math.isnan(t[-1]) else f"[{t[-2]:+.2f}, {t[-1]:+.2f}]"
+
+
+def grid_report(recs: List[Dict[str, Any]], labels: np.ndarray) -> List[str]:
+    """Stage 2 tables: every arm, the two-singles ceiling, the primary test with its verdict, the controls."""
+    lines = []
+    for key in sorted({_group_key(r) for r in recs}):
+        group = [r for r in recs if _group_key(r) == key]
+        arms: Dict[str, List[Dict[str, Any]]] = {}
+        order = list(ARMS)
+        for r in sorted(group, key=lambda r: (order.index(r["arm"]), _label(r), r["seed"])):
+            arms.setdefault(_label(r), []).append(r)
+        single = arms.get("single", [])
+        sp = single[0]["params"] if single else None
+        lines += [f"### {group[0]['stage']}: {_setting_line(group[0])}", "",
+                  "| arm | S | seeds | params (vs single) | MMACs (vs unsplit) | test top-1 (%) | member top-1 (%) "
+                  "| NLL | ECE (%) | clean train top-1 (%) | clean train loss | last-epoch train CE per member "
+                  "| min/run |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [_arm_row(label, rs, sp) for label, rs in arms.items()]
+        pairs = _pairs(single)
+        if pairs:
+            ens2 = _pair_gain(pairs, labels)[0]
+            lines.append(f"| ens2_single (2x cost) | 1+1 | {len(pairs)} pairs | {2 * sp:,} | - | "
+                         f"{_ms([m['top1'] for m in ens2])} | - | {_ms([m['nll'] for m in ens2], 3)} | "
+                         f"{_ms([100 * m['ece'] for m in ens2])} | - | - | - | - |")
+        lines.append("")
+        lines += _tests(arms, labels, group[0]["stage"] == "grid")
+    return lines
+
+
+def _tests(arms: Dict[str, List[Dict[str, Any]]], labels: np.ndarray, primary: bool) -> List[str]:
+    """Each arm against the single network (Welch; S=2/S=4 also by the paired bootstrap), controls also against
+    s2; the s2 line states the decision rule's outcome (the verdict when ``primary``: the pre-registered grid)."""
+    single = arms.get("single", [])
+    lines = ["* per seed, test top-1 (%): " + "; ".join(
+        f"{name} " + ", ".join(f"{r['seed']}: {r['test']['ensemble']['top1']:.2f}" for r in rs)
+        for name, rs in arms.items())]
+    for name in [a for a in arms if a != "single"]:
+        rs = arms[name]
+        w = welch_ci(_top1(rs), _top1(single)) if single else (float("nan"),) * 3
+        line = f"* **{name} − single:** {w[0]:+.2f} points, Welch 95% CI {_ci(w)}"
+        if name.split("+")[0] in ("s2", "s4") and single:
+            seeds = sorted({r["seed"] for r in rs} & {r["seed"] for r in single})
+            pick = {r["seed"]: r for r in rs}, {r["seed"]: r for r in single}
+            boot = paired_bootstrap_ci(np.stack([_correct(pick[0][s], labels) for s in seeds]),
+                                       np.stack([_correct(pick[1][s], labels) for s in seeds]))
+            line += f", paired bootstrap 95% CI {_ci(boot)} ({len(seeds)} paired seeds)"
+            if name == "s2":
+                what = "Verdict (pre-registered rule)" if primary else "Decision rule applied to this block"
+                line += f". **{what}: {verdict(w, boot)}.**"
+        elif "s2" in arms and name != "s2":
+            v = welch_ci(_top1(rs), _top1(arms["s2"]))
+            line += f"; − s2: {v[0]:+.2f}, Welch 95% CI {_ci(v)}"
+        lines.append(line)
+    return lines + [""] if lines else lines
+
+
+def write_report(records: str, results_md: str, data_dir: str) -> None:
+    """Regenerate the tables between the markers of ``results_md`` from ``records`` (atomic write)."""
+    recs = load_records(records)
+    labels = _idx(data_dir, "t10k-labels-idx1-ubyte").astype(np.int64)
+    gate = [r for r in recs if r["kind"] == "gate"]
+    grid = [r for r in recs if r["kind"] != "gate"]
+    where = os.path.relpath(records, ROOT)
+    where = records if where.startswith("..") else where
+    lines = [f"Generated by `python benchmarks/science.py --report` from {len(recs)} records in `{where}`. "
+             "Mean ± std over seeds; test = the 10,000 test images; the last-epoch train CE is on the augmented, "
+             "mixed batches.", ""]
+    if gate:
+        lines += ["## Stage 1: the regime gate", ""] + gate_report(gate, labels)
+    if grid:
+        lines += ["## Stage 2: the grid", ""] + grid_report(grid, labels)
+    if not recs:
+        lines = ["No records yet."]
+    begin, end = "<!-- tables:begin (generated by benchmarks/science.py --report) -->", "<!-- tables:end -->"
+    text = open(results_md).read() if os.path.isfile(results_md) else f"# Science results\n\n{begin}\n{end}\n"
+    if begin not in text or end not in text:
+        raise ValueError(f"{results_md} has no '{begin}' ... '{end}' markers to put the tables between.")
+    text = text[:text.index(begin) + len(begin)] + "\n" + "\n".join(lines).rstrip() + "\n" + text[text.index(end):]
+    _atomic_write(results_md, lambda f: f.write(text.encode()))
+    print(f"wrote the tables of {results_md} from {len(recs)} records", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# command line
+
+def _parser() -> argparse.ArgumentParser:
+    from timm.utils import ParseKwargs
+
+    d = Setting()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = ap.add_argument
+    a("--stage", choices=("gate", "grid"), default="grid", help="stage 1 (the regime gate) or stage 2 (the grid)")
+    a("--tag", default=None, help="records sub-folder (default: the stage name)")
+    a("--arch", choices=sorted(ARCHS), default=d.arch)
+    a("--width", type=float, default=d.width, help="k: the width of the network that is split")
+    a("--per-class", type=int, default=d.per_class, help="class-balanced training subset: images per class")
+    a("--epochs", type=int, default=d.epochs)
+    a("--batch-size", type=int, default=d.batch_size)
+    a("--lr", type=float, default=None, help="peak LR (default 0.1 * batch / 128)")
+    a("--weight-decay", type=float, default=d.weight_decay, help="for S=1; scaled by exp(1/S - 1)")
+    a("--cot-weight", type=float, default=d.cot_weight, help="JS weight (the no-cot arm uses 0)")
+    a("--pad", type=int, default=None, help="pad-and-crop padding (default H // 8: 3 at 28 px)")
+    a("--hflip", type=float, default=d.hflip)
+    a("--ra-ops", type=int, default=d.ra_ops, help="RandAugment ops per image (0: off)")
+    a("--ra-magnitude", type=float, default=d.ra_magnitude)
+    a("--re-prob", type=float, default=d.re_prob, help="random-erasing probability")
+    a("--mixup-alpha", type=float, default=d.mixup_alpha)
+    a("--split-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="K=V",
+      help="extra timm_split.split() options for the split arms (e.g. planner options); the arm is named with them")
+    a("--arms", nargs="+", choices=list(ARMS), default=list(PRIMARY + CONTROLS), help="grid arms (add s4 if time)")
+    a("--seeds", type=int, nargs="+", default=list(range(10)), help="seeds of single, s2 and s4")
+    a("--control-seeds", type=int, nargs="+", default=list(range(5)), help="seeds of the controls")
+    a("--gate-seeds", type=int, nargs="+", default=list(range(4)), help="seeds of each gate width")
+    a("--device", default=d.device)
+    a("--amp", action="store_true", help="bf16 autocast")
+    a("--channels-last", action="store_true")
+    a("--data-dir", default=d.data_dir, help="folder with the four Fashion-MNIST IDX files (.gz or not)")
+    a("--jobs", type=int, default=1, help="runs in parallel (worker processes)")
+    a("--threads", type=int, default=1, help="torch threads per worker")
+    a("--records", default=RECORDS, help="where the run records go")
+    a("--results-md", default=RESULTS_MD, help="the file whose generated tables --report rewrites")
+    a("--measure", action="store_true", help="time each arm and print the stage's expected wall time; train nothing")
+    a("--report", action="store_true", help="rewrite the tables of --results-md from --records; train nothing")
+    a("--dry-run", action="store_true", help="gate + grid + measure + report at a tiny size in a temp folder")
+    return ap
+
+
+def _setting(args: argparse.Namespace) -> Setting:
+    lr = args.lr if args.lr is not None else 0.1 * args.batch_size / 128
+    return Setting(arch=args.arch, width=args.width, per_class=args.per_class, epochs=args.epochs,
+                   batch_size=args.batch_size, lr=lr, weight_decay=args.weight_decay, cot_weight=args.cot_weight,
+                   pad=args.pad, hflip=args.hflip, ra_ops=args.ra_ops, ra_magnitude=args.ra_magnitude,
+                   re_prob=args.re_prob, mixup_alpha=args.mixup_alpha, split_kwargs=dict(args.split_kwargs),
+                   device=args.device, amp=args.amp, channels_last=args.channels_last, data_dir=args.data_dir)
+
+
+def dry_run(args: argparse.Namespace) -> None:
+    """The whole pipeline at a tiny size (2 epochs, 10 images per class, 2 seeds) in a temp folder."""
+    out = tempfile.mkdtemp(prefix="science_dry_")
+    args.records, args.results_md = os.path.join(out, "records"), os.path.join(out, "results.md")
+    if os.path.isfile(RESULTS_MD):
+        with open(RESULTS_MD) as src, open(args.results_md, "w") as dst:
+            dst.write(src.read())
+    args.epochs, args.per_class, args.batch_size = 2, 10, 32
+    args.seeds = args.control_seeds = args.gate_seeds = [0, 1]
+    args.arms = list(PRIMARY + CONTROLS) + ["s4"]
+    st = _setting(args)
+    print(f"dry run in {out}", flush=True)
+    for stage in ("gate", "grid"):
+        specs = stage_specs(stage, stage, st, args.arms, args.seeds, args.control_seeds, args.gate_seeds)
+        measure(specs, st, args.jobs, steps=2, warmup=1)
+        run_specs(specs, st, args.records, args.jobs, args.threads)
+        run_specs(specs, st, args.records, args.jobs, args.threads)  # resumes: nothing left to run
+    write_report(args.records, args.results_md, args.data_dir)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = _parser().parse_args(argv)
     torch.set_num_threads(args.threads)
-    import logging
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    t_start = time.perf_counter()
-    k = args.width
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); width k={k:g}, {args.train_subset} "
-          f"images, {args.epochs} epochs, seeds {args.seeds}", flush=True)
-    print("equal cost check:", flush=True)
-    costs = check_costs(k)
-    results: Dict[str, Any] = {"runs": [], "saturation": [], "costs": costs}
-    meta = {"command": " ".join(["python benchmarks/science.py"] + sys.argv[1:]), "width": k,
-            "epochs": args.epochs, "train_subset": args.train_subset, "batch_size": args.batch_size,
-            "lr": args.lr, "weight_decay": args.weight_decay, "scale": list(args.scale), "seeds": args.seeds,
-            "threads": args.threads,
-            "machine": f"{os.cpu_count()}-core CPU, torch {torch.__version__}", "amp": args.amp}
-    results["meta"] = meta
-
-    def base(seed: int, split: int, width: float = k, **kw) -> TrainConfig:
-        return TrainConfig(model=f"wide_resnet10_k{width:g}", split=split, epochs=args.epochs,
-                           batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                           train_subset=args.train_subset, scale=tuple(args.scale), seed=seed, eval_every=0,
-                           amp=args.amp, **kw)
-
-    def save() -> None:
-        meta["wall_minutes"] = (time.perf_counter() - t_start) / 60
-        with open(json_path, "w") as f:
-            json.dump(results, f, indent=1)
-
-    sat_seeds = args.saturation_seeds
-    for seed in args.seeds:
-        for name in args.configs:
-            split, kw = CONFIGS[name]
-            results["runs"].append(_run(name, base(seed, split, **kw), k, runs_dir))
-            save()
-        for kk in (k / 2, 2 * k):
-            seeds = sat_seeds if sat_seeds is not None else (args.seeds if kk < k else args.seeds[:1])
-            if seed in seeds:
-                row = _run("big", base(seed, 1, kk), kk, runs_dir)
-                results["saturation"].append(row)
-                save()
-    save()
-    write_report(results, out_dir)
-    print(f"wrote {json_path}, results.md, results.png; total {meta['wall_minutes']:.1f} min", flush=True)
+    if args.dry_run:
+        return dry_run(args)
+    if args.report:
+        return write_report(args.records, args.results_md, args.data_dir)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda but torch sees no GPU; use --device cpu.")
+    st = _setting(args)
+    specs = stage_specs(args.stage, args.tag or args.stage, st, args.arms, args.seeds, args.control_seeds,
+                        args.gate_seeds)
+    if args.measure:
+        todo = [s for s in specs if _done(s, st, args.records) is None]
+        measure(todo or specs, st, args.jobs)
+        return
+    t0 = time.perf_counter()
+    run_specs(specs, st, args.records, args.jobs, args.threads)
+    print(f"{args.stage} done in {(time.perf_counter() - t0) / 60:.1f} min; records in {args.records}. Next: "
+          f"python benchmarks/science.py --report", flush=True)
 
 
 if __name__ == "__main__":
