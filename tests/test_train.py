@@ -140,7 +140,7 @@ def test_ema_decay(folder, tmp_path):
     """ModelEmaV3 updated every step (timm's rule: the first update copies): decay 1 then freezes, 0 follows."""
     _, run1 = _run(folder, tmp_path / "one", epochs=2, model_ema=True, model_ema_decay=1.0)
     e0, e1 = (load_file(os.path.join(run1, f"checkpoint-{e}.safetensors")) for e in (0, 1))
-    ema_keys = [k for k in e0 if k.startswith("_train.ema.")]
+    ema_keys = [k for k in e0 if k.startswith("_train.ema.") and e0[k].is_floating_point()]
     assert ema_keys and all(torch.equal(e0[k], e1[k]) for k in ema_keys)
     assert not all(torch.equal(e0[k[len("_train.ema."):]], e1[k[len("_train.ema."):]]) for k in ema_keys)
     _, run0 = _run(folder, tmp_path / "zero", model_ema=True, model_ema_decay=0.0)
@@ -152,7 +152,7 @@ def test_ema_decay(folder, tmp_path):
 @pytest.mark.timeout(600)
 def test_grad_accumulation_matches_a_big_batch(folder, tmp_path):
     """batch 20 == batch 10 x 2 accumulation steps (a BN-free model, no batch-level randomness)."""
-    kw = dict(model="test_convnext", split=2, color_jitter=0.0, smoothing=0.0)
+    kw = dict(model="test_convnext", img_size=32, split=2, color_jitter=0.0, smoothing=0.0, cot_warmup_epochs=0.0)
     big, run_big = _run(folder, tmp_path / "big", batch_size=20, **kw)
     acc, run_acc = _run(folder, tmp_path / "acc", batch_size=10, grad_accum_steps=2, **kw)
     a, b = load_file(os.path.join(run_big, "last.safetensors")), load_file(os.path.join(run_acc, "last.safetensors"))
@@ -166,9 +166,11 @@ def test_grad_accumulation_matches_a_big_batch(folder, tmp_path):
 
 @pytest.mark.timeout(600)
 def test_channels_last_trains_as_contiguous(folder, tmp_path):
-    base, _ = _run(folder, tmp_path / "nchw", split=2)
-    cl, run = _run(folder, tmp_path / "nhwc", split=2, channels_last=True)
-    assert cl["final"]["loss"] == pytest.approx(base["final"]["loss"], rel=1e-3)
+    """Same run to float tolerance (a small lr keeps 10 steps of float drift small)."""
+    base, run0 = _run(folder, tmp_path / "nchw", split=2, lr=1e-3)
+    cl, run = _run(folder, tmp_path / "nhwc", split=2, lr=1e-3, channels_last=True)
+    assert float(_summary(run)[0]["train_loss"]) == pytest.approx(float(_summary(run0)[0]["train_loss"]), rel=1e-4)
+    assert cl["final"]["loss"] == pytest.approx(base["final"]["loss"], rel=1e-4)
     assert all(m["top1"] == n["top1"] for m, n in zip(cl["final"]["members"], base["final"]["members"]))
 
 

@@ -207,7 +207,7 @@ def _check_identity(model: nn.Module, meta: Dict[str, str], path: str) -> None:
                          f"(split_factor={n}).")
     arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
     if arch and meta.get("architecture") and meta["architecture"] != arch:
-        raise ValueError(f"{path} does not match {arch}: the file holds {meta['architecture']} weights (other keys "
+        raise ValueError(f"{path} does not match {arch} (the file holds {meta['architecture']} weights: other keys "
                          "and shape mismatches); pass the matching --model or another checkpoint.")
 
 

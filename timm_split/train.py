@@ -716,9 +716,11 @@ def run_train(args: argparse.Namespace) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("timm_split").setLevel(logging.INFO)
+    from .errors import SplitError
+
     try:
         results = train(args, progress=not args.no_progress and sys.stderr.isatty())
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, SplitError) as e:
         return user_error("train", e)
     final = results["final"]
     if final is not None and getattr(args, "rank", 0) == 0:
