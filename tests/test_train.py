@@ -8,7 +8,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from timm_split.checkpoint import load_checkpoint
 from timm_split.cli import main
 from timm_split.data import MemberBatchAugment, create_member_loader, export_fashion_mnist, write_idx
 from timm_split.train import train, train_args

@@ -425,12 +425,13 @@ def _resolve_lr(args: argparse.Namespace) -> None:
     """timm's rule: ``lr = lr_base * global_batch / lr_base_size`` (sqrt for adaptive optimizers) if not given."""
     if args.lr:
         return
-    batch_ratio = args.batch_size * args.world_size * args.grad_accum_steps / args.lr_base_size
+    replicas = args.world_size // args.split if args.member_parallel else args.world_size
+    batch_ratio = args.batch_size * replicas * args.grad_accum_steps / args.lr_base_size
     if not args.lr_base_scale:
         args.lr_base_scale = "sqrt" if any(o in args.opt.lower() for o in ("ada", "lamb")) else "linear"
     args.lr = args.lr_base * (batch_ratio ** 0.5 if args.lr_base_scale == "sqrt" else batch_ratio)
     _logger.info("lr %.4g from --lr-base %g at global batch %d (%s)", args.lr, args.lr_base,
-                 args.batch_size * args.world_size * args.grad_accum_steps, args.lr_base_scale)
+                 args.batch_size * replicas * args.grad_accum_steps, args.lr_base_scale)
 
 
 def _optimisation(args: argparse.Namespace, ens: nn.Module, train_model: nn.Module, n_batches: int):
