@@ -16,7 +16,6 @@ Model: a wide ResNet-10 built with timm's ``ResNet`` class (BasicBlock x [1, 1, 
 Runs already finished (``<runs>/<name>/log.json`` complete with the same config) are read back, not retrained.
 """
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -31,13 +30,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import timm_split  # noqa: E402
 from timm_split.count import count  # noqa: E402
-from timm_split.train import TrainConfig, train  # noqa: E402
+from timm_split.train import train, train_args  # noqa: E402
 
-CONFIGS = {  # name: (split, TrainConfig overrides)
+CONFIGS = {  # name: (split, train_args overrides)
     "big": (1, {}),
     "s2": (2, {}),
     "s4": (4, {}),
-    "s2_nocot": (2, {"no_cot": True}),
+    "s2_nocot": (2, {"cot_weight": 0.0}),
     "s2_sameview": (2, {"same_view": True}),
 }
 PAPER = {"big": 15.50, "s2": 14.48, "s4": 14.26}  # CIFAR-100 top-1 error (%), WRN-28-10, Divide and Co-training
@@ -55,26 +54,26 @@ def wide_resnet10(k: float) -> nn.Module:
     return model
 
 
-def _run(name: str, cfg: TrainConfig, k: float, runs_dir: str) -> Dict[str, Any]:
-    """Train one run (or read it back if its log is complete) and return its results.json row."""
-    cfg.out = os.path.join(runs_dir, f"{name}-k{k:g}-seed{cfg.seed}")
-    path = os.path.join(cfg.out, "log.json")
+def _run(name: str, cfg: argparse.Namespace, k: float, runs_dir: str) -> Dict[str, Any]:
+    """Train one run (or read it back if its results are complete) and return its results.json row."""
+    cfg.output, cfg.experiment = runs_dir, f"{name}-k{k:g}-seed{cfg.seed}"
+    path = os.path.join(runs_dir, cfg.experiment, "results.json")
     log = None
     if os.path.isfile(path):
         with open(path) as f:
             old = json.load(f)
-        same = {k2: v for k2, v in old["config"].items() if k2 not in ("out", "resume")} == \
-            {k2: v for k2, v in json.loads(json.dumps(dataclasses.asdict(cfg))).items() if k2 not in ("out", "resume")}
-        if same and old.get("final") and len(old["epochs"]) == cfg.epochs:
+        same = {k2: v for k2, v in old["args"].items() if k2 not in ("resume",)} == \
+            {k2: v for k2, v in json.loads(json.dumps(vars(cfg), default=str)).items() if k2 not in ("resume",)}
+        if same and old.get("final"):
             log = old
             print(f"  {name} seed {cfg.seed}: read back from {path}", flush=True)
     if log is None:
         log = train(cfg, model_fn=lambda: wide_resnet10(k), progress=False)
     fin = log["final"]
     row = {"config": name, "seed": cfg.seed, "width": k, "split": cfg.split, "params": int(log["params"]),
-           "gmacs": float(log["gmacs"]), "epochs": cfg.epochs, "ensemble_top1": fin["ensemble"]["top1"],
-           "member_top1": [m["top1"] for m in fin["members"]], "nll": fin["ensemble"]["nll"],
-           "ece": fin["ensemble"]["ece"], "member_nll": [m["nll"] for m in fin["members"]],
+           "gmacs": float(log["gmacs"]), "epochs": cfg.epochs, "ensemble_top1": fin["top1"],
+           "member_top1": [m["top1"] for m in fin["members"]], "nll": fin["loss"],
+           "ece": fin["ece"], "member_nll": [m["loss"] for m in fin["members"]],
            "train_seconds": float(log["train_seconds"])}
     print(f"  {name:12s} k={k:g} seed {cfg.seed}: top-1 {row['ensemble_top1']:.2f}% (members "
           f"{', '.join(f'{t:.2f}' for t in row['member_top1'])}), NLL {row['nll']:.4f}, ECE {row['ece']:.4f}, "
@@ -264,11 +263,14 @@ def main() -> None:
             "machine": f"{os.cpu_count()}-core CPU, torch {torch.__version__}", "amp": args.amp}
     results["meta"] = meta
 
-    def base(seed: int, split: int, width: float = k, **kw) -> TrainConfig:
-        return TrainConfig(model=f"wide_resnet10_k{width:g}", split=split, epochs=args.epochs,
-                           batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-                           train_subset=args.train_subset, scale=tuple(args.scale), seed=seed, eval_every=0,
-                           amp=args.amp, **kw)
+    def base(seed: int, split: int, width: float = k, **kw) -> argparse.Namespace:
+        # the benchmark's recipe (timm's train.py defaults differ): no label smoothing or colour jitter, no LR
+        # warm-up, the cosine schedule stepped every update, 1-channel 28 px Fashion-MNIST in the main process
+        return train_args(model=f"wide_resnet10_k{width:g}", split=split, epochs=args.epochs,
+                          batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                          train_subset=args.train_subset, scale=list(args.scale), seed=seed, eval_every=0,
+                          amp=args.amp, smoothing=0.0, color_jitter=0.0, warmup_epochs=0, sched_on_updates=True,
+                          workers=0, img_size=28, **kw)
 
     def save() -> None:
         meta["wall_minutes"] = (time.perf_counter() - t_start) / 60

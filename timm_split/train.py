@@ -31,6 +31,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from collections import OrderedDict
@@ -175,8 +176,8 @@ def train_args(**overrides: Any) -> argparse.Namespace:
     return args
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    """Reject bad values before any data or model is loaded."""
+def _check_args(args: argparse.Namespace, custom_model: bool = False) -> None:
+    """Reject bad values before any data or model is loaded (``custom_model``: the name is only a label)."""
     import timm
 
     ints = dict(split=args.split, epochs=args.epochs, batch_size=args.batch_size,
@@ -197,7 +198,7 @@ def _check_args(args: argparse.Namespace) -> None:
     name = args.model
     if name.startswith("splitnet_"):
         raise ValueError(f"--model {name}: pass the base model ({name[len('splitnet_'):]}) and --split S.")
-    if not timm.is_model(name):
+    if not custom_model and not timm.is_model(name):
         raise ValueError(f"unknown --model {name!r}; list the choices with python -c \"import timm; "
                          f"print(timm.list_models('{name[:4]}*'))\".")
     if args.member_parallel and (args.model_ema or args.resume):
@@ -258,7 +259,7 @@ def build_model(args: argparse.Namespace, num_classes: int, data_cfg: Dict[str, 
         raise ValueError(f"{args.model} does not take these arguments ({e}); check --model-kwargs, --drop-path "
                          "and --drop-block.") from e
     model.pretrained_cfg = dict(getattr(model, "pretrained_cfg", None) or {}, **data_cfg, num_classes=num_classes)
-    cfg = resolve_data_config(vars(args), model=model)
+    cfg = resolve_data_config(dict(vars(args), in_chans=in_chans), model=model)
     model.pretrained_cfg.update(input_size=cfg["input_size"], mean=cfg["mean"], std=cfg["std"],
                                 crop_pct=cfg["crop_pct"], interpolation=cfg["interpolation"])
     if args.grad_checkpointing:
@@ -480,7 +481,7 @@ def _setup(args: argparse.Namespace, model_fn: Optional[Callable[[], nn.Module]]
 
     from .data import MemberBatchAugment
 
-    _check_args(args)
+    _check_args(args, custom_model=model_fn is not None)
     device = _init_distributed(args)
     out = _output_dir(args) if args.rank == 0 else None
     if args.threads:
@@ -525,6 +526,19 @@ def _saver(run: _Run):
     from .checkpoint import save_checkpoint
 
     class _Saver(CheckpointSaver):
+        def _replace(self, src: str, dst: str) -> None:
+            os.replace(src, dst)  # timm unlinks dst first (for Windows): a kill there would lose last.*
+
+        def _duplicate(self, src: str, dst: str) -> None:
+            tmp = dst + ".tmp"
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            try:
+                os.link(src, tmp)  # a hard link where the filesystem allows, as timm does
+            except OSError:
+                shutil.copy2(src, tmp)
+            os.replace(tmp, dst)
+
         def _save(self, save_path: str, epoch: int, metric: Optional[float] = None) -> None:
             state = dict(_checkpoint_state(run), epoch=epoch + 1, metric=metric, saver=self.state_dict(epoch, metric))
             save_checkpoint(run.ensemble, save_path, None if run.args.member_parallel else run.optimizer,
