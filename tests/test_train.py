@@ -181,6 +181,17 @@ def test_split1_is_the_plain_model(folder, tmp_path):
     assert float(row["train_cot"]) == 0 and float(row["train_loss"]) == float(row["train_ce"])
 
 
+@pytest.mark.timeout(600)
+def test_execution_threads_trains_as_the_loop(folder, tmp_path):
+    """--execution threads (forward and backward on worker threads) gives the loop's run, to float tolerance."""
+    loop, _ = _run(folder, tmp_path / "loop", split=2, lr=1e-3)
+    threads, run = _run(folder, tmp_path / "threads", split=2, lr=1e-3, execution="threads", model_ema=True)
+    assert json.load(open(os.path.join(run, "args.json")))["execution"] == "threads"
+    assert threads["final"] is not None and len(threads["final"]["members"]) == 2  # EMA (a deepcopy) evaluated
+    assert float(_summary(run)[0]["train_loss"]) == pytest.approx(
+        float(_summary(os.path.join(tmp_path, "loop", "run"))[0]["train_loss"]), rel=1e-4)
+
+
 def test_mixup_is_shared_by_the_members():
     """One lambda, one pairing (i <-> B-1-i) and one CutMix box for every member; soft targets out."""
     from timm.data import Mixup

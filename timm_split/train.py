@@ -57,7 +57,7 @@ RESULTS = "results.json"
 # flags
 
 def _timm_flags(g: Callable[..., Any]) -> None:
-    """timm train.py's flags, with its names and defaults."""
+    """timm train.py's data and model flags, with its names and defaults."""
     from timm.utils import ParseKwargs
 
     g("--data-dir", default=None, metavar="DIR", help="dataset root (default: Fashion-MNIST's IDX files)")
@@ -70,7 +70,7 @@ def _timm_flags(g: Callable[..., Any]) -> None:
     g("--num-classes", type=int, default=None, metavar="N", help="default: the dataset's class count")
     g("--in-chans", type=int, default=None, metavar="N")
     g("--img-size", type=int, default=None, metavar="N")
-    g("--input-size", default=None, nargs=3, type=int, metavar="N N N")
+    g("--input-size", default=None, nargs=3, type=int, metavar=("C", "H", "W"))
     g("--crop-pct", default=None, type=float, metavar="N")
     g("--mean", type=float, nargs="+", default=None, metavar="MEAN")
     g("--std", type=float, nargs="+", default=None, metavar="STD")
@@ -84,6 +84,12 @@ def _timm_flags(g: Callable[..., Any]) -> None:
     g("--torchcompile", nargs="?", type=str, default=None, const="inductor")
     g("--resume", default="", metavar="PATH", help="a checkpoint of this run (e.g. <output>/last.safetensors)")
     g("--no-resume-opt", action="store_true")
+
+
+def _timm_optim_flags(g: Callable[..., Any]) -> None:
+    """timm train.py's optimizer, schedule, augmentation, EMA and misc flags, with its names and defaults."""
+    from timm.utils import ParseKwargs
+
     g("--opt", default="sgd", metavar="OPTIMIZER")
     g("--opt-eps", default=None, type=float, metavar="EPSILON")
     g("--opt-betas", default=None, type=float, nargs="+", metavar="BETA")
@@ -149,6 +155,7 @@ def _timm_flags(g: Callable[..., Any]) -> None:
 def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``timm-split train`` flags: timm train.py's (names and defaults) and ours."""
     _timm_flags(parser.add_argument)
+    _timm_optim_flags(parser.add_argument)
     a = parser.add_argument
     a("--split", type=int, default=1, help="S members (1 = the plain model)")
     a("--cot-weight", type=float, default=0.5, help="weight of the co-training (JS) term; 0 disables it")
@@ -492,8 +499,8 @@ def _setup(args: argparse.Namespace, model_fn: Optional[Callable[[], nn.Module]]
     ens.to(device)
     if args.channels_last:
         ens.to(memory_format=torch.channels_last)
-    ens.set_execution(args.execution)
     ema = ModelEmaV3(ens, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup) if args.model_ema else None
+    ens.set_execution(args.execution)  # after the EMA's deepcopy, which runs the members in a loop
     train_loader, eval_loader, data_config = _loaders(args, train_ds, val_ds, ens, device)
     model = _train_model(args, ens, device)
     optimizer, scheduler, updates_per_epoch, mixup, loss_fn = _optimisation(args, ens, model, len(train_loader))
