@@ -95,6 +95,21 @@ def test_readme_recipe_then_validate(folder, tmp_path, capsys):
 
 
 @pytest.mark.timeout(600)
+def test_validate_a_pth_state_dict_of_a_splitnet(folder, tmp_path, capsys):
+    import timm
+
+    ens = timm.create_model("splitnet_test_resnet", split_factor=2, num_classes=10)
+    torch.save(ens.state_dict(), tmp_path / "w.pth")
+    rc = main(["validate", "--model", "splitnet_test_resnet", "--split", "2", "--num-classes", "10", "--checkpoint",
+               str(tmp_path / "w.pth"), "--img-size", "28", "--data-dir", folder, "-j", "0", "--results-file",
+               str(tmp_path / "r.json")])
+    assert rc == 0, capsys.readouterr().err
+    rows = json.load(open(tmp_path / "r.json"))
+    assert [r["member"] for r in rows] == ["ensemble", "0", "1"] and all(0 <= r["ece"] <= 1 for r in rows)
+    assert rows[0]["img_size"] == 28 and rows[0]["top1"] + rows[0]["top1_err"] == pytest.approx(100)
+
+
+@pytest.mark.timeout(600)
 def test_resume_is_bit_identical(folder, tmp_path, monkeypatch):
     import timm_split.train as tr
 

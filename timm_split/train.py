@@ -558,9 +558,7 @@ def _saver(run: _Run):
 
 
 def _resume(run: _Run, saver) -> int:
-    """Load ``--resume`` (weights, optimizer, EMA, scaler, step); trim ``summary.csv``; return the start epoch."""
-    from timm.utils.summary import trim_summary
-
+    """Load ``--resume`` (weights, optimizer, EMA, scaler, step, saver history); return the start epoch."""
     from .checkpoint import load_checkpoint
 
     a = run.args
@@ -573,11 +571,6 @@ def _resume(run: _Run, saver) -> int:
         if "saver" in ckpt.state:
             saver.load_state_dict(ckpt.state["saver"])
         _track_pending(saver, ckpt.state, a.resume)
-        summary = os.path.join(run.out, SUMMARY)
-        try:
-            trim_summary(summary, start)
-        except (ValueError, IndexError, OSError) as e:
-            raise ValueError(f"{summary} is corrupt ({e}); repair or delete it, then --resume again.") from e
     if a.sched_on_updates:
         run.scheduler.step_update(start * run.updates_per_epoch)
     elif start > 0:
@@ -682,6 +675,8 @@ def train(args: argparse.Namespace, model_fn: Optional[Callable[[], nn.Module]] 
         saver = _saver(run)
         _write_json(os.path.join(run.out, "args.json"), _jsonable(vars(args)))
     start = _resume(run, saver) if args.resume else 0
+    if saver is not None:
+        _trim_summary(os.path.join(run.out, SUMMARY), start)
     seed_rank = 0 if args.member_parallel else args.rank  # member ranks must draw the same batches
     results: Dict[str, Any] = {"final": None, "train_seconds": 0.0, "output": run.out}
     for epoch in range(start, args.epochs):
@@ -701,6 +696,16 @@ def train(args: argparse.Namespace, model_fn: Optional[Callable[[], nn.Module]] 
                        args=_jsonable(vars(args)))
         _write_json(os.path.join(run.out, RESULTS), results)
     return results
+
+
+def _trim_summary(path: str, start: int) -> None:
+    """timm's ``trim_summary``: drop rows of epochs >= ``start`` (a fresh run into an old folder starts anew)."""
+    from timm.utils.summary import trim_summary
+
+    try:
+        trim_summary(path, start)
+    except (ValueError, IndexError, OSError) as e:
+        raise ValueError(f"{path} is corrupt ({e}); repair or delete it, then run again.") from e
 
 
 def _cost(run: _Run) -> Dict[str, Any]:

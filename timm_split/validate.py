@@ -154,15 +154,15 @@ def _model_from(args: argparse.Namespace, meta: Dict[str, str], num_classes: int
     if not timm.is_model(base):
         raise ValueError(f"unknown model {name!r}; see timm.list_models().")
     S = args.split or int(meta.get("split_factor") or 2)
-    data = state.get("data_config", {})
-    in_chans = (data.get("input_size") or (3,))[0]
-    size = args.img_size or (data.get("input_size") or (None, None, None))[-1]
+    data = state.get("data_config")
+    if not data:  # any state dict of a splitnet_* model: the registry builds it as it was built
+        return timm.create_model(f"splitnet_{base}", split_factor=S, num_classes=num_classes)
+    in_chans = data["input_size"][0]
     model = timm.create_model(base, num_classes=num_classes, in_chans=in_chans, **state.get("model_kwargs", {}))
-    if data:
-        model.pretrained_cfg = dict(model.pretrained_cfg, **data)
+    model.pretrained_cfg = dict(model.pretrained_cfg, **data)
     if S == 1:
         return SplitEnsemble([model], pretrained_cfg=dict(model.pretrained_cfg, architecture=f"splitnet_{base}"))
-    return split(model, S, img_size=size, in_chans=in_chans)
+    return split(model, S, img_size=data["input_size"][-1], in_chans=in_chans)
 
 
 def validate(args: argparse.Namespace) -> List[Dict[str, Any]]:
@@ -184,7 +184,7 @@ def validate(args: argparse.Namespace) -> List[Dict[str, Any]]:
                          "dataset with the same classes.")
     model = _model_from(args, meta, num_classes)
     if data_cfg and not json.loads(meta.get("state", "{}")).get("data_config"):
-        model.pretrained_cfg = dict(model.pretrained_cfg, **data_cfg)
+        model.pretrained_cfg = dict(model.pretrained_cfg, **data_cfg)  # Fashion-MNIST's IDX files: 1 channel
     load_checkpoint(model, args.checkpoint, use_ema=args.use_ema)
     model.to(device)
     if args.channels_last:
