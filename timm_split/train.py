@@ -202,6 +202,8 @@ def _check_args(args: argparse.Namespace, custom_model: bool = False) -> None:
         raise ValueError("--lr must be > 0 (e.g. 0.1 for SGD at batch 256).")
     if args.workers < 0 or args.eval_every < 0 or args.warmup_epochs < 0:
         raise ValueError("--workers, --eval-every and --warmup-epochs must be >= 0.")
+    if args.resume and os.path.isdir(args.resume):
+        args.resume = os.path.join(args.resume, "last.safetensors")
     name = args.model
     if name.startswith("splitnet_"):
         raise ValueError(f"--model {name}: pass the base model ({name[len('splitnet_'):]}) and --split S.")
@@ -590,6 +592,20 @@ def _track_pending(saver, state: Dict[str, Any], resumed: str) -> None:
         saver._duplicate(last, path)
         saver._track_checkpoint(path, epoch, metric)
         saver._cleanup_checkpoints(0)
+    _repair_best(saver)
+
+
+def _repair_best(saver) -> None:
+    """A kill before ``model_best`` was updated: copy the best epoch's checkpoint to it now."""
+    from .checkpoint import read_metadata
+
+    if saver.best_epoch is None:
+        return
+    best, src = os.path.join(saver.checkpoint_dir, "model_best" + saver.extension), saver._checkpoint_path(
+        saver.best_epoch)
+    if os.path.exists(src) and (not os.path.exists(best) or json.loads(
+            read_metadata(best).get("state", "{}")).get("epoch") != saver.best_epoch + 1):
+        saver._duplicate(src, best)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -675,6 +691,8 @@ def train(args: argparse.Namespace, model_fn: Optional[Callable[[], nn.Module]] 
         saver = _saver(run)
         _write_json(os.path.join(run.out, "args.json"), _jsonable(vars(args)))
     start = _resume(run, saver) if args.resume else 0
+    if start >= args.epochs:
+        _logger.warning("the checkpoint is at epoch %d >= --epochs %d: nothing to train", start, args.epochs)
     if saver is not None:
         _trim_summary(os.path.join(run.out, SUMMARY), start)
     seed_rank = 0 if args.member_parallel else args.rank  # member ranks must draw the same batches
