@@ -134,3 +134,9 @@ def test_validate_errors(folder, run_dir, tmp_path, capsys):
     _one_line_error(capsys, ["validate", "--checkpoint", last, "--data-dir", folder, "--split", "4"],
                     "checkpoint has 2 members")
     _one_line_error(capsys, ["validate", "--checkpoint", last, "--data-dir", folder, "--use-ema"], "no EMA weights")
+
+
+def test_torch_dataset_not_on_disk_is_not_downloaded(tmp_path, capsys):
+    _one_line_error(capsys, _train(str(tmp_path), tmp_path / "o", "--dataset", "torch/cifar10"),
+                    "torch/cifar10", "nothing is downloaded")
+    assert os.listdir(tmp_path) == []
