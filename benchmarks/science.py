@@ -13,7 +13,7 @@ Model: a wide ResNet-10 built with timm's ``ResNet`` class (BasicBlock x [1, 1, 
 * ``s2_nocot``: S=2 without the JS term; ``s2_sameview``: S=2, every member sees the same augmented view;
 * saturation: the single network at ``k/2`` and ``2k`` (``"saturation"`` in results.json).
 
-Runs already finished (``<runs>/<name>/log.json`` complete with the same config) are read back, not retrained.
+Runs already finished (``<runs>/<name>/results.json`` with the same arguments) are read back, not retrained.
 """
 import argparse
 import json
@@ -269,8 +269,8 @@ def main() -> None:
         return train_args(model=f"wide_resnet10_k{width:g}", split=split, epochs=args.epochs,
                           batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                           train_subset=args.train_subset, scale=list(args.scale), seed=seed, eval_every=0,
-                          amp=args.amp, smoothing=0.0, color_jitter=0.0, warmup_epochs=0, sched_on_updates=True,
-                          workers=0, img_size=28, **kw)
+                          amp=args.amp, smoothing=0.0, color_jitter=0.0, train_interpolation="bilinear",
+                          warmup_epochs=0, sched_on_updates=True, workers=0, img_size=28, **kw)
 
     def save() -> None:
         meta["wall_minutes"] = (time.perf_counter() - t_start) / 60
