@@ -265,7 +265,7 @@ def member_logits(ens: SplitEnsemble, x: torch.Tensor, views: BatchViews, st: Se
 
 
 def _metrics(logits: torch.Tensor, target: torch.Tensor, ens: SplitEnsemble) -> Dict[str, Any]:
-    from timm_split.train import classification_metrics
+    from timm_split.validate import classification_metrics
 
     target = target.cpu()
     return {"ensemble": classification_metrics(ens.combine(logits), target),
@@ -590,7 +590,7 @@ def _pairs(recs: Sequence[Dict[str, Any]]) -> List[Tuple[Dict[str, Any], Dict[st
 
 def _pair_gain(pairs, labels: np.ndarray) -> Tuple[List[Dict[str, float]], List[float]]:
     """Metrics of each pair's averaged logits (top-1 %, NLL, ECE), and its top-1 gain over the pair's mean."""
-    from timm_split.train import classification_metrics
+    from timm_split.validate import classification_metrics
 
     out, gains = [], []
     for a, b in pairs:

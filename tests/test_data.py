@@ -57,9 +57,9 @@ def test_member_views_prefetcher_uint8():
 
 
 def test_member_views_bad_args():
-    with pytest.raises(ValueError, match="num_views"):
+    with pytest.raises(ValueError, match="split_factor"):
         MemberViews(lambda x: x, 0)
-    with pytest.raises(ValueError, match="num_views"):
+    with pytest.raises(ValueError, match="split_factor"):
         MemberViews(lambda x: x, 2.5)
     with pytest.raises(ValueError, match="callable"):
         MemberViews((lambda x: x, lambda x: x), 2)
@@ -103,7 +103,7 @@ def test_create_loader_without_prefetcher():
     ds = MemberViewsDataset(RandomImages(8), 2)
     loader = create_loader(ds, input_size=(3, 32, 32), batch_size=4, is_training=True, use_prefetcher=False,
                            re_prob=0.25, num_workers=0, collate_fn=collate_member_views)
-    assert isinstance(ds.transform, MemberViews) and ds.transform.num_views == 2
+    assert isinstance(ds.transform, MemberViews) and ds.transform.split_factor == 2
     batches = list(loader)
     assert len(batches) == 2
     images, targets = batches[0]
@@ -148,7 +148,7 @@ def test_create_loader_prefetcher_random_erasing_limitation():
 def test_member_views_dataset_errors():
     with pytest.raises(ValueError, match="transform"):
         MemberViewsDataset([1, 2, 3], 2)
-    with pytest.raises(ValueError, match="num_views"):
+    with pytest.raises(ValueError, match="split_factor"):
         MemberViewsDataset(RandomImages(1), 0)
 
 

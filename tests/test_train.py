@@ -1,119 +1,252 @@
-"""timm_split.train and `timm-split train` on tiny IDX files the tests write themselves."""
+"""`timm-split train` / `validate` end to end on a tiny ImageFolder of PNGs the tests write themselves."""
+import csv
 import json
-import math
 import os
 
 import numpy as np
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 
 from timm_split.cli import main
-from timm_split.data import write_idx
-from timm_split.train import (TrainConfig, build_model, classification_metrics, create_loaders,
-                              expected_calibration_error, load_checkpoint, train)
+from timm_split.data import MemberBatchAugment, create_member_loader, export_fashion_mnist, write_idx
+from timm_split.train import train, train_args
+from timm_split.validate import classification_metrics, expected_calibration_error
 
-N_TRAIN, N_TEST, BATCH = 128, 64, 32
+PER_CLASS, VAL_PER_CLASS, BATCH = 20, 4, 20
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    """Tiny Fashion-MNIST-shaped IDX files: class c is a bright square at a class-dependent place."""
-    root = tmp_path_factory.mktemp("fmnist")
+def _fake_idx(root, per_class=PER_CLASS, val_per_class=VAL_PER_CLASS):
+    """Fashion-MNIST-shaped IDX files: class c is a bright bar at a class-dependent place on noise."""
     rng = np.random.RandomState(0)
-    for split, n in (("train", N_TRAIN), ("t10k", N_TEST)):
+    for split, n in (("train", per_class * 10), ("t10k", val_per_class * 10)):
         labels = (np.arange(n) % 10).astype(np.uint8)
         images = rng.randint(0, 60, size=(n, 28, 28)).astype(np.uint8)
         for i, c in enumerate(labels):
             images[i, 2 * c:2 * c + 8, 4:20] = 255
         write_idx(str(root / f"{split}-images-idx3-ubyte.gz"), images)
-        write_idx(str(root / f"{split}-labels-idx1-ubyte"), labels)  # one plain, one gz: both are found
+        write_idx(str(root / f"{split}-labels-idx1-ubyte.gz"), labels)
     return str(root)
 
 
-def _cfg(data_dir, out, **kw) -> TrainConfig:
-    base = dict(model="test_resnet", data_dir=data_dir, epochs=1, batch_size=BATCH, lr=0.05, out=str(out),
-                device="cpu", seed=0)
-    base.update(kw)
-    return TrainConfig(**base)
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory):
+    return _fake_idx(tmp_path_factory.mktemp("idx"))
 
 
 @pytest.fixture(scope="module")
-def s2_run(data_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("s2")
-    return train(_cfg(data_dir, out, split=2), progress=False), out
+def folder(idx_dir, tmp_path_factory):
+    """A 200 + 40 PNG ImageFolder (train/validation), written by the export helper."""
+    out = tmp_path_factory.mktemp("png") / "fmnist"
+    assert export_fashion_mnist(str(out), idx_dir=idx_dir) == {"train": 200, "validation": 40}
+    return str(out)
 
 
-def _read_log(out):
-    with open(os.path.join(out, "log.json")) as f:
-        return json.load(f)
+def _args(folder, out, **kw):
+    base = dict(data_dir=folder, model="test_resnet", img_size=28, epochs=1, batch_size=BATCH, workers=0,
+                lr=0.05, warmup_epochs=0, output=str(out), experiment="run", device="cpu", seed=0,
+                log_interval=1000)
+    base.update(kw)
+    return train_args(**base)
 
 
-def _check_run(log, out, split):
-    assert os.path.isfile(os.path.join(out, "last.safetensors")) and os.path.isfile(os.path.join(out, "last_state.pth"))
-    disk = _read_log(out)
-    assert disk["epochs"] == log["epochs"] and len(disk["epochs"]) == 1
-    e = disk["epochs"][0]
-    assert e["epoch"] == 1 and e["step"] == N_TRAIN // BATCH and math.isfinite(e["loss"])
-    assert len(e["test"]["members"]) == split and set(e["test"]["ensemble"]) == {"top1", "nll", "ece"}
-    assert disk["params"] == sum(disk["member_params"]) > 0 and disk["gmacs"] > 0
-    with safe_open(os.path.join(out, "last.safetensors"), "pt") as f:
-        meta = f.metadata()
-        keys = set(f.keys())
-    assert meta["epoch"] == "1" and meta["split"] == str(split) and meta["step"] == str(N_TRAIN // BATCH)
-    assert {k.split(".")[1] for k in keys} == {str(i) for i in range(split)}  # members.<i>.<name>
+def _run(folder, out, **kw):
+    return train(_args(folder, out, **kw), progress=False), os.path.join(str(out), "run")
 
 
-def test_train_split1_cli(data_dir, tmp_path, capsys):
-    rc = main(["train", "--model", "test_resnet", "--data-dir", data_dir, "--epochs", "1", "--batch-size",
-               str(BATCH), "--out", str(tmp_path), "--no-progress", "--device", "cpu"])
-    assert rc == 0
-    assert "top-1" in capsys.readouterr().out
-    _check_run(_read_log(tmp_path), tmp_path, 1)
+def _summary(run_dir):
+    with open(os.path.join(run_dir, "summary.csv"), newline="") as f:
+        return list(csv.DictReader(f))
 
 
-def test_train_split2(s2_run):
-    log, out = s2_run
-    _check_run(log, out, 2)
-    assert log["config"]["split"] == 2 and log["epochs"][0]["cot"] > 0  # co-training term on by default
-    assert log["final"] == log["epochs"][-1]["test"]
+def test_export_keeps_label_order(folder):
+    classes = sorted(os.listdir(os.path.join(folder, "train")))
+    assert classes[0] == "0_t_shirt_top" and classes[9] == "9_ankle_boot"
+    assert all(len(os.listdir(os.path.join(folder, "train", c))) == PER_CLASS for c in classes)
 
 
-def test_resume_continues_and_matches_a_straight_run(data_dir, tmp_path, monkeypatch):
+@pytest.mark.timeout(600)
+def test_readme_recipe_then_validate(folder, tmp_path, capsys):
+    """The README's commands, tiny: S=2 with RandAugment, random erasing, mixup, EMA and bf16; then validate."""
+    out = tmp_path / "runs"
+    rc = main(["train", "--data-dir", folder, "--model", "test_resnet", "--split", "2", "--img-size", "28",
+               "--epochs", "1", "-b", str(BATCH), "-j", "0", "--aa", "rand-m9-mstd0.5", "--reprob", "0.25",
+               "--mixup", "0.2", "--model-ema", "--amp", "--output", str(out), "--experiment", "r", "--no-progress",
+               "--warmup-epochs", "0"])
+    assert rc == 0, capsys.readouterr().err
+    run = out / "r"
+    assert {"last.safetensors", "model_best.safetensors", "checkpoint-0.safetensors", "summary.csv",
+            "args.json", "results.json"} <= set(os.listdir(run))
+    rows = _summary(run)
+    assert list(rows[0])[:4] == ["epoch", "train_loss", "train_ce", "train_cot"] and rows[0]["epoch"] == "0"
+    assert {"eval_top1", "eval_top5", "eval_loss", "eval_ece", "eval_m0_top1", "eval_m1_top1", "lr"} <= set(rows[0])
+    modes = {f: os.stat(run / f).st_mode & 0o777 for f in ("last.safetensors", "summary.csv", "args.json")}
+    assert len(set(modes.values())) == 1, modes
+    results = tmp_path / "res.csv"
+    rc = main(["validate", "--checkpoint", str(run / "model_best.safetensors"), "--data-dir", folder, "-j", "0",
+               "--use-ema", "--results-file", str(results)])
+    assert rc == 0, capsys.readouterr().err
+    with open(results, newline="") as f:
+        got = list(csv.DictReader(f))
+    assert [r["member"] for r in got] == ["ensemble", "0", "1"] and got[0]["model"] == "splitnet_test_resnet"
+    # the summary's eval metrics are the EMA's (timm's rule), and validate reproduces them
+    assert float(got[0]["top1"]) == pytest.approx(float(rows[0]["eval_top1"]), abs=1e-3)
+    assert float(got[0]["nll"]) == pytest.approx(float(rows[0]["eval_loss"]), rel=1e-3)
+
+
+@pytest.mark.timeout(600)
+def test_validate_a_pth_state_dict_of_a_splitnet(folder, tmp_path, capsys):
+    import timm
+
+    ens = timm.create_model("splitnet_test_resnet", split_factor=2, num_classes=10)
+    torch.save(ens.state_dict(), tmp_path / "w.pth")
+    rc = main(["validate", "--model", "splitnet_test_resnet", "--split", "2", "--num-classes", "10", "--checkpoint",
+               str(tmp_path / "w.pth"), "--img-size", "28", "--data-dir", folder, "-j", "0", "--results-file",
+               str(tmp_path / "r.json")])
+    assert rc == 0, capsys.readouterr().err
+    rows = json.load(open(tmp_path / "r.json"))
+    assert [r["member"] for r in rows] == ["ensemble", "0", "1"] and all(0 <= r["ece"] <= 1 for r in rows)
+    assert rows[0]["img_size"] == 28 and rows[0]["top1"] + rows[0]["top1_err"] == pytest.approx(100)
+
+
+@pytest.mark.timeout(600)
+def test_resume_is_bit_identical(folder, tmp_path, monkeypatch):
     import timm_split.train as tr
 
-    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    train(_cfg(data_dir, straight, split=2, epochs=2), progress=False)
+    straight = _run(folder, tmp_path / "a", epochs=2, model_ema=True, mixup=0.2, reprob=0.25)[1]
+    real, calls = tr.train_one_epoch, []
 
-    real_save = tr.save_checkpoint
+    def stop_after_first_epoch(*a, **k):
+        if calls:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return real(*a, **k)
 
-    def save_then_crash(*args, **kwargs):  # the job dies right after its first checkpoint
-        real_save(*args, **kwargs)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(tr, "save_checkpoint", save_then_crash)
+    monkeypatch.setattr(tr, "train_one_epoch", stop_after_first_epoch)
     with pytest.raises(KeyboardInterrupt):
-        train(_cfg(data_dir, crashed, split=2, epochs=2), progress=False)
-    monkeypatch.setattr(tr, "save_checkpoint", real_save)
+        _run(folder, tmp_path / "b", epochs=2, model_ema=True, mixup=0.2, reprob=0.25)
+    monkeypatch.setattr(tr, "train_one_epoch", real)
+    crashed = os.path.join(tmp_path, "b", "run")
+    _run(folder, tmp_path / "b", epochs=2, model_ema=True, mixup=0.2, reprob=0.25,
+         resume=os.path.join(crashed, "last.safetensors"))
+    a, b = load_file(os.path.join(straight, "last.safetensors")), load_file(os.path.join(crashed, "last.safetensors"))
+    assert a.keys() == b.keys() and any(k.startswith("_train.ema.") for k in a)
+    assert any(k.startswith("_train.optim.") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    assert _summary(straight) == _summary(crashed)
 
-    ens = build_model(_cfg(data_dir, crashed, split=2, epochs=2))
-    meta = load_checkpoint(str(crashed), ens)
-    saved = load_file(os.path.join(crashed, "last.safetensors"))
-    assert meta["epoch"] == 1 and meta["step"] == N_TRAIN // BATCH
-    assert ens.state_dict().keys() == saved.keys()
-    assert all(torch.equal(v, saved[k]) for k, v in ens.state_dict().items())  # weights equal
 
-    log = train(_cfg(data_dir, crashed, split=2, epochs=2, resume=str(crashed)), progress=False)
-    assert [e["epoch"] for e in log["epochs"]] == [1, 2]
-    assert [e["step"] for e in log["epochs"]] == [N_TRAIN // BATCH, 2 * N_TRAIN // BATCH]
-    with safe_open(os.path.join(crashed, "last.safetensors"), "pt") as f:
-        assert f.metadata()["epoch"] == "2"
-    # the resumed run replays what the uninterrupted one did (per-epoch reseeding, stateless LR schedule)
-    a, b = load_file(str(crashed / "last.safetensors")), load_file(str(straight / "last.safetensors"))
-    assert a.keys() == b.keys()
+@pytest.mark.timeout(600)
+def test_checkpoint_hist_keeps_the_best(folder, tmp_path):
+    _, run = _run(folder, tmp_path, epochs=3, checkpoint_hist=2, lr=0.2)
+    rows = _summary(run)
+    kept = sorted(f for f in os.listdir(run) if f.startswith("checkpoint-"))
+    assert len(kept) == 2
+    ranked = sorted(range(3), key=lambda e: (-float(rows[e]["eval_top1"]), e))  # ties keep the earlier epoch
+    assert kept == sorted(f"checkpoint-{e}.safetensors" for e in ranked[:2])
+    best = load_file(os.path.join(run, "model_best.safetensors"))
+    ref = load_file(os.path.join(run, f"checkpoint-{ranked[0]}.safetensors"))
+    assert all(torch.equal(best[k], ref[k]) for k in ref)
+
+
+@pytest.mark.timeout(600)
+def test_ema_decay(folder, tmp_path):
+    """ModelEmaV3 updated every step (timm's rule: the first update copies): decay 1 then freezes, 0 follows."""
+    _, run1 = _run(folder, tmp_path / "one", epochs=2, model_ema=True, model_ema_decay=1.0)
+    e0, e1 = (load_file(os.path.join(run1, f"checkpoint-{e}.safetensors")) for e in (0, 1))
+    ema_keys = [k for k in e0 if k.startswith("_train.ema.") and e0[k].is_floating_point()]
+    assert ema_keys and all(torch.equal(e0[k], e1[k]) for k in ema_keys)
+    assert not all(torch.equal(e0[k[len("_train.ema."):]], e1[k[len("_train.ema."):]]) for k in ema_keys)
+    _, run0 = _run(folder, tmp_path / "zero", model_ema=True, model_ema_decay=0.0)
+    sd = load_file(os.path.join(run0, "last.safetensors"))
+    for k in ema_keys:
+        torch.testing.assert_close(sd[k], sd[k[len("_train.ema."):]], rtol=0, atol=1e-6)
+
+
+@pytest.mark.timeout(600)
+def test_grad_accumulation_matches_a_big_batch(folder, tmp_path):
+    """batch 20 == batch 10 x 2 accumulation steps (a BN-free model, no batch-level randomness)."""
+    kw = dict(model="test_convnext", img_size=32, split=2, color_jitter=0.0, smoothing=0.0, cot_warmup_epochs=0.0)
+    big, run_big = _run(folder, tmp_path / "big", batch_size=20, **kw)
+    acc, run_acc = _run(folder, tmp_path / "acc", batch_size=10, grad_accum_steps=2, **kw)
+    a, b = load_file(os.path.join(run_big, "last.safetensors")), load_file(os.path.join(run_acc, "last.safetensors"))
+    assert json.loads(open(os.path.join(run_acc, "results.json")).read())["final"] is not None
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+        if not k.startswith("_train."):
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+    one, _ = _run(folder, tmp_path / "one", batch_size=10, **kw)  # without accumulation: twice the updates
+    assert one["final"]["loss"] != pytest.approx(acc["final"]["loss"], rel=1e-6)
+
+
+@pytest.mark.timeout(600)
+def test_channels_last_trains_as_contiguous(folder, tmp_path):
+    """Same run to float tolerance (a small lr keeps 10 steps of float drift small)."""
+    base, run0 = _run(folder, tmp_path / "nchw", split=2, lr=1e-3)
+    cl, run = _run(folder, tmp_path / "nhwc", split=2, lr=1e-3, channels_last=True)
+    assert float(_summary(run)[0]["train_loss"]) == pytest.approx(float(_summary(run0)[0]["train_loss"]), rel=1e-4)
+    assert cl["final"]["loss"] == pytest.approx(base["final"]["loss"], rel=1e-4)
+    assert all(m["top1"] == n["top1"] for m, n in zip(cl["final"]["members"], base["final"]["members"]))
+
+
+@pytest.mark.timeout(600)
+def test_split1_is_the_plain_model(folder, tmp_path):
+    results, run = _run(folder, tmp_path, split=1, cot_weight=0.5)
+    assert len(results["final"]["members"]) == 1 and results["params"] > 0
+    row = _summary(run)[0]
+    assert float(row["train_cot"]) == 0 and float(row["train_loss"]) == float(row["train_ce"])
+
+
+@pytest.mark.timeout(600)
+def test_execution_threads_trains_as_the_loop(folder, tmp_path):
+    """--execution threads (forward and backward on worker threads) gives the loop's run, to float tolerance."""
+    loop, _ = _run(folder, tmp_path / "loop", split=2, lr=1e-3)
+    threads, run = _run(folder, tmp_path / "threads", split=2, lr=1e-3, execution="threads", model_ema=True)
+    assert json.load(open(os.path.join(run, "args.json")))["execution"] == "threads"
+    assert threads["final"] is not None and len(threads["final"]["members"]) == 2  # EMA (a deepcopy) evaluated
+    assert float(_summary(run)[0]["train_loss"]) == pytest.approx(
+        float(_summary(os.path.join(tmp_path, "loop", "run"))[0]["train_loss"]), rel=1e-4)
+
+
+def test_mixup_is_shared_by_the_members():
+    """One lambda, one pairing (i <-> B-1-i) and one CutMix box for every member; soft targets out."""
+    from timm.data import Mixup
+
+    S, B, C, H = 3, 4, 2, 8
+    views = torch.randn(S, B, C, H, H)
+    target = torch.arange(B)
+    mix = MemberBatchAugment(mixup=Mixup(mixup_alpha=0.2, num_classes=10))
+    mixed, soft = mix(views.clone(), target)
+    lam = float(soft[0, 0])  # label smoothing 0.1 is timm's default: undo it
+    lam = (lam - 0.1 / 10) / (1 - 0.1)
+    for s in range(S):
+        torch.testing.assert_close(mixed[s], lam * views[s] + (1 - lam) * views[s].flip(0), rtol=1e-5, atol=1e-5)
+    assert soft.shape == (B, 10) and torch.allclose(soft.sum(1), torch.ones(B))
+    cut = MemberBatchAugment(mixup=Mixup(mixup_alpha=0.0, cutmix_alpha=1.0, num_classes=10))
+    torch.manual_seed(1)
+    mixed, _ = cut(views.clone(), target)
+    boxes = [(mixed[s] != views[s]).any(0).any(0) for s in range(S)]  # [H, W] mask per member
+    assert boxes[0].any() and all(torch.equal(boxes[0], b) for b in boxes)
+    for s in range(S):
+        torch.testing.assert_close(mixed[s][..., boxes[0]], views[s].flip(0)[..., boxes[0]])
+
+
+def test_random_erasing_is_per_view():
+    views = torch.zeros(2, 8, 1, 16, 16)
+    erased, _ = MemberBatchAugment(re_prob=1.0, re_mode="pixel")(views.clone(), torch.zeros(8, dtype=torch.long))
+    masks = (erased != 0).any(2)  # [S, B, H, W]
+    assert masks.any() and not torch.equal(masks[0], masks[1])
+
+
+@pytest.mark.parametrize("same_view", [False, True])
+def test_same_view(folder, same_view):
+    from timm.data import create_dataset
+
+    ds = create_dataset("", root=folder, split="train")
+    cfg = {"input_size": (3, 28, 28), "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    loader = create_member_loader(ds, 2, cfg, 8, torch.device("cpu"), same_view=same_view, num_workers=0)
+    views, target = next(iter(loader))
+    assert views.shape == (2, 8, 3, 28, 28) and target.shape == (8,)
+    assert torch.equal(views[0], views[1]) == same_view
 
 
 def _reference(logits, target, n_bins=15):
@@ -126,59 +259,16 @@ def _reference(logits, target, n_bins=15):
         m = (conf > lo) & (conf <= hi)
         if m.any():
             ece += m.sum() / len(target) * abs((pred[m] == target[m]).mean() - conf[m].mean())
-    return 100 * (pred == target).mean(), -np.log(p[np.arange(len(target)), target]).mean(), ece
+    top5 = np.mean([t in np.argsort(-row)[:5] for row, t in zip(logits, target)]) * 100
+    return 100 * (pred == target).mean(), top5, -np.log(p[np.arange(len(target)), target]).mean(), ece
 
 
 def test_metrics_against_a_reference():
     rng = np.random.RandomState(0)
     logits, target = rng.randn(200, 10) * 3, rng.randint(0, 10, 200)
     got = classification_metrics(torch.tensor(logits), torch.tensor(target))
-    top1, nll, ece = _reference(logits, target)
-    assert got["top1"] == pytest.approx(top1) and got["nll"] == pytest.approx(nll, rel=1e-5)
-    assert got["ece"] == pytest.approx(ece, abs=1e-6)
-    # by hand: confidences 0.9 (right), 0.9 (wrong), 0.6 (right): bins 13 and 8 -> |0.5-0.9|*2/3 + |1-0.6|/3
+    top1, top5, nll, ece = _reference(logits, target)
+    assert got["top1"] == pytest.approx(top1) and got["top5"] == pytest.approx(top5)
+    assert got["loss"] == pytest.approx(nll, rel=1e-5) and got["ece"] == pytest.approx(ece, abs=1e-6)
     probs = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.4, 0.6]])
     assert expected_calibration_error(probs, torch.tensor([0, 1, 1])) == pytest.approx(0.4 * 2 / 3 + 0.4 / 3)
-    assert expected_calibration_error(torch.tensor([[1.0, 0.0]]), torch.tensor([0])) == 0.0
-
-
-def test_missing_data_names_the_package(tmp_path, capsys):
-    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
-        train(_cfg(str(tmp_path), tmp_path / "out"), progress=False)
-    assert main(["train", "--data-dir", str(tmp_path), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
-    assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
-
-
-def test_bad_argument_is_a_usage_error(data_dir, capsys):
-    with pytest.raises(SystemExit):
-        main(["train", "--data-dir", data_dir, "--split", "0"])
-    assert "split must be an int >= 1" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("same_view", [False, True])
-def test_same_view(data_dir, tmp_path, same_view):
-    loader, _ = create_loaders(_cfg(data_dir, tmp_path, split=2, same_view=same_view), torch.device("cpu"))
-    views, target = next(iter(loader))
-    assert views.shape == (2, BATCH, 1, 28, 28) and target.shape == (BATCH,)
-    assert torch.equal(views[0], views[1]) == same_view
-
-
-def test_no_cot(data_dir, tmp_path, s2_run):
-    log = train(_cfg(data_dir, tmp_path, split=2, no_cot=True), progress=False)
-    e, e_cot = log["epochs"][0], s2_run[0]["epochs"][0]
-    assert e["cot"] == 0 and e["cot_weight"] == 0 and e["loss"] == e["ce"]
-    assert e_cot["cot"] > 0 and e_cot["cot_weight"] > 0
-
-
-def test_execution_threads_trains_as_the_loop(data_dir, tmp_path, s2_run):
-    """--execution threads (forward and backward on worker threads) gives the loop's run, to float tolerance."""
-    log = train(_cfg(data_dir, tmp_path, split=2, execution="threads"), progress=False)
-    e, ref = log["epochs"][0], s2_run[0]["epochs"][0]
-    assert log["config"]["execution"] == "threads"
-    assert e["loss"] == pytest.approx(ref["loss"], rel=1e-4)
-    assert e["test"]["ensemble"]["nll"] == pytest.approx(ref["test"]["ensemble"]["nll"], rel=1e-3)
-
-
-def test_bad_execution_names_the_choices(data_dir, tmp_path):
-    with pytest.raises(ValueError, match="execution must be one of .*'threads'"):
-        train(_cfg(data_dir, tmp_path, split=2, execution="fast"), progress=False)

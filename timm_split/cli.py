@@ -67,6 +67,18 @@ def _cmd_compare(args) -> int:
     return 0
 
 
+def _cmd_export_fashion_mnist(args) -> int:
+    from timm_split.data import export_fashion_mnist
+    from timm_split.train import user_error
+
+    try:
+        counts = export_fashion_mnist(args.out, args.per_class, args.val_per_class, args.idx_dir)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        return user_error("export-fashion-mnist", e)
+    print(f"wrote {counts['train']} train and {counts['validation']} validation PNGs to {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="timm-split", description="Divide timm models into S thinner co-trained copies.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -88,8 +100,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-check", action="store_true", help="skip the FlopCounterMode cross-check")
     c.set_defaults(fn=_cmd_compare)
     from timm_split.train import add_train_args, run_train
-    t = sub.add_parser("train", help="train a timm model or its split ensemble on Fashion-MNIST (co-training)")
+    t = sub.add_parser("train", help="co-train a timm model's split ensemble with timm's train.py recipe "
+                       "(an ImageFolder, or Fashion-MNIST with no data flags)")
     add_train_args(t).set_defaults(fn=run_train)
+    from timm_split.validate import add_validate_args, run_validate
+    v = sub.add_parser("validate", help="top-1/top-5, NLL and ECE of a checkpoint's ensemble and members")
+    add_validate_args(v).set_defaults(fn=run_validate)
+    e = sub.add_parser("export-fashion-mnist", help="write Fashion-MNIST as an ImageFolder of PNGs")
+    e.add_argument("out", metavar="DIR", help="folder to create (DIR/train, DIR/validation)")
+    e.add_argument("--per-class", type=_int_at_least(1, "--per-class"), default=None,
+                   help="train images per class (default: all 6000)")
+    e.add_argument("--val-per-class", type=_int_at_least(1, "--val-per-class"), default=None,
+                   help="validation images per class (default: --per-class, or all 1000)")
+    e.add_argument("--idx-dir", default="/usr/share/datasets/fashion-mnist", help="where the IDX files are")
+    e.set_defaults(fn=_cmd_export_fashion_mnist)
     from timm_split.sweep import add_args as add_sweep_args, run as run_sweep
     w = sub.add_parser("sweep", help="split every timm architecture and check shapes and params/FLOPs parity")
     add_sweep_args(w)
@@ -99,7 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        print(f"timm-split {args.cmd}: error: unknown flag(s) {' '.join(unknown)}; see timm-split {args.cmd} --help",
+              file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.fn(args)

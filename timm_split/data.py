@@ -15,7 +15,7 @@ import gzip
 import logging
 import os
 import struct
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -25,50 +25,51 @@ from timm.data import create_transform
 
 __all__ = [
     "MemberViews", "create_member_transform", "collate_member_views", "MemberViewsDataset",
-    "FashionMNIST", "read_idx", "write_idx",
+    "FashionMNIST", "read_idx", "write_idx", "create_datasets", "export_fashion_mnist", "create_member_loader",
+    "create_eval_loader", "MemberBatchAugment", "is_fashion_mnist",
 ]
 
 _logger = logging.getLogger(__name__)
 
 
-def _check_num_views(num_views: int) -> int:
-    if isinstance(num_views, bool) or not isinstance(num_views, (int, np.integer)) or num_views < 1:
-        raise ValueError(f"num_views must be an integer >= 1 (the split factor S); got {num_views!r}.")
-    return int(num_views)
+def _check_split_factor(split_factor: int) -> int:
+    if isinstance(split_factor, bool) or not isinstance(split_factor, (int, np.integer)) or split_factor < 1:
+        raise ValueError(f"split_factor must be an integer >= 1 (the split factor S); got {split_factor!r}.")
+    return int(split_factor)
 
 
 class MemberViews:
-    """Apply a (random) transform independently ``num_views`` times to one sample.
+    """Apply a (random) transform independently ``split_factor`` times to one sample.
 
     Args:
         transform: Callable returning a ``[C, H, W]`` tensor (or array) for one sample.
-        num_views: Number of views S (one per member), ``>= 1``.
+        split_factor: Number of views S (one per member), ``>= 1``.
         same_view: Transform once and repeat that view S times (ablation: no view diversity).
 
     Calling it returns a ``[S, C, H, W]`` tensor (dtype of the transform's output, uint8 for timm's
     ``use_prefetcher=True`` transforms).
     """
 
-    def __init__(self, transform: Callable[[Any], Any], num_views: int, same_view: bool = False) -> None:
+    def __init__(self, transform: Callable[[Any], Any], split_factor: int, same_view: bool = False) -> None:
         if not callable(transform):
             raise ValueError(f"transform must be callable; got {type(transform).__name__} "
                              "(create_transform(separate=True) returns a tuple; use separate=False).")
         self.transform = transform
-        self.num_views = _check_num_views(num_views)
+        self.split_factor = _check_split_factor(split_factor)
         self.same_view = bool(same_view)
 
     def __call__(self, sample: Any) -> torch.Tensor:
         if self.same_view:
             view = torch.as_tensor(self.transform(sample))
-            return view.unsqueeze(0).repeat(self.num_views, *([1] * view.ndim))
-        return torch.stack([torch.as_tensor(self.transform(sample)) for _ in range(self.num_views)])
+            return view.unsqueeze(0).repeat(self.split_factor, *([1] * view.ndim))
+        return torch.stack([torch.as_tensor(self.transform(sample)) for _ in range(self.split_factor)])
 
     def __repr__(self) -> str:
-        return (f"{self.__class__.__name__}(num_views={self.num_views}, same_view={self.same_view}, "
+        return (f"{self.__class__.__name__}(split_factor={self.split_factor}, same_view={self.same_view}, "
                 f"transform={self.transform!r})")
 
 
-def create_member_transform(num_views: int, same_view: bool = False, **kwargs: Any) -> MemberViews:
+def create_member_transform(split_factor: int, same_view: bool = False, **kwargs: Any) -> MemberViews:
     """Build :class:`MemberViews` on ``timm.data.create_transform(**kwargs)``.
 
     The kwargs configure the per-view augmentation as in timm: ``input_size``, ``scale``/``ratio``
@@ -77,21 +78,21 @@ def create_member_transform(num_views: int, same_view: bool = False, **kwargs: A
     ``is_training`` defaults to True here (timm's default, False, gives identical eval views).
 
     Args:
-        num_views: Number of views S, one per member.
+        split_factor: Number of views S, one per member.
         same_view: Repeat one view S times (ablation).
         **kwargs: Passed to ``timm.data.create_transform``.
 
     Returns:
         The member-views transform.
     """
-    num_views = _check_num_views(num_views)
+    split_factor = _check_split_factor(split_factor)
     kwargs.setdefault("is_training", True)
     if kwargs.get("separate", False):
         raise ValueError("separate=True is not supported: MemberViews needs one callable transform.")
-    if (not kwargs["is_training"] or kwargs.get("no_aug", False)) and num_views > 1 and not same_view:
+    if (not kwargs["is_training"] or kwargs.get("no_aug", False)) and split_factor > 1 and not same_view:
         _logger.info("create_member_transform: deterministic transform (is_training=False or no_aug=True); "
-                     "all %d views will be identical.", num_views)
-    return MemberViews(create_transform(**kwargs), num_views, same_view=same_view)
+                     "all %d views will be identical.", split_factor)
+    return MemberViews(create_transform(**kwargs), split_factor, same_view=same_view)
 
 
 def collate_member_views(batch: Sequence[Tuple[Any, Any]]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -131,21 +132,21 @@ class MemberViewsDataset(Dataset):
     """Dataset wrapper that turns any transform assigned to ``.transform`` into :class:`MemberViews`.
 
     Meant for timm's ``create_loader``, which assigns ``dataset.transform = create_transform(...)``:
-    with this wrapper that transform runs ``num_views`` times per sample. Use with
+    with this wrapper that transform runs ``split_factor`` times per sample. Use with
     ``collate_fn=collate_member_views``.
 
     Args:
         dataset: A map-style dataset with a ``transform`` attribute (timm ``ImageDataset``,
             torchvision datasets, :class:`FashionMNIST`).
-        num_views: Number of views S.
+        split_factor: Number of views S.
         same_view: Repeat one view S times (ablation).
     """
 
-    def __init__(self, dataset: Dataset, num_views: int, same_view: bool = False) -> None:
+    def __init__(self, dataset: Dataset, split_factor: int, same_view: bool = False) -> None:
         if not hasattr(dataset, "transform"):
             raise ValueError(f"{type(dataset).__name__} has no 'transform' attribute to wrap.")
         self.dataset = dataset
-        self.num_views = _check_num_views(num_views)
+        self.split_factor = _check_split_factor(split_factor)
         self.same_view = bool(same_view)
         self.transform = dataset.transform
 
@@ -157,7 +158,7 @@ class MemberViewsDataset(Dataset):
     @transform.setter
     def transform(self, transform: Optional[Callable[[Any], Any]]) -> None:
         if transform is not None and not isinstance(transform, MemberViews):
-            transform = MemberViews(transform, self.num_views, same_view=self.same_view)
+            transform = MemberViews(transform, self.split_factor, same_view=self.same_view)
         self.dataset.transform = transform
 
     def __len__(self) -> int:
@@ -276,3 +277,206 @@ class FashionMNIST(Dataset):
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}(root={self.root!r}, train={self.train}, n={len(self)})"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# datasets and loaders for `timm-split train` / `validate`
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CFG = {"input_size": (1, 28, 28), "mean": (0.2860,), "std": (0.3530,), "crop_pct": 1.0,
+                     "interpolation": "bilinear"}
+
+
+class _SubsetWithTransform(Dataset):
+    """The samples ``indices`` of ``dataset``, forwarding its ``transform`` (timm's loader assigns it)."""
+
+    def __init__(self, dataset: Dataset, indices: Sequence[int]) -> None:
+        self.dataset, self.indices = dataset, list(indices)
+
+    @property
+    def transform(self) -> Optional[Callable[[Any], Any]]:
+        return self.dataset.transform
+
+    @transform.setter
+    def transform(self, transform: Optional[Callable[[Any], Any]]) -> None:
+        self.dataset.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[self.indices[index]]
+
+
+def is_fashion_mnist(dataset: str, data_dir: Optional[str]) -> bool:
+    """Whether ``--dataset``/``--data-dir`` select the embedded Fashion-MNIST (no args, or ``fashion_mnist``)."""
+    return dataset.lower() in ("fashion_mnist", "fashion-mnist") or (not dataset and not data_dir)
+
+
+def _num_classes(ds: Dataset) -> Optional[int]:
+    """Class count of a timm/torchvision dataset, or None if it does not say."""
+    reader = getattr(ds, "reader", None)
+    for owner in (reader, ds):
+        mapping = getattr(owner, "class_to_idx", None)
+        if mapping:
+            return len(mapping)
+        classes = getattr(owner, "classes", None)
+        if classes:
+            return len(classes)
+    return None
+
+
+def _timm_dataset(name: str, root: Optional[str], split: str, is_training: bool, class_map: str = "") -> Dataset:
+    """``timm.data.create_dataset`` (never downloading), its errors turned into ``ValueError``s naming the fix."""
+    from timm.data import create_dataset
+
+    if not name and not root:
+        raise ValueError("pass --data-dir DIR (an ImageFolder) or no data flags at all (Fashion-MNIST).")
+    if root is not None and not os.path.isdir(root):
+        raise ValueError(f"--data-dir {root} does not exist or is not a directory; pass the dataset's root folder "
+                         "(for an ImageFolder: DIR/train/<class>/*.png and DIR/validation/<class>/*.png).")
+    try:
+        return create_dataset(name, root=root, split=split, is_training=is_training, download=False,
+                              class_map=class_map)
+    except (RuntimeError, FileNotFoundError) as e:  # timm: "Found 0 images"; torchvision: "Dataset not found"
+        raise ValueError(f"cannot read the {split!r} split of {name or 'ImageFolder'} at {root}: {e} "
+                         "(nothing is downloaded: put the data on disk and pass --data-dir).") from e
+
+
+def create_datasets(dataset: str, data_dir: Optional[str], train_split: str = "train",
+                    val_split: str = "validation", class_map: str = "", train_subset: Optional[int] = None,
+                    ) -> Tuple[Dataset, Dataset, int, Dict[str, Any]]:
+    """The train and validation datasets of ``timm-split train``.
+
+    Args:
+        dataset: ``''`` (an ImageFolder/ImageTar at ``data_dir``; Fashion-MNIST if ``data_dir`` is also None),
+            ``'fashion_mnist'`` (Debian's IDX files at ``data_dir`` or their default place) or any
+            ``timm.data.create_dataset`` name (``torch/cifar10``...) whose data is already on disk.
+        data_dir: The dataset root.
+        train_split: The train split (folder) name.
+        val_split: The validation split name.
+        class_map: timm's class-map file, or ``''``.
+        train_subset: Train on a fixed random subset of this many images (seed 0, whatever the run's seed).
+
+    Returns:
+        ``(train, val, num_classes, data_cfg)``; ``data_cfg`` is Fashion-MNIST's 1-channel input size and
+        mean/std, or ``{}`` (the model's defaults).
+    """
+    if is_fashion_mnist(dataset, data_dir):
+        root = data_dir or FASHION_MNIST_DIR
+        train, val, cfg = FashionMNIST(root, train=True), FashionMNIST(root, train=False), dict(FASHION_MNIST_CFG)
+        num_classes = len(FashionMNIST.classes)
+    else:
+        train = _timm_dataset(dataset, data_dir, train_split, True, class_map)
+        val = _timm_dataset(dataset, data_dir, val_split, False, class_map)
+        num_classes, cfg = _num_classes(train), {}
+        if num_classes is None:
+            raise ValueError(f"cannot tell the class count of {dataset}; pass --num-classes.")
+        if len(val) == 0 or len(train) == 0:
+            raise ValueError(f"{data_dir}: the train or validation split has no images; check --train-split "
+                             f"{train_split!r} and --val-split {val_split!r}.")
+    if train_subset is not None and train_subset < len(train):
+        keep = np.sort(np.random.RandomState(0).permutation(len(train))[:train_subset])
+        train = _SubsetWithTransform(train, keep.tolist())
+    return train, val, num_classes, cfg
+
+
+def export_fashion_mnist(out_dir: str, per_class: Optional[int] = None, val_per_class: Optional[int] = None,
+                         idx_dir: str = FASHION_MNIST_DIR) -> Dict[str, int]:
+    """Write Fashion-MNIST as an ImageFolder of PNGs: ``out_dir/{train,validation}/<k>_<class>/<i>.png``.
+
+    Class folders are prefixed with their label, so timm's folder reader gives each class its original index.
+
+    Args:
+        out_dir: The folder to create (must not hold a ``train`` or ``validation`` folder yet).
+        per_class: Train images per class (the first ones of each class; None: all 6000).
+        val_per_class: Validation images per class from the test split (None: ``per_class``; all 1000 if both None).
+        idx_dir: Where the IDX files are.
+
+    Returns:
+        Images written per split, e.g. ``{'train': 1000, 'validation': 1000}``.
+    """
+    counts = {}
+    for split, train, n in (("train", True, per_class), ("validation", False, val_per_class or per_class)):
+        if n is not None and n < 1:
+            raise ValueError(f"images per class must be >= 1; got {n}.")
+        ds = FashionMNIST(idx_dir, train=train)
+        root = os.path.join(out_dir, split)
+        if os.path.exists(root):
+            raise ValueError(f"{root} already exists; pass a new output folder.")
+        names = [f"{k}_{c.lower().replace('/', '_').replace(' ', '_').replace('-', '_')}"
+                 for k, c in enumerate(ds.classes)]
+        for name in names:
+            os.makedirs(os.path.join(root, name))
+        taken = np.zeros(len(names), dtype=np.int64)
+        for i, label in enumerate(ds.targets):
+            if n is None or taken[label] < n:
+                Image.fromarray(ds.data[i]).save(os.path.join(root, names[label], f"{i:05d}.png"))
+                taken[label] += 1
+        counts[split] = int(taken.sum())
+    return counts
+
+
+def create_member_loader(dataset: Dataset, split_factor: int, data_config: Dict[str, Any], batch_size: int,
+                         device: torch.device, same_view: bool = False, distributed: bool = False,
+                         **transform_kwargs: Any):
+    """timm's ``create_loader`` (prefetcher on) yielding ``(views [S, B, C, H, W], targets [B])``, views normalised.
+
+    Each image gets S independent draws of the whole train transform (``transform_kwargs``: ``scale``, ``ratio``,
+    ``hflip``, ``color_jitter``, ``auto_augment``, ``interpolation``, ``num_workers``...), or one draw repeated
+    (``same_view``). Random erasing and mixup run on the device after it (:class:`MemberBatchAugment`).
+    Workers are not persistent, so every epoch's augmentation depends only on the seed set before it.
+    """
+    from timm.data import create_loader
+
+    return create_loader(
+        MemberViewsDataset(dataset, split_factor, same_view=same_view), input_size=data_config["input_size"],
+        batch_size=batch_size, is_training=True, use_prefetcher=True, mean=data_config["mean"],
+        std=data_config["std"], device=device, distributed=distributed, collate_fn=collate_member_views,
+        persistent_workers=False, re_prob=0.0, **transform_kwargs)
+
+
+def create_eval_loader(dataset: Dataset, data_config: Dict[str, Any], batch_size: int, device: torch.device,
+                       num_workers: int = 0, pin_memory: bool = False):
+    """timm's ``create_loader`` for evaluation (resize + centre crop by ``crop_pct``, normalised on ``device``)."""
+    from timm.data import create_loader
+
+    return create_loader(dataset, input_size=data_config["input_size"], batch_size=batch_size, is_training=False,
+                         use_prefetcher=True, interpolation=data_config["interpolation"], mean=data_config["mean"],
+                         std=data_config["std"], crop_pct=data_config["crop_pct"],
+                         crop_mode=data_config.get("crop_mode"), num_workers=num_workers, pin_memory=pin_memory,
+                         device=device, persistent_workers=False)
+
+
+class MemberBatchAugment:
+    """Random erasing per view, then Mixup/CutMix with one lambda, one pairing and one box for all members.
+
+    Args:
+        re_prob: Random erasing probability (timm's ``RandomErasing``, applied to each view of each image
+            independently, as the per-view transform would).
+        re_mode: Its fill mode (``'pixel'``, ``'rand'``, ``'const'``).
+        re_count: Its maximum count of regions.
+        mixup: A ``timm.data.Mixup``, or None. It sees the S views of an image as one image with ``S*C``
+            channels, so it draws one lambda (and, for CutMix, one box) per batch and pairs image ``i`` with
+            ``B-1-i`` in every member; it returns soft targets ``[B, K]``.
+        device: Where random erasing draws its noise.
+
+    Calling it on ``(views [S, B, C, H, W], target [B])`` returns ``(views, target)``.
+    """
+
+    def __init__(self, re_prob: float = 0.0, re_mode: str = "pixel", re_count: int = 1, mixup: Any = None,
+                 device: Union[str, torch.device] = "cpu") -> None:
+        from timm.data.random_erasing import RandomErasing
+
+        self.erasing = RandomErasing(re_prob, mode=re_mode, max_count=re_count, device=device) if re_prob else None
+        self.mixup = mixup
+
+    def __call__(self, views: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        S, B, C, H, W = views.shape
+        if self.erasing is not None:
+            views = self.erasing(views.reshape(S * B, C, H, W)).reshape(S, B, C, H, W)
+        if self.mixup is not None and self.mixup.mixup_enabled:
+            folded = views.transpose(0, 1).reshape(B, S * C, H, W)  # a copy: mixup works in place
+            folded, target = self.mixup(folded, target)
+            views = folded.reshape(B, S, C, H, W).transpose(0, 1)
+        return views, target

@@ -1,530 +1,787 @@
-"""Train a timm model (``split=1``) or its SplitNet ensemble (``split=S``) on Fashion-MNIST, co-training the members.
+"""``timm-split train``: timm's ``train.py`` recipe for a model (``--split 1``) or its co-trained SplitNet ensemble.
 
-Used by ``timm-split train`` and ``benchmarks/science.py``::
+    timm-split train --data-dir fmnist_png --model resnet18 --split 2 --img-size 32 --epochs 10 \\
+        --aa rand-m9-mstd0.5 --reprob 0.25 --mixup 0.2 --model-ema --amp
+    torchrun --nproc_per_node 2 -m timm_split.train --data-dir DIR --model resnet18 --split 2   # DDP
+    torchrun --nproc_per_node 2 -m timm_split.train --member-parallel --split 2 ...            # a member per rank
 
-    timm-split train --model resnet18 --split 2 --epochs 10 --out runs/r18-s2
-    timm-split train --model resnet18 --split 2 --epochs 20 --resume runs/r18-s2   # continue to epoch 20
+Built from timm's parts: ``create_dataset``, ``create_loader``/``create_transform``, ``resolve_data_config``,
+``Mixup``, ``RandomErasing``, ``create_optimizer_v2``, ``create_scheduler_v2``, ``ModelEmaV3``, ``NativeScaler``
+and autocast, ``CheckpointSaver``'s bookkeeping (``last``, ``model_best``, the best ``--checkpoint-hist``
+``checkpoint-<epoch>``), ``update_summary``/``trim_summary`` (``summary.csv``) and ``distribute_bn``. Flags share
+timm's names and defaults. What differs:
 
-Choices, so every S runs the same code:
-
-* Every model is a :class:`~timm_split.ensemble.SplitEnsemble` (S=1 wraps the plain model, no tracing), fed
-  ``[S, B, 1, H, W]`` views (:class:`~timm_split.data.MemberViewsDataset` on timm's ``create_loader``) and trained
-  with :class:`~timm_split.loss.CoTrainingLoss` (S=1: plain cross-entropy).
-* Input: Fashion-MNIST stays 1-channel (``in_chans=1``, mean 0.2860, std 0.3530); no replication to RGB.
-  ``pretrained_cfg['input_size']`` is set to ``(1, img_size, img_size)`` so splitting and counting see 1 channel.
-  Train augmentation: timm's random-resized-crop (``scale``, default area 0.75-1, about CIFAR's pad-4 crop) and
-  horizontal flip, no colour jitter; test: the image resized to ``img_size`` (``crop_pct=1``).
-* Optimiser: timm's ``create_optimizer_v2`` (SGD, Nesterov) on :func:`~timm_split.optim.param_groups` (weight
-  decay scaled by ``exp(1/S - 1)``); LR: timm's cosine scheduler stepped every update.
-* Seeds: members of run ``seed`` get init seeds ``seed*S .. seed*S+S-1``; data order and augmentation are
-  re-seeded at every epoch from ``(seed, epoch)``, so a resumed run replays the epochs it would have run.
-* Checkpoints (``<out>/last.safetensors`` + ``<out>/last_state.pth``): the ensemble's ``state_dict`` (keys
-  ``members.<i>.<name>``) as safetensors with ``epoch``/``step``/``model``/``split`` in its metadata, and the
-  optimizer state, epoch and step in a small ``torch.save`` side file (nested optimizer state does not fit
-  safetensors' flat tensor map).
-* Log: ``<out>/log.json``, rewritten after every epoch: the config, params/GMACs (:func:`~timm_split.count.count`),
-  and per epoch the LR, the train losses and the test metrics (top-1 %, NLL in nats, 15-bin ECE as a fraction)
-  of the ensemble and of every member.
+* Every model is a :class:`~timm_split.ensemble.SplitEnsemble` (S=1 wraps the plain model), fed S views: each
+  image gets S independent draws of the whole train transform (crop, flip, colour jitter, AutoAugment/RandAugment)
+  and of random erasing, then Mixup/CutMix with one lambda, one pairing and one box shared by the members
+  (:class:`~timm_split.data.MemberBatchAugment`); ``--same-view`` repeats one draw. The loss is
+  :class:`~timm_split.loss.CoTrainingLoss` (the members' CE on the soft targets + a warmed-up JS term).
+* Weight decay is scaled by ``exp(1/S - 1)`` (:func:`~timm_split.optim.param_groups`).
+* ``--amp`` autocasts to float16 on CUDA (timm's default, with a grad scaler) and bfloat16 on the CPU.
+* Checkpoints are single safetensors files (weights + optimizer/EMA/scaler state, checksummed, written atomically;
+  :mod:`timm_split.checkpoint`), not pickles. ``--resume`` replays the run bit for bit: data order and augmentation
+  are re-seeded every epoch from ``(--seed, epoch, rank)``.
+* No ``--data-dir`` and no ``--dataset``: Fashion-MNIST from Debian's IDX files, 1 channel at 28 px.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from collections import OrderedDict
+from datetime import datetime
+from functools import partial
+from typing import Any, Callable, Dict, List, Optional
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .execution import STRATEGIES, make_execution
+from .execution import STRATEGIES
 
 _logger = logging.getLogger(__name__)
 
-__all__ = [
-    "TrainConfig", "train", "evaluate", "classification_metrics", "expected_calibration_error", "build_model",
-    "create_loaders", "save_checkpoint", "load_checkpoint", "add_train_args", "run_train",
-]
+__all__ = ["add_train_args", "train_args", "train", "build_model", "run_train", "resolve_device",
+           "autocast_factory", "main"]
 
-DATASETS = ("fashion_mnist",)
-FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-FASHION_MNIST_MEAN = (0.2860,)
-FASHION_MNIST_STD = (0.3530,)
-NUM_CLASSES = 10
-CHECKPOINT = "last.safetensors"
-STATE = "last_state.pth"
-LOG = "log.json"
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Everything a run depends on (the CLI flags, one field each; see ``timm-split train --help``)."""
-
-    model: str = "resnet18"
-    split: int = 1
-    dataset: str = "fashion_mnist"
-    data_dir: str = FASHION_MNIST_DIR
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 0.1
-    weight_decay: float = 5e-4
-    momentum: float = 0.9
-    warmup_epochs: int = 0
-    amp: bool = False
-    cot_weight: float = 0.5
-    cot_warmup: Optional[float] = None
-    cot_mode: str = "js"
-    smoothing: float = 0.0
-    same_view: bool = False
-    no_cot: bool = False
-    train_subset: Optional[int] = None
-    img_size: int = 28
-    scale: Tuple[float, float] = (0.75, 1.0)
-    hflip: float = 0.5
-    seed: int = 0
-    out: Optional[str] = None
-    resume: Optional[str] = None
-    device: Optional[str] = None
-    workers: int = 0
-    eval_every: int = 1
-    execution: str = "loop"
-    model_kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    def check(self) -> "TrainConfig":
-        """Validate the fields; raise ``ValueError`` with a hint for a bad one. Returns ``self``."""
-        positive = dict(split=self.split, epochs=self.epochs, batch_size=self.batch_size, img_size=self.img_size)
-        for name, v in positive.items():
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an int >= 1; got {v!r}.")
-        make_execution(self.execution)  # raises the ValueError that names the strategies
-        if self.dataset not in DATASETS:
-            raise ValueError(f"dataset must be one of {DATASETS}; got {self.dataset!r}.")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0 (e.g. 0.1 for SGD at batch 128); got {self.lr}.")
-        if self.train_subset is not None and self.train_subset < self.batch_size:
-            raise ValueError(f"train_subset ({self.train_subset}) must be at least the batch size "
-                             f"({self.batch_size}): the train loader drops the last partial batch.")
-        if not 0 < self.scale[0] <= self.scale[1] <= 1:
-            raise ValueError(f"scale must be (lo, hi) with 0 < lo <= hi <= 1 (crop area fraction); got {self.scale}.")
-        if self.eval_every < 0 or self.workers < 0 or self.warmup_epochs < 0:
-            raise ValueError("eval_every, workers and warmup_epochs must be >= 0.")
-        return self
-
-    @property
-    def cot_warmup_epochs(self) -> float:
-        """The co-training warm-up: ``cot_warmup``, or the paper's 40 of 300 epochs scaled to ``epochs``."""
-        return self.cot_warmup if self.cot_warmup is not None else self.epochs * 40 / 300
+SUMMARY = "summary.csv"
+RESULTS = "results.json"
 
 
 # ----------------------------------------------------------------------------------------------------------
-# metrics
+# flags
 
-def expected_calibration_error(probs: torch.Tensor, target: torch.Tensor, n_bins: int = 15) -> float:
-    """Expected calibration error of the top-1 prediction, with ``n_bins`` equal-width confidence bins.
-
-    ``ECE = sum_b |B_b| / N * |acc(B_b) - conf(B_b)|``; bin ``b`` holds confidences in ``(b/n, (b+1)/n]``
-    (a confidence of exactly 0 goes to the first bin).
-
-    Args:
-        probs: Probabilities ``[N, K]``.
-        target: Class indices ``[N]``.
-        n_bins: Number of bins (15 as in Guo et al., 2017).
-
-    Returns:
-        The ECE as a fraction in ``[0, 1]``.
-    """
-    if n_bins < 1:
-        raise ValueError(f"n_bins must be >= 1; got {n_bins}.")
-    conf, pred = probs.float().max(-1)
-    correct = (pred == target).float()
-    bins = (torch.ceil(conf * n_bins).long() - 1).clamp(0, n_bins - 1)
-    gap = torch.zeros(n_bins, device=conf.device).index_add_(0, bins, conf - correct)
-    return float(gap.abs().sum() / max(len(target), 1))
-
-
-def classification_metrics(logits: torch.Tensor, target: torch.Tensor, n_bins: int = 15) -> Dict[str, float]:
-    """Top-1 accuracy (%), NLL (nats, mean) and ECE (fraction, ``n_bins`` bins) of ``logits [N, K]``.
-
-    ``logits`` may also be log-probabilities (a ``averaging='probs'`` ensemble): softmax leaves them unchanged.
-    """
-    logits = logits.float()
-    return {
-        "top1": float((logits.argmax(-1) == target).float().mean() * 100),
-        "nll": float(F.cross_entropy(logits, target)),
-        "ece": expected_calibration_error(logits.softmax(-1), target, n_bins),
-    }
-
-
-def _autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on ``device`` (no grad scaler needed), or a no-op."""
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, amp: bool = False) -> Dict[str, Any]:
-    """Test metrics of a :class:`~timm_split.ensemble.SplitEnsemble` and of each of its members.
-
-    Args:
-        model: The ensemble (evaluated in eval mode; its mode is restored).
-        loader: Batches ``(images [B, C, H, W], targets [B])``.
-        device: Where to run.
-        amp: bf16 autocast.
-
-    Returns:
-        ``{'ensemble': {'top1', 'nll', 'ece'}, 'members': [{...} per member]}``.
-    """
-    was_training = model.training
-    model.eval()
-    outs, targets = [], []
-    for images, target in loader:
-        with _autocast(device, amp):
-            outs.append(model.forward_members(images.to(device)).float().cpu())
-        targets.append(target.cpu())
-    model.train(was_training)
-    members, target = torch.cat(outs, 1), torch.cat(targets)
-    return {"ensemble": classification_metrics(model.combine(members), target),
-            "members": [classification_metrics(m, target) for m in members]}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# data and model
-
-def _datasets(cfg: TrainConfig):
-    from .data import FashionMNIST
-
-    train_ds, test_ds = FashionMNIST(cfg.data_dir, train=True), FashionMNIST(cfg.data_dir, train=False)
-    if cfg.train_subset is not None and cfg.train_subset < len(train_ds):
-        # a fixed subset (permutation seed 0, whatever --seed), so seeds differ in init and order only
-        keep = np.sort(np.random.RandomState(0).permutation(len(train_ds))[:cfg.train_subset])
-        train_ds.data, train_ds.targets = train_ds.data[keep], train_ds.targets[keep]
-    return train_ds, test_ds
-
-
-def create_loaders(cfg: TrainConfig, device: torch.device):
-    """Train and test loaders (timm's ``create_loader`` with its prefetcher, ``num_workers=cfg.workers``).
-
-    The train loader yields ``(views [S, B, 1, H, W], targets [B])``: S independently augmented views, or one
-    view repeated S times with ``same_view``. The test loader yields ``(images [B, 1, H, W], targets [B])``.
-
-    Raises:
-        FileNotFoundError: the IDX files are missing (the message names ``apt-get install dataset-fashion-mnist``).
-    """
-    from timm.data import create_loader
-
-    from .data import MemberViewsDataset, collate_member_views
-
-    train_ds, test_ds = _datasets(cfg)
-    size = (1, cfg.img_size, cfg.img_size)
-    # the prefetcher normalises whole uint8 batches (5-d views too): ~40% less per-view work than ToTensor+Normalize
-    common = dict(input_size=size, use_prefetcher=True, mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD,
-                  interpolation="bilinear", num_workers=cfg.workers, device=device)
-    train_loader = create_loader(
-        MemberViewsDataset(train_ds, cfg.split, same_view=cfg.same_view), batch_size=cfg.batch_size,
-        is_training=True, scale=tuple(cfg.scale), ratio=(3 / 4, 4 / 3), hflip=cfg.hflip, color_jitter=None,
-        collate_fn=collate_member_views, **common)
-    test_loader = create_loader(test_ds, batch_size=max(cfg.batch_size, 256), is_training=False, crop_pct=1.0,
-                                **common)
-    return train_loader, test_loader
-
-
-def build_model(cfg: TrainConfig, model_fn: Optional[Callable[[], nn.Module]] = None) -> nn.Module:
-    """The :class:`~timm_split.ensemble.SplitEnsemble` to train.
-
-    Args:
-        cfg: The run's config (``model``, ``model_kwargs``, ``split``, ``img_size``, ``seed``).
-        model_fn: Builds the model instead of ``timm.create_model(cfg.model, num_classes=10, in_chans=1,
-            **cfg.model_kwargs)``; the model must take 1-channel input and give 10 classes.
-
-    Returns:
-        The model is built after ``torch.manual_seed(seed)``. S=1: a one-member ensemble around it;
-        S>1: ``split(model, S, seed=seed*S)`` (member ``i`` initialised with seed ``seed*S + i``).
-    """
-    import timm
-
-    from .core import split
-    from .ensemble import SplitEnsemble
-
-    torch.manual_seed(cfg.seed)
-    if model_fn is None:
-        model = timm.create_model(cfg.model, num_classes=NUM_CLASSES, in_chans=1, **cfg.model_kwargs)
-    else:
-        model = model_fn()
-    model.pretrained_cfg = dict(getattr(model, "pretrained_cfg", None) or {}, num_classes=NUM_CLASSES,
-                                input_size=(1, cfg.img_size, cfg.img_size), mean=FASHION_MNIST_MEAN,
-                                std=FASHION_MNIST_STD, crop_pct=1.0)
-    if cfg.split == 1:
-        return SplitEnsemble([model], pretrained_cfg=model.pretrained_cfg)
-    return split(model, cfg.split, seed=cfg.seed * cfg.split, img_size=cfg.img_size)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# checkpoints
-
-def _atomic(path: str, write) -> None:
-    tmp = path + ".tmp"
-    write(tmp)
-    os.replace(tmp, path)
-
-
-def save_checkpoint(out: str, model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, step: int,
-                    cfg: TrainConfig) -> str:
-    """Write ``<out>/last.safetensors`` (weights) and ``<out>/last_state.pth`` (optimizer, epoch, step).
-
-    Returns:
-        The safetensors path.
-    """
-    from safetensors.torch import save_model
-
-    meta = {"epoch": str(epoch), "step": str(step), "model": cfg.model, "split": str(cfg.split),
-            "format": "timm_split.train/1"}
-    path = os.path.join(out, CHECKPOINT)
-    _atomic(path, lambda p: save_model(model, p, metadata=meta))
-    state = {"optimizer": optimizer.state_dict(), "epoch": epoch, "step": step, "config": dataclasses.asdict(cfg)}
-    _atomic(os.path.join(out, STATE), lambda p: torch.save(state, p))
-    return path
-
-
-def load_checkpoint(path: str, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> Dict[str, Any]:
-    """Load weights (strictly) and, if given, the optimizer state saved by :func:`save_checkpoint`.
-
-    Args:
-        path: The ``.safetensors`` file or the run directory holding ``last.safetensors``.
-        model: The ensemble to load into (built with the same model and split).
-        optimizer: Optional optimizer to restore (needs ``last_state.pth`` next to the weights).
-
-    Returns:
-        The safetensors metadata with ``epoch`` and ``step`` as ints.
-    """
-    from safetensors import safe_open
-    from safetensors.torch import load_model
-
-    if os.path.isdir(path):
-        path = os.path.join(path, CHECKPOINT)
-    if not os.path.isfile(path):
-        raise ValueError(f"no checkpoint at {path}; pass the run directory or its {CHECKPOINT}.")
-    with safe_open(path, "pt") as f:
-        meta = dict(f.metadata() or {})
-    split_factor = getattr(model, "split_factor", 1)
-    if meta.get("split") and int(meta["split"]) != split_factor:
-        raise ValueError(f"{path} holds a split-{meta['split']} ensemble but the model has S={split_factor}; "
-                         f"resume with --split {meta['split']}.")
-    load_model(model, path, strict=True)
-    meta["epoch"], meta["step"] = int(meta.get("epoch", 0)), int(meta.get("step", 0))
-    if optimizer is not None:
-        state = torch.load(os.path.join(os.path.dirname(path), STATE), map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        meta["epoch"], meta["step"] = state["epoch"], state["step"]
-    return meta
-
-
-# ----------------------------------------------------------------------------------------------------------
-# training
-
-def _epoch_seed(seed: int, epoch: int) -> int:
-    return seed * 100_003 + epoch
-
-
-def train(cfg: TrainConfig, model_fn: Optional[Callable[[], nn.Module]] = None, progress: bool = True
-          ) -> Dict[str, Any]:
-    """Train (or resume) a run and write its checkpoint and JSON log.
-
-    Args:
-        cfg: The run's config; ``cfg.resume`` (a run directory or its ``last.safetensors``) continues a run up
-            to ``cfg.epochs``.
-        model_fn: Optional model builder instead of ``timm.create_model(cfg.model, ...)`` (see :func:`build_model`).
-        progress: Show a tqdm bar per epoch.
-
-    Returns:
-        The log dict (also in ``<out>/log.json``): ``config``, ``params``, ``gmacs``, ``member_params``,
-        ``member_gmacs``, ``epochs`` (one entry per epoch), ``train_seconds`` and ``final`` (the last test metrics).
-
-    Raises:
-        ValueError: a bad config value.
-        FileNotFoundError: the dataset files are missing.
-    """
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
-    from timm.utils import random_seed
-    from tqdm import tqdm
-
-    from .count import count
-    from .loss import CoTrainingLoss
-    from .optim import param_groups
-
-    cfg.check()
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    out = cfg.out or (os.path.dirname(os.path.abspath(cfg.resume)) if cfg.resume and os.path.isfile(cfg.resume)
-                      else cfg.resume) or os.path.join("runs", f"{cfg.model}-s{cfg.split}-seed{cfg.seed}")
-    if cfg.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError("--amp uses bfloat16 autocast, which this GPU does not support; drop --amp.")
-    os.makedirs(out, exist_ok=True)
-
-    train_loader, test_loader = create_loaders(cfg, device)
-    ens = build_model(cfg, model_fn).to(device).set_execution(cfg.execution)
-    S = ens.split_factor
-    steps_per_epoch = len(train_loader)
-    cost = [count(ens.members[0], cfg.img_size, in_chans=1)] * S  # the members share one architecture
-    optimizer = create_optimizer_v2(param_groups(ens, cfg.weight_decay, S), opt="sgd", lr=cfg.lr,
-                                    momentum=cfg.momentum)
-    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=cfg.epochs,
-                                       warmup_epochs=cfg.warmup_epochs, step_on_epochs=False,
-                                       updates_per_epoch=steps_per_epoch)
-    loss_fn = CoTrainingLoss(cot_weight=0.0 if cfg.no_cot else cfg.cot_weight, warmup_epochs=cfg.cot_warmup_epochs,
-                             smoothing=cfg.smoothing, mode=cfg.cot_mode)
-
-    log: Dict[str, Any] = {
-        "config": dataclasses.asdict(cfg), "params": sum(c.params for c in cost),
-        "gmacs": sum(c.gmacs for c in cost), "member_params": [c.params for c in cost],
-        "member_gmacs": [c.gmacs for c in cost], "steps_per_epoch": steps_per_epoch, "epochs": [],
-        "train_seconds": 0.0, "final": None,
-    }
-    start, step = 0, 0
-    if cfg.resume:
-        meta = load_checkpoint(cfg.resume, ens, optimizer)
-        start, step = meta["epoch"], meta["step"]
-        old_log = os.path.join(cfg.resume if os.path.isdir(cfg.resume) else os.path.dirname(cfg.resume), LOG)
-        if os.path.isfile(old_log):
-            with open(old_log) as f:
-                old = json.load(f)
-            log["epochs"] = [e for e in old.get("epochs", []) if e["epoch"] <= start]
-            log["train_seconds"] = sum(e["train_seconds"] for e in log["epochs"])
-        _logger.info("resumed %s at epoch %d, step %d", cfg.resume, start, step)
-        if start >= cfg.epochs:
-            _logger.warning("the checkpoint is at epoch %d >= --epochs %d: nothing to train", start, cfg.epochs)
-    scheduler.step_update(step)
-    _logger.info("%s S=%d: %.3fM params, %.4f GMACs (members %s), %d steps/epoch, weight decay %s", cfg.model, S,
-                 log["params"] / 1e6, log["gmacs"], [c.params for c in cost], steps_per_epoch,
-                 sorted({g["weight_decay"] for g in optimizer.param_groups}))
-
-    for epoch in range(start, cfg.epochs):
-        random_seed(_epoch_seed(cfg.seed, epoch))
-        ens.train()
-        sums = {"loss": 0.0, "ce": 0.0, "cot": 0.0}
-        t0 = time.perf_counter()
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False,
-                   file=sys.stderr, dynamic_ncols=True)
-        for i, (views, target) in enumerate(bar):
-            views, target = views.to(device, non_blocking=True), target.to(device, non_blocking=True)
-            with _autocast(device, cfg.amp):
-                logits = ens.forward_members(views)
-            losses = loss_fn(logits, target, epoch=epoch + i / steps_per_epoch)
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            optimizer.step()
-            step += 1
-            scheduler.step_update(step)
-            for k in sums:
-                sums[k] += losses[k].item()
-            if not math.isfinite(sums["loss"]):
-                raise FloatingPointError(f"loss is {sums['loss']} at epoch {epoch + 1}, step {step}: lower --lr.")
-            if progress:
-                bar.set_postfix(loss=f"{sums['loss'] / (i + 1):.3f}", lr=f"{optimizer.param_groups[0]['lr']:.4f}")
-        seconds = time.perf_counter() - t0
-        entry = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
-                 "cot_weight": loss_fn.weight(epoch + 1), "train_seconds": seconds,
-                 **{k: v / steps_per_epoch for k, v in sums.items()}}
-        if epoch + 1 == cfg.epochs or (cfg.eval_every and (epoch + 1) % cfg.eval_every == 0):
-            entry["test"] = evaluate(ens, test_loader, device, cfg.amp)
-            log["final"] = entry["test"]
-        log["epochs"].append(entry)
-        log["train_seconds"] += seconds
-        _atomic(os.path.join(out, LOG), lambda p: _write_json(p, log))  # first: resume drops epochs it lacks
-        save_checkpoint(out, ens, optimizer, epoch + 1, step, cfg)
-        test = entry.get("test")
-        _logger.info("epoch %d/%d: loss %.4f (ce %.4f, cot %.4f), %.1fs%s", epoch + 1, cfg.epochs, entry["loss"],
-                     entry["ce"], entry["cot"], seconds, "" if test is None else
-                     " | test top-1 %.2f%% nll %.4f ece %.4f | members %s" % (
-                         test["ensemble"]["top1"], test["ensemble"]["nll"], test["ensemble"]["ece"],
-                         " ".join(f"{m['top1']:.2f}" for m in test["members"])))
-    if log["final"] is None and log["epochs"]:
-        log["final"] = next((e["test"] for e in reversed(log["epochs"]) if "test" in e), None)
-    log["out"] = out
-    return log
-
-
-def _write_json(path: str, obj: Any) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# CLI
-
-def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``timm-split train`` flags (one per :class:`TrainConfig` field, plus ``--threads``)."""
+def _timm_flags(g: Callable[..., Any]) -> None:
+    """timm train.py's data and model flags, with its names and defaults."""
     from timm.utils import ParseKwargs
 
-    d = TrainConfig()
+    g("--data-dir", default=None, metavar="DIR", help="dataset root (default: Fashion-MNIST's IDX files)")
+    g("--dataset", default="", metavar="NAME", help="'' = ImageFolder/ImageTar; torch/<name> only if on disk; "
+      "fashion_mnist")
+    g("--train-split", default="train", metavar="NAME")
+    g("--val-split", default="validation", metavar="NAME")
+    g("--class-map", default="", metavar="FILENAME")
+    g("--model", default="resnet50", metavar="MODEL")
+    g("--num-classes", type=int, default=None, metavar="N", help="default: the dataset's class count")
+    g("--in-chans", type=int, default=None, metavar="N")
+    g("--img-size", type=int, default=None, metavar="N")
+    g("--input-size", default=None, nargs=3, type=int, metavar=("C", "H", "W"))
+    g("--crop-pct", default=None, type=float, metavar="N")
+    g("--mean", type=float, nargs="+", default=None, metavar="MEAN")
+    g("--std", type=float, nargs="+", default=None, metavar="STD")
+    g("--interpolation", default="", metavar="NAME")
+    g("-b", "--batch-size", type=int, default=128, metavar="N")
+    g("-vb", "--validation-batch-size", type=int, default=None, metavar="N")
+    g("--channels-last", action="store_true")
+    g("--grad-accum-steps", type=int, default=1, metavar="N")
+    g("--grad-checkpointing", action="store_true")
+    g("--model-kwargs", nargs="*", default={}, action=ParseKwargs)
+    g("--torchcompile", nargs="?", type=str, default=None, const="inductor")
+    g("--resume", default="", metavar="PATH", help="a checkpoint of this run (e.g. <output>/last.safetensors)")
+    g("--no-resume-opt", action="store_true")
+
+
+def _timm_optim_flags(g: Callable[..., Any]) -> None:
+    """timm train.py's optimizer, schedule, augmentation, EMA and misc flags, with its names and defaults."""
+    from timm.utils import ParseKwargs
+
+    g("--opt", default="sgd", metavar="OPTIMIZER")
+    g("--opt-eps", default=None, type=float, metavar="EPSILON")
+    g("--opt-betas", default=None, type=float, nargs="+", metavar="BETA")
+    g("--momentum", type=float, default=0.9, metavar="M")
+    g("--weight-decay", type=float, default=2e-5, help="for S=1; scaled by exp(1/S - 1)")
+    g("--clip-grad", type=float, default=None, metavar="NORM")
+    g("--clip-mode", default="norm")
+    g("--opt-kwargs", nargs="*", default={}, action=ParseKwargs)
+    g("--sched", default="cosine", metavar="SCHEDULER")
+    g("--sched-on-updates", action="store_true")
+    g("--lr", type=float, default=None, metavar="LR", help="default: lr-base * global batch / lr-base-size")
+    g("--lr-base", type=float, default=0.1, metavar="LR")
+    g("--lr-base-size", type=int, default=256, metavar="DIV")
+    g("--lr-base-scale", default="", metavar="SCALE")
+    g("--warmup-lr", type=float, default=1e-5, metavar="LR")
+    g("--min-lr", type=float, default=0, metavar="LR")
+    g("--epochs", type=int, default=300, metavar="N")
+    g("--decay-milestones", default=[90, 180, 270], type=int, nargs="+", metavar="MILESTONES")
+    g("--decay-epochs", type=float, default=90, metavar="N")
+    g("--warmup-epochs", type=int, default=5, metavar="N")
+    g("--warmup-prefix", action="store_true")
+    g("--cooldown-epochs", type=int, default=0, metavar="N")
+    g("--patience-epochs", type=int, default=10, metavar="N")
+    g("--decay-rate", "--dr", type=float, default=0.1, metavar="RATE")
+    g("--no-aug", action="store_true")
+    g("--scale", type=float, nargs="+", default=[0.08, 1.0], metavar="PCT")
+    g("--ratio", type=float, nargs="+", default=[3. / 4., 4. / 3.], metavar="RATIO")
+    g("--hflip", type=float, default=0.5)
+    g("--vflip", type=float, default=0.)
+    g("--color-jitter", type=float, default=0.4, metavar="PCT")
+    g("--aa", default=None, metavar="NAME", help="AutoAugment/RandAugment policy, e.g. rand-m9-mstd0.5")
+    g("--reprob", type=float, default=0., metavar="PCT")
+    g("--remode", default="pixel")
+    g("--recount", type=int, default=1)
+    g("--mixup", type=float, default=0.0)
+    g("--cutmix", type=float, default=0.0)
+    g("--cutmix-minmax", type=float, nargs="+", default=None)
+    g("--mixup-prob", type=float, default=1.0)
+    g("--mixup-switch-prob", type=float, default=0.5)
+    g("--mixup-mode", default="batch")
+    g("--mixup-off-epoch", default=0, type=int, metavar="N")
+    g("--smoothing", type=float, default=0.1)
+    g("--train-interpolation", default="random")
+    g("--drop", type=float, default=0.0, metavar="PCT")
+    g("--drop-path", type=float, default=None, metavar="PCT")
+    g("--drop-block", type=float, default=None, metavar="PCT")
+    g("--dist-bn", default="reduce", help="'broadcast', 'reduce' or '' (DDP only)")
+    g("--model-ema", action="store_true")
+    g("--model-ema-decay", type=float, default=0.9998)
+    g("--model-ema-warmup", action="store_true")
+    g("--seed", type=int, default=42, metavar="S")
+    g("--log-interval", type=int, default=50, metavar="N")
+    g("--checkpoint-hist", type=int, default=10, metavar="N")
+    g("-j", "--workers", type=int, default=4, metavar="N")
+    g("--amp", action="store_true", help="mixed precision: float16 on CUDA (grad scaler), bfloat16 on CPU")
+    g("--amp-dtype", default=None, choices=("float16", "bfloat16"), help="default: float16 on CUDA, bfloat16 on CPU")
+    g("--pin-mem", action="store_true")
+    g("--output", default="", metavar="PATH", help="output folder (default: ./output/train)")
+    g("--experiment", default="", metavar="NAME", help="sub-folder of --output (default: date-model-S-size)")
+    g("--eval-metric", default="top1", metavar="EVAL_METRIC")
+
+
+def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``timm-split train`` flags: timm train.py's (names and defaults) and ours."""
+    _timm_flags(parser.add_argument)
+    _timm_optim_flags(parser.add_argument)
     a = parser.add_argument
-    a("--model", default=d.model, help="timm model name (created with num_classes=10, in_chans=1)")
-    a("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="K=V",
-      help="extra timm.create_model kwargs, e.g. drop_rate=0.1")
-    a("--split", type=int, default=d.split, help="S members (1 = the plain model)")
-    a("--dataset", default=d.dataset, choices=DATASETS)
-    a("--data-dir", default=d.data_dir, help="directory of the IDX files")
-    a("--epochs", type=int, default=d.epochs)
-    a("--batch-size", type=int, default=d.batch_size)
-    a("--lr", type=float, default=d.lr, help="peak LR of the cosine schedule (SGD, Nesterov)")
-    a("--warmup-epochs", type=int, default=d.warmup_epochs, help="linear LR warm-up epochs")
-    a("--weight-decay", type=float, default=d.weight_decay, help="for S=1; scaled by exp(1/S - 1)")
-    a("--momentum", type=float, default=d.momentum)
-    a("--amp", action="store_true", help="bfloat16 autocast (CPU or GPU)")
-    a("--cot-weight", type=float, default=d.cot_weight, help="weight of the co-training term")
-    a("--cot-warmup", type=float, default=None,
-      help="epochs to ramp the co-training weight up (default: 40/300 of --epochs, the paper's ratio)")
-    a("--cot-mode", choices=("js", "kl"), default=d.cot_mode)
-    a("--smoothing", type=float, default=d.smoothing, help="label smoothing")
+    a("--split", type=int, default=1, help="S members (1 = the plain model)")
+    a("--cot-weight", type=float, default=0.5, help="weight of the co-training (JS) term; 0 disables it")
+    a("--cot-warmup-epochs", type=float, default=None, help="epochs to ramp it up (default: epochs * 40/300)")
+    a("--cot-mode", choices=("js", "kl", "kl_mixture"), default="js")
     a("--same-view", action="store_true", help="ablation: every member sees the same augmented view")
-    a("--no-cot", action="store_true", help="ablation: no co-training term (cot weight 0)")
+    a("--execution", default="loop", choices=STRATEGIES, help="how the members run (see docs/speed.md)")
+    a("--member-parallel", action="store_true", help="torchrun: one member per rank (world size = --split)")
     a("--train-subset", type=int, default=None, metavar="N", help="train on a fixed random N images")
-    a("--img-size", type=int, default=d.img_size)
-    a("--scale", type=float, nargs=2, default=d.scale, metavar=("LO", "HI"), help="random-resized-crop area range")
-    a("--hflip", type=float, default=d.hflip, help="horizontal flip probability")
-    a("--seed", type=int, default=d.seed)
-    a("--out", default=None, help="run directory (default runs/<model>-s<S>-seed<seed>)")
-    a("--resume", default=None, metavar="PATH", help="continue from a run directory or its last.safetensors")
-    a("--device", default=None, help="default: cuda if available, else cpu")
-    a("--workers", type=int, default=d.workers, help="data loader worker processes")
-    a("--eval-every", type=int, default=d.eval_every, help="test every N epochs (0: only after the last)")
-    a("--execution", default=d.execution, choices=STRATEGIES,
-      help="how the members run (same results; speed differs, see docs/speed.md): 'threads' runs each member's "
-           "forward and backward on its own worker thread")
+    a("--eval-every", type=int, default=1, metavar="N", help="evaluate every N epochs (0: only after the last)")
+    a("--device", default=None, help="default: cuda if available, else cpu (torchrun: cuda:<local rank>)")
     a("--threads", type=int, default=None, help="torch.set_num_threads")
     a("--no-progress", action="store_true", help="no tqdm bar")
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The :class:`TrainConfig` of parsed ``timm-split train`` arguments."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+def train_args(**overrides: Any) -> argparse.Namespace:
+    """The flags' defaults with ``overrides`` (keyword names as the flags' dest, e.g. ``batch_size=32``)."""
+    args = add_train_args(argparse.ArgumentParser()).parse_args([])
+    unknown = set(overrides) - set(vars(args))
+    if unknown:
+        raise ValueError(f"unknown training options {sorted(unknown)}; see timm-split train --help.")
+    for k, v in overrides.items():
+        setattr(args, k, v)
+    return args
+
+
+def _check_args(args: argparse.Namespace, custom_model: bool = False) -> None:
+    """Reject bad values before any data or model is loaded (``custom_model``: the name is only a label)."""
+    import timm
+
+    ints = dict(split=args.split, epochs=args.epochs, batch_size=args.batch_size,
+                grad_accum_steps=args.grad_accum_steps, checkpoint_hist=args.checkpoint_hist,
+                log_interval=args.log_interval)
+    for name, v in ints.items():
+        if v < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {v}.")
+    for name in ("lr", "lr_base", "weight_decay", "momentum", "cot_weight", "drop", "reprob", "mixup", "cutmix",
+                 "smoothing", "model_ema_decay", "clip_grad", "cot_warmup_epochs"):
+        v = getattr(args, name)
+        if v is not None and (not math.isfinite(v) or v < 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0; got {v}.")
+    if args.lr is not None and args.lr == 0:
+        raise ValueError("--lr must be > 0 (e.g. 0.1 for SGD at batch 256).")
+    if args.workers < 0 or args.eval_every < 0 or args.warmup_epochs < 0:
+        raise ValueError("--workers, --eval-every and --warmup-epochs must be >= 0.")
+    if args.resume and os.path.isdir(args.resume):
+        args.resume = os.path.join(args.resume, "last.safetensors")
+    name = args.model
+    if name.startswith("splitnet_"):
+        raise ValueError(f"--model {name}: pass the base model ({name[len('splitnet_'):]}) and --split S.")
+    if not custom_model and not timm.is_model(name):
+        raise ValueError(f"unknown --model {name!r}; list the choices with python -c \"import timm; "
+                         f"print(timm.list_models('{name[:4]}*'))\".")
+    if args.member_parallel and (args.model_ema or args.resume):
+        raise ValueError("--member-parallel does not support --model-ema or --resume yet; drop them or use DDP.")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# device, model, precision
+
+def resolve_device(device: Optional[str]) -> torch.device:
+    """``device`` (default: cuda if available, else cpu); ``ValueError`` if it is a GPU that is not there."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"--device {device!r} is not a device ({e}); pass cpu or cuda.") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is available here; pass --device cpu.")
+    return dev
+
+
+def autocast_factory(device: torch.device, amp: bool, amp_dtype: Optional[str] = None) -> Callable[[], Any]:
+    """A context factory: autocast to ``amp_dtype`` (default float16 on CUDA, bfloat16 elsewhere), or a no-op."""
+    if not amp:
+        return contextlib.nullcontext
+    dtype = getattr(torch, amp_dtype or ("float16" if device.type == "cuda" else "bfloat16"))
+    return partial(torch.autocast, device_type=device.type, dtype=dtype)
+
+
+def build_model(args: argparse.Namespace, num_classes: int, data_cfg: Dict[str, Any],
+                model_fn: Optional[Callable[[], nn.Module]] = None) -> nn.Module:
+    """The :class:`~timm_split.ensemble.SplitEnsemble` to train, built after ``torch.manual_seed(args.seed)``.
+
+    Args:
+        args: The run's flags (``model``, ``model_kwargs``, ``drop``, ``drop_path``, ``split``, ``seed``, ...).
+        num_classes: Classes of the dataset.
+        data_cfg: Dataset defaults for the model's ``pretrained_cfg`` (Fashion-MNIST: 1 channel, 28 px).
+        model_fn: Builds the base model instead of ``timm.create_model``.
+
+    Returns:
+        S=1: a one-member ensemble around the model; S>1: ``split(model, S, seed=seed*S)`` at the input size.
+    """
+    import timm
+    from timm.data import resolve_data_config
+
+    from .core import split
+    from .ensemble import SplitEnsemble
+
+    in_chans = args.in_chans or (args.input_size[0] if args.input_size else data_cfg.get("input_size", (3,))[0])
+    kwargs = dict(num_classes=num_classes, in_chans=in_chans, drop_rate=args.drop, **args.model_kwargs)
+    kwargs.update({k: v for k, v in (("drop_path_rate", args.drop_path), ("drop_block_rate", args.drop_block))
+                   if v is not None})
+    torch.manual_seed(args.seed)
+    try:
+        model = model_fn() if model_fn is not None else timm.create_model(args.model, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"{args.model} does not take these arguments ({e}); check --model-kwargs, --drop-path "
+                         "and --drop-block.") from e
+    model.pretrained_cfg = dict(getattr(model, "pretrained_cfg", None) or {}, **data_cfg, num_classes=num_classes)
+    cfg = resolve_data_config(dict(vars(args), in_chans=in_chans), model=model)
+    model.pretrained_cfg.update(input_size=cfg["input_size"], mean=cfg["mean"], std=cfg["std"],
+                                crop_pct=cfg["crop_pct"], interpolation=cfg["interpolation"])
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    if args.split == 1:
+        cfg1 = dict(model.pretrained_cfg, architecture=f"splitnet_{args.model}", split_factor=1)
+        return SplitEnsemble([model], pretrained_cfg=cfg1)
+    return split(model, args.split, seed=args.seed * args.split, img_size=cfg["input_size"][-1], in_chans=in_chans)
+
+
+class _Members(nn.Module):
+    """``forward`` = the ensemble's ``forward_members``, so DDP and ``torch.compile`` wrap the co-training call."""
+
+    def __init__(self, ensemble: nn.Module) -> None:
+        super().__init__()
+        self.ensemble = ensemble
+
+    def forward(self, views: Any) -> torch.Tensor:
+        return self.ensemble.forward_members(views)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one epoch
+
+class _Run:
+    """What one training run holds: model, data, optimisation and bookkeeping (built by :func:`_setup`)."""
+
+    def __init__(self, **kw: Any) -> None:
+        self.__dict__.update(kw)
+
+
+def _views_for_model(views: torch.Tensor, channels_last: bool) -> Any:
+    """``[S, B, C, H, W]`` views as the members take them (a list of channels-last views with ``channels_last``)."""
+    if not channels_last:
+        return views
+    return [v.contiguous(memory_format=torch.channels_last) for v in views.unbind(0)]
+
+
+def _backward_step(run: _Run, loss: torch.Tensor, need_update: bool) -> None:
+    """timm's backward: the grad scaler (float16) or ``backward`` + clipping + ``step`` on an update."""
+    from timm.utils import dispatch_clip_grad
+
+    args = run.args
+    if run.scaler is not None:
+        run.scaler(loss, run.optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+                   parameters=run.model.parameters(), need_update=need_update)
+        return
+    loss.backward()
+    if need_update:
+        if args.clip_grad is not None:
+            dispatch_clip_grad(run.model.parameters(), value=args.clip_grad, mode=args.clip_mode)
+        run.optimizer.step()
+
+
+def train_one_epoch(run: _Run, epoch: int, progress: bool) -> Dict[str, float]:
+    """One epoch of co-training with gradient accumulation; returns the mean ``loss``, ``ce`` and ``cot``."""
+    from tqdm import tqdm
+
+    args, loader = run.args, run.train_loader
+    if args.mixup_off_epoch and epoch >= args.mixup_off_epoch and run.augment.mixup is not None:
+        run.augment.mixup.mixup_enabled = False
+    accum, n = args.grad_accum_steps, len(loader)
+    last_accum = n % accum or accum
+    sums = {"loss": 0.0, "ce": 0.0, "cot": 0.0}
+    run.model.train()
+    run.optimizer.zero_grad()
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not progress, leave=False,
+               file=sys.stderr, dynamic_ncols=True)
+    for i, (views, target) in enumerate(bar):
+        need_update = i == n - 1 or (i + 1) % accum == 0
+        divisor = last_accum if i >= n - last_accum else accum
+        views, target = run.augment(views, target)
+        sync = run.model.no_sync if (hasattr(run.model, "no_sync") and not need_update) else contextlib.nullcontext
+        with sync():
+            with run.autocast():
+                logits = run.model(_views_for_model(views, args.channels_last))
+            losses = run.loss_fn(logits, target, epoch=epoch + i / n)
+            _backward_step(run, losses["loss"] / divisor, need_update)
+        for k in sums:
+            sums[k] += losses[k].detach().item()
+        if not math.isfinite(sums["loss"]):
+            raise FloatingPointError(f"loss is {sums['loss']} at epoch {epoch}, batch {i}: lower --lr.")
+        if not need_update:
+            continue
+        run.num_updates += 1
+        run.optimizer.zero_grad()
+        if run.ema is not None:
+            run.ema.update(run.ensemble, step=run.num_updates)
+        run.scheduler.step_update(num_updates=run.num_updates, metric=sums["loss"] / (i + 1))
+        if (i // accum) % args.log_interval == 0:
+            lr = run.optimizer.param_groups[0]["lr"]
+            if progress:
+                bar.set_postfix(loss=f"{sums['loss'] / (i + 1):.3f}", lr=f"{lr:.3g}")
+            elif run.rank == 0:
+                _logger.info("Train: %d [%d/%d] loss %.4f lr %.3e", epoch, i // accum, math.ceil(n / accum),
+                             sums["loss"] / (i + 1), lr)
+    return OrderedDict((k, v / n) for k, v in sums.items())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# setup
+
+def _init_distributed(args: argparse.Namespace) -> torch.device:
+    """Device and torchrun process group (timm's ``init_distributed_device``); sets ``args.rank`` etc."""
+    from timm.utils import init_distributed_device
+
+    device = resolve_device(args.device)
+    args.device = str(device)
+    device = init_distributed_device(args)
+    if args.member_parallel and args.world_size != args.split:
+        raise ValueError(f"--member-parallel runs one member per rank: launch --nproc_per_node {args.split} "
+                         f"(got world size {args.world_size}).")
+    return device
+
+
+def _output_dir(args: argparse.Namespace) -> str:
+    """The run folder (``--output``/``--experiment``, or the folder of the ``--resume`` checkpoint); not created."""
+    if args.resume and not args.output and not args.experiment:
+        return os.path.dirname(os.path.abspath(args.resume))
+    name = args.experiment or f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{args.model}-s{args.split}"
+    out = os.path.join(args.output or os.path.join(".", "output", "train"), name)
+    parent = out
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise ValueError(f"--output {args.output}: {parent} is a file, not a folder; pass a folder path.")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"{out} is a file; pass another --output or --experiment.")
+    return out
+
+
+def _data(args: argparse.Namespace):
+    from .data import create_datasets
+
+    if args.resume and not os.path.isfile(args.resume):
+        raise ValueError(f"--resume {args.resume}: no such file; pass <output>/last.safetensors of the run.")
+    train_ds, val_ds, classes, data_cfg = create_datasets(args.dataset, args.data_dir, args.train_split,
+                                                          args.val_split, args.class_map, args.train_subset)
+    if args.num_classes is not None and args.num_classes != classes:
+        raise ValueError(f"--num-classes {args.num_classes} but the dataset has {classes} classes; drop "
+                         f"--num-classes or pass {classes}.")
+    if len(train_ds) < args.batch_size:
+        raise ValueError(f"the train split has {len(train_ds)} images, fewer than --batch-size {args.batch_size} "
+                         "(the last partial batch is dropped); lower --batch-size.")
+    return train_ds, val_ds, classes, data_cfg
+
+
+def _loaders(args: argparse.Namespace, train_ds, val_ds, ens: nn.Module, device: torch.device):
+    from .data import create_eval_loader, create_member_loader
+
+    cfg = {k: ens.pretrained_cfg[k] for k in ("input_size", "mean", "std", "crop_pct", "interpolation")}
+    train_interp = cfg["interpolation"] if args.no_aug or not args.train_interpolation else args.train_interpolation
+    train_loader = create_member_loader(
+        train_ds, args.split, cfg, args.batch_size, device, same_view=args.same_view,
+        distributed=args.distributed and not args.member_parallel, no_aug=args.no_aug, scale=tuple(args.scale),
+        ratio=tuple(args.ratio), hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
+        auto_augment=args.aa, interpolation=train_interp, num_workers=args.workers, pin_memory=args.pin_mem)
+    eval_loader = create_eval_loader(val_ds, cfg, args.validation_batch_size or args.batch_size, device,
+                                     args.workers, args.pin_mem)
+    return train_loader, eval_loader, cfg
+
+
+def _resolve_lr(args: argparse.Namespace) -> None:
+    """timm's rule: ``lr = lr_base * global_batch / lr_base_size`` (sqrt for adaptive optimizers) if not given."""
+    if args.lr:
+        return
+    replicas = args.world_size // args.split if args.member_parallel else args.world_size
+    batch_ratio = args.batch_size * replicas * args.grad_accum_steps / args.lr_base_size
+    if not args.lr_base_scale:
+        args.lr_base_scale = "sqrt" if any(o in args.opt.lower() for o in ("ada", "lamb")) else "linear"
+    args.lr = args.lr_base * (batch_ratio ** 0.5 if args.lr_base_scale == "sqrt" else batch_ratio)
+    _logger.info("lr %.4g from --lr-base %g at global batch %d (%s)", args.lr, args.lr_base,
+                 args.batch_size * replicas * args.grad_accum_steps, args.lr_base_scale)
+
+
+def _optimisation(args: argparse.Namespace, ens: nn.Module, train_model: nn.Module, n_batches: int):
+    """Optimizer (timm's ``create_optimizer_v2`` on the scaled-decay groups), scheduler, loss, mixup."""
+    from timm.data import Mixup
+    from timm.optim import create_optimizer_v2, optimizer_kwargs
+    from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+
+    from .loss import CoTrainingLoss
+    from .optim import param_groups
+
+    _resolve_lr(args)
+    owned = getattr(train_model, "member", ens)  # --member-parallel: this rank's member only
+    optimizer = create_optimizer_v2(param_groups(owned, args.weight_decay, args.split),
+                                    **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+    updates_per_epoch = (n_batches + args.grad_accum_steps - 1) // args.grad_accum_steps
+    scheduler, _ = create_scheduler_v2(optimizer, **scheduler_kwargs(args), updates_per_epoch=updates_per_epoch)
+    mixup = None
+    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
+        mixup = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                      prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                      label_smoothing=args.smoothing, num_classes=args.num_classes)
+    warmup = args.cot_warmup_epochs if args.cot_warmup_epochs is not None else args.epochs * 40 / 300
+    loss_fn = CoTrainingLoss(cot_weight=args.cot_weight, warmup_epochs=warmup, mode=args.cot_mode,
+                             smoothing=0.0 if mixup is not None else args.smoothing)  # mixup smooths the targets
+    return optimizer, scheduler, updates_per_epoch, mixup, loss_fn
+
+
+def _train_model(args: argparse.Namespace, ens: nn.Module, device: torch.device) -> nn.Module:
+    """What the loop calls: the members' forward, DDP-wrapped, member-parallel or compiled as the flags say."""
+    if args.member_parallel:
+        from .distributed import MemberParallel
+        return MemberParallel(ens, device=device)
+    model: nn.Module = _Members(ens)
+    if args.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+        model = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if args.torchcompile:
+        model = torch.compile(model, backend=args.torchcompile)
+    return model
+
+
+def _setup(args: argparse.Namespace, model_fn: Optional[Callable[[], nn.Module]]) -> _Run:
+    from timm.data.random_erasing import RandomErasing  # noqa: F401 - fail early if timm lacks it
+    from timm.utils import ModelEmaV3, NativeScaler, random_seed
+
+    from .data import MemberBatchAugment
+
+    _check_args(args, custom_model=model_fn is not None)
+    device = _init_distributed(args)
+    out = _output_dir(args) if args.rank == 0 else None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    train_ds, val_ds, args.num_classes, data_cfg = _data(args)
+    ens = build_model(args, args.num_classes, data_cfg, model_fn)
+    random_seed(args.seed, args.rank)
+    ens.to(device)
+    if args.channels_last:
+        ens.to(memory_format=torch.channels_last)
+    ema = ModelEmaV3(ens, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup) if args.model_ema else None
+    ens.set_execution(args.execution)  # after the EMA's deepcopy, which runs the members in a loop
+    train_loader, eval_loader, data_config = _loaders(args, train_ds, val_ds, ens, device)
+    model = _train_model(args, ens, device)
+    optimizer, scheduler, updates_per_epoch, mixup, loss_fn = _optimisation(args, ens, model, len(train_loader))
+    autocast = autocast_factory(device, args.amp, args.amp_dtype)
+    float16 = args.amp and device.type == "cuda" and (args.amp_dtype or "float16") == "float16"
+    return _Run(args=args, device=device, out=out, ensemble=ens, model=model, ema=ema, optimizer=optimizer,
+                scheduler=scheduler, updates_per_epoch=updates_per_epoch, loss_fn=loss_fn, autocast=autocast,
+                scaler=NativeScaler(device="cuda") if float16 else None, train_loader=train_loader,
+                eval_loader=eval_loader, data_config=data_config, rank=args.rank, num_updates=0,
+                augment=MemberBatchAugment(args.reprob, args.remode, args.recount, mixup, device))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# checkpoints and resume
+
+def _checkpoint_state(run: _Run) -> Dict[str, Any]:
+    """The JSON training state saved with the weights (and what ``timm-split validate`` needs to rebuild)."""
+    a = run.args
+    state = {"step": run.num_updates, "model": a.model, "split_factor": a.split, "num_classes": a.num_classes,
+             "model_kwargs": a.model_kwargs, "data_config": run.data_config, "seed": a.seed}
+    if run.scaler is not None:
+        state["scaler"] = run.scaler.state_dict()
+    return state
+
+
+def _saver(run: _Run):
+    """timm's ``CheckpointSaver`` (last, model_best, the best ``--checkpoint-hist``) writing our safetensors."""
+    from timm.utils import CheckpointSaver
+
+    from .checkpoint import save_checkpoint
+
+    class _Saver(CheckpointSaver):
+        def _replace(self, src: str, dst: str) -> None:
+            os.replace(src, dst)  # timm unlinks dst first (for Windows): a kill there would lose last.*
+
+        def _duplicate(self, src: str, dst: str) -> None:
+            tmp = dst + ".tmp"
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            try:
+                os.link(src, tmp)  # a hard link where the filesystem allows, as timm does
+            except OSError:
+                shutil.copy2(src, tmp)
+            os.replace(tmp, dst)
+
+        def _save(self, save_path: str, epoch: int, metric: Optional[float] = None) -> None:
+            state = dict(_checkpoint_state(run), epoch=epoch + 1, metric=metric, saver=self.state_dict(epoch, metric))
+            save_checkpoint(run.ensemble, save_path, None if run.args.member_parallel else run.optimizer,
+                            model_ema=None if run.ema is None else run.ema.module, state=state)
+
+    saver = _Saver(model=run.ensemble, optimizer=run.optimizer, checkpoint_dir=run.out, recovery_dir=run.out,
+                   decreasing=run.args.eval_metric == "loss", max_history=run.args.checkpoint_hist)
+    saver.extension = ".safetensors"
+    return saver
+
+
+def _resume(run: _Run, saver) -> int:
+    """Load ``--resume`` (weights, optimizer, EMA, scaler, step, saver history); return the start epoch."""
+    from .checkpoint import load_checkpoint
+
+    a = run.args
+    ckpt = load_checkpoint(run.ensemble, a.resume, None if a.no_resume_opt else run.optimizer,
+                           model_ema=None if run.ema is None else run.ema.module)
+    start, run.num_updates = ckpt.epoch, ckpt.step
+    if "scaler" in ckpt.state and run.scaler is not None and not a.no_resume_opt:
+        run.scaler.load_state_dict(ckpt.state["scaler"])
+    if saver is not None:
+        if "saver" in ckpt.state:
+            saver.load_state_dict(ckpt.state["saver"])
+        _track_pending(saver, ckpt.state, a.resume)
+    if a.sched_on_updates:
+        run.scheduler.step_update(start * run.updates_per_epoch)
+    elif start > 0:
+        run.scheduler.step(start)
+    _logger.info("resumed %s at epoch %d, update %d", a.resume, start, run.num_updates)
+    return start
+
+
+def _track_pending(saver, state: Dict[str, Any], resumed: str) -> None:
+    """A kill between writing ``last`` and copying it to ``checkpoint-<epoch>``: make that copy now."""
+    epoch, metric = (state.get("saver") or {}).get("pending", (None, None))
+    last = os.path.join(saver.checkpoint_dir, "last" + saver.extension)
+    if epoch is None or os.path.abspath(resumed) != os.path.abspath(last):
+        return
+    path = saver._checkpoint_path(epoch)
+    if path not in [f for f, _ in saver.checkpoint_files]:
+        saver._duplicate(last, path)
+        saver._track_checkpoint(path, epoch, metric)
+        saver._cleanup_checkpoints(0)
+    _repair_best(saver)
+
+
+def _repair_best(saver) -> None:
+    """A kill before ``model_best`` was updated: copy the best epoch's checkpoint to it now."""
+    from .checkpoint import read_metadata
+
+    if saver.best_epoch is None:
+        return
+    best, src = os.path.join(saver.checkpoint_dir, "model_best" + saver.extension), saver._checkpoint_path(
+        saver.best_epoch)
+    if os.path.exists(src) and (not os.path.exists(best) or json.loads(
+            read_metadata(best).get("state", "{}")).get("epoch") != saver.best_epoch + 1):
+        saver._duplicate(src, best)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the run
+
+def _evaluate(run: _Run) -> Dict[str, Any]:
+    """timm's rule: the EMA's metrics when there is an EMA, else the model's (ensemble and members)."""
+    from .validate import evaluate
+
+    members_fn = None
+    if run.args.member_parallel:
+        mp = run.model
+        members_fn = lambda x: mp.gather(mp.member(x))  # noqa: E731 - every rank runs its own member
+    model = run.ensemble if run.ema is None else run.ema.module
+    return evaluate(model, run.eval_loader, run.autocast, run.args.channels_last, members_fn)
+
+
+def _flat(metrics: Dict[str, Any]) -> Dict[str, float]:
+    """Ensemble metrics plus ``m<i>_top1`` per member, as one summary.csv row."""
+    row = OrderedDict((k, v) for k, v in metrics.items() if k != "members")
+    row.update((f"m{i}_top1", m["top1"]) for i, m in enumerate(metrics.get("members", [])))
+    return row
+
+
+def _epoch_end(run: _Run, saver, epoch: int, train_metrics: Dict[str, float]) -> Optional[Dict[str, Any]]:
+    """Distribute BN, evaluate, append to summary.csv, save the checkpoints, step the scheduler."""
+    from timm.utils import distribute_bn, update_summary
+
+    a = run.args
+    if a.distributed and not a.member_parallel and a.dist_bn in ("broadcast", "reduce"):
+        distribute_bn(run.ensemble, a.world_size, a.dist_bn == "reduce")
+        if run.ema is not None:
+            distribute_bn(run.ema.module, a.world_size, a.dist_bn == "reduce")
+    evaluated = epoch + 1 == a.epochs or (a.eval_every and (epoch + 1) % a.eval_every == 0)
+    metrics = _evaluate(run) if evaluated else None
+    metric = None if metrics is None else metrics[a.eval_metric]
+    if a.member_parallel:
+        run.ensemble.load_state_dict(run.model.ensemble_state_dict())  # a collective: every rank calls it
+    if saver is not None:
+        lrs = [g["lr"] for g in run.optimizer.param_groups]
+        update_summary(epoch, train_metrics, _flat(metrics) if metrics else {}, os.path.join(run.out, SUMMARY),
+                       lr=sum(lrs) / len(lrs))  # before the checkpoint: a resume trims rows it lacks
+        saver.save_checkpoint(epoch, metric=metric)
+    run.scheduler.step(epoch + 1, metric)
+    return metrics
+
+
+def _log_epoch(run: _Run, epoch: int, train_metrics: Dict[str, float], metrics: Optional[Dict[str, Any]],
+               seconds: float) -> None:
+    if run.rank != 0:
+        return
+    line = (f"epoch {epoch + 1}/{run.args.epochs}: loss {train_metrics['loss']:.4f} (ce {train_metrics['ce']:.4f}, "
+            f"cot {train_metrics['cot']:.4f}), {seconds:.1f}s")
+    if metrics is not None:
+        line += (f" | {'EMA ' if run.ema is not None else ''}top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}% "
+                 f"nll {metrics['loss']:.4f} ece {metrics['ece']:.4f} | members "
+                 + " ".join(f"{m['top1']:.2f}" for m in metrics["members"]))
+    _logger.info(line)
+
+
+def train(args: argparse.Namespace, model_fn: Optional[Callable[[], nn.Module]] = None, progress: bool = True
+          ) -> Dict[str, Any]:
+    """Train (or ``--resume``) a run; write its checkpoints, ``summary.csv``, ``args.json`` and ``results.json``.
+
+    Args:
+        args: The flags (``add_train_args``'s parser, or :func:`train_args` with overrides).
+        model_fn: Builds the base model instead of ``timm.create_model(args.model, ...)``.
+        progress: Show a tqdm bar.
+
+    Returns:
+        ``results.json``'s content: ``final`` (ensemble and member metrics of the last evaluation), ``best_metric``,
+        ``best_epoch``, ``params``/``gmacs`` (all members), ``train_seconds``, ``output`` and ``args``.
+
+    Raises:
+        ValueError: a bad flag, dataset or checkpoint, with the fix in the message.
+    """
+    from timm.utils import random_seed
+
+    run = _setup(args, model_fn)
+    saver = None
+    if run.rank == 0:
+        os.makedirs(run.out, exist_ok=True)
+        saver = _saver(run)
+        _write_json(os.path.join(run.out, "args.json"), _jsonable(vars(args)))
+    start = _resume(run, saver) if args.resume else 0
+    if start >= args.epochs:
+        _logger.warning("the checkpoint is at epoch %d >= --epochs %d: nothing to train", start, args.epochs)
+    if saver is not None:
+        _trim_summary(os.path.join(run.out, SUMMARY), start)
+    seed_rank = 0 if args.member_parallel else args.rank  # member ranks must draw the same batches
+    results: Dict[str, Any] = {"final": None, "train_seconds": 0.0, "output": run.out}
+    for epoch in range(start, args.epochs):
+        random_seed(args.seed * 100_003 + epoch, seed_rank)
+        sampler = getattr(run.train_loader, "sampler", None)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+        t0 = time.perf_counter()
+        train_metrics = train_one_epoch(run, epoch, progress and run.rank == 0)
+        seconds = time.perf_counter() - t0
+        results["train_seconds"] += seconds
+        metrics = _epoch_end(run, saver, epoch, train_metrics)
+        results["final"] = metrics or results["final"]
+        _log_epoch(run, epoch, train_metrics, metrics, seconds)
+    if run.rank == 0:
+        results.update(_cost(run), best_metric=saver.best_metric, best_epoch=saver.best_epoch,
+                       args=_jsonable(vars(args)))
+        _write_json(os.path.join(run.out, RESULTS), results)
+    return results
+
+
+def _trim_summary(path: str, start: int) -> None:
+    """timm's ``trim_summary``: drop rows of epochs >= ``start`` (a fresh run into an old folder starts anew)."""
+    from timm.utils.summary import trim_summary
+
+    try:
+        trim_summary(path, start)
+    except (ValueError, IndexError, OSError) as e:
+        raise ValueError(f"{path} is corrupt ({e}); repair or delete it, then run again.") from e
+
+
+def _cost(run: _Run) -> Dict[str, Any]:
+    """Params and GMACs of the ensemble (fvcore, one member times S)."""
+    from .count import count
+
+    size = run.data_config["input_size"]
+    c = count(run.ensemble.members[0], size[-1], in_chans=size[0])
+    S = run.ensemble.split_factor
+    return {"params": c.params * S, "gmacs": c.gmacs * S, "member_params": [c.params] * S}
+
+
+def _jsonable(d: Dict[str, Any]) -> Dict[str, Any]:
+    return json.loads(json.dumps(d, default=str))
+
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI
+
+def user_error(cmd: str, e: BaseException) -> int:
+    """Print ``timm-split <cmd>: error: <message>`` (one line, no traceback) and return exit status 2."""
+    print(f"timm-split {cmd}: error: {' '.join(str(e).split())}", file=sys.stderr)
+    return 2
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """``timm-split train``: train, print the final test metrics, return the exit status."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    """``timm-split train``: train, print the final metrics; user errors exit 2 with one line naming the fix."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("timm_split").setLevel(logging.INFO)
+    from .errors import SplitError
+
     try:
-        log = train(config_from_args(args), progress=not args.no_progress)
-    except FileNotFoundError as e:
-        print(f"timm-split train: error: {e}", file=sys.stderr)
-        return 2
-    final = log["final"]
-    if final is not None:
-        e = final["ensemble"]
+        results = train(args, progress=not args.no_progress and sys.stderr.isatty())
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, SplitError) as e:
+        return user_error("train", e)
+    final = results["final"]
+    if final is not None and getattr(args, "rank", 0) == 0:
         members = ", ".join(f"{m['top1']:.2f}" for m in final["members"])
-        print(f"{args.model} S={args.split}: top-1 {e['top1']:.2f}%  NLL {e['nll']:.4f}  ECE {e['ece']:.4f}  "
-              f"(members {members}); "
-              f"{log['params'] / 1e6:.3f}M params, {log['gmacs']:.4f} GMACs; {log['train_seconds']:.0f}s; "
-              f"log {os.path.join(log['out'], LOG)}")
+        print(f"{args.model} S={args.split}: top-1 {final['top1']:.2f}%  top-5 {final['top5']:.2f}%  "
+              f"NLL {final['loss']:.4f}  ECE {final['ece']:.4f} (members {members}); "
+              f"{results['params'] / 1e6:.3f}M params, {results['gmacs']:.4f} GMACs; "
+              f"{results['train_seconds']:.0f}s; {results['output']}")
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``python -m timm_split.train`` (and ``torchrun ... -m timm_split.train``)."""
+    parser = add_train_args(argparse.ArgumentParser(prog="timm-split train"))
+    return run_train(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
