@@ -108,9 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_validate_args(v).set_defaults(fn=run_validate)
     e = sub.add_parser("export-fashion-mnist", help="write Fashion-MNIST as an ImageFolder of PNGs")
     e.add_argument("out", metavar="DIR", help="folder to create (DIR/train, DIR/validation)")
-    e.add_argument("--per-class", type=_int_at_least(1, "--per-class"), default=None,
+    e.add_argument("--per-class", type=int_at_least(1, "--per-class"), default=None,
                    help="train images per class (default: all 6000)")
-    e.add_argument("--val-per-class", type=_int_at_least(1, "--val-per-class"), default=None,
+    e.add_argument("--val-per-class", type=int_at_least(1, "--val-per-class"), default=None,
                    help="validation images per class (default: --per-class, or all 1000)")
     e.add_argument("--idx-dir", default="/usr/share/datasets/fashion-mnist", help="where the IDX files are")
     e.set_defaults(fn=_cmd_export_fashion_mnist)
