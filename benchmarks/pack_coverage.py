@@ -1,0 +1,235 @@
+"""How much of the timm zoo the ``'packed'`` execution covers, checked against the loop on the CPU.
+
+    python benchmarks/pack_coverage.py --out docs/pack_coverage.csv                 # one model per timm module
+    python benchmarks/pack_coverage.py --filter 'vit_*' 'convnext_*' --limit 20 --out vit.csv
+    python benchmarks/pack_coverage.py --report docs/pack_coverage.csv             # the coverage numbers
+
+For each architecture (one per timm module by default, as ``timm-split sweep --tier default``): build it (at
+``--img-size`` where it takes one), split it in S members on the CPU if it has fewer than ``--max-params``
+parameters, pack the members (:func:`timm_split.packing.pack_members`) and compare with the loop: eval outputs,
+and in training mode (dropout and drop-path off) outputs, every parameter's gradient and every buffer, each to
+``--tol`` of the largest magnitude. Each model runs in its own process with a ``--timeout``; the CSV is
+rewritten (atomically) after every model, so a stopped run resumes.
+
+Columns: ``status`` (``ok``, ``mismatch``, ``pack_error``, ``split_error``, ``too_big``, ``timeout``, ``crash``),
+``packed_ok`` (outputs and gradients equal the loop's), ``fully_packed`` (no op ran once per member),
+``looped_ops`` (how many ops ran per member), ``failing_op`` (the first such op, or the error), the largest
+errors, seconds.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import multiprocessing as mp
+import os
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional, Sequence
+
+FIELDS = ("arch", "module", "split", "status", "packed_ok", "fully_packed", "looped_ops", "failing_op", "params",
+          "img_size", "out_err", "grad_err", "buffer_err", "seconds")
+
+
+def _build(arch: str, img_size: int):
+    """The model at ``img_size`` where it takes and runs at it, else at its own size (as the sweep's CPU check)."""
+    import timm
+
+    from timm_split.sweep import _runs_at
+
+    cfg = timm.models.get_pretrained_cfg(arch)
+    kwargs = {"num_classes": 10} if cfg is None or cfg.num_classes else {}
+    for extra in ({"img_size": img_size}, {}):
+        try:
+            model = timm.create_model(arch, **kwargs, **extra)
+        except Exception:  # noqa: BLE001 - no img_size argument, or not buildable at it
+            continue
+        size = img_size if _runs_at(model, img_size) else None
+        return model, size
+    return timm.create_model(arch, **kwargs), None
+
+
+def _no_dropout(model) -> None:
+    for m in model.modules():
+        for attr in ("p", "drop_prob", "dropout_p"):
+            if isinstance(getattr(m, attr, None), float):
+                setattr(m, attr, 0.0)
+
+
+def _rel(a, b) -> float:
+    return float((a.float() - b.float()).abs().max()) / (float(b.float().abs().max()) + 1e-12) if b.numel() else 0.0
+
+
+def _compare(ens, x, packed) -> Dict[str, float]:
+    """Largest relative errors of the packed members against the loop, in eval and in training."""
+    import torch
+
+    ref = copy.deepcopy(ens)
+    errs = {}
+    with torch.no_grad():
+        want = ref.eval().forward_members(x)
+        ens.eval()
+        errs["out_err"] = _rel(packed(x), want)
+    ens.train(), ref.train()
+    w = torch.randn(want.shape, generator=torch.Generator().manual_seed(1))  # one random loss for both
+    ref.zero_grad(set_to_none=True)
+    (ref.forward_members(x) * w).sum().backward()
+    out = packed(x)
+    (out * w).sum().backward()
+    grads = [(p.grad, q.grad) for p, q in zip(ens.parameters(), ref.parameters()) if q.grad is not None]
+    scale = max([float(q.abs().max()) for _, q in grads] + [1e-12])
+    errs["grad_err"] = max([float((p - q).abs().max()) / scale if p is not None else float("inf")
+                            for p, q in grads] + [0.0])
+    errs["buffer_err"] = max([_rel(a, b) for a, b in zip(ens.buffers(), ref.buffers()) if b.is_floating_point()]
+                             + [0.0])
+    return errs
+
+
+def check_one(arch: str, split: int = 2, img_size: int = 64, max_params: float = 30e6, tol: float = 1e-4) -> Dict:
+    """Pack one architecture's members and compare them with the loop; never raises (errors become rows)."""
+    import timm
+    import torch
+
+    import timm_split
+    from timm_split.packing import pack_members
+    from timm_split.sweep import _module, _one_line
+
+    t0 = time.perf_counter()
+    row = dict(arch=arch, module=_module(arch), split=split)
+    try:
+        with torch.device("meta"):
+            params = sum(p.numel() for p in timm.create_model(arch).parameters())
+        row["params"] = params
+        if params > max_params:
+            return dict(row, status="too_big", seconds=0.0)
+        model, size = _build(arch, img_size)
+        _no_dropout(model)
+        row["img_size"] = size or ""
+        try:
+            ens = timm_split.split(model, split, img_size=size)
+        except Exception as e:  # noqa: BLE001 - not splittable: outside the coverage denominator
+            return dict(row, status="split_error", failing_op=_one_line(e), seconds=round(time.perf_counter() - t0, 2))
+        torch.manual_seed(0)
+        for p in ens.parameters():  # zero-initialised heads would make every comparison trivially equal
+            p.data.add_(torch.randn_like(p) * 0.02)
+        c, h, w = ens.split_plan.input_size
+        x = torch.randn(2, c, h, w)
+        try:
+            packed = pack_members(ens.members)
+            errs = _compare(ens, x, packed)
+        except Exception as e:  # noqa: BLE001
+            return dict(row, status="pack_error", packed_ok=False, failing_op=f"{type(e).__name__}: {_one_line(e)}",
+                        seconds=round(time.perf_counter() - t0, 2))
+        looped = packed.looped_ops
+        ok = all(v <= tol for v in errs.values())
+        row.update(errs, status="ok" if ok else "mismatch", packed_ok=ok, fully_packed=ok and not looped,
+                   looped_ops=len(looped), failing_op=looped[0] if looped else "")
+    except Exception as e:  # noqa: BLE001
+        row.update(status="crash", failing_op=f"{type(e).__name__}: {_one_line(e)}")
+    row["seconds"] = round(time.perf_counter() - t0, 2)
+    return row
+
+
+def _child(conn, arch: str, options: Dict) -> None:
+    import logging
+    import warnings
+
+    import torch
+    torch.set_num_threads(1)
+    torch.backends.mkldnn.enabled = False  # oneDNN builds a kernel per new shape: slow for one call each
+    logging.getLogger("timm_split").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
+    conn.send(check_one(arch, **options))
+
+
+def _write(path: str, rows: List[Dict]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
+    with os.fdopen(fd, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    os.replace(tmp, path)
+
+
+def run(archs: Sequence[str], out: str, workers: int = 1, timeout: float = 300, **options) -> List[Dict]:
+    """Check ``archs`` (``workers`` processes at a time, one per model), rewriting ``out`` after each."""
+    from timm_split.sweep import _module, _read
+
+    rows = _read(out)
+    done = {r["arch"] for r in rows}
+    queue = [a for a in archs if a not in done]
+    ctx = mp.get_context("fork")
+    running: Dict[str, tuple] = {}
+    while queue or running:
+        while queue and len(running) < workers:
+            arch = queue.pop(0)
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_child, args=(child, arch, options), daemon=True)
+            proc.start()
+            running[arch] = (proc, parent, time.monotonic())
+        time.sleep(0.2)
+        for arch, (proc, conn, since) in list(running.items()):
+            row = None
+            if conn.poll():
+                row = conn.recv()
+            elif time.monotonic() - since > timeout:
+                row = dict(arch=arch, module=_module(arch), split=options.get("split", 2), status="timeout",
+                           failing_op=f"over {timeout:.0f}s", seconds=timeout)
+            elif not proc.is_alive():
+                row = dict(arch=arch, module=_module(arch), split=options.get("split", 2), status="crash",
+                           failing_op=f"worker died (exit code {proc.exitcode})")
+            if row is not None:
+                proc.kill()
+                proc.join()
+                del running[arch]
+                rows.append(row)
+                _write(out, rows)
+                print(f"{arch}: {row['status']} {row.get('failing_op') or ''}"[:160], file=sys.stderr, flush=True)
+    return rows
+
+
+def report(rows: List[Dict]) -> str:
+    """The coverage numbers: of the architectures that split, how many pack exactly (and how many fully)."""
+    split_ok = [r for r in rows if r["status"] in ("ok", "mismatch", "pack_error", "timeout", "crash")]
+    ok = [r for r in split_ok if str(r["packed_ok"]) == "True"]
+    full = [r for r in ok if str(r["fully_packed"]) == "True"]
+    lines = [f"{len(rows)} architectures; {len(split_ok)} split (and are under the size limit); "
+             f"packed_ok {len(ok)}/{len(split_ok)} ({100 * len(ok) / max(1, len(split_ok)):.1f}%), "
+             f"fully packed (no op run per member) {len(full)}/{len(split_ok)} "
+             f"({100 * len(full) / max(1, len(split_ok)):.1f}%)"]
+    for r in split_ok:
+        if r not in ok or r not in full:
+            lines.append(f"  {r['arch']}: {r['status']}, looped_ops={r.get('looped_ops') or 0}: "
+                         f"{(r.get('failing_op') or '')[:150]}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from timm_split.sweep import _read, default_tier, select
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--filter", nargs="*", help="fnmatch patterns (default: one architecture per timm module)")
+    p.add_argument("--exclude", nargs="*", default=[])
+    p.add_argument("--limit", type=int)
+    p.add_argument("--split", type=int, default=2)
+    p.add_argument("--img-size", type=int, default=64)
+    p.add_argument("--max-params", type=float, default=30e6)
+    p.add_argument("--tol", type=float, default=1e-4)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--out", default="pack_coverage.csv")
+    p.add_argument("--report", metavar="CSV", help="print the coverage numbers of a CSV and exit")
+    args = p.parse_args(argv)
+    if args.report:
+        print(report(_read(args.report)))
+        return 0
+    archs = select(args.filter, args.exclude, args.limit) if args.filter else default_tier()[:args.limit]
+    rows = run(archs, args.out, args.workers, args.timeout, split=args.split, img_size=args.img_size,
+               max_params=args.max_params, tol=args.tol)
+    print(report(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
