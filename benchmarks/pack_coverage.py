@@ -29,7 +29,7 @@ import time
 from typing import Dict, List, Optional, Sequence
 
 FIELDS = ("arch", "module", "split", "status", "packed_ok", "fully_packed", "looped_ops", "failing_op", "params",
-          "img_size", "out_err", "grad_err", "buffer_err", "seconds")
+          "img_size", "out_err", "grad_err", "buffer_err", "fp64", "seconds")
 
 
 def _build(arch: str, img_size: int):
@@ -58,32 +58,65 @@ def _no_dropout(model) -> None:
 
 
 def _rel(a, b) -> float:
-    return float((a.float() - b.float()).abs().max()) / (float(b.float().abs().max()) + 1e-12) if b.numel() else 0.0
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).abs().max()) / (float(b.abs().max()) + 1e-12) if b.numel() else 0.0
 
 
-def _compare(ens, x, packed) -> Dict[str, float]:
-    """Largest relative errors of the packed members against the loop, in eval and in training."""
+def _run(ens, x, w, packed: bool, train: bool):
+    """Eval output, or in training the output, gradients and buffers, of a copy of ``ens`` (packed or loop)."""
     import torch
 
-    ref = copy.deepcopy(ens)
-    errs = {}
-    with torch.no_grad():
-        want = ref.eval().forward_members(x)
-        ens.eval()
-        errs["out_err"] = _rel(packed(x), want)
-    ens.train(), ref.train()
-    w = torch.randn(want.shape, generator=torch.Generator().manual_seed(1))  # one random loss for both
-    ref.zero_grad(set_to_none=True)
-    (ref.forward_members(x) * w).sum().backward()
-    out = packed(x)
-    (out * w).sum().backward()
-    grads = [(p.grad, q.grad) for p, q in zip(ens.parameters(), ref.parameters()) if q.grad is not None]
-    scale = max([float(q.abs().max()) for _, q in grads] + [1e-12])
-    errs["grad_err"] = max([float((p - q).abs().max()) / scale if p is not None else float("inf")
-                            for p, q in grads] + [0.0])
-    errs["buffer_err"] = max([_rel(a, b) for a, b in zip(ens.buffers(), ref.buffers()) if b.is_floating_point()]
-                             + [0.0])
-    return errs
+    from timm_split.packing import pack_members
+
+    ens = copy.deepcopy(ens).train(train)
+    fn = pack_members(ens.members) if packed else ens.forward_members
+    if not train:
+        with torch.no_grad():
+            return fn(x), [], [], getattr(fn, "looped_ops", [])
+    out = fn(x)
+    (out * w.to(out.dtype)).sum().backward()
+    grads = [p.grad for p in ens.parameters()]
+    buffers = [b for b in ens.buffers() if b.is_floating_point()]
+    return out, grads, buffers, getattr(fn, "looped_ops", [])
+
+
+def _errors(got, want) -> Dict[str, float]:
+    """Largest relative errors: outputs, gradients (relative to the largest gradient), buffers."""
+    out, grads, buffers, _ = got
+    scale = max([float(g.abs().max()) for g in want[1] if g is not None] + [1e-12])
+    if any((g is None) != (h is None) for g, h in zip(grads, want[1])):
+        return {"out_err": float("inf"), "grad_err": float("inf"), "buffer_err": float("inf")}
+    return {"out_err": _rel(out, want[0]),
+            "grad_err": max([float((g.double() - h.double()).abs().max()) / scale
+                             for g, h in zip(grads, want[1]) if h is not None] + [0.0]),
+            # a buffer the forward replaces (ConViT's rel_indices cache) is compared only where the shapes agree
+            "buffer_err": max([_rel(a, b) for a, b in zip(buffers, want[2]) if a.shape == b.shape] + [0.0])}
+
+
+def _compare(ens, x, tol: float):
+    """Packed vs loop in eval and in training. Where they differ by more than ``tol``, both are compared with
+    the loop in float64: deep nets with BatchNorm in training are ill-conditioned enough that the loop's own
+    float32 gradients are off by more than ``tol`` (convmixer: 0.13), and then the packed network passes if
+    it is within twice the loop's own error (the ``fp64`` column says so)."""
+    import torch
+
+    w = torch.randn(_run(ens, x, None, False, False)[0].shape, generator=torch.Generator().manual_seed(1))
+    errs, note, looped = {}, "", []
+    for train in (False, True):
+        packed, loop = _run(ens, x, w, True, train), _run(ens, x, w, False, train)
+        looped += packed[3]
+        e = _errors(packed, loop)
+        if max(e.values()) > tol:
+            exact = _run(ens.double(), x.double(), w.double(), False, train)
+            mine, theirs = _errors(packed, exact), _errors(loop, exact)
+            ok = all(mine[k] <= 2 * theirs[k] + tol for k in mine)
+            note += f"{'train' if train else 'eval'}: loop {max(theirs.values()):.2g}, packed " \
+                    f"{max(mine.values()):.2g} from float64; "
+            ens.float()
+            e = {k: (0.0 if ok else v) for k, v in e.items()} if ok else e
+        for k, v in e.items():
+            errs[k] = max(errs.get(k, 0.0), v)
+    return errs, note, sorted(set(looped))
 
 
 def check_one(arch: str, split: int = 2, img_size: int = 64, max_params: float = 30e6, tol: float = 1e-4) -> Dict:
@@ -92,7 +125,6 @@ def check_one(arch: str, split: int = 2, img_size: int = 64, max_params: float =
     import torch
 
     import timm_split
-    from timm_split.packing import pack_members
     from timm_split.sweep import _module, _one_line
 
     t0 = time.perf_counter()
@@ -116,15 +148,13 @@ def check_one(arch: str, split: int = 2, img_size: int = 64, max_params: float =
         c, h, w = ens.split_plan.input_size
         x = torch.randn(2, c, h, w)
         try:
-            packed = pack_members(ens.members)
-            errs = _compare(ens, x, packed)
+            errs, note, looped = _compare(ens, x, tol)
         except Exception as e:  # noqa: BLE001
             return dict(row, status="pack_error", packed_ok=False, failing_op=f"{type(e).__name__}: {_one_line(e)}",
                         seconds=round(time.perf_counter() - t0, 2))
-        looped = packed.looped_ops
         ok = all(v <= tol for v in errs.values())
         row.update(errs, status="ok" if ok else "mismatch", packed_ok=ok, fully_packed=ok and not looped,
-                   looped_ops=len(looped), failing_op=looped[0] if looped else "")
+                   looped_ops=len(looped), failing_op=looped[0] if looped else "", fp64=note)
     except Exception as e:  # noqa: BLE001
         row.update(status="crash", failing_op=f"{type(e).__name__}: {_one_line(e)}")
     row["seconds"] = round(time.perf_counter() - t0, 2)

@@ -148,7 +148,7 @@ def build_program(members: Members, input_shape: Sequence[int], dtype: torch.dty
     mutated = _mutated(rec)
     shared = _shared_buffers(rec, members, mutated)
     cl = _conv_weights(rec) if channels_last else set()
-    packer = Packer(S, channels_last=channels_last, strict=strict)
+    packer = Packer(S, channels_last=channels_last, strict=strict, device=_device(members[0]))
     env: Dict[fx.Node, Any] = {}
     tensors: List[Tuple[str, str]] = []
     x = packer.graph.placeholder("x")

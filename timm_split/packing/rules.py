@@ -104,11 +104,13 @@ class Packer:
     Args:
         S: the number of members.
         channels_last: run 4-d convolution inputs and weights channels-last.
+        device: the members' device (what a ``.to(x.device)`` recorded on meta becomes).
         strict: raise :class:`PackingError` for an op without a rule instead of running it per member.
     """
 
-    def __init__(self, S: int, channels_last: bool = False, strict: bool = False):
-        self.S, self.channels_last, self.strict = S, channels_last, strict
+    def __init__(self, S: int, channels_last: bool = False, strict: bool = False,
+                 device: torch.device = torch.device("cpu")):
+        self.S, self.channels_last, self.strict, self.device = S, channels_last, strict, device
         self.graph = fx.Graph()
         self.looped: List[str] = []
         self._where = ""
@@ -122,7 +124,8 @@ class Packer:
             "permute": self._permute, "transpose": self._permute, "t": self._permute, "repeat": self._repeat,
             "new_empty": self._new, "new_zeros": self._new, "new_ones": self._new, "new_full": self._new,
             "new_empty_strided": self._new, "index": self._index, "_unsafe_index": self._index,
-            "squeeze": self._squeeze, "constant_pad_nd": self._pad,
+            "squeeze": self._squeeze, "constant_pad_nd": self._pad, "as_strided": self._restride,
+            "as_strided_": self._restride,
         }
 
     # ------------------------------------------------------------------ emitting
@@ -130,6 +133,8 @@ class Packer:
         """Add ``func(*args, **kwargs)`` to the graph; its meta value is computed now."""
         val = lambda a: a.meta["val"] if isinstance(a, fx.Node) else a  # noqa: E731
         out = func(*tree_map(val, args), **tree_map(val, kwargs))
+        if isinstance(kwargs.get("device"), torch.device) and kwargs["device"].type == "meta":
+            kwargs = dict(kwargs, device=self.device)  # `.to(x.device)` was recorded on meta
         node = self.graph.call_function(func, args, kwargs)
         node.meta["val"] = out
         return node
@@ -426,6 +431,18 @@ class Packer:
         if _name(func) == "new_empty_strided":
             return self.loop(func, args, kwargs, member_out)
         return PV(self.emit(func, args[0].node, packed, *self._nodes(rest), **kwargs), 0, size)
+
+    def _restride(self, func: Any, args: tuple, kwargs: dict, member_out: Any) -> PV:
+        """``as_strided`` that only restrides size-1 dims of a row-major tensor (what ``mean`` over a permuted
+        input records): the same values, so the packed value passes through. Any other use reads the storage
+        layout, which packing changes: not packable."""
+        x, size, stride = args[0], list(args[1]), list(args[2])
+        offset = args[3] if len(args) > 3 else kwargs.get("storage_offset")
+        row_major = [math.prod(size[i + 1:]) for i in range(len(size))]
+        if size == list(x.shape) and not offset and all(a == b for a, b, n in zip(stride, row_major, size) if n > 1):
+            return x
+        raise PackingError(f"packing: {func} in module '{self._where}' reads the storage layout, which packing "
+                           "changes; use the 'loop' execution")
 
     def _squeeze(self, func: Any, args: tuple, kwargs: dict, member_out: Any) -> PV:
         x = args[0]
