@@ -8,7 +8,8 @@ For each architecture (one per timm module by default, as ``timm-split sweep --t
 ``--img-size`` where it takes one), split it in S members on the CPU if it has fewer than ``--max-params``
 parameters, pack the members (:func:`timm_split.packing.pack_members`) and compare with the loop: eval outputs,
 and in training mode (dropout and drop-path off) outputs, every parameter's gradient and every buffer, each to
-``--tol`` of the largest magnitude. Each model runs in its own process with a ``--timeout``; the CSV is
+``--tol`` of the largest magnitude (training at 4x the batch: BatchNorm over a few 1x1 maps is
+ill-conditioned). Each model runs in its own process with a ``--timeout``; the CSV is
 rewritten (atomically) after every model, so a stopped run resumes.
 
 Columns: ``status`` (``ok``, ``mismatch``, ``pack_error``, ``split_error``, ``too_big``, ``timeout``, ``crash``),
@@ -103,6 +104,9 @@ def _compare(ens, x, tol: float):
     w = torch.randn(_run(ens, x, None, False, False)[0].shape, generator=torch.Generator().manual_seed(1))
     errs, note, looped = {}, "", []
     for train in (False, True):
+        if train:  # BatchNorm in training over a 1x1 map of 2 samples is ill-conditioned: more samples
+            x = x.repeat(4, 1, 1, 1) + 0.1 * torch.randn(4 * x.shape[0], *x.shape[1:])
+            w = w.repeat(1, 4, *([1] * (w.dim() - 2)))
         packed, loop = _run(ens, x, w, True, train), _run(ens, x, w, False, train)
         looped += packed[3]
         e = _errors(packed, loop)

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils._pytree import tree_map
 
 from ..execution import Execution, LoopExecution, _check_same_device, _check_same_structure, _device
-from ..execution import _is_training, _needs_graph, _version_key
+from ..execution import _needs_graph, _version_key
 from ..trace import input_shape_for
 from .record import Recording, record
 from .rules import PV, Packer, PackingError
@@ -296,8 +296,8 @@ class PackedExecution(Execution):
     def _channels_last(self, x: torch.Tensor) -> bool:
         if self.channels_last is not None:
             return self.channels_last
-        return x.device.type == "cpu" or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-                                           and not x.is_contiguous())
+        layout_cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        return x.device.type == "cpu" or layout_cl
 
     def program(self, members: Members, views: List[torch.Tensor], fallback: bool = True) -> Optional[PackedProgram]:
         """The packed program for these views (built on first use), or None where it runs as the loop."""

@@ -387,7 +387,8 @@ class Packer:
                 if old_dims[0] == x.fold and new_dims:
                     size = list(new)
                     size[new_dims[0]] *= self.S
-                    return PV(self.emit(func, x.node, size), new_dims[0], new)
+                    # the packed layout may not be viewable where the member's was: reshape copies then
+                    return PV(self.emit(aten.reshape.default, x.node, size), new_dims[0], new)
                 break
         return self.from_stacked(self.emit(aten.reshape.default, self.stacked(x), [self.S, *new]))
 
@@ -464,7 +465,8 @@ class Packer:
         """Ops with ``dim`` arguments: keep the fold where it is if the op does not touch it, else run the op
         on the stacked members with every dim shifted by one."""
         schema = [a.name for a in func._schema.arguments]
-        bound = {a.name: a.default_value for a in func._schema.arguments if a.name in _DIM_ARGS and a.has_default_value()}
+        bound = {a.name: a.default_value for a in func._schema.arguments
+                 if a.name in _DIM_ARGS and a.has_default_value()}
         bound.update(zip(schema, args))
         bound.update(kwargs)
         main = next(a for a in tree_flatten((args, kwargs))[0] if isinstance(a, PV) and a.fold is not None)
