@@ -61,15 +61,16 @@ def _step_fn(model, x, y, train: bool, ensemble: bool, amp: Optional[torch.dtype
         def forward(v):
             with torch.no_grad(), autocast():
                 return model(v)
-        if not cuda_graph:
-            return lambda: forward(x)
         graphed = []
 
-        def replay():
+        def infer() -> None:  # returns nothing: a returned float is a busy time (--devices)
+            if not cuda_graph:
+                forward(x)
+                return
             if not graphed:
                 graphed.append(CudaGraphed(forward, [x]))
             graphed[0](x)
-        return replay
+        return infer
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
     loss_fn = CoTrainingLoss()
 

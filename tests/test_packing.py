@@ -2,6 +2,7 @@
 buffers, for every model family, and say which ops they could not pack."""
 import copy
 import logging
+import os
 
 import pytest
 import timm
@@ -14,6 +15,7 @@ from timm_split.packing import CudaGraphed, PackedExecution, pack_members
 
 aten = torch.ops.aten
 CLASSES = 5
+DEVICE = os.environ.get("PACKING_DEVICE", "cpu")  # benchmarks/gpu_speed.sh runs the families test on cuda
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -55,7 +57,7 @@ def _assert_like_loop(ens, x, train):
     _close(out, want, "output")
     if not train:
         return packed
-    w = torch.randn(want.shape)
+    w = torch.randn(want.shape, device=want.device)
     (out * w).sum().backward()
     (want * w).sum().backward()
     scale = max(q.grad.abs().max().item() for q in ref.parameters() if q.grad is not None)
@@ -108,8 +110,8 @@ def test_families_pack_exactly(family):
     # BatchNorm in training over a few 1x1 or 2x2 maps amplifies float noise: enough samples to stay near 1e-6
     B = 4 if family in ("efficientnet", "mobilenetv3", "regnet") else 2
     with torch.no_grad():
-        packed = _assert_like_loop(ens, torch.randn(B, 3, size, size), train=False)
-    _assert_like_loop(ens, torch.randn(2, B, 3, size, size), train=True)
+        packed = _assert_like_loop(ens, torch.randn(B, 3, size, size, device=DEVICE), train=False)
+    _assert_like_loop(ens, torch.randn(2, B, 3, size, size, device=DEVICE), train=True)
     assert packed.looped_ops == []
 
 
