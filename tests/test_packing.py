@@ -231,3 +231,44 @@ def test_bad_options_and_cpu_graphs():
         PackedExecution(strict="yes")
     with pytest.raises(ValueError, match="CUDA graphs need CUDA tensors"):
         CudaGraphed(lambda t: t * 2, [torch.zeros(2)])
+
+
+class _ManyOps(nn.Module):
+    """Ops the families above use rarely: windows, index tables, pads, resizes, reductions along any dim."""
+
+    def __init__(self, c=4):
+        super().__init__()
+        self.conv = nn.Conv2d(3, c, 3, padding=1)
+        self.gn = nn.GroupNorm(2, c)
+        self.table = nn.Parameter(torch.randn(7, c))
+        self.register_buffer("index", torch.tensor([0, 3, 6, 2]))
+        self.scale = nn.Parameter(torch.randn(()))
+
+    def forward(self, x):
+        y = self.gn(self.conv(x))                                         # [B, C, H, W]
+        y = y + self.table[self.index].sum(0)[None, :, None, None]        # index with a shared table index
+        w = y.unfold(2, 2, 2).mean(-1)                                    # windows along H
+        z = F.interpolate(F.pad(w, (1, 1)), size=(4, 4), mode="bilinear", align_corners=False)
+        z = F.pixel_shuffle(torch.cat([z, z.flip(1), z.roll(1, 2), z.cumsum(3)], 1), 2)
+        a, b = z.chunk(2, dim=1)
+        s = torch.stack([a.amax(dim=(2, 3)), b.softmax(dim=1).sum(dim=(2, 3))], -1)
+        return s.flatten(1) * self.scale.exp() + z.var(dim=(1, 2, 3)).unsqueeze(1)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("views", [False, True])
+def test_many_ops_pack_exactly(views):
+    """Members that are not from a split (any S modules of one architecture): forward and gradients."""
+    torch.manual_seed(0)
+    members = nn.ModuleList([_ManyOps() for _ in range(3)])
+    ref = copy.deepcopy(members)
+    x = torch.randn(3, 2, 3, 8, 8) if views else torch.randn(2, 3, 8, 8)
+    packed = pack_members(members)
+    out = packed(x)
+    want = torch.stack([m(v) for m, v in zip(ref, x if views else [x] * 3)])
+    _close(out, want, "output")
+    out.square().sum().backward()
+    want.square().sum().backward()
+    for (name, p), q in zip(members.named_parameters(), ref.parameters()):
+        _close(p.grad, q.grad, f"gradient of {name}")
+    assert packed.looped_ops == []

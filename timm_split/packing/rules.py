@@ -125,7 +125,7 @@ class Packer:
             "new_empty": self._new, "new_zeros": self._new, "new_ones": self._new, "new_full": self._new,
             "new_empty_strided": self._new, "index": self._index, "_unsafe_index": self._index,
             "squeeze": self._squeeze, "constant_pad_nd": self._pad, "as_strided": self._restride,
-            "as_strided_": self._restride,
+            "as_strided_": self._restride, "unfold": self._unfold,
         }
 
     # ------------------------------------------------------------------ emitting
@@ -444,6 +444,14 @@ class Packer:
             return x
         raise PackingError(f"packing: {func} in module '{self._where}' reads the storage layout, which packing "
                            "changes; use the 'loop' execution")
+
+    def _unfold(self, func: Any, args: tuple, kwargs: dict, member_out: Any) -> PV:
+        """``x.unfold(dim, size, step)``: windows along ``dim`` in a new last dim."""
+        x, dim, size, step = args
+        dim = _norm_dim(dim, len(x.shape))
+        if x.fold != dim:
+            return PV(self.emit(func, x.node, dim, size, step), x.fold, member_out.shape)
+        return self.from_stacked(self.emit(func, self.stacked(x), dim + 1, size, step))
 
     def _squeeze(self, func: Any, args: tuple, kwargs: dict, member_out: Any) -> PV:
         x = args[0]
