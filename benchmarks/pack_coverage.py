@@ -9,8 +9,10 @@ For each architecture (one per timm module by default, as ``timm-split sweep --t
 parameters, pack the members (:func:`timm_split.packing.pack_members`) and compare with the loop: eval outputs,
 and in training mode (dropout and drop-path off) outputs, every parameter's gradient and every buffer, each to
 ``--tol`` of the largest magnitude (training at 4x the batch: BatchNorm over a few 1x1 maps is
-ill-conditioned). Each model runs in its own process with a ``--timeout``; the CSV is
-rewritten (atomically) after every model, so a stopped run resumes.
+ill-conditioned). Where float32 differs by more, both run again in float64 and must agree to 1e-9: the
+packing is exact and the network amplifies float32 rounding (``fp64`` column; errors then scaled to ``--tol``).
+Each model runs in its own process with a ``--timeout``; the CSV is rewritten (atomically) after every model,
+so a stopped run resumes.
 
 Columns: ``status`` (``ok``, ``mismatch``, ``pack_error``, ``split_error``, ``too_big``, ``timeout``, ``crash``),
 ``packed_ok`` (outputs and gradients equal the loop's), ``fully_packed`` (no op ran once per member),
@@ -27,6 +29,8 @@ import os
 import sys
 import tempfile
 import time
+
+import torch
 from typing import Dict, List, Optional, Sequence
 
 FIELDS = ("arch", "module", "split", "status", "packed_ok", "fully_packed", "looped_ops", "failing_op", "params",
@@ -52,9 +56,12 @@ def _build(arch: str, img_size: int):
 
 
 def _no_dropout(model) -> None:
+    """Dropout p, DropPath drop_prob and every ``*drop*`` float attribute (``drop_rate`` read by a forward) to 0:
+    random draws differ between the packed network and the loop."""
     for m in model.modules():
-        for attr in ("p", "drop_prob", "dropout_p"):
-            if isinstance(getattr(m, attr, None), float):
+        for attr, val in list(vars(m).items()):
+            if isinstance(val, float) and (attr == "p" and isinstance(m, torch.nn.modules.dropout._DropoutNd)
+                                           or "drop" in attr):
                 setattr(m, attr, 0.0)
 
 
@@ -94,11 +101,11 @@ def _errors(got, want) -> Dict[str, float]:
             "buffer_err": max([_rel(a, b) for a, b in zip(buffers, want[2]) if a.shape == b.shape] + [0.0])}
 
 
-def _compare(ens, x, tol: float):
-    """Packed vs loop in eval and in training. Where they differ by more than ``tol``, both are compared with
-    the loop in float64: deep nets with BatchNorm in training are ill-conditioned enough that the loop's own
-    float32 gradients are off by more than ``tol`` (convmixer: 0.13), and then the packed network passes if
-    it is within twice the loop's own error (the ``fp64`` column says so)."""
+def _compare(ens, x, tol: float, tol64: float = 1e-9):
+    """Packed vs loop in eval and in training. Where they differ by more than ``tol`` in float32, both run in
+    float64 and must agree to ``tol64``: the packing is then exact and the float32 difference is rounding that
+    an ill-conditioned network amplifies (BatchNorm in training through many layers: the loop's own float32
+    gradients are 0.1 off float64 for convmixer_768_32). The ``fp64`` column says where this was needed."""
     import torch
 
     w = torch.randn(_run(ens, x, None, False, False)[0].shape, generator=torch.Generator().manual_seed(1))
@@ -107,17 +114,16 @@ def _compare(ens, x, tol: float):
         if train:  # BatchNorm in training over a 1x1 map of 2 samples is ill-conditioned: more samples
             x = x.repeat(4, 1, 1, 1) + 0.1 * torch.randn(4 * x.shape[0], *x.shape[1:])
             w = w.repeat(1, 4, *([1] * (w.dim() - 2)))
-        packed, loop = _run(ens, x, w, True, train), _run(ens, x, w, False, train)
+        packed = _run(ens, x, w, True, train)
         looped += packed[3]
-        e = _errors(packed, loop)
+        e = _errors(packed, _run(ens, x, w, False, train))
         if max(e.values()) > tol:
-            exact = _run(ens.double(), x.double(), w.double(), False, train)
-            mine, theirs = _errors(packed, exact), _errors(loop, exact)
-            ok = all(mine[k] <= 2 * theirs[k] + tol for k in mine)
-            note += f"{'train' if train else 'eval'}: loop {max(theirs.values()):.2g}, packed " \
-                    f"{max(mine.values()):.2g} from float64; "
+            ens.double()
+            x64, w64 = x.double(), w.double()
+            e64 = _errors(_run(ens, x64, w64, True, train), _run(ens, x64, w64, False, train))
             ens.float()
-            e = {k: (0.0 if ok else v) for k, v in e.items()} if ok else e
+            note += f"{'train' if train else 'eval'}: float32 {max(e.values()):.2g}, float64 {max(e64.values()):.2g}; "
+            e = {k: v * tol / tol64 for k, v in e64.items()}  # scaled: ok where float64 is within tol64
         for k, v in e.items():
             errs[k] = max(errs.get(k, 0.0), v)
     return errs, note, sorted(set(looped))
@@ -226,8 +232,8 @@ def run(archs: Sequence[str], out: str, workers: int = 1, timeout: float = 300, 
 def report(rows: List[Dict]) -> str:
     """The coverage numbers: of the architectures that split, how many pack exactly (and how many fully)."""
     split_ok = [r for r in rows if r["status"] in ("ok", "mismatch", "pack_error", "timeout", "crash")]
-    ok = [r for r in split_ok if str(r["packed_ok"]) == "True"]
-    full = [r for r in ok if str(r["fully_packed"]) == "True"]
+    ok = [r for r in split_ok if str(r.get("packed_ok")) == "True"]
+    full = [r for r in ok if str(r.get("fully_packed")) == "True"]
     lines = [f"{len(rows)} architectures; {len(split_ok)} split (and are under the size limit); "
              f"packed_ok {len(ok)}/{len(split_ok)} ({100 * len(ok) / max(1, len(split_ok)):.1f}%), "
              f"fully packed (no op run per member) {len(full)}/{len(split_ok)} "

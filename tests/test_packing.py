@@ -34,8 +34,9 @@ def _close(a, b, what, tol=1e-4):
 
 def _no_dropout(model):
     for m in model.modules():
-        for attr in ("p", "drop_prob"):
-            if isinstance(getattr(m, attr, None), float):
+        for attr, val in list(vars(m).items()):
+            if isinstance(val, float) and (attr == "p" and isinstance(m, nn.modules.dropout._DropoutNd)
+                                           or "drop" in attr):
                 setattr(m, attr, 0.0)
     return model
 
