@@ -348,16 +348,23 @@ class Packer:
         return self.wrap(node, 0, member_out)
 
     def _sdpa(self, func: Any, args: tuple, kwargs: dict, member_out: Any) -> Any:
-        q = args[0]
-        fold = q.fold if q.fold is not None and q.fold < len(q.shape) - 2 else 0
+        """Attention with the members side by side in a batch dim of q/k/v: the batch, or the heads when a
+        per-member mask (a relative position bias ``[heads, N, N]``) is folded there."""
+        q, rank = args[0], len(args[0].shape)
+        fold = q.fold if q.fold is not None and q.fold < rank - 2 else 0
         args, kwargs = list(args), dict(kwargs)
         where = (args, 3) if len(args) > 3 else (kwargs, "attn_mask")
         mask = where[0][where[1]] if len(args) > 3 or "attn_mask" in kwargs else None
         if isinstance(mask, PV):
-            lead = len(q.shape) - len(mask.shape)
-            broadcast = mask.fold is None and (fold < lead or mask.shape[fold - lead] == 1)
-            if not broadcast:
-                if lead or mask.shape[fold] != q.shape[fold]:
+            lead = rank - len(mask.shape)
+            if mask.fold is not None:  # fold where the mask has q's size: its heads or batch dim
+                dims = [f for f in range(lead, rank - 2) if mask.shape[f - lead] == q.shape[f]]
+                if not dims:
+                    return self.loop(func, tuple(args), kwargs, member_out)
+                fold = mask.fold + lead if mask.fold + lead in dims else dims[-1]
+                where[0][where[1]] = PV(self.to_fold(mask, fold - lead), fold - lead, mask.shape)
+            elif fold >= lead and mask.shape[fold - lead] != 1:  # a shared mask that does not broadcast
+                if lead:
                     return self.loop(func, tuple(args), kwargs, member_out)
                 where[0][where[1]] = PV(self.to_fold(mask, fold), fold, mask.shape)
         qkv = [self.to_fold(a, fold) for a in args[:3]]
