@@ -273,3 +273,27 @@ def test_many_ops_pack_exactly(views):
     for (name, p), q in zip(members.named_parameters(), ref.parameters()):
         _close(p.grad, q.grad, f"gradient of {name}")
     assert packed.looped_ops == []
+
+
+class _Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(4, 6, batch_first=True, bidirectional=True)
+        self.fc = nn.Linear(12, 3)
+
+    def forward(self, x):
+        return self.fc(self.lstm(x)[0].mean(1))
+
+
+def test_recurrent_op_runs_per_member():
+    """A whole-sequence LSTM (sequencer2d) is recorded as one op and run once per member; the rest is packed."""
+    torch.manual_seed(0)
+    members = nn.ModuleList([_Recurrent(), _Recurrent()])
+    x = torch.randn(2, 5, 4)
+    packed = pack_members(members)
+    out = packed(x)
+    want = torch.stack([m(x) for m in members])
+    _close(out, want, "output")
+    out.sum().backward()
+    assert all(p.grad is not None for p in members.parameters())
+    assert packed.looped_ops == ["torch.lstm (lstm)"]

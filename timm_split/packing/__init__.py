@@ -30,7 +30,7 @@ from torch.utils._pytree import tree_map
 
 from ..execution import Execution, LoopExecution, _check_same_device, _check_same_structure, _device
 from ..execution import _needs_graph, _version_key
-from ..trace import input_shape_for
+from ..trace import MetaRecurrent, input_shape_for
 from .record import Recording, record
 from .rules import PV, Packer, PackingError
 
@@ -149,10 +149,22 @@ def build_program(members: Members, input_shape: Sequence[int], dtype: torch.dty
     shared = _shared_buffers(rec, members, mutated)
     cl = _conv_weights(rec) if channels_last else set()
     packer = Packer(S, channels_last=channels_last, strict=strict, device=_device(members[0]))
-    env: Dict[fx.Node, Any] = {}
     tensors: List[Tuple[str, str]] = []
     x = packer.graph.placeholder("x")
     x.meta["val"] = torch.empty(([] if shared_input else [S]) + list(input_shape), dtype=dtype, device="meta")
+    with MetaRecurrent():  # recurrent ops computed on meta from their shapes while packing
+        _pack_nodes(packer, rec, x, shared, cl, tensors, shared_input)
+    module = fx.GraphModule(nn.Module(), packer.graph)
+    if packer.looped:
+        _logger.info("packing: %d op(s) run once per member: %s", len(packer.looped), sorted(set(packer.looped)))
+    return PackedProgram(module, tensors, sorted(mutated & {n for n, _ in tensors}), packer.looped, rec.constants,
+                         frozenset(cl), shared_input)
+
+
+def _pack_nodes(packer: Packer, rec: Recording, x: fx.Node, shared: set, cl: set, tensors: List[Tuple[str, str]],
+                shared_input: bool) -> None:
+    """Pack every node of the member graph, in order."""
+    env: Dict[fx.Node, Any] = {}
     for node in rec.graph.nodes:
         if node.op == "placeholder":
             env[node] = _input(packer, node, x, rec, shared, cl, tensors, shared_input)
@@ -163,13 +175,7 @@ def build_program(members: Members, input_shape: Sequence[int], dtype: torch.dty
         elif node.op == "call_function":
             env[node] = env[node.args[0]][node.args[1]]
         elif node.op == "output":
-            out = env[node.args[0]]
-            packer.graph.output(packer.stacked(out))
-    module = fx.GraphModule(nn.Module(), packer.graph)
-    if packer.looped:
-        _logger.info("packing: %d op(s) run once per member: %s", len(packer.looped), sorted(set(packer.looped)))
-    return PackedProgram(module, tensors, sorted(mutated & {n for n, _ in tensors}), packer.looped, rec.constants,
-                         frozenset(cl), shared_input)
+            packer.graph.output(packer.stacked(env[node.args[0]]))
 
 
 _getitem = __import__("operator").getitem

@@ -8,6 +8,7 @@ decomposition the meta device takes (so the packed network can call the fused ke
 from __future__ import annotations
 
 import logging
+import operator
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -44,8 +45,12 @@ class _PausableRecorder(_Recorder):
         return super().__torch_dispatch__(func, types, args, kwargs)
 
 
+_RECURRENT = (torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu)
+
+
 class _KeepSDPA(TorchFunctionMode):
-    """Records ``F.scaled_dot_product_attention`` as one aten node (its meta run is not recorded)."""
+    """Records ``F.scaled_dot_product_attention`` as one aten node, and whole-sequence recurrent ops as one
+    node each (their meta runs are not recorded; the packing runs recurrent ops once per member)."""
 
     def __init__(self, rec: _PausableRecorder):
         super().__init__()
@@ -53,7 +58,7 @@ class _KeepSDPA(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention:
+        if func is not F.scaled_dot_product_attention and func not in _RECURRENT:
             return func(*args, **kwargs)
         self.rec.paused = True
         try:
@@ -61,10 +66,17 @@ class _KeepSDPA(TorchFunctionMode):
         finally:
             self.rec.paused = False
         to_node = lambda a: self.rec._node_for(a) if isinstance(a, torch.Tensor) else a  # noqa: E731
-        node = self.rec.graph.call_function(SDPA, tree_map(to_node, args), tree_map(to_node, kwargs))
+        target = SDPA if func is F.scaled_dot_product_attention else func
+        node = self.rec.graph.call_function(target, tree_map(to_node, args), tree_map(to_node, kwargs))
         node.meta.update(val=out, nn_module_stack=list(self.rec.stack))
-        self.rec.env[id(out)] = node
         self.rec.keep.append(out)
+        if isinstance(out, torch.Tensor):
+            self.rec.env[id(out)] = node
+            return out
+        for i, o in enumerate(out):  # a recurrent op's (output, states)
+            item = self.rec.graph.call_function(operator.getitem, (node, i))
+            item.meta.update(val=o, nn_module_stack=list(self.rec.stack))
+            self.rec.env[id(o)] = item
         return out
 
 

@@ -83,6 +83,10 @@ _PLANE = {"max_pool2d_with_indices": 2, "avg_pool2d": 2, "_adaptive_avg_pool2d":
           "pixel_unshuffle": 2}
 
 
+def _op_str(func: Any) -> str:
+    return str(func) if hasattr(func, "overloadpacket") else f"torch.{getattr(func, '__name__', func)}"
+
+
 def _is_inplace(func: Any) -> bool:
     name = _name(func)
     return name.endswith("_") and not name.endswith("__")
@@ -226,9 +230,9 @@ class Packer:
     def loop(self, func: Any, args: tuple, kwargs: dict, member_out: Any) -> Any:
         """Run ``func`` once per member on the stacked views' slices and stack the results."""
         if self.strict:
-            raise PackingError(f"packing: no rule for op {func} in module '{self._where or '<root>'}'; use "
+            raise PackingError(f"packing: no rule for op {_op_str(func)} in module '{self._where or '<root>'}'; use "
                                "the 'loop' execution, or strict=False to run this op once per member")
-        self.looped.append(f"{func} ({self._where or '<root>'})")
+        self.looped.append(f"{_op_str(func)} ({self._where or '<root>'})")
         cache: Dict[int, fx.Node] = {}
 
         def member(a: Any, i: int) -> Any:
