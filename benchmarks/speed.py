@@ -165,6 +165,19 @@ def _busy_members(fn: Callable[[], None], ens, workers: int) -> Callable[[], flo
     return timed
 
 
+def _record(cell: dict, strategy: str, times: List[float], original: List[float], busy: List[float],
+            busy_original: List[float]) -> dict:
+    """One strategy's record: ratio of medians, spread of the per-round ratios, ms, load."""
+    base = statistics.median(original)
+    ratios = [t / o for t, o in zip(times, original)]
+    rec = dict(cell, strategy=strategy, ratio=statistics.median(times) / base,
+               spread=_quantile(ratios, 0.75) - _quantile(ratios, 0.25), ms=1e3 * statistics.median(times),
+               original_ms=1e3 * base, load=round(os.getloadavg()[0], 2), threads=torch.get_num_threads())
+    if busy:  # each simulated device's own compute time, blind to other jobs taking turns on its core
+        rec["busy_ratio"] = statistics.median(busy) / statistics.median(busy_original)
+    return rec
+
+
 def run_cell(model_name: str, split: int, mode: str, batch: int, img: int, strategies: List[str], warmup: int,
              repeats: int, devices: bool = False, profile: bool = False, channels_last: bool = False,
              device: str = "cpu", compiled_original: bool = False, amp: Optional[torch.dtype] = None,
@@ -217,23 +230,15 @@ def run_cell(model_name: str, split: int, mode: str, batch: int, img: int, strat
         fns["original"] = _busy_original(fns["original"])
         fns["threads"] = _busy_members(fns["threads"], ensembles["threads"], min(split, ncores))
     times, busy = _time_cell(fns, contexts, warmup, repeats, torch.cuda.synchronize if cuda else lambda: None)
-    base = statistics.median(times["original"])
+    cell = {"model": model_name, "S": split, "mode": mode, "batch": batch, "img_size": img,
+            "device": (torch.cuda.get_device_name(device) if cuda else "cpu")
+            + (f" ({len(os.sched_getaffinity(0))} cores pinned 1/member)" if devices else ""),
+            "memory_format": "channels_last" if channels_last else "contiguous",
+            "dtype": str(amp).replace("torch.", "") if amp else "float32", "cuda_graph": cuda_graph}
     records = []
     for s in [s for s in ensembles if times.get(s)]:
-        ratios = [t / o for t, o in zip(times[s], times["original"])]
-        rec = {"model": model_name, "S": split, "mode": mode, "batch": batch, "img_size": img,
-               "strategy": s + ("@devices" if devices else ""),
-               "ratio": statistics.median(times[s]) / base,
-               "spread": _quantile(ratios, 0.75) - _quantile(ratios, 0.25),
-               "ms": 1e3 * statistics.median(times[s]), "original_ms": 1e3 * base,
-               "device": (torch.cuda.get_device_name(device) if cuda else "cpu")
-               + (f" ({len(os.sched_getaffinity(0))} cores pinned 1/member)" if devices else ""),
-               "memory_format": "channels_last" if channels_last else "contiguous",
-               "dtype": str(amp).replace("torch.", "") if amp else "float32", "cuda_graph": cuda_graph,
-               "load": round(os.getloadavg()[0], 2), "threads": torch.get_num_threads()}
-        if busy[s]:
-            # each simulated device's own compute time, blind to other jobs taking turns on its core
-            rec["busy_ratio"] = statistics.median(busy[s]) / statistics.median(busy["original"])
+        rec = _record(cell, s + ("@devices" if devices else ""), times[s], times["original"], busy[s],
+                      busy["original"])
         if s == "auto":
             rec["chose"] = sorted(set(ensembles[s]._execution.choices.values()))
         if profile_misses and rec["ratio"] > target(rec):
