@@ -20,10 +20,12 @@ DEVICE = os.environ.get("PACKING_DEVICE", "cpu")  # benchmarks/gpu_speed.sh runs
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    threads = torch.get_num_threads()
+    threads, tf32 = torch.get_num_threads(), torch.backends.cudnn.allow_tf32
     torch.set_num_threads(1)
+    torch.backends.cudnn.allow_tf32 = False  # on a GPU: TF32 convolutions differ from fp32 by ~1e-3
     yield
     torch.set_num_threads(threads)
+    torch.backends.cudnn.allow_tf32 = tf32
 
 
 def _close(a, b, what, tol=1e-4):
