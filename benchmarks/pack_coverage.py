@@ -29,9 +29,11 @@ import os
 import sys
 import tempfile
 import time
+from typing import Dict, List, Optional, Sequence
 
 import torch
-from typing import Dict, List, Optional, Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's timm_split
 
 FIELDS = ("arch", "module", "split", "status", "packed_ok", "fully_packed", "looped_ops", "failing_op", "params",
           "img_size", "out_err", "grad_err", "buffer_err", "fp64", "seconds")
@@ -183,6 +185,13 @@ def _child(conn, arch: str, options: Dict) -> None:
     conn.send(check_one(arch, **options))
 
 
+def _read(path: str) -> List[Dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def _write(path: str, rows: List[Dict]) -> None:
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
     with os.fdopen(fd, "w", newline="") as f:
@@ -194,7 +203,7 @@ def _write(path: str, rows: List[Dict]) -> None:
 
 def run(archs: Sequence[str], out: str, workers: int = 1, timeout: float = 300, **options) -> List[Dict]:
     """Check ``archs`` (``workers`` processes at a time, one per model), rewriting ``out`` after each."""
-    from timm_split.sweep import _module, _read
+    from timm_split.sweep import _module
 
     rows = _read(out)
     done = {r["arch"] for r in rows}
@@ -246,7 +255,7 @@ def report(rows: List[Dict]) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from timm_split.sweep import _read, default_tier, select
+    from timm_split.sweep import default_tier, select
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--filter", nargs="*", help="fnmatch patterns (default: one architecture per timm module)")
