@@ -277,7 +277,7 @@ def _profile(fn: Callable, context: Callable, cuda: bool, rows: int = 10) -> str
         fn()
         if cuda:
             torch.cuda.synchronize()
-    return p.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=rows)
+    return p.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=rows)
 
 
 def markdown(records: List[dict]) -> str:
