@@ -138,12 +138,6 @@ def test_threads_packed_two_members_per_worker(training):
     _assert_same_state(ens, ref, 1e-3, 1e-5)
 
 
-def test_threads_pack_rejects_what_packed_rejects():
-    ens = timm_split.SplitEnsemble([nn.Sequential(nn.Flatten(), nn.LSTM(4, 4))] * 2)
-    with pytest.raises(ValueError, match="'packed' does not support module '1'"):
-        ens.set_execution("threads", pack=True)
-
-
 def test_packed_groupnorm_linear_layernorm():
     """GroupNorm, hidden linears and LayerNorm pack too (per-member groups, baddbmm, per-member normalisation)."""
     def net():
@@ -158,20 +152,29 @@ def test_packed_groupnorm_linear_layernorm():
     _assert_same_state(packed, ref, 1e-3)
 
 
-def test_packed_rejects_unknown_module_by_name():
-    class Gate(nn.Module):  # channel-mixing forward the packing cannot know about
-        def forward(self, x):
-            return x * x.mean(1, keepdim=True)
+class _Gate(nn.Module):
+    """A channel-mixing forward no module list knows: the packing pass packs it from its recorded ops."""
 
-    net = nn.Sequential(nn.Conv2d(3, 8, 3), Gate(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, CLASSES))
-    ens = timm_split.SplitEnsemble([copy.deepcopy(net), copy.deepcopy(net)])
-    with pytest.raises(ValueError, match=r"'packed' does not support module '1' \(.*Gate\)"):
-        ens.set_execution("packed")
-    assert ens.execution == "loop", "a failed set_execution keeps the previous strategy"
-    x = torch.randn(2, 3, 8, 8)
-    with torch.no_grad():
-        want = ens(x)
-        _close(ens.set_execution("auto")(x), want, "auto skips packed and still runs")
+    def forward(self, x):
+        return x * x.mean(1, keepdim=True)
+
+
+@pytest.mark.parametrize("strategy", ["packed", "threads+packed"])
+def test_packed_runs_a_custom_module_as_the_loop(strategy):
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), _Gate(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, CLASSES))
+    torch.manual_seed(0)
+    ens = timm_split.SplitEnsemble([copy.deepcopy(net).apply(_reset) for _ in range(2)]).train()
+    ref, packed = copy.deepcopy(ens), copy.deepcopy(ens).set_execution(strategy)
+    assert packed.execution == strategy
+    views, target = _data(S=2, size=8)
+    for o, r in zip(_train_steps(packed, views, target), _train_steps(ref, views, target)):
+        _close(o, r, "outputs", 1e-3)
+    _assert_same_state(packed, ref, 1e-3)
+
+
+def _reset(m: nn.Module) -> None:
+    if hasattr(m, "reset_parameters"):
+        m.reset_parameters()
 
 
 def test_auto_caches_per_key_and_logs(resnet, caplog):

@@ -8,8 +8,9 @@
   member gets its own stream.
 * ``'threads+packed'``: ``'threads'`` with ``pack=True``: each worker runs its members as one packed network.
 * ``'compile'``: ``torch.compile`` of the loop, compiled lazily on the first call.
-* ``'packed'``: the S members rewritten as one network of S-times wider grouped layers (ResNet,
-  EfficientNet/MobileNet, RegNet... blocks; anything else raises a ``ValueError`` naming the module).
+* ``'packed'``: the S members rewritten as one network (:mod:`timm_split.packing`: the member's aten graph with
+  grouped convs, batched linears, one SDPA over all members' heads); an op with no packing rule runs once per
+  member inside the graph (``strict=True`` raises a ``ValueError`` naming it).
 * ``'auto'``: times the candidates once per (devices, input shape, training, grad) and keeps the fastest.
 
 Every strategy returns the loop's result up to float tolerance (with dropout or drop-path active the random
@@ -25,7 +26,7 @@ from .auto import AutoExecution
 from .base import Execution
 from .compile import CompileExecution
 from .loop import LoopExecution
-from .packed import PackedExecution
+from ..packing import PackedExecution
 from .threads import ThreadsExecution
 
 __all__ = ["STRATEGIES", "Execution", "LoopExecution", "ThreadsExecution", "CompileExecution", "PackedExecution",

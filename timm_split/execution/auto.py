@@ -45,7 +45,7 @@ class AutoExecution(Execution):
 
     A trial runs forward (plus ``backward`` of the outputs' sum when a graph is needed); buffers, ``.grad``
     and RNG states are restored afterwards, so the real call that follows gives what the loop gives. A
-    candidate that cannot run the members (``packed`` on a transformer, across devices...) is skipped.
+    candidate that cannot run the members (``packed`` across devices, ``threads+packed`` on CUDA...) is skipped.
 
     Args:
         candidates: strategy names to try; default :attr:`DEFAULT` (``'compile'`` only if named: compiling takes

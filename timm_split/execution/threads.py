@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .base import Execution, Members, device_of, needs_graph
-from .packed import PackedExecution
+from ..packing import PackedExecution
 
 __all__ = ["ThreadsExecution"]
 
