@@ -272,3 +272,17 @@ def test_metrics_against_a_reference():
     assert got["loss"] == pytest.approx(nll, rel=1e-5) and got["ece"] == pytest.approx(ece, abs=1e-6)
     probs = torch.tensor([[0.9, 0.1], [0.9, 0.1], [0.4, 0.6]])
     assert expected_calibration_error(probs, torch.tensor([0, 1, 1])) == pytest.approx(0.4 * 2 / 3 + 0.4 / 3)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_evaluate_restores_the_members_mode(training):
+    from torch import nn
+
+    from timm_split import SplitEnsemble
+    from timm_split.validate import evaluate
+    ens = SplitEnsemble([nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(12, 3)) for _ in range(2)])
+    ens.train(training)
+    loader = [(torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 0]))]
+    first = evaluate(ens, loader)
+    assert [m.training for m in ens.modules()] == [training] * len(list(ens.modules()))
+    assert evaluate(ens, loader)["loss"] == first["loss"], "dropout was active during evaluation"
