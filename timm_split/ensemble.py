@@ -70,7 +70,7 @@ def _member_view(x: torch.Tensor, i: int, split: int, input_dim: int) -> torch.T
 def _combine(outs: torch.Tensor, split: int, probs: bool, headless: bool, channels_last: bool) -> torch.Tensor:
     """Average ``[S, B, K]`` member logits (or their probabilities, returned as a log); a headless ensemble's
     member features are concatenated instead."""
-    if outs.dim() < 2 or outs.shape[0] != split:
+    if outs.dim() < 3 or outs.shape[0] != split:
         raise ValueError("combine expects the members' outputs stacked [S, B, ...] with S=" + str(split)
                          + " leading, got shape " + str(list(outs.shape)) + "; use forward_members(x)")
     if headless:
