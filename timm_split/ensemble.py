@@ -370,7 +370,9 @@ class SplitEnsemble(nn.Module):
         Raises:
             ValueError: the leading dim is not S (e.g. ``[B, K]`` logits: pass ``forward_members(x)``).
         """
-        return _combine(member_outputs, self.split_factor, self._probs, self.num_classes == 0, self._channels_last)
+        # getattr: distributed.MemberParallel reuses this method on itself (split_factor, averaging, num_classes)
+        return _combine(member_outputs, self.split_factor, getattr(self, "averaging", "logits") == "probs",
+                        getattr(self, "num_classes", None) == 0, getattr(self, "_channels_last", False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The ensemble's prediction ``[B, num_classes]``.
