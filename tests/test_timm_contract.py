@@ -70,6 +70,11 @@ def _create(arch, split=True, **kwargs):
     return timm.create_model(f"splitnet_{arch}" if split else arch, pretrained=False, **kwargs)
 
 
+def _fmt(model):
+    fmt = getattr(model, "output_fmt", "NCHW")
+    return str(getattr(fmt, "value", fmt))
+
+
 def _spatial_and_channel_axes(fmt):
     return ((1, 2), 3) if fmt == "NHWC" else ((2, 3), 1)
 
@@ -99,8 +104,8 @@ def test_default_cfgs(arch):
     model, base = _create(arch).eval(), _create(arch, split=False).eval()
     S = model.split_factor
     assert model.num_classes >= 0 and model.num_features > 0 and model.head_hidden_size > 0
-    fmt = getattr(model, "output_fmt", "NCHW")
-    assert fmt == getattr(base, "output_fmt", "NCHW")
+    fmt = _fmt(model)
+    assert fmt == _fmt(base)
     spatial, feat_axis = _spatial_and_channel_axes(fmt)
     x = torch.randn((1, *_input_size(model)))
     with torch.no_grad():
@@ -179,7 +184,8 @@ def test_features_only(arch):
     x = torch.randn((1, *size))
     with torch.no_grad():
         outs, refs = model(x), base(x)
-    fmt = str(getattr(model, "output_fmt", "NCHW"))
+    fmt = _fmt(model)
+    assert fmt == _fmt(base)
     _check_levels(outs, channels, reductions, size, fmt)
     spatial, _ = _spatial_and_channel_axes(fmt)
     assert [[o.shape[a] for a in spatial] for o in outs] == [[o.shape[a] for a in spatial] for o in refs]

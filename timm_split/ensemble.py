@@ -104,6 +104,7 @@ def _probe_widths(member: nn.Module, input_size: Tuple[int, ...]) -> Dict[str, A
     meta = meta_copy(member).eval()
     x = torch.empty((2, *input_size), device="meta")
     fmt = getattr(member, "output_fmt", "NCHW")
+    fmt = getattr(fmt, "value", fmt)
     out: Dict[str, Any] = {}
     try:
         with torch.no_grad():
@@ -179,7 +180,8 @@ class SplitEnsemble(nn.Module):
                 cfg[k] = prefixed(cfg[k], self.split_factor)
         self.pretrained_cfg = cfg
         first = self.members[0]
-        self.output_fmt = str(getattr(first, "output_fmt", "NCHW"))
+        fmt = getattr(first, "output_fmt", "NCHW")
+        self.output_fmt = str(getattr(fmt, "value", fmt))  # timm stores a str or its Format enum
         self._channels_last = self.output_fmt == "NHWC"
         input_size = tuple(split_plan.input_size if split_plan is not None else cfg.get("input_size", (3, 224, 224)))
         self._input_dim = len(input_size) + 1

@@ -14,7 +14,7 @@ import. There are no hub weights: ``pretrained=True`` needs a local file,
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import timm
 import torch
@@ -101,6 +101,12 @@ def create_splitnet(arch: str, pretrained: bool = False, **kwargs) -> nn.Module:
     return model
 
 
+def _fmt(model: nn.Module) -> str:
+    """A model's ``output_fmt`` as a plain string (timm stores a str or its ``Format`` enum)."""
+    fmt = getattr(model, "output_fmt", "NCHW")
+    return str(getattr(fmt, "value", fmt))
+
+
 class SplitFeatures(nn.Module):
     """A features model over the members of a split whose architecture has no ``forward_intermediates``: each
     member wrapped as timm wraps the base model (``FeatureListNet``/``FeatureDictNet``), and each level's
@@ -115,13 +121,13 @@ class SplitFeatures(nn.Module):
         super().__init__()
         self.members = nn.ModuleList(members)
         first = members[0]
-        self.output_fmt = first.output_fmt
+        self.output_fmt = _fmt(first)
         self.return_dict = isinstance(first, FeatureDictNet) and not isinstance(first, FeatureListNet)
         with torch.no_grad():
             outs = meta_copy(first).eval()(torch.empty((2, *input_size), device="meta"))
         outs = list(outs.values()) if isinstance(outs, dict) else list(outs)
         info = FeatureInfo([dict(d) for d in first.feature_info.info], first.feature_info.out_indices)
-        dim = 1 if str(self.output_fmt) == "NCHW" else -1
+        dim = 1 if self.output_fmt == "NCHW" else -1
         for i, o in zip(info.out_indices, outs):
             info.info[i]["num_chs"] = o.shape[dim] * len(members)
         self.feature_info = info
@@ -129,7 +135,7 @@ class SplitFeatures(nn.Module):
     def forward(self, x: torch.Tensor):
         """The concatenated feature levels: a list (or a dict, as the base's ``FeatureDictNet``)."""
         per = [m(x) for m in self.members]
-        dim = 1 if str(self.output_fmt) == "NCHW" else -1
+        dim = 1 if self.output_fmt == "NCHW" else -1
         if self.return_dict:
             return {k: torch.cat([p[k] for p in per], dim) for k in per[0]}
         return [torch.cat(list(level), dim) for level in zip(*per)]
@@ -144,30 +150,35 @@ def _features_model(ens: SplitEnsemble, arch: str, feature_cfg: Dict[str, Any], 
         except Exception as e:
             raise ValueError(f"splitnet_{arch} with features_only: the base model {arch} does not build with "
                              f"features_only ({type(e).__name__}: {e}); use ens.forward_features(x)") from e
-    first = ens.members[0]
-    getter = hasattr(first, "forward_intermediates") and feature_cfg.get("feature_cls") in (None, "list", "getter")
-    if isinstance(base, FeatureGetterNet) or getter:
+    wrapped = [_rewrap(m, base) for m in ens.members] if isinstance(base, FeatureDictNet) else None
+    if wrapped and all(wrapped):  # the base's own List/Dict wrapper around each member
+        size = ens.split_plan.input_size if ens.split_plan is not None else ens.pretrained_cfg["input_size"]
+        fm = SplitFeatures(wrapped, size)
+    elif isinstance(base, FeatureGetterNet) or hasattr(ens.members[0], "forward_intermediates"):
+        # timm's getter over the ensemble's forward_intermediates (the base's levels and format)
         indices = base.out_indices if isinstance(base, FeatureGetterNet) else base.feature_info.out_indices
-        fm = FeatureGetterNet(ens, out_indices=list(indices), norm=feature_cfg.get("norm", False),
-                              output_fmt=feature_cfg.get("output_fmt", "NCHW"))
-    elif isinstance(base, FeatureDictNet):
-        fm = SplitFeatures([_rewrap(m, base) for m in ens.members], ens.pretrained_cfg["input_size"])
+        fm = FeatureGetterNet(ens, out_indices=list(indices), norm=getattr(base, "norm", False),
+                              output_fmt=_fmt(base))
     else:
         raise ValueError(f"splitnet_{arch} with features_only: {type(base).__name__} features of {arch} are not "
-                         "supported for a split; use feature_cls='list' or ens.forward_features(x)")
+                         "supported for a split (no forward_intermediates); use ens.forward_features(x)")
     fm.pretrained_cfg = fm.default_cfg = dict(ens.pretrained_cfg)
     return fm
 
 
-def _rewrap(member: nn.Module, base: nn.Module) -> nn.Module:
-    """``member`` wrapped in ``base``'s features class with the same options (checked by its tensor names)."""
+def _rewrap(member: nn.Module, base: nn.Module) -> Optional[nn.Module]:
+    """``member`` wrapped in ``base``'s features class with the same options (checked by its tensor names), or
+    None where no options give the base's names."""
     want = set(base.state_dict())
     for flatten in (False, True):
-        fm = type(base)(member, out_indices=base.feature_info.out_indices, output_fmt=str(base.output_fmt),
-                        feature_concat=base.concat, flatten_sequential=flatten)
+        try:
+            fm = type(base)(member, out_indices=base.feature_info.out_indices, output_fmt=_fmt(base),
+                            feature_concat=base.concat, flatten_sequential=flatten)
+        except (AssertionError, TypeError, ValueError, KeyError):  # timm asserts on layers it cannot find
+            continue
         if set(fm.state_dict()) == want:
             return fm
-    raise ValueError(f"features_only: could not wrap a member of {type(member).__name__} as {type(base).__name__}")
+    return None
 
 
 def _entrypoint(arch: str):
