@@ -62,7 +62,8 @@ def _input_size(model):
     size = cfg["input_size"]
     if cfg.get("fixed_input_size"):
         return size
-    return (size[0], *[min(s, TARGET) for s in size[1:]])
+    low = cfg.get("min_input_size") or size
+    return (size[0], *[max(min(s, TARGET), m) for s, m in zip(size[1:], low[1:])])
 
 
 def _create(arch, split=True, **kwargs):
