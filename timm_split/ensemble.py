@@ -109,9 +109,9 @@ def _probe_widths(member: nn.Module, input_size: Tuple[int, ...]) -> Dict[str, A
     try:
         with torch.no_grad():
             f = meta.forward_features(x)
-            if isinstance(f, torch.Tensor):
+            if isinstance(f, torch.Tensor):  # several outputs (CrossViT, CoaT): num_features is the model's own
                 out["num_features"] = f.shape[_feature_dim(f, str(fmt) == "NHWC")]
-                out["head_hidden_size"] = meta.forward_head(f, pre_logits=True).shape[-1]
+            out["head_hidden_size"] = meta.forward_head(f, pre_logits=True).shape[-1]
             info = getattr(member, "feature_info", None)
             if isinstance(info, (list, tuple)) and info and hasattr(meta, "forward_intermediates"):
                 levels = meta.forward_intermediates(x, intermediates_only=True)
@@ -419,9 +419,12 @@ class SplitEnsemble(nn.Module):
         Raises:
             ValueError: the channel count is not ``num_features`` (or the leading dim is not S when stacked).
         """
-        S = self.split_factor
-        outs = [m.forward_head(_member_chunk(x, i, S, self.num_features, self._channels_last, stacked),
-                               pre_logits=pre_logits) for i, m in enumerate(self.members)]
+        S, last = self.split_factor, self._channels_last
+        if isinstance(x, (list, tuple)):  # several feature outputs: each one split (their widths may differ)
+            parts = [[_member_chunk(t, i, S, 0, last, stacked) for t in x] for i in range(S)]
+        else:
+            parts = [_member_chunk(x, i, S, self.num_features, last, stacked) for i in range(S)]
+        outs = [m.forward_head(p, pre_logits=pre_logits) for m, p in zip(self.members, parts)]
         if pre_logits:
             return torch.cat(outs, dim=-1)
         return self.combine(torch.stack(outs))
