@@ -163,6 +163,22 @@ def test_default_cfgs_non_std(arch):
     _check_names(model)
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("arch", _tier())
+def test_reset_classifier(arch):
+    """A new head of any size on every member, sized from the member's real width (as the base model's is)."""
+    model = _create(arch).eval()
+    x = torch.randn((2, *_input_size(model)))
+    with torch.no_grad():
+        pre = model.forward_head(model.forward_features(x), pre_logits=True)
+        for n in (10, 0, 3):
+            model.reset_classifier(n)
+            out = model(x)
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            assert model.num_classes == n and out.shape == ((2, 10) if n == 10 else (2, 3) if n else pre.shape)
+        assert model.head_hidden_size == pre.shape[1]
+
+
 def _check_levels(outputs, channels, reductions, input_size, fmt="NCHW", batch_size=1):
     spatial, feat_axis = _spatial_and_channel_axes(fmt)
     assert len(channels) == len(outputs)

@@ -132,6 +132,32 @@ def _fix_member_widths(member: nn.Module, widths: Dict[str, Any]) -> None:
         member.feature_info = [dict(d, num_chs=c) for d, c in zip(member.feature_info, widths["feature_chs"])]
 
 
+def _fit_new_linears(member: nn.Module, before: set, input_size: Tuple[int, ...]) -> None:
+    """Resize the linear layers a ``reset_classifier`` just made (not in ``before``) to the width that reaches
+    them: a head module can size them from the base model's width, which the member no longer has."""
+    for _ in range(4):  # a new layer feeding another new layer is seen one round later
+        new = {n: m for n, m in member.named_modules() if isinstance(m, nn.Linear) and id(m) not in before}
+        meta, seen = meta_copy(member).eval(), {}
+        for n in new:
+            meta.get_submodule(n).register_forward_pre_hook(
+                lambda mod, args, n=n: seen.setdefault(n, args[0].shape[-1]))
+        try:
+            with torch.no_grad():
+                meta(torch.empty((2, *input_size), device="meta"))
+        except Exception:  # stops at the first layer of the wrong width; its input width is recorded
+            pass
+        wrong = {n: m for n, m in new.items() if n in seen and seen[n] != m.in_features}
+        if not wrong:
+            return
+        for n, m in wrong.items():
+            parent, _, leaf = n.rpartition(".")
+            fixed = nn.Linear(seen[n], m.out_features, bias=m.bias is not None, device=m.weight.device,
+                              dtype=m.weight.dtype)
+            setattr(member.get_submodule(parent) if parent else member, leaf, fixed.train(m.training))
+            before.add(id(fixed))
+            _logger.debug("reset_classifier: %s resized to %d inputs (the member's width)", n, seen[n])
+
+
 class SplitEnsemble(nn.Module):
     """S thinner members of one architecture that together cost what the original did.
 
@@ -161,7 +187,8 @@ class SplitEnsemble(nn.Module):
             ``first_conv``/``classifier`` naming the members' modules (``members.<i>.<name>``).
     """
 
-    __jit_ignored_attributes__ = ["_execution", "split_plan", "pretrained_cfg", "feature_info", "_traits"]
+    __jit_ignored_attributes__ = ["_execution", "split_plan", "pretrained_cfg", "feature_info", "_traits",
+                                  "_input_size"]
     __jit_unused_properties__ = ["default_cfg", "execution"]
 
     def __init__(self, members: Sequence[nn.Module], split_plan: Optional[SplitPlan] = None,
@@ -185,9 +212,7 @@ class SplitEnsemble(nn.Module):
         self._channels_last = self.output_fmt == "NHWC"
         input_size = tuple(split_plan.input_size if split_plan is not None else cfg.get("input_size", (3, 224, 224)))
         self._input_dim = len(input_size) + 1
-        widths = _probe_widths(first, input_size)
-        for m in self.members:
-            _fix_member_widths(m, widths)
+        self._input_size = input_size
         self.num_classes = getattr(first, "num_classes", None)
         self._sync_widths()
         info = getattr(first, "feature_info", None)
@@ -201,7 +226,12 @@ class SplitEnsemble(nn.Module):
         self._execution: Execution = make_execution("loop")
 
     def _sync_widths(self) -> None:
+        """Members' widths from a meta forward (after a head reset too: timm sizes it from stale attributes),
+        and the ensemble's, S times a member's."""
         first = self.members[0]
+        widths = _probe_widths(first, self._input_size)
+        for m in self.members:
+            _fix_member_widths(m, widths)
         self.num_features = getattr(first, "num_features", 0) * self.split_factor
         hidden = getattr(first, "head_hidden_size", getattr(first, "num_features", 0))
         self.head_hidden_size = hidden * self.split_factor
@@ -223,6 +253,7 @@ class SplitEnsemble(nn.Module):
         self.__dict__.setdefault("output_fmt", "NCHW")
         self.__dict__.setdefault("_channels_last", False)
         self.__dict__.setdefault("_input_dim", 4)
+        self.__dict__.setdefault("_input_size", (3, 224, 224))
         if "_execution" not in self.__dict__:
             self._execution = make_execution("loop")
 
@@ -481,7 +512,9 @@ class SplitEnsemble(nn.Module):
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"num_classes must be an int >= 0 (0 removes the classifier), got {num_classes!r}")
         for m in self.members:
+            before = {id(mod) for mod in m.modules()}
             m.reset_classifier(num_classes, *args, **kwargs)
+            _fit_new_linears(m, before, self._input_size)
         self.num_classes = num_classes
         self.pretrained_cfg["num_classes"] = num_classes
         self._sync_widths()
