@@ -96,12 +96,29 @@ def prefixed(names: Names, split: int) -> Names:
     return tuple(f"members.{i}.{n}" for i in range(split) for n in names)
 
 
+def _meta_member(member: nn.Module) -> nn.Module:
+    """A meta copy of ``member`` in eval mode. Computed caches in plain attributes (LeViT's attention-bias
+    cache after a forward with grad) cannot be deep-copied: they are left out of the copy."""
+    caches = []
+    for mod in member.modules():
+        for k, v in list(vars(mod).items()):
+            vals = v.values() if isinstance(v, dict) else (v,)
+            if any(isinstance(t, torch.Tensor) and not t.is_leaf for t in vals):
+                caches.append((mod, k, v))
+                mod.__dict__[k] = {} if isinstance(v, dict) else None
+    try:
+        return meta_copy(member).eval()
+    finally:
+        for mod, k, v in caches:
+            mod.__dict__[k] = v
+
+
 def _probe_widths(member: nn.Module, input_size: Tuple[int, ...]) -> Dict[str, Any]:
     """The widths a member really has, from a forward on a meta copy: feature channels, pre-logits width and
     each ``feature_info`` level's channels. Empty where the member has no timm surface or does not run."""
     if not hasattr(member, "forward_features") or not hasattr(member, "forward_head"):
         return {}
-    meta = meta_copy(member).eval()
+    meta = _meta_member(member)
     x = torch.empty((2, *input_size), device="meta")
     fmt = getattr(member, "output_fmt", "NCHW")
     fmt = getattr(fmt, "value", fmt)
@@ -137,7 +154,7 @@ def _fit_new_linears(member: nn.Module, before: set, input_size: Tuple[int, ...]
     them: a head module can size them from the base model's width, which the member no longer has."""
     for _ in range(4):  # a new layer feeding another new layer is seen one round later
         new = {n: m for n, m in member.named_modules() if isinstance(m, nn.Linear) and id(m) not in before}
-        meta, seen = meta_copy(member).eval(), {}
+        meta, seen = _meta_member(member), {}
         for n in new:
             meta.get_submodule(n).register_forward_pre_hook(
                 lambda mod, args, n=n: seen.setdefault(n, args[0].shape[-1]))
