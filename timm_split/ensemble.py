@@ -433,7 +433,11 @@ class SplitEnsemble(nn.Module):
         if torch.jit.is_scripting():
             outs: List[torch.Tensor] = []
             for m in self.members:
-                outs.append(m(x))
+                y = m(x)
+                if isinstance(y, torch.Tensor):  # refines a member's Union[Tensor, List[Tensor]] (EfficientViM)
+                    outs.append(y)
+                else:
+                    raise RuntimeError("a member returned several tensors; script it in eval mode")
             return _combine(torch.stack(outs), self.split_factor, self._probs, self.num_classes == 0,
                             self._channels_last)
         return self._forward_eager(x)
