@@ -50,9 +50,9 @@ def test_checkpoint_roundtrip(tmp_path):
     other = timm.create_model("splitnet_resnet18", num_classes=5, seed=7)
     assert not torch.equal(other.members[0].conv1.weight, m.members[0].conv1.weight)
     timm.models.load_checkpoint(other, str(path))
-    # timm's pretrained convention with a local file
+    # timm's pretrained convention with a local file; the file's head is kept when the overlay says its classes
     loaded = timm.create_model("splitnet_resnet18", pretrained=True, num_classes=5,
-                               pretrained_cfg_overlay=dict(file=str(path)))
+                               pretrained_cfg_overlay=dict(file=str(path), num_classes=5))
     m.eval(), other.eval(), loaded.eval()
     with torch.no_grad():
         assert torch.equal(m(x), other(x)) and torch.equal(m(x), loaded(x))
@@ -73,8 +73,6 @@ def test_checkpoint_errors(tmp_path):
         timm_split.load_checkpoint(timm.create_model("splitnet_resnet34", num_classes=5), path)
     with pytest.raises(ValueError, match=r"\.safetensors"):
         timm_split.save_checkpoint(timm.create_model("splitnet_resnet18"), tmp_path / "model.pth")
-    with pytest.raises(ValueError, match="features_only"):
-        timm.create_model("splitnet_resnet18", features_only=True)
 
 
 def _task(n=256, seed=0):
@@ -129,3 +127,136 @@ def test_random_split_of_trained_model_resets_running_stats():
         assert torch.all(m.body[1].running_mean == 0) and torch.all(m.body[1].running_var == 1)
     warm = timm_split.split(net, 2, img_size=16, init="inherit")
     assert torch.all(warm.members[0].body[1].running_var == 7.0), "inherit keeps the trained statistics"
+
+
+# ---- fine-tuning like timm (issue 19)
+# The planned backbone widths still depend on num_classes and in_chans (the classifier and the stem's input are
+# parity terms of the planner), so a checkpoint saved at 1000 classes does not fit a model created at another
+# head or input: these cases are strict xfails, which flip when the planner plans the backbone alone.
+_PLANNER = "the planner's backbone widths depend on the head (num_classes) and stem input (in_chans)"
+_FINE_TUNE_OK = {("levit_128s", "in_chans=1")}  # measured: these cases load today
+_FINE_TUNE = {"num_classes=10": dict(num_classes=10), "num_classes=0": dict(num_classes=0),
+              "in_chans=1": dict(in_chans=1)}
+
+
+def _fine_tune_params():
+    from tests.test_timm_contract import FAST
+
+    for arch in FAST:
+        for case in _FINE_TUNE:
+            marks = [] if (arch, case) in _FINE_TUNE_OK else [pytest.mark.xfail(strict=True, reason=_PLANNER)]
+            yield pytest.param(arch, case, marks=marks, id=f"{arch}-{case}")
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("arch,case", list(_fine_tune_params()))
+def test_fine_tune_saved_split(arch, case, tmp_path):
+    """Save a splitnet at 1000 classes; re-create it from the file at another head or input as timm users do."""
+    src = timm.create_model(f"splitnet_{arch}").eval()
+    path = tmp_path / "model.safetensors"
+    timm_split.save_checkpoint(src, path)
+    kwargs = _FINE_TUNE[case]
+    m = timm.create_model(f"splitnet_{arch}", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                          **kwargs).eval()
+    saved, cls = src.state_dict(), m.pretrained_cfg["classifier"]
+    first_conv = set(m.pretrained_cfg["first_conv"])
+    for k, v in m.state_dict().items():
+        if k.rsplit(".", 1)[0] in cls or v.dtype == torch.int64:
+            continue
+        if k.rsplit(".", 1)[0] in first_conv and "in_chans" in kwargs:
+            assert torch.allclose(v, saved[k].sum(1, keepdim=True), atol=1e-6), k  # timm's adapt_input_conv
+        else:
+            assert torch.equal(v, saved[k]), k
+    x = torch.randn(2, kwargs.get("in_chans", 3), *m.pretrained_cfg["input_size"][1:])
+    n = kwargs.get("num_classes", 1000)
+    assert m(x).shape == ((2, m.head_hidden_size) if n == 0 else (2, n))
+    m.reset_classifier(5)
+    assert m(x).shape == (2, 5) and m.num_classes == 5
+
+
+@pytest.mark.timeout(120)
+def test_registry_refuses_missing_backbone(tmp_path):
+    """timm's loader goes strict=False for another num_classes: only the classifier may be missing."""
+    from safetensors.torch import save_file
+
+    m = timm.create_model("splitnet_test_resnet", num_classes=10)
+    sd = {k: v.contiguous() for k, v in m.state_dict().items()}
+    no_conv = {k: v for k, v in sd.items() if not (k.endswith(".weight") and v.dim() == 4)}
+    save_file(no_conv, str(tmp_path / "noconv.safetensors"))
+    with pytest.raises(ValueError, match="missing keys.*nothing was loaded"):
+        timm.create_model("splitnet_test_resnet", num_classes=10, pretrained=True,
+                          pretrained_cfg_overlay=dict(file=str(tmp_path / "noconv.safetensors")))
+    no_head = {k: v for k, v in sd.items() if not k.split(".")[2] == "fc"}
+    save_file(no_head, str(tmp_path / "nohead.safetensors"))
+    loaded = timm.create_model("splitnet_test_resnet", num_classes=10, pretrained=True,
+                               pretrained_cfg_overlay=dict(file=str(tmp_path / "nohead.safetensors")))
+    assert torch.equal(loaded.members[1].conv1[0].weight, m.members[1].conv1[0].weight)
+
+
+def test_load_state_dict_changes_nothing_on_error():
+    m = timm.create_model("splitnet_test_resnet", num_classes=10)
+    other = timm.create_model("splitnet_test_resnet", num_classes=10, seed=5)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    sd = other.state_dict()
+    last = list(sd)[-3]
+    sd[last] = torch.zeros(3, 3)  # one bad shape, after many good tensors
+    with pytest.raises(ValueError, match="shape mismatch.*nothing was loaded"):
+        m.load_state_dict(sd, strict=False)
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    with pytest.raises(ValueError, match="missing keys"):
+        m.load_state_dict({k: v for k, v in other.state_dict().items() if "conv1" not in k}, strict=False)
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+
+
+# ---- ensemble state and inputs (issue 17)
+def test_split_of_eval_model_is_eval():
+    base = timm.create_model("test_resnet").eval()
+    ens = timm_split.split(base, 2)
+    assert not ens.training and not any(mod.training for mod in ens.modules())
+    assert timm_split.split(base.train(), 2).training
+
+
+def test_forward_head_and_combine_check_member_dim():
+    ens = timm.create_model("splitnet_test_resnet", num_classes=10).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        f = ens.forward_features(x, stacked=True)
+        assert f.shape[0] == 2 and torch.allclose(ens.forward_head(f, stacked=True), ens(x), atol=1e-5)
+        with pytest.raises(ValueError, match=r"\[S, B, \.\.\.\] with S=2"):
+            ens.forward_head(f[:1], stacked=True)
+        with pytest.raises(ValueError, match="combine expects .*S=2"):
+            ens.combine(ens(x))  # [B, K]: a batch average would be silently wrong
+        with pytest.raises(ValueError, match=f"num_features={ens.num_features}"):
+            ens.forward_head(ens.forward_features(x)[:, :64])
+
+
+def test_reset_classifier_rejects_bad_counts():
+    ens = timm.create_model("splitnet_test_resnet")
+    for bad in (-3, 2.5, True, "10"):
+        with pytest.raises(ValueError, match="num_classes must be an int >= 0"):
+            ens.reset_classifier(bad)
+    assert ens.num_classes == 1000
+
+
+def test_meta_ensemble_raises_on_cpu_input_like_the_original():
+    with torch.device("meta"):
+        base = timm.create_model("test_resnet")
+    ens = timm_split.split(base, 2)
+    x = torch.randn(2, 3, 32, 32)
+    with pytest.raises(RuntimeError, match="not on the expected device"):
+        base(x)
+    with pytest.raises(RuntimeError, match="not on the expected device"):
+        ens(x)
+
+
+@pytest.mark.parametrize("strategy", ["loop", "threads", "vmap"])
+def test_views_validated_for_every_strategy(strategy):
+    ens = timm.create_model("splitnet_test_resnet", num_classes=10).eval().set_execution(strategy)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="3 views for 2 members"):
+            ens.forward_members(torch.randn(3, 2, 3, 32, 32))
+        with pytest.raises(ValueError, match="unequal batch sizes"):
+            ens.forward_members([torch.randn(2, 3, 32, 32), torch.randn(3, 3, 32, 32)])
+        with pytest.raises(ValueError, match="4-d batch"):
+            ens.forward_members([torch.randn(2, 3, 32, 32), torch.randn(3, 32, 32)])
+        assert ens.forward_members(torch.randn(2, 2, 3, 32, 32)).shape == (2, 2, 10)

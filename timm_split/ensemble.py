@@ -1,42 +1,212 @@
 """Stage 5, ensemble: the S members behind timm's model surface."""
-from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.fx
+from timm.layers import register_notrace_function
 from torch import nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing as is_fx_tracing
 
-from .execution import Execution, LoopExecution, make_execution
 from .engine.plan import SplitPlan
+from .execution import Execution, make_execution
+from .trace import meta_copy
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["SplitEnsemble"]
+__all__ = ["SplitEnsemble", "prefixed"]
 
 Views = Union[torch.Tensor, Sequence[torch.Tensor]]
 Device = Union[str, int, torch.device]
+Names = Union[str, Sequence[str], None]
+
+
+# ---- tensor helpers: leaf functions for torch.fx (their checks read shapes), and TorchScript-compatible
+def _feature_dim(t: torch.Tensor, channels_last: bool) -> int:
+    """The channel dim of a member's features: 1 for NCHW, the last for NHWC, tokens ``[B, N, C]`` and pooled."""
+    if t.dim() == 4 and not channels_last:
+        return 1
+    return t.dim() - 1
+
+
+@torch.fx.wrap
+def _cat_members(outs: List[torch.Tensor], channels_last: bool) -> torch.Tensor:
+    """The members' features side by side on their channel dim: ``S x [B, C, ...] -> [B, S*C, ...]``."""
+    return torch.cat(outs, _feature_dim(outs[0], channels_last))
+
+
+@torch.fx.wrap
+def _member_chunk(x: torch.Tensor, i: int, split: int, num_features: int, channels_last: bool,
+                  stacked: bool) -> torch.Tensor:
+    """Member ``i``'s part of ensemble features: ``x[i]`` of ``[S, B, ...]`` (``stacked``) or its channel chunk
+    of ``[B, S*C, ...]``."""
+    if stacked:
+        if x.dim() < 2 or x.shape[0] != split:
+            raise ValueError("stacked features must be [S, B, ...] with S=" + str(split) + " members leading, got "
+                             + str(list(x.shape)) + "; pass forward_features(x) (concatenated) with stacked=False")
+        return x[i]
+    dim = _feature_dim(x, channels_last)
+    width = x.shape[dim]
+    if width % split != 0 or (num_features > 0 and width != num_features):
+        raise ValueError("ensemble features must have num_features=" + str(num_features) + " channels (S="
+                         + str(split) + " members' concatenated) on dim " + str(dim) + ", got shape "
+                         + str(list(x.shape)) + "; pass forward_features(x), or stacked=True for [S, B, ...]")
+    c = width // split
+    return x.narrow(dim, i * c, c)
+
+
+@torch.fx.wrap
+def _member_view(x: torch.Tensor, i: int, split: int, input_dim: int) -> torch.Tensor:
+    """Member ``i``'s input: the batch itself, or view ``i`` of ``[S, B, C, H, W]`` views."""
+    if x.dim() == input_dim + 1:
+        if x.shape[0] != split:
+            raise ValueError("views must be [S, B, ...] with S=" + str(split) + ", got " + str(list(x.shape)))
+        return x[i]
+    return x
+
+
+@torch.fx.wrap
+def _combine(outs: torch.Tensor, split: int, probs: bool, headless: bool, channels_last: bool) -> torch.Tensor:
+    """Average ``[S, B, K]`` member logits (or their probabilities, returned as a log); a headless ensemble's
+    member features are concatenated instead."""
+    if outs.dim() < 3 or outs.shape[0] != split:
+        raise ValueError("combine expects the members' outputs stacked [S, B, ...] with S=" + str(split)
+                         + " leading, got shape " + str(list(outs.shape)) + "; use forward_members(x)")
+    if headless:
+        return _cat_members(list(outs.unbind(0)), channels_last)
+    if probs:
+        return torch.logsumexp(outs.float().log_softmax(-1), 0) - torch.log(
+            torch.tensor(float(split), device=outs.device))
+    return outs.mean(0)
+
+
+for _fn in (_cat_members, _member_chunk, _member_view, _combine):
+    register_notrace_function(_fn)  # timm's fx helpers and torchvision's feature extractor keep them as leaves
+
+
+def prefixed(names: Names, split: int) -> Names:
+    """A member's module name(s) (a cfg's ``first_conv``/``classifier``) as the ensemble's: ``members.<i>.name``
+    for every member, in a tuple. Names already prefixed, and None, are returned as they are."""
+    if names is None:
+        return None
+    names = (names,) if isinstance(names, str) else tuple(names)
+    if all(n.startswith("members.") for n in names):
+        return names
+    return tuple(f"members.{i}.{n}" for i in range(split) for n in names)
+
+
+def _meta_member(member: nn.Module) -> nn.Module:
+    """A meta copy of ``member`` in eval mode. Computed caches in plain attributes (LeViT's attention-bias
+    cache after a forward with grad) cannot be deep-copied: they are left out of the copy."""
+    caches = []
+    for mod in member.modules():
+        for k, v in list(vars(mod).items()):
+            vals = v.values() if isinstance(v, dict) else (v,)
+            if any(isinstance(t, torch.Tensor) and not t.is_leaf for t in vals):
+                caches.append((mod, k, v))
+                mod.__dict__[k] = {} if isinstance(v, dict) else None
+    try:
+        return meta_copy(member).eval()
+    finally:
+        for mod, k, v in caches:
+            mod.__dict__[k] = v
+
+
+def _probe_widths(member: nn.Module, input_size: Tuple[int, ...]) -> Dict[str, Any]:
+    """The widths a member really has, from a forward on a meta copy: feature channels, pre-logits width and
+    each ``feature_info`` level's channels. Empty where the member has no timm surface or does not run."""
+    if not hasattr(member, "forward_features") or not hasattr(member, "forward_head"):
+        return {}
+    meta = _meta_member(member)
+    x = torch.empty((2, *input_size), device="meta")
+    fmt = getattr(member, "output_fmt", "NCHW")
+    fmt = getattr(fmt, "value", fmt)
+    out: Dict[str, Any] = {}
+    try:
+        with torch.no_grad():
+            f = meta.forward_features(x)
+            if isinstance(f, torch.Tensor):  # several outputs (CrossViT, CoaT): num_features is the model's own
+                out["num_features"] = f.shape[_feature_dim(f, str(fmt) == "NHWC")]
+            out["head_hidden_size"] = meta.forward_head(f, pre_logits=True).shape[-1]
+            info = getattr(member, "feature_info", None)
+            if isinstance(info, (list, tuple)) and info and hasattr(meta, "forward_intermediates"):
+                levels = meta.forward_intermediates(x, intermediates_only=True)
+                if len(levels) == len(info) and all(isinstance(t, torch.Tensor) for t in levels):
+                    out["feature_chs"] = [t.shape[1] for t in levels]
+    except Exception as e:  # a model outside timm's contract: keep its attributes
+        _logger.debug("width probe of %s failed: %s", type(member).__name__, e)
+    return out
+
+
+def _fix_member_widths(member: nn.Module, widths: Dict[str, Any]) -> None:
+    """Set a member's ``num_features``/``head_hidden_size``/``feature_info`` to its real (thinner) widths: the
+    rebuild copies the base model's attributes, which timm's ``reset_classifier`` then sizes heads from."""
+    for k in ("num_features", "head_hidden_size"):
+        if k in widths and getattr(member, k, None) != widths[k]:
+            setattr(member, k, widths[k])
+    if "feature_chs" in widths:
+        member.feature_info = [dict(d, num_chs=c) for d, c in zip(member.feature_info, widths["feature_chs"])]
+
+
+def _fit_new_linears(member: nn.Module, before: set, input_size: Tuple[int, ...]) -> None:
+    """Resize the linear layers a ``reset_classifier`` just made (not in ``before``) to the width that reaches
+    them: a head module can size them from the base model's width, which the member no longer has."""
+    for _ in range(4):  # a new layer feeding another new layer is seen one round later
+        new = {n: m for n, m in member.named_modules() if isinstance(m, nn.Linear) and id(m) not in before}
+        meta, seen = _meta_member(member), {}
+        for n in new:
+            meta.get_submodule(n).register_forward_pre_hook(
+                lambda mod, args, n=n: seen.setdefault(n, args[0].shape[-1]))
+        try:
+            with torch.no_grad():
+                meta(torch.empty((2, *input_size), device="meta"))
+        except Exception:  # stops at the first layer of the wrong width; its input width is recorded
+            pass
+        wrong = {n: m for n, m in new.items() if n in seen and seen[n] != m.in_features}
+        if not wrong:
+            return
+        for n, m in wrong.items():
+            parent, _, leaf = n.rpartition(".")
+            fixed = nn.Linear(seen[n], m.out_features, bias=m.bias is not None, device=m.weight.device,
+                              dtype=m.weight.dtype)
+            setattr(member.get_submodule(parent) if parent else member, leaf, fixed.train(m.training))
+            before.add(id(fixed))
+            _logger.debug("reset_classifier: %s resized to %d inputs (the member's width)", n, seen[n])
 
 
 class SplitEnsemble(nn.Module):
     """S thinner members of one architecture that together cost what the original did.
 
     ``forward`` averages the members' logits (``averaging='logits'``), or returns the log of their averaged
-    probabilities (``averaging='probs'``, so argmax and NLL still work). A headless model (``num_classes=0``)
-    returns features, so its ensemble returns the members' features side by side, as ``forward_head(x,
-    pre_logits=True)`` does. ``forward_members`` returns every
+    probabilities (``averaging='probs'``, so argmax and NLL still work). ``forward_members`` returns every
     member's output, ``[S, B, num_classes]``, for co-training. How the members run (one after another,
-    concurrently, vmapped, compiled or packed into one grouped network) is chosen with :meth:`set_execution`;
+    concurrently, compiled or packed into one network) is chosen with :meth:`set_execution`;
     :meth:`to_devices` spreads them over several devices.
+
+    timm's tensor contract holds for the ensemble as one backbone with S times a member's channels:
+    ``forward_features(x)`` is ``[B, S*C, H, W]`` (the members' features concatenated on the channel dim, or on
+    the last dim for tokens and NHWC), ``num_features == S*C``, ``forward_head`` splits its input back into the
+    S members' chunks, ``forward_head(pre_logits=True)`` is ``[B, head_hidden_size]`` (S members' pre-logits
+    side by side) and ``forward_intermediates``/``feature_info`` concatenate each level. A headless model
+    (``num_classes=0``) returns those features side by side too. ``stacked=True`` gives the per-member view
+    ``[S, B, ...]`` instead.
+
+    TorchScript: ``torch.jit.script(ens)`` scripts the loop over the members (one batch, no views); the other
+    execution strategies are eager only. torch.fx: the members are traced one after another; the shape checks
+    and the combination are leaf functions.
 
     Attributes:
         members: the S models (``nn.ModuleList``).
         split_factor: S.
         split_plan: the :class:`~timm_split.plan.SplitPlan` the members were built from.
-        pretrained_cfg: the base model's cfg with ``architecture='splitnet_<arch>'`` and ``split_factor``.
+        pretrained_cfg: the base model's cfg with ``architecture='splitnet_<arch>'``, ``split_factor``, and
+            ``first_conv``/``classifier`` naming the members' modules (``members.<i>.<name>``).
     """
 
-    _execution: Execution = LoopExecution()  # stateless default, also for ensembles pickled before executions
+    __jit_ignored_attributes__ = ["_execution", "split_plan", "pretrained_cfg", "feature_info", "_traits",
+                                  "_input_size"]
+    __jit_unused_properties__ = ["default_cfg", "execution"]
 
     def __init__(self, members: Sequence[nn.Module], split_plan: Optional[SplitPlan] = None,
                  pretrained_cfg: Optional[Dict[str, Any]] = None, averaging: str = "logits"):
@@ -47,14 +217,41 @@ class SplitEnsemble(nn.Module):
         self.split_factor = len(self.members)
         self.split_plan = split_plan
         self.averaging = averaging
-        self.pretrained_cfg = dict(pretrained_cfg or {})
+        self._probs = averaging == "probs"
+        cfg = dict(pretrained_cfg or {})
+        for k in ("first_conv", "classifier"):
+            if cfg.get(k):
+                cfg[k] = prefixed(cfg[k], self.split_factor)
+        self.pretrained_cfg = cfg
         first = self.members[0]
+        fmt = getattr(first, "output_fmt", "NCHW")
+        self.output_fmt = str(getattr(fmt, "value", fmt))  # timm stores a str or its Format enum
+        self._channels_last = self.output_fmt == "NHWC"
+        input_size = tuple(split_plan.input_size if split_plan is not None else cfg.get("input_size", (3, 224, 224)))
+        self._input_dim = len(input_size) + 1
+        self._input_size = input_size
         self.num_classes = getattr(first, "num_classes", None)
-        # pre-logits of the ensemble are the members' pre-logits side by side
+        self._sync_widths()
+        info = getattr(first, "feature_info", None)
+        if isinstance(info, (list, tuple)) and info:
+            # each level: the members' features concatenated; 'module' names each member's own module
+            self.feature_info = [dict(d, num_chs=d["num_chs"] * self.split_factor) for d in info]
+        if cfg.get("first_conv"):
+            self._traits = dict(getattr(first, "_traits", {}), first_conv=cfg["first_conv"])
+        # one training flag: a split of an eval-mode model is an eval-mode ensemble
+        self.training = self.members.training = first.training
+        self._execution: Execution = make_execution("loop")
+
+    def _sync_widths(self) -> None:
+        """Members' widths from a meta forward (after a head reset too: timm sizes it from stale attributes),
+        and the ensemble's, S times a member's."""
+        first = self.members[0]
+        widths = _probe_widths(first, self._input_size)
+        for m in self.members:
+            _fix_member_widths(m, widths)
         self.num_features = getattr(first, "num_features", 0) * self.split_factor
         hidden = getattr(first, "head_hidden_size", getattr(first, "num_features", 0))
         self.head_hidden_size = hidden * self.split_factor
-        self._execution: Execution = LoopExecution()
 
     # ---- timm surface
     @property
@@ -66,44 +263,98 @@ class SplitEnsemble(nn.Module):
     def default_cfg(self, cfg: Dict[str, Any]) -> None:
         self.pretrained_cfg = cfg
 
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # ensembles pickled before these attributes existed
+        self.__dict__.setdefault("_probs", self.__dict__.get("averaging") == "probs")
+        self.__dict__.setdefault("output_fmt", "NCHW")
+        self.__dict__.setdefault("_channels_last", False)
+        self.__dict__.setdefault("_input_dim", 4)
+        self.__dict__.setdefault("_input_size", (3, 224, 224))
+        if "_execution" not in self.__dict__:
+            self._execution = make_execution("loop")
+
+    def _classifier_prefixes(self) -> Tuple[str, ...]:
+        names = prefixed(self.pretrained_cfg.get("classifier"), self.split_factor) or ()
+        return tuple(f"{n}." for n in names)
+
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """``nn.Module.load_state_dict`` that names a split-factor or architecture mismatch plainly."""
+        """``nn.Module.load_state_dict`` that checks everything before it changes anything.
+
+        A split-factor mismatch or a shape mismatch is a ``ValueError`` naming the cause (with ``strict=False``
+        too: nothing is loaded then). With ``strict=False`` only the classifier (``pretrained_cfg['classifier']``)
+        may be missing, as when timm's loader drops it for another ``num_classes``; a missing backbone tensor
+        is refused.
+        """
         ids = {int(k.split(".")[1]) for k in state_dict if k.startswith("members.") and k.split(".")[1].isdigit()}
         arch = self.pretrained_cfg.get("architecture", type(self.members[0]).__name__)
         if ids and len(ids) != self.split_factor:
             raise ValueError(f"checkpoint has {len(ids)} members but this {arch} has split_factor="
                              f"{self.split_factor}; create the model with split_factor={len(ids)}")
-        if strict:
-            own = self.state_dict()
-            missing = [k for k in own if k not in state_dict]
-            unexpected = [k for k in state_dict if k not in own]
-            shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
-                      for k, v in own.items() if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
-            if missing or unexpected or shapes:
-                raise ValueError(
-                    f"checkpoint does not match {arch} (split_factor={self.split_factor}): "
-                    f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}, "
-                    f"{len(shapes)} shape mismatches {shapes[:3]}. Was it saved from another architecture, "
-                    "split factor or num_classes?")
+        own = self.state_dict()
+        missing = [k for k in own if k not in state_dict]
+        if not strict:
+            missing = [k for k in missing if not k.startswith(self._classifier_prefixes())]
+        unexpected = [k for k in state_dict if k not in own] if strict else []
+        shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+                  for k, v in own.items() if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
+        if missing or unexpected or shapes:
+            raise ValueError(
+                f"checkpoint does not match {arch} (split_factor={self.split_factor}): "
+                f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}, "
+                f"{len(shapes)} shape mismatches {shapes[:3]}; nothing was loaded. Was it saved from another "
+                "architecture, split factor, num_classes or in_chans? (only the classifier may be missing)")
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
+    # ---- inputs
     def _views(self, x: Views) -> List[torch.Tensor]:
+        """Validated per-member inputs: one batch for all, or S views of one batch size."""
         S = self.split_factor
         if isinstance(x, (list, tuple)):
             if len(x) != S:
                 raise ValueError(f"got {len(x)} views for {S} members; pass one tensor or exactly {S} views")
-            return list(x)
-        if x.dim() >= 5 and x.shape[0] == S:
-            return list(x.unbind(0))
-        return [x] * S
+            views = list(x)
+        elif not isinstance(x, torch.Tensor):
+            raise ValueError(f"input must be a tensor or a list of {S} views, got {type(x).__name__}")
+        elif x.dim() == self._input_dim + 1:
+            if x.shape[0] != S:
+                raise ValueError(f"views of shape {tuple(x.shape)} have {x.shape[0]} views for {S} members; "
+                                 f"pass [S={S}, B, ...] views or one [B, ...] batch")
+            views = list(x.unbind(0))
+        else:
+            views = [x] * S
+        for v in views:
+            if not isinstance(v, torch.Tensor) or v.dim() != self._input_dim:
+                got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                raise ValueError(f"each view must be a {self._input_dim}-d batch [B, C, H, W], got {got}")
+        if len({v.shape[0] for v in views}) > 1:
+            raise ValueError(f"views have unequal batch sizes {[v.shape[0] for v in views]}; every member needs "
+                             "the same samples (one view of each per member)")
+        self._check_device(views[0])
+        return views
+
+    def _check_device(self, x: torch.Tensor) -> None:
+        p = next(self.members[0].parameters(), None)
+        if p is not None and p.is_meta != x.is_meta:
+            raise RuntimeError(f"Tensor on device {x.device} is not on the expected device {p.device}! "
+                               f"(the ensemble's members are on {p.device}; move the input or the model)")
+
+    def _member_inputs(self, x: Views) -> List[torch.Tensor]:
+        if is_fx_tracing():
+            return [_member_view(x, i, self.split_factor, self._input_dim) for i in range(self.split_factor)]
+        return self._views(x)
 
     def forward_members(self, x: Views) -> torch.Tensor:
         """Every member's output, stacked: ``[S, B, ...]``.
 
         Args:
-            x: one batch ``[B, C, H, W]`` for all members, or per-member views: ``[S, B, C, H, W]`` or a list of S.
+            x: one batch ``[B, C, H, W]`` for all members, or per-member views: ``[S, B, C, H, W]`` or a list of S
+                (validated once, for every execution strategy).
         """
-        return self._execution.run(self.members, self._views(x))
+        views = self._member_inputs(x)
+        if is_fx_tracing():
+            return torch.stack([m(v) for m, v in zip(self.members, views)])
+        return self._execution.run(self.members, views)
 
     # ---- execution
     @property
@@ -115,8 +366,9 @@ class SplitEnsemble(nn.Module):
         """Choose how ``forward_members`` (and so ``forward``) runs the members.
 
         Args:
-            strategy: one of ``'auto'``, ``'loop'``, ``'threads'``, ``'vmap'``, ``'compile'``, ``'packed'``
-                (see :mod:`timm_split.execution`). All give the loop's outputs and gradients.
+            strategy: one of :data:`timm_split.execution.STRATEGIES` (``'auto'``, ``'loop'``, ``'threads'``,
+                ``'threads+packed'``, ``'compile'``, ``'packed'``; see :mod:`timm_split.execution`). All give the
+                loop's outputs and gradients.
             **options: the strategy's options, e.g. ``set_execution('threads', cores=[[0], [1]])``,
                 ``set_execution('compile', mode='max-autotune')``, ``set_execution('auto', repeats=5)``.
 
@@ -125,7 +377,7 @@ class SplitEnsemble(nn.Module):
 
         Raises:
             ValueError: unknown strategy or option, or a strategy that cannot run these members (``'packed'``
-                names the first module it cannot pack; ``'vmap'``/``'packed'`` need every member on one device).
+                needs every member on one device; with ``strict=True`` it names the first op it cannot pack).
         """
         ex = make_execution(strategy, **options)
         ex.check(self.members)
@@ -160,46 +412,134 @@ class SplitEnsemble(nn.Module):
         self._execution.reset()
         return super()._apply(fn, recurse)
 
+    # ---- outputs
     def combine(self, member_outputs: torch.Tensor) -> torch.Tensor:
         """Average ``[S, B, K]`` member logits the way ``averaging`` says; a headless ensemble
-        (``num_classes == 0``) concatenates its members' pooled features instead, ``[B, num_features]``."""
-        if self.num_classes == 0 and member_outputs.dim() == 3:
-            return torch.cat(list(member_outputs.unbind(0)), dim=-1)
-        if self.averaging == "probs":
-            return torch.logsumexp(member_outputs.float().log_softmax(-1), 0) - torch.log(
-                torch.tensor(float(member_outputs.shape[0]), device=member_outputs.device))
-        return member_outputs.mean(0)
+        (``num_classes == 0``) concatenates its members' features instead, ``[B, num_features]`` (pooled) or
+        ``[B, S*C, H, W]`` (``global_pool=''``).
 
-    def forward(self, x: Views) -> torch.Tensor:
-        """The ensemble's prediction ``[B, num_classes]``."""
-        return self.combine(self.forward_members(x))
+        Raises:
+            ValueError: the leading dim is not S (e.g. ``[B, K]`` logits: pass ``forward_members(x)``).
+        """
+        # getattr: distributed.MemberParallel reuses this method on itself (split_factor, averaging, num_classes)
+        return _combine(member_outputs, self.split_factor, getattr(self, "averaging", "logits") == "probs",
+                        getattr(self, "num_classes", None) == 0, getattr(self, "_channels_last", False))
 
-    def forward_features(self, x: Views) -> torch.Tensor:
-        """Every member's unpooled features, stacked: ``[S, B, ...]``."""
-        return torch.stack([m.forward_features(v) for m, v in zip(self.members, self._views(x))])
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Heads of all members on stacked features.
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The ensemble's prediction ``[B, num_classes]``.
 
         Args:
-            x: ``[S, B, ...]`` from :meth:`forward_features`.
-            pre_logits: return the members' pooled features concatenated, ``[B, num_features]``.
+            x: one batch ``[B, C, H, W]``; in eager mode also per-member views (see :meth:`forward_members`).
         """
-        outs = [m.forward_head(f, pre_logits=pre_logits) for m, f in zip(self.members, x.unbind(0))]
+        if torch.jit.is_scripting():
+            outs: List[torch.Tensor] = []
+            for m in self.members:
+                y = m(x)
+                if isinstance(y, torch.Tensor):  # refines a member's Union[Tensor, List[Tensor]] (EfficientViM)
+                    outs.append(y)
+                else:
+                    raise RuntimeError("a member returned several tensors; script it in eval mode")
+            return _combine(torch.stack(outs), self.split_factor, self._probs, self.num_classes == 0,
+                            self._channels_last)
+        return self._forward_eager(x)
+
+    @torch.jit.unused
+    def _forward_eager(self, x: Views) -> torch.Tensor:
+        return self.combine(self.forward_members(x))
+
+    @torch.jit.unused
+    def forward_features(self, x: Views, stacked: bool = False) -> Any:
+        """The members' unpooled features, concatenated: ``[B, S*C, H, W]`` (or ``[B, N, S*C]``, ``[B, H, W, S*C]``
+        for token and NHWC models); ``stacked=True`` gives ``[S, B, ...]``."""
+        feats = [m.forward_features(v) for m, v in zip(self.members, self._member_inputs(x))]
+        if isinstance(feats[0], (list, tuple)):  # several outputs (e.g. CrossViT's branches): each one joined
+            return [self._join(list(fs), stacked) for fs in zip(*feats)]
+        return self._join(feats, stacked)
+
+    def _join(self, feats: List[torch.Tensor], stacked: bool) -> torch.Tensor:
+        return torch.stack(feats) if stacked else _cat_members(feats, self._channels_last)
+
+    @torch.jit.unused
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False, stacked: bool = False) -> torch.Tensor:
+        """The members' heads on ensemble features.
+
+        Args:
+            x: ``[B, num_features, ...]`` from :meth:`forward_features` (each member gets its channel chunk), or
+                ``[S, B, ...]`` with ``stacked=True``.
+            pre_logits: return the members' pre-logits concatenated, ``[B, head_hidden_size]``.
+            stacked: ``x`` is the per-member view ``[S, B, ...]``.
+
+        Raises:
+            ValueError: the channel count is not ``num_features`` (or the leading dim is not S when stacked).
+        """
+        S, last = self.split_factor, self._channels_last
+        if isinstance(x, (list, tuple)):  # several feature outputs: each one split (their widths may differ)
+            parts = [[_member_chunk(t, i, S, 0, last, stacked) for t in x] for i in range(S)]
+        else:
+            parts = [_member_chunk(x, i, S, self.num_features, last, stacked) for i in range(S)]
+        outs = [m.forward_head(p, pre_logits=pre_logits) for m, p in zip(self.members, parts)]
         if pre_logits:
             return torch.cat(outs, dim=-1)
         return self.combine(torch.stack(outs))
 
+    # ---- features
+    @torch.jit.unused
+    def forward_intermediates(self, x: Views, indices: Optional[Union[int, List[int]]] = None, norm: bool = False,
+                              stop_early: bool = False, output_fmt: str = "NCHW", intermediates_only: bool = False,
+                              **kwargs: Any) -> Any:
+        """timm's ``forward_intermediates`` of the members, each level concatenated on its channel dim.
+
+        Args:
+            x: one batch, or per-member views.
+            indices, norm, stop_early, output_fmt, intermediates_only, **kwargs: passed to every member.
+
+        Returns:
+            The intermediates (a list, ``[B, S*C_l, H_l, W_l]`` per level in ``'NCHW'``) or, unless
+            ``intermediates_only``, ``(final features, intermediates)``.
+        """
+        if not hasattr(self.members[0], "forward_intermediates"):
+            raise ValueError(f"{type(self.members[0]).__name__} has no forward_intermediates; use "
+                             "timm.create_model('splitnet_<arch>', features_only=True) for its feature levels")
+        outs = [m.forward_intermediates(v, indices=indices, norm=norm, stop_early=stop_early, output_fmt=output_fmt,
+                                        intermediates_only=intermediates_only, **kwargs)
+                for m, v in zip(self.members, self._member_inputs(x))]
+        last = output_fmt in ("NHWC", "NLC")
+        if intermediates_only:
+            return _join_levels(outs, last)
+        final = _cat_members([o[0] for o in outs], self._channels_last)
+        return final, _join_levels([o[1] for o in outs], last)
+
+    @torch.jit.unused
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Prune every member after the last intermediate in ``indices`` (timm's method); returns the kept indices."""
+        kept = [m.prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
+                for m in self.members]
+        if prune_head:
+            self.num_classes = getattr(self.members[0], "num_classes", 0)
+            self.pretrained_cfg["num_classes"] = self.num_classes
+            self._sync_widths()
+        return kept[0]
+
+    # ---- head
+    @torch.jit.unused
     def get_classifier(self) -> nn.ModuleList:
         """The members' classifiers."""
         return nn.ModuleList([m.get_classifier() for m in self.members])
 
-    def reset_classifier(self, num_classes: int, *args, **kwargs) -> None:
-        """Reset every member's classifier (timm's ``reset_classifier`` signature)."""
+    @torch.jit.unused
+    def reset_classifier(self, num_classes: int, *args: Any, **kwargs: Any) -> None:
+        """Reset every member's classifier (timm's ``reset_classifier`` signature: ``num_classes``, then the
+        model's own options such as ``global_pool``)."""
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an int >= 0 (0 removes the classifier), got {num_classes!r}")
         for m in self.members:
+            before = {id(mod) for mod in m.modules()}
             m.reset_classifier(num_classes, *args, **kwargs)
+            _fit_new_linears(m, before, self._input_size)
         self.num_classes = num_classes
         self.pretrained_cfg["num_classes"] = num_classes
+        self._sync_widths()
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -219,3 +559,14 @@ class SplitEnsemble(nn.Module):
 
     def extra_repr(self) -> str:
         return f"split_factor={self.split_factor}, averaging={self.averaging!r}, execution={self.execution!r}"
+
+
+def _join_levels(per_member: List[List[Any]], channels_last: bool) -> List[Any]:
+    """Per level, the members' intermediates concatenated (tuples, e.g. with prefix tokens, element-wise)."""
+    out = []
+    for level in zip(*per_member):
+        if isinstance(level[0], (list, tuple)):
+            out.append(tuple(_cat_members(list(parts), channels_last) for parts in zip(*level)))
+        else:
+            out.append(_cat_members(list(level), channels_last))
+    return out

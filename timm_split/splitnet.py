@@ -14,17 +14,21 @@ import. There are no hub weights: ``pretrained=True`` needs a local file,
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional
 
 import timm
+import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
+from timm.models._features import FeatureDictNet, FeatureGetterNet, FeatureInfo, FeatureListNet
+from torch import nn
 
 from .core import split
-from .ensemble import SplitEnsemble
+from .ensemble import SplitEnsemble, prefixed
+from .trace import meta_copy
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["create_splitnet"]
+__all__ = ["create_splitnet", "SplitFeatures"]
 
 _SPLIT_KWARGS = ("seed", "scale_regularization", "averaging", "init", "params_tol", "macs_tol")
 _CFG_KEYS = ("input_size", "min_input_size", "fixed_input_size", "interpolation", "crop_pct", "crop_mode", "mean",
@@ -49,38 +53,132 @@ def _build_split(base_arch: str, split_factor: int = 2, split_kwargs: Dict[str, 
                  **(split_kwargs or {}))
 
 
-def create_splitnet(arch: str, pretrained: bool = False, **kwargs) -> SplitEnsemble:
+_FEATURE_KWARGS = ("out_indices", "feature_cls", "output_fmt", "norm", "flatten_sequential", "out_map",
+                   "feature_concat", "return_dict")
+
+
+def create_splitnet(arch: str, pretrained: bool = False, **kwargs) -> nn.Module:
     """Build ``splitnet_<arch>``: the timm model ``arch`` with ``kwargs``, split into ``split_factor`` members.
 
     Args:
         arch: the base timm architecture.
-        pretrained: load a local checkpoint given as ``pretrained_cfg_overlay=dict(file=...)``.
+        pretrained: load a local checkpoint given as ``pretrained_cfg_overlay=dict(file=...)``; with another
+            ``num_classes`` (or 0) the classifier is left out, with another ``in_chans`` the first convs are
+            adapted, as timm does.
         **kwargs: ``split_factor`` (default 2), :func:`timm_split.split` options (``seed``,
-            ``scale_regularization``, ``averaging``, ``init``) and any timm kwargs of the base model.
+            ``scale_regularization``, ``averaging``, ``init``), any timm kwargs of the base model, and
+            ``features_only=True`` with timm's feature options (``out_indices``, ``feature_cls``, ``norm`` ...).
 
     Returns:
-        The :class:`SplitEnsemble`, with ``pretrained_cfg['architecture'] == 'splitnet_<arch>'``.
+        The :class:`SplitEnsemble`, with ``pretrained_cfg['architecture'] == 'splitnet_<arch>'``; with
+        ``features_only=True`` a features model (timm's ``FeatureGetterNet`` over the ensemble, or
+        :class:`SplitFeatures`) whose levels are the members' concatenated.
     """
     variant = f"splitnet_{arch}"
-    if kwargs.get("features_only"):
-        raise ValueError(f"{variant}: features_only is not supported; use ens.forward_features(x)")
+    features_only = kwargs.pop("features_only", False)
+    feature_cfg = dict(kwargs.pop("feature_cfg", None) or {})
+    feature_cfg.update({k: kwargs.pop(k) for k in _FEATURE_KWARGS if k in kwargs})
     split_factor = kwargs.pop("split_factor", 2)
     split_kwargs = {k: kwargs.pop(k) for k in _SPLIT_KWARGS if k in kwargs}
-    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
     if pretrained and not any(overlay.get(k) for k in ("file", "state_dict", "url", "hf_hub_id")):
         raise ValueError(
             f"{variant} has no hub weights. Pass a local checkpoint: timm.create_model('{variant}', "
             f"pretrained=True, pretrained_cfg_overlay=dict(file='model.safetensors'), split_factor={split_factor}), "
             "saved with timm_split.save_checkpoint(ens, 'model.safetensors').")
+    cfg = get_pretrained_cfg(variant)
+    cfg = cfg.to_dict() if cfg is not None else {}
+    for k in ("first_conv", "classifier"):  # timm's loader adapts and drops these by name: the members' names
+        if cfg.get(k) and k not in overlay:
+            overlay[k] = prefixed(cfg[k], split_factor)
     model = build_model_with_cfg(_build_split, variant, pretrained, base_arch=arch, split_factor=split_factor,
-                                 split_kwargs=split_kwargs, **kwargs)
+                                 split_kwargs=split_kwargs, pretrained_cfg_overlay=overlay, **kwargs)
     cfg = dict(model.pretrained_cfg)
-    member_cls = cfg.get("classifier")
-    if isinstance(member_cls, str):
-        cfg["classifier"] = tuple(f"members.{i}.{member_cls}" for i in range(split_factor))
     cfg.update(split_factor=split_factor, base_architecture=arch, num_classes=model.num_classes)
     model.pretrained_cfg = cfg
+    if features_only:
+        return _features_model(model, arch, feature_cfg, kwargs)
     return model
+
+
+def _fmt(model: nn.Module) -> str:
+    """A model's ``output_fmt`` as a plain string (timm stores a str or its ``Format`` enum)."""
+    fmt = getattr(model, "output_fmt", "NCHW")
+    return str(getattr(fmt, "value", fmt))
+
+
+class SplitFeatures(nn.Module):
+    """A features model over the members of a split whose architecture has no ``forward_intermediates``: each
+    member wrapped as timm wraps the base model (``FeatureListNet``/``FeatureDictNet``), and each level's
+    features concatenated on the channel dim (``feature_info`` channels summed).
+
+    Attributes:
+        members: the S per-member features models.
+        feature_info: timm's ``FeatureInfo``, channels of the concatenated levels.
+    """
+
+    def __init__(self, members: List[nn.Module], input_size) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        first = members[0]
+        self.output_fmt = _fmt(first)
+        self.return_dict = isinstance(first, FeatureDictNet) and not isinstance(first, FeatureListNet)
+        with torch.no_grad():
+            outs = meta_copy(first).eval()(torch.empty((2, *input_size), device="meta"))
+        outs = list(outs.values()) if isinstance(outs, dict) else list(outs)
+        info = FeatureInfo([dict(d) for d in first.feature_info.info], first.feature_info.out_indices)
+        dim = 1 if self.output_fmt == "NCHW" else -1
+        for i, o in zip(info.out_indices, outs):
+            info.info[i]["num_chs"] = o.shape[dim] * len(members)
+        self.feature_info = info
+
+    def forward(self, x: torch.Tensor):
+        """The concatenated feature levels: a list (or a dict, as the base's ``FeatureDictNet``)."""
+        per = [m(x) for m in self.members]
+        dim = 1 if self.output_fmt == "NCHW" else -1
+        if self.return_dict:
+            return {k: torch.cat([p[k] for p in per], dim) for k in per[0]}
+        return [torch.cat(list(level), dim) for level in zip(*per)]
+
+
+def _features_model(ens: SplitEnsemble, arch: str, feature_cfg: Dict[str, Any], kwargs: Dict[str, Any]) -> nn.Module:
+    """The features model of ``ens`` as timm builds the base's: the base's wrapper and default levels are read
+    from a features model of ``arch`` on meta."""
+    with torch.device("meta"):
+        try:
+            base = timm.create_model(arch, features_only=True, **feature_cfg, **kwargs)
+        except Exception as e:
+            raise ValueError(f"splitnet_{arch} with features_only: the base model {arch} does not build with "
+                             f"features_only ({type(e).__name__}: {e}); use ens.forward_features(x)") from e
+    wrapped = [_rewrap(m, base) for m in ens.members] if isinstance(base, FeatureDictNet) else None
+    if wrapped and all(wrapped):  # the base's own List/Dict wrapper around each member
+        size = ens.split_plan.input_size if ens.split_plan is not None else ens.pretrained_cfg["input_size"]
+        fm = SplitFeatures(wrapped, size)
+    elif isinstance(base, FeatureGetterNet) or hasattr(ens.members[0], "forward_intermediates"):
+        # timm's getter over the ensemble's forward_intermediates (the base's levels and format)
+        indices = base.out_indices if isinstance(base, FeatureGetterNet) else base.feature_info.out_indices
+        fm = FeatureGetterNet(ens, out_indices=list(indices), norm=getattr(base, "norm", False),
+                              output_fmt=_fmt(base))
+    else:
+        raise ValueError(f"splitnet_{arch} with features_only: {type(base).__name__} features of {arch} are not "
+                         "supported for a split (no forward_intermediates); use ens.forward_features(x)")
+    fm.pretrained_cfg = fm.default_cfg = dict(ens.pretrained_cfg)
+    return fm
+
+
+def _rewrap(member: nn.Module, base: nn.Module) -> Optional[nn.Module]:
+    """``member`` wrapped in ``base``'s features class with the same options (checked by its tensor names), or
+    None where no options give the base's names."""
+    want = set(base.state_dict())
+    for flatten in (False, True):
+        try:
+            fm = type(base)(member, out_indices=base.feature_info.out_indices, output_fmt=_fmt(base),
+                            feature_concat=base.concat, flatten_sequential=flatten)
+        except (AssertionError, TypeError, ValueError, KeyError):  # timm asserts on layers it cannot find
+            continue
+        if set(fm.state_dict()) == want:
+            return fm
+    return None
 
 
 def _entrypoint(arch: str):
