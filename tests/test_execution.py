@@ -209,7 +209,7 @@ class _Timed(timm_split.execution.Execution):
     def run(self, members, views):
         self.calls += 1
         self.clock.now += self.seconds
-        return torch.zeros(len(members), 1)
+        return torch.zeros(len(members), views[0].shape[0], 1)  # [S, B, K], as combine expects
 
 
 @pytest.mark.parametrize("close", [True, False])

@@ -80,3 +80,12 @@ def test_cpu_check_falls_back_to_the_own_size():
     is checked at its own 240 px."""
     (row,) = sweep_one("crossvit_tiny_240", (2,), device="cpu", cpu_img_size=64)
     assert row["status"] == "ok" and row["cpu_checked"], (row["status"], row.get("reason"))
+
+
+@pytest.mark.timeout(300)
+def test_members_counted_at_the_base_size():
+    """A member's ``img_size`` attribute can be planned as a width where its value equals one (maxvit_pico's 256);
+    the sweep counts members at the size the base model was counted at, not at the member's attribute."""
+    rows = sweep_one("maxvit_pico_rw_256", (2,))
+    assert [r["status"] for r in rows] == ["ok"], rows
+    assert abs(rows[0]["gmacs_ratio"] - 1) <= 0.04

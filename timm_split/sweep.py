@@ -54,15 +54,17 @@ def _failed(arch: str, splits: Sequence[int], status: str, reason: str, **extra)
     return [dict(arch=arch, module=_module(arch), split=S, status=status, reason=reason, **extra) for S in splits]
 
 
-def _count_and_shape(model):
-    """``count(model)`` at batch 2, and the shape of the output of that counted forward (no second forward)."""
+def _count_and_shape(model, img_size=None):
+    """``count(model, img_size)`` at batch 2, and the shape of the output of that counted forward (no second
+    forward). Members are counted at their base model's size: a member's own ``img_size`` attribute may have been
+    planned as a width where its value equals one (samvit, maxvit_pico, qwen3_vit)."""
     from .count import count
 
     shapes = []
     hook = model.register_forward_hook(
         lambda mod, args, out: shapes.append(tuple((out[0] if isinstance(out, (tuple, list)) else out).shape)))
     try:
-        cost = count(model, batch_size=2)
+        cost = count(model, img_size, batch_size=2)
     finally:
         hook.remove()
     return cost, shapes[-1]
@@ -95,6 +97,7 @@ def sweep_one(arch: str, splits: Sequence[int], device: str = "meta", cpu_max_pa
 
     from .core import split
     from .errors import SplitError
+    from .trace import input_shape_for
 
     module = _module(arch)
     rows = []
@@ -113,7 +116,7 @@ def sweep_one(arch: str, splits: Sequence[int], device: str = "meta", cpu_max_pa
                    cpu_checked=False)
         try:
             ens = split(model, S).eval()
-            member, got = _count_and_shape(ens.members[0])  # one member's meta forward, counted
+            member, got = _count_and_shape(ens.members[0], input_shape_for(model)[-2:])  # one member, counted
             total = _ensemble_cost(ens, member)
             if got != want:
                 raise RuntimeError(f"output {got}, expected {want}")
