@@ -249,7 +249,7 @@ def test_meta_ensemble_raises_on_cpu_input_like_the_original():
         ens(x)
 
 
-@pytest.mark.parametrize("strategy", ["loop", "threads", "vmap"])
+@pytest.mark.parametrize("strategy", ["loop", "threads", "packed", "threads+packed"])
 def test_views_validated_for_every_strategy(strategy):
     ens = timm.create_model("splitnet_test_resnet", num_classes=10).eval().set_execution(strategy)
     with torch.no_grad():
