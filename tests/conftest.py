@@ -63,3 +63,28 @@ def assert_unchanged(model: torch.nn.Module, snap) -> None:
             assert torch.equal(v, w), k
         else:
             assert v == w, k
+
+
+def fake_fashion_idx(root, per_class: int, val_per_class: int) -> str:
+    """Fashion-MNIST-shaped IDX files in ``root``: class c is a bright bar at a class-dependent place on noise."""
+    import numpy as np
+
+    from timm_split.data import write_idx
+    rng = np.random.RandomState(0)
+    for split, n in (("train", per_class * 10), ("t10k", val_per_class * 10)):
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        images = rng.randint(0, 60, size=(n, 28, 28)).astype(np.uint8)
+        for i, c in enumerate(labels):
+            images[i, 2 * c:2 * c + 8, 4:20] = 255
+        write_idx(str(root / f"{split}-images-idx3-ubyte.gz"), images)
+        write_idx(str(root / f"{split}-labels-idx1-ubyte.gz"), labels)
+    return str(root)
+
+
+def tiny_png_folder(tmp_path_factory, per_class: int = 4, val_per_class: int = 2) -> str:
+    """An ImageFolder (train/validation) of fake Fashion-MNIST PNGs, written by the export helper."""
+    from timm_split.data import export_fashion_mnist
+    idx = fake_fashion_idx(tmp_path_factory.mktemp("idx"), per_class, val_per_class)
+    out = tmp_path_factory.mktemp("png") / "f"
+    export_fashion_mnist(str(out), idx_dir=idx)
+    return str(out)

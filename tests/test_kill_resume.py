@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 import timm_split
 from timm_split.data import export_fashion_mnist
 
-from test_train import _fake_idx
+from conftest import fake_fashion_idx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(timm_split.__file__)))
 # the child counts os.replace / os.link calls (every checkpoint, summary-free write point) and dies at the k-th
@@ -45,7 +45,7 @@ def _train(folder, out, kill_at, *extra):
 @pytest.mark.timeout(3600)
 def test_kill_at_every_write_then_resume(tmp_path):
     os.makedirs(tmp_path / "idx")
-    idx = _fake_idx(tmp_path / "idx", per_class=4, val_per_class=2)
+    idx = fake_fashion_idx(tmp_path / "idx", 4, 2)
     folder = str(tmp_path / "png")
     export_fashion_mnist(folder, idx_dir=idx)
     ref = tmp_path / "ref"

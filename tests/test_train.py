@@ -9,29 +9,18 @@ import torch
 from safetensors.torch import load_file
 
 from timm_split.cli import main
-from timm_split.data import MemberBatchAugment, create_member_loader, export_fashion_mnist, write_idx
+from timm_split.data import MemberBatchAugment, create_member_loader, export_fashion_mnist
 from timm_split.train import train, train_args
 from timm_split.validate import classification_metrics, expected_calibration_error
+
+from conftest import fake_fashion_idx
 
 PER_CLASS, VAL_PER_CLASS, BATCH = 20, 4, 20
 
 
-def _fake_idx(root, per_class=PER_CLASS, val_per_class=VAL_PER_CLASS):
-    """Fashion-MNIST-shaped IDX files: class c is a bright bar at a class-dependent place on noise."""
-    rng = np.random.RandomState(0)
-    for split, n in (("train", per_class * 10), ("t10k", val_per_class * 10)):
-        labels = (np.arange(n) % 10).astype(np.uint8)
-        images = rng.randint(0, 60, size=(n, 28, 28)).astype(np.uint8)
-        for i, c in enumerate(labels):
-            images[i, 2 * c:2 * c + 8, 4:20] = 255
-        write_idx(str(root / f"{split}-images-idx3-ubyte.gz"), images)
-        write_idx(str(root / f"{split}-labels-idx1-ubyte.gz"), labels)
-    return str(root)
-
-
 @pytest.fixture(scope="module")
 def idx_dir(tmp_path_factory):
-    return _fake_idx(tmp_path_factory.mktemp("idx"))
+    return fake_fashion_idx(tmp_path_factory.mktemp("idx"), PER_CLASS, VAL_PER_CLASS)
 
 
 @pytest.fixture(scope="module")

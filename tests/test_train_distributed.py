@@ -8,20 +8,16 @@ import torch
 from safetensors.torch import load_file
 
 import timm_split
-from timm_split.data import export_fashion_mnist
 from timm_split.train import train, train_args
 
-from test_train import _fake_idx
+from conftest import tiny_png_folder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(timm_split.__file__)))
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    idx = _fake_idx(tmp_path_factory.mktemp("idx"), per_class=4, val_per_class=2)
-    out = tmp_path_factory.mktemp("png") / "f"
-    export_fashion_mnist(str(out), idx_dir=idx)
-    return str(out)
+    return tiny_png_folder(tmp_path_factory)
 
 
 def _flags(folder, out, name):

@@ -5,17 +5,13 @@ import pytest
 import torch
 
 from timm_split.cli import main
-from timm_split.data import export_fashion_mnist
 
-from test_train import _fake_idx
+from conftest import tiny_png_folder
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    idx = _fake_idx(tmp_path_factory.mktemp("idx"), per_class=4, val_per_class=2)
-    out = tmp_path_factory.mktemp("png") / "f"
-    export_fashion_mnist(str(out), idx_dir=idx)
-    return str(out)
+    return tiny_png_folder(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
