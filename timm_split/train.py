@@ -727,13 +727,14 @@ def _trim_summary(path: str, start: int) -> None:
 
 
 def _cost(run: _Run) -> Dict[str, Any]:
-    """Params and GMACs of the ensemble (fvcore, one member times S)."""
-    from .count import count
+    """Params and GMACs of the ensemble (fvcore: one member counted, :func:`timm_split.count.ensemble_cost`)."""
+    from .count import count, ensemble_cost
 
     size = run.data_config["input_size"]
-    c = count(run.ensemble.members[0], size[-1], in_chans=size[0])
-    S = run.ensemble.split_factor
-    return {"params": c.params * S, "gmacs": c.gmacs * S, "member_params": [c.params] * S}
+    members = run.ensemble.members
+    c = count(members[0], size[-1], in_chans=size[0])
+    total = ensemble_cost(c, members)
+    return {"params": total.params, "gmacs": total.gmacs, "member_params": [c.params] * len(members)}
 
 
 def _jsonable(d: Dict[str, Any]) -> Dict[str, Any]:
