@@ -50,6 +50,15 @@ RESULTS_MD = os.path.join(ROOT, "docs", "results.md")
 # ----------------------------------------------------------------------------------------------------------
 # networks (1-channel 28 px input, 10 classes); ``k`` scales every channel count: round(c * k)
 
+
+def _scores(logits: torch.Tensor, target: torch.Tensor) -> Dict[str, float]:
+    """timm_split.validate's metrics, with the NLL under the key the records use ('nll', not 'loss')."""
+    from timm_split.validate import classification_metrics
+    m = dict(classification_metrics(logits, target))
+    m["nll"] = m.pop("loss")
+    return m
+
+
 def _cfg(model: nn.Module, name: str) -> nn.Module:
     model.pretrained_cfg = {"architecture": name, "input_size": (1, 28, 28), "num_classes": NUM_CLASSES,
                             "mean": MEAN, "std": STD}
@@ -265,11 +274,10 @@ def member_logits(ens: SplitEnsemble, x: torch.Tensor, views: BatchViews, st: Se
 
 
 def _metrics(logits: torch.Tensor, target: torch.Tensor, ens: SplitEnsemble) -> Dict[str, Any]:
-    from timm_split.validate import classification_metrics
 
     target = target.cpu()
-    return {"ensemble": classification_metrics(ens.combine(logits), target),
-            "members": [classification_metrics(m, target) for m in logits]}
+    return {"ensemble": _scores(ens.combine(logits), target),
+            "members": [_scores(m, target) for m in logits]}
 
 
 def _setup(spec: Spec, st: Setting, steps_per_epoch: int):
@@ -590,12 +598,11 @@ def _pairs(recs: Sequence[Dict[str, Any]]) -> List[Tuple[Dict[str, Any], Dict[st
 
 def _pair_gain(pairs, labels: np.ndarray) -> Tuple[List[Dict[str, float]], List[float]]:
     """Metrics of each pair's averaged logits (top-1 %, NLL, ECE), and its top-1 gain over the pair's mean."""
-    from timm_split.validate import classification_metrics
 
     out, gains = [], []
     for a, b in pairs:
         la, lb = _logits(a), _logits(b)
-        out.append(classification_metrics(torch.from_numpy((la + lb) / 2), torch.from_numpy(labels)))
+        out.append(_scores(torch.from_numpy((la + lb) / 2), torch.from_numpy(labels)))
         mean = float(((la.argmax(-1) == labels).mean() + (lb.argmax(-1) == labels).mean()) * 50)
         gains.append(out[-1]["top1"] - mean)
     return out, gains
