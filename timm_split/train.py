@@ -42,6 +42,7 @@ from typing import Any, Callable, Dict, List, Optional
 import torch
 from torch import nn
 
+from .checks import atomic_write
 from .execution import STRATEGIES
 
 _logger = logging.getLogger(__name__)
@@ -742,10 +743,10 @@ def _jsonable(d: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _write_json(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    atomic_write(path, write)
 
 
 # ----------------------------------------------------------------------------------------------------------

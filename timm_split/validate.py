@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import atomic_write
+
 _logger = logging.getLogger(__name__)
 
 __all__ = ["expected_calibration_error", "classification_metrics", "evaluate", "add_validate_args", "validate",
@@ -103,15 +105,15 @@ def evaluate(model: nn.Module, loader, autocast: Callable[[], Any] = contextlib.
 
 def write_results(path: str, rows: List[Dict[str, Any]]) -> None:
     """Write result rows as CSV (``.csv``) or JSON (anything else), atomically, as timm's validate does."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        if path.endswith(".csv"):
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        else:
-            json.dump(rows, f, indent=2)
-    os.replace(tmp, path)
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            if path.endswith(".csv"):
+                writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+                writer.writeheader()
+                writer.writerows(rows)
+            else:
+                json.dump(rows, f, indent=2)
+    atomic_write(path, write)
 
 
 def add_validate_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
