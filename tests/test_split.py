@@ -115,7 +115,7 @@ def test_attribute_settler_gets_keyword_arguments():
 
 def test_plan_is_printable_and_consistent():
     model = timm.create_model("resnet50", num_classes=100)
-    ens = timm_split.split(model, 4)
+    ens = timm_split.split(model, 4, plan_at="model")  # parity at this head (the default plans at the cfg's)
     plan = ens.split_plan
     text = str(plan)
     assert "SplitPlan: resnet50 -> 4 members" in text and "layer4.0.conv3.weight[0]" in text
@@ -157,6 +157,25 @@ def test_regularization_scaled():
     assert kept.members[0].drop_rate == 0.4
     assert "drop_rate 0.4->0.1" in str(ens.split_plan)
     assert math.isclose(timm_split.scaled_weight_decay(1e-4, 4), 1e-4 * math.exp(0.25 - 1))
+
+
+@pytest.mark.parametrize("drop_scale,div", [("S", 4.0), ("sqrt", 2.0)])
+def test_drop_scale_divides_every_rate(drop_scale, div):
+    """The seed divides by S for ResNets and by sqrt(S) for SE-ResNet/EfficientNet/PyramidNet/DenseNet."""
+    with torch.device("meta"):
+        model = timm.create_model("efficientnet_b0", drop_rate=0.3, drop_path_rate=0.2)
+        ens = timm_split.split(model, 4, drop_scale=drop_scale)
+    old = {f"{p}.{a}": v for p, m in model.named_modules() for a, v in vars(m).items()
+           if a in ("drop_rate", "drop_prob", "p") and isinstance(v, float) and v > 0}
+    new = {f"{p}.{a}": getattr(m, a) for p, m in ens.members[0].named_modules() for a in ("drop_rate", "drop_prob", "p")
+           if f"{p}.{a}" in old}
+    assert len(old) > 10 and new.keys() == old.keys()
+    for k, v in old.items():
+        assert math.isclose(new[k], v / div), k
+    assert ens.split_plan.drop_divisor == div
+    assert f"dropout / drop-path rates divided by {div:g}" in str(ens.split_plan)
+    with pytest.raises(ValueError, match="drop_scale must be one of"):
+        timm_split.split(model, 2, drop_scale="S/2")
 
 
 def test_views_and_averaging():

@@ -50,8 +50,7 @@ def _module(arch):
 
 
 # Known misses, strict so that a fix is noticed: (test, arch) -> reason
-KNOWN = {("default_cfgs", "shvit_s1"): "engine: split of shvit_s1(num_classes=0, global_pool='') fails (SplitError: "
-                                       "a split_with_sizes width hard-coded in the headless plan)"}
+KNOWN: dict = {}
 
 
 def _tier(patterns=("*",), exclude=(), test=""):

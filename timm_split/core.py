@@ -15,8 +15,9 @@ from torch import nn
 
 from .checks import check_split_args
 from .engine.analyse import RETRY_LADDER, ChannelGraph, analyse
-from .engine.attributes import attribute_ties, settle_attributes
+from .engine.attributes import attribute_ties, drop_divisor, settle_attributes
 from .engine.atoms import NewWidths
+from .engine.canonical import canonical_copy, transfer, transfer_selection
 from .engine.plan import SplitPlan, plan as _plan
 from .engine.rebuild import (build_member, channel_selection, check_member, inherit_member, init_member,
                              reference_stats)
@@ -51,10 +52,12 @@ class _Planned(NamedTuple):
     in_shape: Tuple[int, ...]
     graph: ChannelGraph
     sizes: NewWidths
+    canon: Optional[nn.Module] = None  # the copy at the cfg's head it was planned on (engine.canonical)
 
 
 def plan_split(model: nn.Module, split_factor: int, *, img_size: ImgSize = None, in_chans: Optional[int] = None,
-               scale_regularization: bool = True, params_tol: float = 0.02, macs_tol: float = 0.04) -> SplitPlan:
+               scale_regularization: bool = True, drop_scale: str = "S", plan_at: str = "cfg",
+               params_tol: float = 0.02, macs_tol: float = 0.04) -> SplitPlan:
     """Trace, analyse and plan a split, without building members (cheap: works on a meta copy).
 
     Args:
@@ -62,7 +65,10 @@ def plan_split(model: nn.Module, split_factor: int, *, img_size: ImgSize = None,
         split_factor: S, the number of members.
         img_size: the input size to plan at; default the size the model was built for.
         in_chans: input channels, for a model built with another ``in_chans`` than its cfg says.
-        scale_regularization: divide dropout and drop-path rates by S.
+        scale_regularization: divide dropout and drop-path rates (by ``drop_scale``).
+        drop_scale: ``'S'`` (divide by S, SplitNet's ResNet rule) or ``'sqrt'`` (by sqrt(S), the seed's rule for
+            SE-ResNet, EfficientNet, PyramidNet and DenseNet).
+        plan_at: ``'cfg'`` or ``'model'``: see :func:`split`.
         params_tol: allowed relative params deviation of the ensemble from the original.
         macs_tol: allowed relative MACs deviation.
 
@@ -72,24 +78,59 @@ def plan_split(model: nn.Module, split_factor: int, *, img_size: ImgSize = None,
     check_split_args(model, split_factor, img_size=img_size, in_chans=in_chans, params_tol=params_tol,
                      macs_tol=macs_tol)
     S = _check_factor(split_factor)
-    return _plan_and_template(model, S, img_size, scale_regularization, params_tol, macs_tol, in_chans).plan
+    drop_divisor(S, drop_scale)  # checks the name
+    return _planned(model, S, img_size, in_chans, _check_plan_at(plan_at), dict(params_tol=params_tol, macs_tol=macs_tol,
+                    scale_regularization=scale_regularization, drop_scale=drop_scale)).plan
 
 
-def _plan_and_template(model, S, img_size, scale_regularization, params_tol, macs_tol, in_chans=None) -> _Planned:
-    """trace -> (analyse -> plan -> meta member) up the retry ladder until a meta member runs."""
-    shape = input_shape_for(model, img_size, in_chans=in_chans)
+def _traced(model: nn.Module, shape: Tuple[int, ...]) -> Tuple[Trace, Tuple[int, ...], bool]:
+    """The trace of a meta copy, its output shape, and whether it is headless (its output is features, whose
+    width may change)."""
     tr = trace(meta_copy(model), shape)
     out = [n for n in tr.graph.nodes if n.op == "output"][0].args[0]
     out_shape = tuple((out[0] if isinstance(out, tuple) else out).meta["val"].shape)
-    headless = getattr(model, "num_classes", None) == 0  # its output is features: their width may change
+    return tr, out_shape, getattr(model, "num_classes", None) == 0
+
+
+def _check_plan_at(plan_at: str) -> str:
+    if plan_at not in ("cfg", "model"):
+        raise ValueError(f"plan_at must be 'cfg' (the backbone planned at the architecture's head and input, as "
+                         f"timm checkpoints expect) or 'model' (parity at this model's own head), got {plan_at!r}")
+    return plan_at
+
+
+def _planned(model, S, img_size, in_chans, plan_at, plan_kw) -> _Planned:
+    """The plan of the backbone at the cfg's head and input (engine.canonical) where the model has another,
+    carried over to the model; else (or where that fails) the plan of the model itself."""
+    shape = input_shape_for(model, img_size, in_chans=in_chans)
+    found = canonical_copy(model, shape) if S > 1 and plan_at == "cfg" else None
+    if found is None:
+        return _plan_and_template(model, S, img_size, in_chans, plan_kw)
+    canon, head = found
+    try:
+        at = _plan_and_template(canon, S, img_size, head[1], plan_kw)
+        tr, out_shape, headless = _traced(model, shape)
+        p = transfer(at.plan, canon, tr.model, head, shape[1:])
+        check_member(build_member(tr.model, p, torch.device("meta"), {}, tr.aliases), shape, out_shape, headless)
+        return _Planned(p, tr, out_shape, shape, at.graph, at.sizes, canon)
+    except SplitError as e:
+        _logger.warning("%s: the plan at the cfg's head (num_classes=%d, in_chans=%d) does not carry over (%s); "
+                        "planning at this model's own head, so its backbone widths differ from the default's",
+                        _arch(model), head[0], head[1], e)
+        return _plan_and_template(model, S, img_size, in_chans, plan_kw)
+
+
+def _plan_and_template(model, S, img_size, in_chans, plan_kw) -> _Planned:
+    """trace -> (analyse -> plan -> meta member) up the retry ladder until a meta member runs."""
+    shape = input_shape_for(model, img_size, in_chans=in_chans)
+    tr, out_shape, headless = _traced(model, shape)
     error: Optional[SplitError] = None
     ambiguous: tuple = ()
     for i, options in enumerate(RETRY_LADDER):
         cg = analyse(tr, dataclasses.replace(options, free_output=headless))
         if options.tie_attributes and not attribute_ties(cg, ambiguous):
             continue  # no groups to tie: nothing new to try here
-        draft = _plan(cg, S, arch=_arch(model), params_tol=params_tol, macs_tol=macs_tol,
-                      scale_regularization=scale_regularization)
+        draft = _plan(cg, S, arch=_arch(model), **plan_kw)
         member = build_member(tr.model, draft.plan, torch.device("meta"), {}, tr.aliases)
         ambiguous = draft.ambiguous
         p = settle_attributes(member, draft.plan, draft.ambiguous, draft.module_io)
@@ -115,8 +156,9 @@ def _pretrained_cfg(model: nn.Module, plan: SplitPlan) -> dict:
 
 
 def split(model: nn.Module, split_factor: int, *, seed: int = 0, img_size: ImgSize = None,
-          in_chans: Optional[int] = None, scale_regularization: bool = True, averaging: str = "logits",
-          init: str = "random", params_tol: float = 0.02, macs_tol: float = 0.04) -> SplitEnsemble:
+          in_chans: Optional[int] = None, scale_regularization: bool = True, drop_scale: str = "S",
+          plan_at: str = "cfg", averaging: str = "logits", init: str = "random", params_tol: float = 0.02,
+          macs_tol: float = 0.04) -> SplitEnsemble:
     """Divide ``model`` into ``split_factor`` thinner members that together cost what it does.
 
     Args:
@@ -126,7 +168,13 @@ def split(model: nn.Module, split_factor: int, *, seed: int = 0, img_size: ImgSi
         img_size: the input size to plan at; default the size the model was created at (its ``pretrained_cfg``
             where it keeps none).
         in_chans: input channels, for a model built with another ``in_chans`` than its cfg says.
-        scale_regularization: divide dropout and drop-path rates by S (SplitNet's rule).
+        scale_regularization: divide dropout and drop-path rates (SplitNet's rule), by ``drop_scale``.
+        drop_scale: ``'S'`` (p/S, SplitNet's ResNet rule; the default) or ``'sqrt'`` (p/sqrt(S), the seed's rule
+            for SE-ResNet, EfficientNet, PyramidNet and DenseNet). ``print(ens.split_plan)`` shows the rates set.
+        plan_at: ``'cfg'`` (default): a timm model created with another ``num_classes`` or ``in_chans`` than its
+            ``pretrained_cfg`` has its backbone planned at the cfg's, so the backbone is the same for every head
+            and a checkpoint fine-tunes onto another head as timm's do; the plan says how much this model's head
+            moves parity. ``'model'``: planned at this model's own head (parity exact there, widths depend on it).
         averaging: ``'logits'`` (mean of logits) or ``'probs'`` (log of mean probabilities).
         init: ``'random'`` (each member from scratch, the family's init) or ``'inherit'`` (warm start: member
             ``i`` takes its own channel subset of ``model``'s trained weights).
@@ -152,7 +200,9 @@ def split(model: nn.Module, split_factor: int, *, seed: int = 0, img_size: ImgSi
             drop_user_hooks(m)
         p = plan_split(model, 1, img_size=img_size, in_chans=in_chans, scale_regularization=False)
         return SplitEnsemble([member], p, _pretrained_cfg(model, p), averaging)
-    planned = _plan_and_template(model, S, img_size, scale_regularization, params_tol, macs_tol, in_chans)
+    drop_divisor(S, drop_scale)  # checks the name
+    planned = _planned(model, S, img_size, in_chans, _check_plan_at(plan_at), dict(params_tol=params_tol, macs_tol=macs_tol,
+                       scale_regularization=scale_regularization, drop_scale=drop_scale))
     members = _rebuild(model, planned, init, seed)
     p = planned.plan
     _logger.info("split %s into %d members: params ratio %.4f, MACs ratio %.4f", p.arch, S, p.params_ratio,
@@ -172,7 +222,10 @@ def _rebuild(model: nn.Module, planned: _Planned, init: str, seed: int) -> list:
     for i in range(S):
         m = build_member(tr.model, p, device, dtypes, tr.aliases)
         if device.type != "meta" and init == "inherit":
-            inherit_member(m, model, channel_selection(planned.graph, planned.sizes, S, i, seed))
+            selection = channel_selection(planned.graph, planned.sizes, S, i, seed)
+            if planned.canon is not None:
+                selection = transfer_selection(selection, planned.canon, model)
+            inherit_member(m, model, selection)
         elif device.type != "meta":
             init_member(m, stats, seed + i)
         m.train(model.training)

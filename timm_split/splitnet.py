@@ -30,7 +30,7 @@ _logger = logging.getLogger(__name__)
 
 __all__ = ["create_splitnet", "SplitFeatures"]
 
-_SPLIT_KWARGS = ("seed", "scale_regularization", "averaging", "init", "params_tol", "macs_tol")
+_SPLIT_KWARGS = ("seed", "scale_regularization", "drop_scale", "plan_at", "averaging", "init", "params_tol", "macs_tol")
 _CFG_KEYS = ("input_size", "min_input_size", "fixed_input_size", "interpolation", "crop_pct", "crop_mode", "mean",
              "std", "num_classes", "first_conv", "classifier", "pool_size", "test_input_size", "license")
 
@@ -66,7 +66,7 @@ def create_splitnet(arch: str, pretrained: bool = False, **kwargs) -> nn.Module:
             ``num_classes`` (or 0) the classifier is left out, with another ``in_chans`` the first convs are
             adapted, as timm does.
         **kwargs: ``split_factor`` (default 2), :func:`timm_split.split` options (``seed``,
-            ``scale_regularization``, ``averaging``, ``init``), any timm kwargs of the base model, and
+            ``scale_regularization``, ``drop_scale``, ``averaging``, ``init``), any timm kwargs of the base model, and
             ``features_only=True`` with timm's feature options (``out_indices``, ``feature_cls``, ``norm`` ...).
 
     Returns:

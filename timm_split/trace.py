@@ -26,7 +26,8 @@ from .errors import SplitError
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["Trace", "meta_copy", "drop_user_hooks", "trace", "input_shape_for", "size_built_at", "MetaRecurrent",
+__all__ = ["Trace", "meta_copy", "drop_user_hooks", "trace", "input_shape_for", "size_built_at",
+           "first_convs", "in_chans_built_at", "MetaRecurrent",
            "recurrent_meta_output"]
 
 
@@ -127,15 +128,30 @@ def size_built_at(model: nn.Module) -> Optional[Tuple[int, int]]:
     return None
 
 
+def first_convs(model: nn.Module) -> List[nn.Module]:
+    """The modules a timm model's cfg names as ``first_conv`` (those it has)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    names = cfg.get("first_conv") or ()
+    mods = dict(model.named_modules())
+    return [mods[n] for n in ((names,) if isinstance(names, str) else names) if n in mods]
+
+
+def in_chans_built_at(model: nn.Module) -> Optional[int]:
+    """The input channels a timm model was created with (its cfg's ``first_conv``), or None where it has none."""
+    convs = [m for m in first_convs(model) if isinstance(getattr(m, "in_channels", None), int)]
+    return convs[0].in_channels if convs else None
+
+
 def input_shape_for(model: nn.Module, img_size: Optional[Tuple[int, int]] = None, batch_size: int = 2,
                     in_chans: Optional[int] = None) -> Tuple:
     """The input shape to trace ``model`` with: ``img_size`` if given, else the size the model was created at
     (``timm.create_model('vit_small_patch16_224', img_size=64)`` keeps 64 in ``patch_embed.img_size`` while
     its ``pretrained_cfg`` still says 224), else ``pretrained_cfg['input_size']`` (or ``default_cfg``), else
-    224; the channels from ``in_chans`` or the cfg."""
+    224; the channels from ``in_chans``, else the first conv's (``timm.create_model(..., in_chans=1)``), else the
+    cfg."""
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     c, h, w = cfg.get("input_size", (3, 224, 224))
-    c = in_chans or c
+    c = in_chans or in_chans_built_at(model) or c
     if img_size is not None:
         h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     else:

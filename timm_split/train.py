@@ -164,6 +164,8 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a("--cot-mode", choices=("js", "kl", "kl_mixture"), default="js")
     a("--same-view", action="store_true", help="ablation: every member sees the same augmented view")
     a("--execution", default="loop", choices=STRATEGIES, help="how the members run (see docs/speed.md)")
+    a("--drop-scale", default="S", choices=("S", "sqrt"),
+      help="divide --drop/--drop-path by S (SplitNet's ResNet rule) or sqrt(S) (its SE/EfficientNet rule)")
     a("--member-parallel", action="store_true", help="torchrun: one member per rank (world size = --split)")
     a("--train-subset", type=int, default=None, metavar="N", help="train on a fixed random N images")
     a("--eval-every", type=int, default=1, metavar="N", help="evaluate every N epochs (0: only after the last)")
@@ -277,7 +279,8 @@ def build_model(args: argparse.Namespace, num_classes: int, data_cfg: Dict[str, 
     if args.split == 1:
         cfg1 = dict(model.pretrained_cfg, architecture=f"splitnet_{args.model}", split_factor=1)
         return SplitEnsemble([model], pretrained_cfg=cfg1)
-    return split(model, args.split, seed=args.seed * args.split, img_size=cfg["input_size"][-1], in_chans=in_chans)
+    return split(model, args.split, seed=args.seed * args.split, img_size=cfg["input_size"][-1], in_chans=in_chans,
+                 drop_scale=getattr(args, "drop_scale", "S"))
 
 
 class _Members(nn.Module):

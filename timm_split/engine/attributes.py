@@ -285,14 +285,28 @@ def _map_value(attr: str, v, mapping: Dict[int, int]):
     return None
 
 
-def regularization_updates(model: nn.Module, split_factor: int) -> Tuple[Tuple[str, str, float, float], ...]:
-    """Dropout and drop-path rates divided by S: nn.Dropout ``p``, timm DropPath ``drop_prob`` and ``*drop*_rate``."""
+DROP_SCALES = ("S", "sqrt")
+
+
+def drop_divisor(split_factor: int, drop_scale: str) -> float:
+    """What dropout and drop-path rates are divided by: S (``'S'``, SplitNet's ResNet rule) or sqrt(S)
+    (``'sqrt'``, the seed's rule for SE-ResNet, EfficientNet, PyramidNet and DenseNet)."""
+    if drop_scale not in DROP_SCALES:
+        raise ValueError(f"drop_scale must be one of {DROP_SCALES}, got {drop_scale!r}")
+    return float(split_factor) if drop_scale == "S" else math.sqrt(split_factor)
+
+
+def regularization_updates(model: nn.Module, split_factor: int,
+                           drop_scale: str = "S") -> Tuple[Tuple[str, str, float, float], ...]:
+    """Dropout and drop-path rates divided by S or sqrt(S) (:func:`drop_divisor`): nn.Dropout ``p``, timm
+    DropPath ``drop_prob`` and ``*drop*_rate``."""
+    div = drop_divisor(split_factor, drop_scale)
     out = []
     for path, mod in model.named_modules():
         for attr in ("p",) if isinstance(mod, nn.modules.dropout._DropoutNd) else _DROP_ATTRS:
             v = getattr(mod, attr, None) if attr in vars(mod) else None
             if isinstance(v, float) and v > 0:
-                out.append((path, attr, v, v / split_factor))
+                out.append((path, attr, v, v / div))
     return tuple(out)
 
 

@@ -62,6 +62,9 @@ class SplitPlan:
         input_size: (C, H, W) the plan was made at.
         fixed: why some dims could not scale, with counts.
         unknown_ops: ops that had no channel rule.
+        planned_at: ``(('num_classes', n), ('in_chans', c))`` where the widths were planned at the cfg's head and
+            input, not the model's own (:mod:`~timm_split.engine.canonical`); empty where planned on the model.
+        planned_params: ``params`` at that head, where ``planned_at`` is set.
     """
 
     arch: str
@@ -76,6 +79,13 @@ class SplitPlan:
     input_size: Tuple[int, ...] = (3, 224, 224)
     fixed: Tuple[Tuple[str, int], ...] = field(repr=False, default=())
     unknown_ops: Tuple[Tuple[str, int], ...] = field(repr=False, default=())
+    planned_at: Tuple[Tuple[str, int], ...] = ()
+    planned_params: Tuple[int, int] = (0, 0)
+
+    @property
+    def drop_divisor(self) -> float:
+        """What the plan divided dropout and drop-path rates by (1.0 where it changed none)."""
+        return next((old / new for _, _, old, new in self.regularization if new), 1.0)
 
     @property
     def params_ratio(self) -> float:
@@ -105,7 +115,12 @@ class SplitPlan:
             for _, attr, old, new in self.regularization:
                 seen[(attr, old, new)] = seen.get((attr, old, new), 0) + 1
             regs = ", ".join(f"{a} {o:g}->{n:g} (x{c})" for (a, o, n), c in seen.items())
-            lines.append(f"  regularization p/S: {regs}")
+            lines.append(f"  dropout / drop-path rates divided by {self.drop_divisor:g}: {regs}")
+        if self.planned_at:
+            at = ", ".join(f"{k}={v}" for k, v in self.planned_at)
+            pr = self.planned_params[1] / max(self.planned_params[0], 1)
+            lines.append(f"  backbone planned at the cfg's {at}; this model's head and input move the params ratio "
+                         f"{pr:.4f} -> {self.params_ratio:.4f} (MACs as planned)")
         if self.fixed:
             lines.append("  kept fixed: " + ", ".join(f"{w} ({c})" for w, c in self.fixed[:6]))
         if self.unknown_ops:
@@ -132,7 +147,8 @@ class PlanDraft:
 
 
 def plan(cg: ChannelGraph, split_factor: int, *, arch: str = "", params_tol: float = 0.02,
-         macs_tol: float = 0.04, max_steps: int = 400, scale_regularization: bool = True) -> PlanDraft:
+         macs_tol: float = 0.04, max_steps: int = 400, scale_regularization: bool = True,
+         drop_scale: str = "S") -> PlanDraft:
     """Choose the new width of every channel group.
 
     Args:
@@ -142,7 +158,8 @@ def plan(cg: ChannelGraph, split_factor: int, *, arch: str = "", params_tol: flo
         params_tol: allowed relative deviation of the ensemble's params from the original's.
         macs_tol: allowed relative deviation of the ensemble's MACs.
         max_steps: cap on single-group calibration steps.
-        scale_regularization: divide dropout and drop-path rates by S.
+        scale_regularization: divide dropout and drop-path rates (by S, or sqrt(S): ``drop_scale``).
+        drop_scale: ``'S'`` or ``'sqrt'`` (:func:`~timm_split.engine.attributes.drop_divisor`).
 
     Returns:
         The :class:`PlanDraft` (its ``plan`` is the :class:`SplitPlan`).
@@ -171,7 +188,7 @@ def plan(cg: ChannelGraph, split_factor: int, *, arch: str = "", params_tol: flo
         arch=arch, split_factor=S, width_factor=f0, groups=groups,
         param_shapes={name: tuple(sizes.dim(d) for d in dims) for name, dims in cg.param_dims.items()},
         attributes=attrs,
-        regularization=regularization_updates(cg.trace.model, S) if scale_regularization and S > 1 else (),
+        regularization=regularization_updates(cg.trace.model, S, drop_scale) if scale_regularization and S > 1 else (),
         params=(int(search.P0), int(round(S * P1))), macs=(search.M0, S * M1),
         input_size=tuple(cg.trace.input_node.meta["val"].shape[1:]),
         fixed=_top_reasons_list(cg), unknown_ops=tuple(sorted(cg.unknown_ops.items())),

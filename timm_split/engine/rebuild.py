@@ -247,8 +247,8 @@ def _run_own_init(member: nn.Module) -> str:
 
 def check_member(member_meta: nn.Module, input_shape: Sequence[int], out_shape: Sequence[int],
                  free_output: bool = False) -> None:
-    """Run a meta member forward and compare its output shape with the original's (all but the last dim
-    where ``free_output``: a headless model's features).
+    """Run a meta member forward and compare its output shape with the original's (all but one feature dim
+    where ``free_output``: a headless model's features, pooled or not).
 
     Raises:
         SplitError: the member does not run, or its output shape differs.
@@ -267,6 +267,6 @@ def check_member(member_meta: nn.Module, input_shape: Sequence[int], out_shape: 
     finally:
         member_meta.train(was)
     y = y[0] if isinstance(y, (tuple, list)) else y
-    n = len(out_shape) - 1 if free_output and len(out_shape) == 2 else len(out_shape)
-    if y.dim() != len(out_shape) or tuple(y.shape)[:n] != tuple(out_shape)[:n]:
+    differ = [k for k, (a, b) in enumerate(zip(y.shape, out_shape)) if a != b]
+    if y.dim() != len(out_shape) or (differ and not (free_output and len(differ) == 1 and differ[0] > 0)):
         raise SplitError(f"the rebuilt member returns shape {tuple(y.shape)}, the original {tuple(out_shape)}")

@@ -1,0 +1,80 @@
+"""The backbone is planned at the architecture's cfg head and input (timm_split.engine.canonical, issue 19)."""
+import pytest
+import timm
+import torch
+
+import timm_split
+
+ARCHS = ["test_resnet", "test_vit", "test_efficientnet"]
+CASES = [dict(num_classes=10), dict(num_classes=0), dict(in_chans=1), dict(num_classes=0, global_pool=""),
+         dict(num_classes=7, in_chans=2)]
+
+
+def _shapes(ens):
+    return {k: tuple(v.shape) for k, v in ens.state_dict().items()}
+
+
+def _meta_split(arch, **kwargs):
+    with torch.device("meta"):
+        return timm_split.split(timm.create_model(arch, **kwargs), 2)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("kwargs", CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()))
+def test_backbone_widths_do_not_depend_on_head_or_input(arch, kwargs):
+    ref, ens = _meta_split(arch), _meta_split(arch, **kwargs)
+    want, got = _shapes(ref), _shapes(ens)
+    model = timm.create_model(arch, **kwargs)
+    head = set(ens.pretrained_cfg["classifier"] if isinstance(ens.pretrained_cfg["classifier"], (list, tuple))
+               else [ens.pretrained_cfg["classifier"]])
+    first = set(ens.pretrained_cfg["first_conv"])
+    for k, shape in got.items():
+        module = k.rsplit(".", 1)[0]
+        if module in head:
+            assert shape[0] == kwargs.get("num_classes", ref.num_classes), k
+        elif module in first and "in_chans" in kwargs and len(shape) > 1:
+            assert shape[1] == kwargs["in_chans"] and shape[0] == want[k][0], k
+        else:
+            assert shape == want[k], f"{k}: {shape} != {want[k]} (the default split's)"
+    assert ens.split_plan.planned_at == (("num_classes", ref.num_classes), ("in_chans", 3))
+    assert "backbone planned at the cfg's num_classes" in str(ens.split_plan)
+    # the plan counts this model's own head: its params are the members' real ones
+    member_params = sum(p.numel() for p in ens.members[0].parameters())
+    assert ens.split_plan.params == (sum(p.numel() for p in model.parameters()), 2 * member_params)
+    assert ens.split_plan.planned_params == ref.split_plan.params
+
+
+def test_default_head_plans_on_the_model_itself():
+    assert _meta_split("test_resnet").split_plan.planned_at == ()
+
+
+@pytest.mark.timeout(120)
+def test_plan_at_model_gives_parity_at_the_models_own_head():
+    with torch.device("meta"):
+        model = timm.create_model("resnet50", num_classes=100)
+        at_cfg, at_model = (timm_split.plan_split(model, 4, plan_at=w) for w in ("cfg", "model"))
+    assert at_model.planned_at == () and abs(at_model.params_ratio - 1) <= 0.02
+    assert at_cfg.planned_at and abs(at_cfg.planned_params[1] / at_cfg.planned_params[0] - 1) <= 0.02
+    # resnet50's 1000-class head is 8% of its params: at 100 classes the cfg's plan is light, and says so
+    assert at_cfg.params_ratio < 0.95 and f"{at_cfg.params_ratio:.4f}" in str(at_cfg)
+    with pytest.raises(ValueError, match="plan_at must be"):
+        timm_split.plan_split(model, 2, plan_at="head")
+
+
+@pytest.mark.timeout(120)
+def test_model_created_with_other_input_channels_splits_without_repeating_them():
+    model = timm.create_model("test_resnet", in_chans=1, num_classes=4).eval()
+    ens = timm_split.split(model, 2).eval()  # no in_chans=1 here: read from the model's first conv
+    assert ens(torch.randn(2, 1, 64, 64)).shape == (2, 4)
+    assert ens.split_plan.input_size[0] == 1
+
+
+@pytest.mark.timeout(120)
+def test_inherit_at_another_head_takes_the_models_own_head():
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=5)
+    ens = timm_split.split(model, 2, init="inherit")
+    fc = ens.members[0].get_classifier()
+    assert torch.isfinite(fc.weight).all() and fc.weight.shape[0] == 5
+    assert torch.equal(fc.bias, model.get_classifier().bias), "the head's fixed dim is taken whole"

@@ -1,0 +1,185 @@
+"""Plan the backbone once, at the architecture's own head and input channels.
+
+The classifier (``C x num_classes``) and the stem's input (``in_chans x C x k x k``) are parity terms: planned on
+the model as created, ``resnet18(num_classes=10)`` would get other backbone widths than ``resnet18`` (360 against
+368 channels in ``layer4.0.conv2``), and a checkpoint saved at 1000 classes would not load at 10. So a timm model
+whose head or input differs from its ``pretrained_cfg`` is planned on a meta copy at the cfg's ``num_classes``
+and ``in_chans`` (:func:`canonical_copy`); :func:`transfer` then gives every tensor the planned width except the
+dims where the model differs from that copy (the classes, the input channels), which keep the model's own.
+The plan records where it was made (``SplitPlan.planned_at``) and the parity at that head
+(``SplitPlan.planned_params``), so a user sees how much the head moves it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ..trace import MetaRecurrent, first_convs, meta_copy
+from .plan import SplitPlan
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["cfg_head", "canonical_copy", "transfer", "transfer_selection"]
+
+
+def cfg_head(model: nn.Module) -> Optional[Tuple[int, int]]:
+    """``(num_classes, in_chans)`` of the model's ``pretrained_cfg``, or None for a model without a timm cfg."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    n, size = cfg.get("num_classes"), cfg.get("input_size")
+    if not isinstance(n, int) or not size or not callable(getattr(model, "reset_classifier", None)):
+        return None
+    return n, int(size[0])
+
+
+def canonical_copy(model: nn.Module, input_shape: Sequence[int]) -> Optional[Tuple[nn.Module, Tuple[int, int]]]:
+    """A meta copy of ``model`` with its cfg's head and input channels, where they differ from the model's.
+
+    A model created without pooling (``num_classes=0, global_pool=''``) gets the first of timm's pool types that
+    makes the copy run with a classifier.
+
+    Args:
+        model: a timm model (not modified).
+        input_shape: ``(B, C, H, W)`` the model takes.
+
+    Returns:
+        ``(copy, (num_classes, in_chans))`` of the cfg, or None where the model already has them (or has no cfg,
+        or its head or first conv cannot be reset).
+    """
+    head = cfg_head(model)
+    if head is None or (getattr(model, "num_classes", None), input_shape[1]) == head:
+        return None
+    shape = (input_shape[0], head[1], *input_shape[2:])
+    for pool in (None, *POOLS):
+        canon = _reset(model, head, pool)
+        if canon is not None and _runs(canon, shape):
+            return canon, head
+    _logger.info("%s: no copy at the cfg's head runs; planning at the model's own head", type(model).__name__)
+    return None
+
+
+# timm's global_pool values, tried in turn for a model created without pooling
+POOLS = ("avg", "token", "fast", "max")
+
+
+def _reset(model: nn.Module, head: Tuple[int, int], pool: Optional[str]) -> Optional[nn.Module]:
+    canon = meta_copy(model)
+    try:
+        with torch.device("meta"):
+            if canon.num_classes != head[0] or pool is not None:
+                canon.reset_classifier(head[0]) if pool is None else canon.reset_classifier(head[0], pool)
+            convs = first_convs(canon)
+            if convs and convs[0].in_channels != head[1] and not _set_in_chans(canon, head[1]):
+                return None
+    except Exception as e:  # noqa: BLE001 - a model's own reset_classifier
+        _logger.debug("reset_classifier(%d, %s) failed: %s", head[0], pool, e)
+        return None
+    return canon
+
+
+def _runs(model: nn.Module, shape: Sequence[int]) -> bool:
+    was = model.training
+    try:
+        with torch.no_grad(), MetaRecurrent():
+            y = model.eval()(torch.empty(tuple(shape), device="meta"))
+        y = y[0] if isinstance(y, (tuple, list)) else y
+        return y.dim() == 2
+    except Exception:  # noqa: BLE001 - any failure means: not this copy
+        return False
+    finally:
+        model.train(was)
+
+
+def _set_in_chans(model: nn.Module, c0: int) -> bool:
+    convs = first_convs(model)
+    if not convs or not all(isinstance(m, nn.Conv2d) and m.groups == 1 for m in convs):
+        return False
+    for m in convs:
+        m.in_channels = c0
+        m.weight = nn.Parameter(torch.empty((m.out_channels, c0, *m.kernel_size), device="meta"),
+                                requires_grad=m.weight.requires_grad)
+    return True
+
+
+def _shapes(model: nn.Module) -> Dict[str, Tuple[int, ...]]:
+    out = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    out.update({n: tuple(b.shape) for n, b in model.named_buffers()})
+    return out
+
+
+def _differs(canon: Dict[str, Tuple[int, ...]], own: Dict[str, Tuple[int, ...]]) -> Dict[str, Tuple[bool, ...]]:
+    """Per tensor of ``own`` that is not as in ``canon``: which dims differ (all, for a tensor ``canon`` lacks)."""
+    out = {}
+    for name, shape in own.items():
+        c = canon.get(name)
+        if c is None or len(c) != len(shape):
+            out[name] = (True,) * len(shape)
+        elif c != shape:
+            out[name] = tuple(a != b for a, b in zip(c, shape))
+    return out
+
+
+def transfer(plan: SplitPlan, canon: nn.Module, model: nn.Module, head: Tuple[int, int],
+             input_size: Sequence[int]) -> SplitPlan:
+    """The plan made on ``canon`` for ``model``: the planned widths, the model's own classes and input channels.
+
+    Args:
+        plan: the plan of ``canon``.
+        canon: the copy it was made on (:func:`canonical_copy`).
+        model: the model to split.
+        head: ``(num_classes, in_chans)`` the plan was made at.
+        input_size: ``(C, H, W)`` of the model's input.
+
+    Returns:
+        The plan for ``model``. Its ``params`` count the model's head; its ``macs`` are those planned (the head's
+        MACs are not re-counted); ``planned_at`` and ``planned_params`` say where it was made.
+    """
+    base, own = _shapes(canon), _shapes(model)
+    shapes = {}
+    for name, shape in own.items():
+        if name not in plan.param_shapes and name in base:
+            continue  # a tied alias: the owner carries the shape
+        planned = plan.param_shapes.get(name, shape)
+        mask = _differs(base, {name: shape}).get(name, (False,) * len(shape))
+        shapes[name] = tuple(o if d else p for p, o, d in zip(planned, shape, mask))
+    buffers = {n for n, _ in model.named_buffers()} | {n for n, _ in canon.named_buffers()}
+    d0 = sum(_numel_of(own.get(n)) - _numel_of(base.get(n)) for n in set(own) | set(base) if n not in buffers)
+    d1 = sum(_numel_of(shapes.get(n)) - _numel_of(plan.param_shapes.get(n))
+             for n in set(shapes) | set(plan.param_shapes) if n not in buffers)
+    S, mods = plan.split_factor, dict(model.named_modules(remove_duplicate=False))
+    return dataclasses.replace(
+        plan, param_shapes=shapes, attributes=tuple(a for a in plan.attributes if a[0] in mods),
+        regularization=tuple(r for r in plan.regularization if r[0] in mods),
+        params=(plan.params[0] + d0, plan.params[1] + S * d1),
+        input_size=tuple(input_size), planned_at=(("num_classes", head[0]), ("in_chans", head[1])),
+        planned_params=plan.params)
+
+
+def _numel_of(shape: Optional[Tuple[int, ...]]) -> int:
+    if shape is None:
+        return 0
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def transfer_selection(selection: Dict[str, List[torch.Tensor]], canon: nn.Module,
+                       model: nn.Module) -> Dict[str, List[torch.Tensor]]:
+    """``init='inherit'``'s channel selection made on ``canon``, for ``model``: the dims where the model differs
+    from ``canon`` (classes, input channels) are taken whole, as are the model's tensors ``canon`` lacks."""
+    own = _shapes(model)
+    diff = _differs(_shapes(canon), own)
+    out = {}
+    for name, shape in own.items():
+        dims, mask = selection.get(name), diff.get(name)
+        if mask is None:
+            if dims is not None:
+                out[name] = dims
+            continue
+        dims = dims if dims is not None and len(dims) == len(shape) else [None] * len(shape)
+        out[name] = [torch.arange(n) if m or idx is None else idx for n, idx, m in zip(shape, dims, mask)]
+    return out
