@@ -51,13 +51,14 @@ def _split(model, size, S=2):
     return ens
 
 
-def _assert_like_loop(ens, x, train):
-    """Packed vs loop: outputs, and in training the gradients of every parameter and the updated buffers."""
+def _assert_like_loop(ens, x, train, tol=1e-4):
+    """Packed vs loop: outputs, and in training the gradients of every parameter and the updated buffers (to
+    ``tol`` of the largest magnitude)."""
     ens.train(train)
     ref = copy.deepcopy(ens)
     packed = pack_members(ens.members)
     out, want = packed(x), ref.forward_members(x)
-    _close(out, want, "output")
+    _close(out, want, "output", tol)
     if not train:
         return packed
     w = torch.randn(want.shape, device=want.device)
@@ -67,9 +68,9 @@ def _assert_like_loop(ens, x, train):
     for (name, p), q in zip(ens.named_parameters(), ref.parameters()):
         assert (p.grad is None) == (q.grad is None), name
         if q.grad is not None:
-            assert (p.grad - q.grad).abs().max().item() <= 1e-4 * scale, f"gradient of {name}"
+            assert (p.grad - q.grad).abs().max().item() <= tol * scale, f"gradient of {name}"
     for (name, b), c in zip(ens.named_buffers(), ref.buffers()):
-        _close(b, c, f"buffer {name}")
+        _close(b, c, f"buffer {name}", tol)
     return packed
 
 
@@ -114,7 +115,9 @@ def test_families_pack_exactly(family):
     B = 4 if family in ("efficientnet", "mobilenetv3", "regnet") else 2
     with torch.no_grad():
         packed = _assert_like_loop(ens, torch.randn(B, 3, size, size, device=DEVICE), train=False)
-    _assert_like_loop(ens, torch.randn(2, B, 3, size, size, device=DEVICE), train=True)
+    # training in float64: exact up to 1e-9 (in float32 BatchNorm's backward over tiny maps leaves ~1e-4 noise)
+    _assert_like_loop(ens.double(), torch.randn(2, B, 3, size, size, device=DEVICE, dtype=torch.float64), train=True,
+                      tol=1e-9)
     assert packed.looped_ops == []
 
 

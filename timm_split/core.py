@@ -79,8 +79,9 @@ def plan_split(model: nn.Module, split_factor: int, *, img_size: ImgSize = None,
                      macs_tol=macs_tol)
     S = _check_factor(split_factor)
     drop_divisor(S, drop_scale)  # checks the name
-    return _planned(model, S, img_size, in_chans, _check_plan_at(plan_at), dict(params_tol=params_tol, macs_tol=macs_tol,
-                    scale_regularization=scale_regularization, drop_scale=drop_scale)).plan
+    plan_kw = dict(params_tol=params_tol, macs_tol=macs_tol, scale_regularization=scale_regularization,
+                   drop_scale=drop_scale)
+    return _planned(model, S, img_size, in_chans, _check_plan_at(plan_at), plan_kw).plan
 
 
 def _traced(model: nn.Module, shape: Tuple[int, ...]) -> Tuple[Trace, Tuple[int, ...], bool]:
@@ -201,8 +202,9 @@ def split(model: nn.Module, split_factor: int, *, seed: int = 0, img_size: ImgSi
         p = plan_split(model, 1, img_size=img_size, in_chans=in_chans, scale_regularization=False)
         return SplitEnsemble([member], p, _pretrained_cfg(model, p), averaging)
     drop_divisor(S, drop_scale)  # checks the name
-    planned = _planned(model, S, img_size, in_chans, _check_plan_at(plan_at), dict(params_tol=params_tol, macs_tol=macs_tol,
-                       scale_regularization=scale_regularization, drop_scale=drop_scale))
+    plan_kw = dict(params_tol=params_tol, macs_tol=macs_tol, scale_regularization=scale_regularization,
+                   drop_scale=drop_scale)
+    planned = _planned(model, S, img_size, in_chans, _check_plan_at(plan_at), plan_kw)
     members = _rebuild(model, planned, init, seed)
     p = planned.plan
     _logger.info("split %s into %d members: params ratio %.4f, MACs ratio %.4f", p.arch, S, p.params_ratio,

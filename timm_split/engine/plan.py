@@ -18,7 +18,7 @@ import numpy as np
 from .analyse import ChannelGraph
 from .atoms import NewWidths
 from .attributes import Ambiguous, module_io, regularization_updates, width_attributes
-from .search import WidthSearch, channel_variables
+from .search import WidthSearch, channel_variables, deviation
 
 _logger = logging.getLogger(__name__)
 
@@ -83,6 +83,16 @@ class SplitPlan:
     planned_params: Tuple[int, int] = (0, 0)
 
     @property
+    def max_deviation(self) -> float:
+        """The largest distance of a group's width ratio from the uniform ``1/sqrt(S)`` shrink, beyond what
+        rounding to its divisor forces (:func:`~timm_split.engine.search.deviation`; 0 = uniform)."""
+        if not self.groups:
+            return 0.0
+        old, new, div = (np.array([getattr(g, k) for g in self.groups], dtype=np.float64)
+                         for k in ("old", "new", "divisor"))
+        return float(deviation(old, new, div, self.split_factor).max())
+
+    @property
     def drop_divisor(self) -> float:
         """What the plan divided dropout and drop-path rates by (1.0 where it changed none)."""
         return next((old / new for _, _, old, new in self.regularization if new), 1.0)
@@ -105,7 +115,8 @@ class SplitPlan:
             f"{self.params[1] / 1e6:.3f}M  (ratio {self.params_ratio:.4f})",
             f"  GMACs @ {self.input_size}: {self.macs[0] / 1e9:.4f} -> {S} x {self.macs[1] / S / 1e9:.4f} = "
             f"{self.macs[1] / 1e9:.4f}  (ratio {self.macs_ratio:.4f})",
-            f"  channel groups: {len(self.groups)}",
+            f"  channel groups: {len(self.groups)}; largest deviation from the uniform shrink beyond rounding "
+            f"{self.max_deviation:.3f}",
             f"  {'group (first use)':<48} {'old':>6} {'new':>6} {'ratio':>6} {'div':>4} {'uses':>5}",
         ]
         for g in self.groups:

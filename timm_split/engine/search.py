@@ -18,6 +18,11 @@ The search, in order: start at ``old / sqrt(S)`` snapped to each group's divisor
 steps (every candidate scored at once) until inside a third of the tolerances; coarser divisors first, finer
 only where the coarse ones miss. Where that still misses parity, families of groups (the groups of one old
 width) move two at a time on a grid, then three from the uniform shrink, then single steps again.
+
+Last, among the plans inside the tolerances (at most ``REFINE_MARGIN`` of them, or the found plan's own margin
+where it is wider), :meth:`WidthSearch.refine` moves to the one closest to a uniform shrink: the smallest
+largest :func:`deviation` of any group (``|new/old - 1/sqrt(S)|`` beyond what rounding to its divisor forces),
+then the smallest sum of them.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ import numpy as np
 
 from .analyse import ChannelGraph
 
-__all__ = ["CostModel", "WidthSearch", "channel_variables", "width_divisor"]
+__all__ = ["CostModel", "WidthSearch", "channel_variables", "width_divisor", "deviation"]
 
 # the weight of the distortion (distance from the uniform 1/sqrt(S) shrink) in the objective
 DISTORTION_WEIGHT = 0.1
@@ -49,6 +54,12 @@ MIN_GAIN = 1e-9
 PAIR_FAMILIES, TRIO_FAMILIES = 5, 4
 PAIR_GRIDS = (np.exp(np.linspace(-1.6, 1.6, 33)), np.exp(np.linspace(-0.3, 0.3, 31)))
 TRIO_GRID = np.exp(np.linspace(-1.6, 1.6, 17))  # three families at once, from the uniform shrink
+# the refinement towards the uniform shrink stays inside this fraction of the tolerances (or the found plan's)
+REFINE_MARGIN = 0.5
+# the other group's moves tried with it: none, then 1..4 divisor steps either way
+REFINE_STEPS = (0.0, 1.0, -1.0, 2.0, -2.0, 3.0, -3.0, 4.0, -4.0)
+# whether the search ends with that refinement (benchmarks/plan_shape.py turns it off for the "before" column)
+UNIFORM_REFINE = True
 
 Score = Tuple[float, float, float]  # (objective, params ratio, MACs ratio)
 
@@ -61,6 +72,14 @@ def width_divisor(old: int, target: float, cap: int = 8) -> int:
     while d > 1 and target < d:
         d //= 2
     return d
+
+
+def deviation(old: np.ndarray, new: np.ndarray, div: np.ndarray, split_factor: int) -> np.ndarray:
+    """Each group's distance from the uniform shrink beyond rounding: ``|new/old - f|`` minus the same for the
+    multiple of its divisor nearest ``old * f``, with ``f = 1/sqrt(S)`` (0 = as uniform as the divisor allows)."""
+    f = 1.0 / math.sqrt(split_factor)
+    best = np.abs(_snap(old * f, div) / old - f)
+    return np.maximum(np.abs(new / old - f) - best, 0.0)
 
 
 def channel_variables(cg: ChannelGraph) -> Dict[int, List[str]]:
@@ -199,6 +218,55 @@ class WidthSearch:
         """Whether a score's ratios are within ``margin`` times the tolerances."""
         return abs(sc[1] - 1) <= self.params_tol * margin and abs(sc[2] - 1) <= self.macs_tol * margin
 
+    def moves(self, x: np.ndarray, delta: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """(params ratio, MACs ratio) of every single-group move ``x[i] + delta[i]``, scored at once."""
+        sz = self.cost.sizes(x)
+        vp, vm = np.prod(sz[self.p_idx], axis=1) * self.p_w, np.prod(sz[self.m_idx], axis=1) * self.m_w
+        rho = (x + delta) / x
+        pr = self.S * (vp @ (rho[None, :] ** self.Ep)) / max(self.P0, 1.0)
+        mr = self.S * (vm @ (rho[None, :] ** self.Em)) / max(self.M0, 1.0) if self.M0 > 0 else np.ones_like(rho)
+        return pr, mr
+
+    def refine(self, x: np.ndarray, div: np.ndarray) -> np.ndarray:
+        """Towards the uniform shrink, inside the tolerances: the group that deviates most moves one divisor step
+        back, alone or with one other group's steps that keep parity, while (largest deviation, sum) drops."""
+        margin = max(REFINE_MARGIN, self._margin(self.score(x)))
+        if self.S == 1 or not self.nvars or not self.inside(self.score(x), margin):
+            return x
+        top = self._top(div)
+        for _ in range(self.max_steps):
+            dev = deviation(self.old, x, div, self.S)
+            w = int(np.argmax(dev))
+            if dev[w] <= 1e-12:
+                break
+            y = x.copy()
+            y[w] -= div[w] * np.sign(x[w] / self.old[w] - self.f0)
+            found = None
+            for sign in REFINE_STEPS:  # y alone, then y with another group some steps up or down
+                delta = np.where(np.arange(self.nvars) == w, 0.0, sign * div) if sign else np.zeros(self.nvars)
+                z = y + delta
+                pr, mr = self.moves(y, delta)
+                d = deviation(self.old[None, :], np.where(np.eye(self.nvars, dtype=bool), z[:, None], y[None, :]),
+                              div[None, :], self.S)
+                key = d.max(1) + 1e-6 * d.sum(1)
+                ok = ((z >= div) & (z <= top) & (np.abs(pr - 1) <= self.params_tol * margin)
+                      & (np.abs(mr - 1) <= self.macs_tol * margin))
+                key = np.where(ok, key, np.inf)
+                i = int(np.argmin(key))
+                if key[i] < dev.max() + 1e-6 * dev.sum() - 1e-12 and (found is None or key[i] < found[1]):
+                    zz = y.copy()
+                    zz[i] = z[i]
+                    found = (zz, key[i])
+                if found is not None and not sign:
+                    break
+            if found is None:
+                break
+            x = found[0]
+        return x
+
+    def _margin(self, sc: Score) -> float:
+        return max(abs(sc[1] - 1) / self.params_tol, abs(sc[2] - 1) / self.macs_tol if self.M0 > 0 else 0.0)
+
     def steps(self, x: np.ndarray, best: Score, div: np.ndarray) -> Tuple[np.ndarray, Score]:
         """Single-group steps of one divisor, every candidate scored at once, while one improves."""
         S, old, target_log = self.S, self.old, self.target_log
@@ -294,4 +362,7 @@ class WidthSearch:
             x_c, best_c, div_c = found
             x_c, best_c = self.trios(*self.pairs(x_c, best_c, div_c), div_c)
             found = (*self.steps(x_c, best_c, div_c), div_c)
+        if UNIFORM_REFINE:
+            x_c = self.refine(found[0], found[2])
+            found = (x_c, self.score(x_c), found[2])
         return found
