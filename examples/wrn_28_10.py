@@ -52,7 +52,8 @@ def main() -> None:
     with torch.device("meta"):
         model = WideResNet()
     base = count(model, 32)
-    print(f"{'S':>2} {'params (M)':>11} {'paper':>7} {'GFLOPs':>8} {'paper':>7} {'params ratio':>13} {'FLOPs ratio':>12}")
+    print(f"{'S':>2} {'params (M)':>11} {'paper':>7} {'GFLOPs':>8} {'paper':>7} {'params ratio':>13} "
+          f"{'FLOPs ratio':>12}")
     for S in (1, 2, 4):
         ens = timm_split.split(model, S, img_size=32)
         c = count(ens.members[0], 32)

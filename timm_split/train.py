@@ -241,6 +241,11 @@ def autocast_factory(device: torch.device, amp: bool, amp_dtype: Optional[str] =
     return partial(torch.autocast, device_type=device.type, dtype=dtype)
 
 
+# A model trained from scratch is split at parity with its own head (the dataset's classes); the checkpoint
+# records this so that ``timm-split validate`` rebuilds the same widths.
+PLAN_AT = "model"
+
+
 def build_model(args: argparse.Namespace, num_classes: int, data_cfg: Dict[str, Any],
                 model_fn: Optional[Callable[[], nn.Module]] = None) -> nn.Module:
     """The :class:`~timm_split.ensemble.SplitEnsemble` to train, built after ``torch.manual_seed(args.seed)``.
@@ -280,7 +285,7 @@ def build_model(args: argparse.Namespace, num_classes: int, data_cfg: Dict[str, 
         cfg1 = dict(model.pretrained_cfg, architecture=f"splitnet_{args.model}", split_factor=1)
         return SplitEnsemble([model], pretrained_cfg=cfg1)
     return split(model, args.split, seed=args.seed * args.split, img_size=cfg["input_size"][-1], in_chans=in_chans,
-                 drop_scale=getattr(args, "drop_scale", "S"))
+                 drop_scale=getattr(args, "drop_scale", "S"), plan_at=PLAN_AT)
 
 
 class _Members(nn.Module):
@@ -526,7 +531,7 @@ def _checkpoint_state(run: _Run) -> Dict[str, Any]:
     """The JSON training state saved with the weights (and what ``timm-split validate`` needs to rebuild)."""
     a = run.args
     state = {"step": run.num_updates, "model": a.model, "split_factor": a.split, "num_classes": a.num_classes,
-             "model_kwargs": a.model_kwargs, "data_config": run.data_config, "seed": a.seed}
+             "model_kwargs": a.model_kwargs, "data_config": run.data_config, "seed": a.seed, "plan_at": PLAN_AT}
     if run.scaler is not None:
         state["scaler"] = run.scaler.state_dict()
     return state

@@ -164,7 +164,7 @@ def _model_from(args: argparse.Namespace, meta: Dict[str, str], num_classes: int
     model.pretrained_cfg = dict(model.pretrained_cfg, **data)
     if S == 1:
         return SplitEnsemble([model], pretrained_cfg=dict(model.pretrained_cfg, architecture=f"splitnet_{base}"))
-    return split(model, S, img_size=data["input_size"][-1], in_chans=in_chans)
+    return split(model, S, img_size=data["input_size"][-1], in_chans=in_chans, plan_at=state.get("plan_at", "model"))
 
 
 def validate(args: argparse.Namespace) -> List[Dict[str, Any]]:
