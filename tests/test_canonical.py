@@ -4,6 +4,7 @@ import timm
 import torch
 
 import timm_split
+from timm_split.trace import input_shape_for
 
 ARCHS = ["test_resnet", "test_vit", "test_efficientnet"]
 CASES = [dict(num_classes=10), dict(num_classes=0), dict(in_chans=1), dict(num_classes=0, global_pool=""),
@@ -65,9 +66,21 @@ def test_plan_at_model_gives_parity_at_the_models_own_head():
 @pytest.mark.timeout(120)
 def test_model_created_with_other_input_channels_splits_without_repeating_them():
     model = timm.create_model("test_resnet", in_chans=1, num_classes=4).eval()
-    ens = timm_split.split(model, 2).eval()  # no in_chans=1 here: read from the model's first conv
+    ens = timm_split.split(model, 2).eval()  # no in_chans=1 here: read from the model's in_chans
     assert ens(torch.randn(2, 1, 64, 64)).shape == (2, 4)
-    assert ens.split_plan.input_size[0] == 1
+    assert ens.split_plan.input_size[0] == ens.in_chans == 1
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("in_chans", [3, 1])
+def test_input_channels_are_the_models_not_its_first_convs(in_chans):
+    """TResNet's space-to-depth stem: its first conv sees 16x the input channels."""
+    with torch.device("meta"):
+        model = timm.create_model("tresnet_m", in_chans=in_chans)
+    assert model.body.conv1.conv.in_channels == 16 * in_chans
+    assert input_shape_for(model)[1] == in_chans
+    plan = timm_split.plan_split(model, 2)
+    assert plan.input_size[0] == in_chans and abs(plan.params_ratio - 1) < 0.03
 
 
 @pytest.mark.timeout(120)

@@ -113,6 +113,7 @@ EARLY_POOL = tuple(getattr(timm.models, n) for n in (
 def test_default_cfgs(arch):
     model, base = _create(arch).eval(), _create(arch, split=False).eval()
     S = model.split_factor
+    assert model.in_chans == model.default_cfg["input_size"][0] == getattr(base, "in_chans", 3)
     assert model.num_classes >= 0 and model.num_features > 0 and model.head_hidden_size > 0
     fmt = _fmt(model)
     assert fmt == _fmt(base)
@@ -150,6 +151,7 @@ def test_default_cfgs(arch):
 @pytest.mark.parametrize("arch", _tier(NON_STD))
 def test_default_cfgs_non_std(arch):
     model, base = _create(arch).eval(), _create(arch, split=False).eval()
+    assert model.in_chans == model.default_cfg["input_size"][0] == getattr(base, "in_chans", 3)
     assert model.num_classes >= 0 and model.num_features > 0 and model.head_hidden_size > 0
     x = torch.randn((1, *_input_size(model)))
     with torch.no_grad():
@@ -227,6 +229,22 @@ def test_features_only(arch):
     assert last.feature_info.channels() == [o.shape[1 if fmt == "NCHW" else -1]]
     if [o.shape[a] for a in spatial] == [outs[-1].shape[a] for a in spatial]:  # (-1,) is the default's last level
         assert torch.allclose(o, outs[-1], atol=1e-5)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("arch", _tier(exclude=NON_STD))
+def test_features_only_grad_checkpointing_backward(arch):
+    """timm's check: a features_only backbone trained with gradient checkpointing gives the same gradients."""
+    x = torch.randn((2, *_input_size(_create(arch))))
+    grads = []
+    for checkpointing in (False, True):
+        model = _create(arch, features_only=True).train()
+        model.set_grad_checkpointing(checkpointing)
+        sum(f.pow(2).mean() for f in model(x)).backward()
+        grads.append([p.grad for p in model.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) > 0
+    for g0, g1 in zip(*grads):
+        torch.testing.assert_close(g1, g0)
 
 
 @pytest.mark.timeout(300)

@@ -230,6 +230,7 @@ class SplitEnsemble(nn.Module):
         input_size = tuple(split_plan.input_size if split_plan is not None else cfg.get("input_size", (3, 224, 224)))
         self._input_dim = len(input_size) + 1
         self._input_size = input_size
+        self.in_chans = getattr(first, "in_chans", input_size[0])
         self.num_classes = getattr(first, "num_classes", None)
         self._sync_widths()
         info = getattr(first, "feature_info", None)

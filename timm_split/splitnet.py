@@ -132,6 +132,12 @@ class SplitFeatures(nn.Module):
             info.info[i]["num_chs"] = o.shape[dim] * len(members)
         self.feature_info = info
 
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Gradient checkpointing in every member's features model (timm's ``FeatureListNet`` has it)."""
+        for m in self.members:
+            m.set_grad_checkpointing(enable)
+
     def forward(self, x: torch.Tensor):
         """The concatenated feature levels: a list (or a dict, as the base's ``FeatureDictNet``)."""
         per = [m(x) for m in self.members]
@@ -139,6 +145,16 @@ class SplitFeatures(nn.Module):
         if self.return_dict:
             return {k: torch.cat([p[k] for p in per], dim) for k in per[0]}
         return [torch.cat(list(level), dim) for level in zip(*per)]
+
+
+class SplitFeatureGetter(FeatureGetterNet):
+    """timm's ``FeatureGetterNet`` over the ensemble's ``forward_intermediates``, with the
+    ``set_grad_checkpointing`` that timm's features classes have (its getter lacks it)."""
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Gradient checkpointing in every member that supports it."""
+        self.model.set_grad_checkpointing(enable)
 
 
 def _features_model(ens: SplitEnsemble, arch: str, feature_cfg: Dict[str, Any], kwargs: Dict[str, Any]) -> nn.Module:
@@ -157,8 +173,8 @@ def _features_model(ens: SplitEnsemble, arch: str, feature_cfg: Dict[str, Any], 
     elif isinstance(base, FeatureGetterNet) or hasattr(ens.members[0], "forward_intermediates"):
         # timm's getter over the ensemble's forward_intermediates (the base's levels and format)
         indices = base.out_indices if isinstance(base, FeatureGetterNet) else base.feature_info.out_indices
-        fm = FeatureGetterNet(ens, out_indices=list(indices), norm=getattr(base, "norm", False),
-                              output_fmt=_fmt(base))
+        fm = SplitFeatureGetter(ens, out_indices=list(indices), norm=getattr(base, "norm", False),
+                                output_fmt=_fmt(base))
     else:
         raise ValueError(f"splitnet_{arch} with features_only: {type(base).__name__} features of {arch} are not "
                          "supported for a split (no forward_intermediates); use ens.forward_features(x)")

@@ -137,7 +137,11 @@ def first_convs(model: nn.Module) -> List[nn.Module]:
 
 
 def in_chans_built_at(model: nn.Module) -> Optional[int]:
-    """The input channels a timm model was created with (its cfg's ``first_conv``), or None where it has none."""
+    """The input channels a timm model was created with: its ``in_chans`` attribute (every timm model sets it),
+    else its cfg's ``first_conv``'s input channels, else None. The attribute comes first because the first conv
+    need not see the input (TResNet's space-to-depth stem gives it 16x the channels)."""
+    if isinstance(getattr(model, "in_chans", None), int):
+        return model.in_chans
     convs = [m for m in first_convs(model) if isinstance(getattr(m, "in_channels", None), int)]
     return convs[0].in_channels if convs else None
 
