@@ -260,6 +260,20 @@ def test_forward_intermediates_features(arch):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("arch", ["test_efficientnet", "mobilenetv3_small_050"])
+def test_prune_extra_blocks_stem_width(arch):
+    """timm's check: pruning to the stem (EfficientNet's ``extra_blocks``) leaves a model of the stem's width."""
+    model = _create(arch)
+    model.prune_intermediate_layers([0], extra_blocks=True)
+    model.reset_classifier(7, "avg")
+    x = torch.randn(2, 3, TARGET, TARGET)
+    assert model.forward_head(model.forward_features(x), pre_logits=True).shape[1] == model.num_features
+    assert model.num_features == model.split_factor * model.members[0].num_features
+    assert model.members[0].num_features == model.members[0].conv_stem.out_channels  # the member's own stem
+    assert model(x).shape == (2, 7)
+
+
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("arch", _tier())
 def test_forward_intermediates(arch):
     if _module(arch) not in FEAT_INTER_MODULES:

@@ -512,9 +512,10 @@ class SplitEnsemble(nn.Module):
 
     @torch.jit.unused
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> List[int]:
-        """Prune every member after the last intermediate in ``indices`` (timm's method); returns the kept indices."""
-        kept = [m.prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
+                                  prune_head: bool = True, **kwargs: Any) -> List[int]:
+        """Prune every member after the last intermediate in ``indices`` (timm's method, with the model's own
+        options such as EfficientNet's ``extra_blocks``); returns the kept indices."""
+        kept = [m.prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head, **kwargs)
                 for m in self.members]
         if prune_head:
             self.num_classes = getattr(self.members[0], "num_classes", 0)
