@@ -191,6 +191,15 @@ def test_reset_classifier(arch):
             out = out[0] if isinstance(out, (tuple, list)) else out
             assert model.num_classes == n and out.shape == ((2, 10) if n == 10 else (2, 3) if n else pre.shape)
         assert model.head_hidden_size == pre.shape[1]
+    # timm's check: a head reset on a meta float64 model is made on the model's device and dtype
+    base_heads = _create(arch, split=False).get_classifier()
+    model.to(device="meta", dtype=torch.float64)
+    model.reset_classifier(0)
+    model.reset_classifier(2)
+    heads = model.get_classifier()
+    assert len(heads) == model.split_factor * (len(base_heads) if isinstance(base_heads, (tuple, list)) else 1)
+    params = list(heads.parameters())
+    assert params and all(p.is_meta and p.dtype == torch.float64 for p in params)
 
 
 def _check_levels(outputs, channels, reductions, input_size, fmt="NCHW", batch_size=1):
@@ -391,3 +400,34 @@ def test_forward_fx_torchscript(arch):
     with torch.inference_mode():
         outputs = torch.cat(tuple(scripted(torch.randn((1, *size))).values()))
     assert outputs.shape[0] == 1 and not torch.isnan(outputs).any()
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("arch", ["test_resnet", pytest.param("regnetx_002", marks=pytest.mark.slow)])
+def test_forward_torchscript_with_features_fx(arch):
+    """timm's check: ``features_only`` with ``feature_cls='fx'`` scripts, and the script gives the same levels."""
+    with timm.layers.set_scriptable(True):
+        model = _create(arch, features_only=True, feature_cfg={"feature_cls": "fx"}).eval()
+    x = torch.randn((1, *_input_size(_create(arch))))
+    scripted = torch.jit.script(model)
+    with torch.inference_mode():
+        outs, refs = scripted(x), model(x)
+    assert isinstance(outs, list) and len(outs) == len(refs) == len(model.feature_info.channels())
+    for o, r, c in zip(outs, refs, model.feature_info.channels()):
+        assert o.shape[0] == 1 and o.shape[1] == c and torch.allclose(o, r, atol=1e-5)
+
+
+@pytest.mark.timeout(300)
+def test_set_input_size_resizes_every_member():
+    """timm's ``set_input_size`` (ViT/Swin): the ensemble resizes each member, as the base model resizes itself."""
+    model, base = _create("test_vit").eval(), _create("test_vit", split=False).eval()
+    model.set_input_size(img_size=64)
+    base.set_input_size(img_size=64)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = model(x)
+        want = torch.stack([m(x) for m in model.members]).mean(0)
+    assert torch.allclose(out, want, atol=1e-6) and out.shape == base(x).shape
+    assert all(m.patch_embed.img_size == base.patch_embed.img_size for m in model.members)
+    with pytest.raises(AttributeError, match="no set_input_size"):
+        _create("test_resnet").set_input_size(img_size=64)

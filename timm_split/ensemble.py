@@ -511,6 +511,18 @@ class SplitEnsemble(nn.Module):
         return final, _join_levels([o[1] for o in outs], last)
 
     @torch.jit.unused
+    def set_input_size(self, img_size: Optional[Union[int, Tuple[int, int]]] = None, **kwargs: Any) -> None:
+        """timm's ``set_input_size`` (ViT, Swin, ...: image, patch and window size) on every member."""
+        if not hasattr(self.members[0], "set_input_size"):
+            raise AttributeError(f"{type(self.members[0]).__name__} has no set_input_size; create the model at "
+                                 "the new size (timm.create_model('splitnet_<arch>', img_size=...))")
+        for m in self.members:
+            m.set_input_size(img_size=img_size, **kwargs)
+        if img_size is not None:
+            hw = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+            self._input_size = (self._input_size[0], *hw)
+
+    @torch.jit.unused
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True, **kwargs: Any) -> List[int]:
         """Prune every member after the last intermediate in ``indices`` (timm's method, with the model's own
@@ -526,8 +538,12 @@ class SplitEnsemble(nn.Module):
     # ---- head
     @torch.jit.unused
     def get_classifier(self) -> nn.ModuleList:
-        """The members' classifiers."""
-        return nn.ModuleList([m.get_classifier() for m in self.members])
+        """The members' classifiers (every head of a member with several, e.g. LeViT's distillation head)."""
+        heads: List[nn.Module] = []
+        for m in self.members:
+            head = m.get_classifier()
+            heads.extend(head if isinstance(head, (tuple, list)) else [head])
+        return nn.ModuleList(heads)
 
     @torch.jit.unused
     def reset_classifier(self, num_classes: int, *args: Any, **kwargs: Any) -> None:

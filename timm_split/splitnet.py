@@ -20,6 +20,7 @@ import timm
 import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
 from timm.models._features import FeatureDictNet, FeatureGetterNet, FeatureInfo, FeatureListNet
+from timm.models._features_fx import FeatureGraphNet
 from torch import nn
 
 from .core import split
@@ -108,8 +109,8 @@ def _fmt(model: nn.Module) -> str:
 
 
 class SplitFeatures(nn.Module):
-    """A features model over the members of a split whose architecture has no ``forward_intermediates``: each
-    member wrapped as timm wraps the base model (``FeatureListNet``/``FeatureDictNet``), and each level's
+    """A features model over the members of a split: each member wrapped as timm wraps the base model
+    (``FeatureListNet``/``FeatureDictNet``, or ``FeatureGraphNet`` for ``feature_cls='fx'``), and each level's
     features concatenated on the channel dim (``feature_info`` channels summed).
 
     Attributes:
@@ -117,19 +118,22 @@ class SplitFeatures(nn.Module):
         feature_info: timm's ``FeatureInfo``, channels of the concatenated levels.
     """
 
+    __constants__ = ["return_dict", "dim"]  # TorchScript compiles only the branch they select
+
     def __init__(self, members: List[nn.Module], input_size) -> None:
         super().__init__()
         self.members = nn.ModuleList(members)
         first = members[0]
         self.output_fmt = _fmt(first)
-        self.return_dict = isinstance(first, FeatureDictNet) and not isinstance(first, FeatureListNet)
+        dict_out = isinstance(first, FeatureDictNet) and not isinstance(first, FeatureListNet)
+        self.return_dict = bool(getattr(first, "return_dict", dict_out))
+        self.dim = 1 if self.output_fmt == "NCHW" else -1
         with torch.no_grad():
             outs = meta_copy(first).eval()(torch.empty((2, *input_size), device="meta"))
         outs = list(outs.values()) if isinstance(outs, dict) else list(outs)
         info = FeatureInfo([dict(d) for d in first.feature_info.info], first.feature_info.out_indices)
-        dim = 1 if self.output_fmt == "NCHW" else -1
         for i, o in zip(info.out_indices, outs):
-            info.info[i]["num_chs"] = o.shape[dim] * len(members)
+            info.info[i]["num_chs"] = o.shape[self.dim] * len(members)
         self.feature_info = info
 
     @torch.jit.ignore
@@ -140,11 +144,17 @@ class SplitFeatures(nn.Module):
 
     def forward(self, x: torch.Tensor):
         """The concatenated feature levels: a list (or a dict, as the base's ``FeatureDictNet``)."""
-        per = [m(x) for m in self.members]
-        dim = 1 if self.output_fmt == "NCHW" else -1
         if self.return_dict:
-            return {k: torch.cat([p[k] for p in per], dim) for k in per[0]}
-        return [torch.cat(list(level), dim) for level in zip(*per)]
+            return self._forward_dict(x)
+        per: List[List[torch.Tensor]] = []
+        for m in self.members:  # a loop TorchScript compiles (the members may be timm's FeatureGraphNet)
+            per.append(m(x))
+        return [torch.cat([p[i] for p in per], self.dim) for i in range(len(per[0]))]
+
+    @torch.jit.unused
+    def _forward_dict(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        per = [m(x) for m in self.members]
+        return {k: torch.cat([p[k] for p in per], self.dim) for k in per[0]}
 
 
 class SplitFeatureGetter(FeatureGetterNet):
@@ -166,7 +176,11 @@ def _features_model(ens: SplitEnsemble, arch: str, feature_cfg: Dict[str, Any], 
         except Exception as e:
             raise ValueError(f"splitnet_{arch} with features_only: the base model {arch} does not build with "
                              f"features_only ({type(e).__name__}: {e}); use ens.forward_features(x)") from e
-    wrapped = [_rewrap(m, base) for m in ens.members] if isinstance(base, FeatureDictNet) else None
+    if isinstance(base, FeatureGraphNet):  # feature_cls='fx': each member traced as timm traces the base
+        wrapped = [FeatureGraphNet(m, out_indices=tuple(base.feature_info.out_indices), output_fmt=_fmt(base),
+                                   return_dict=base.return_dict) for m in ens.members]
+    else:
+        wrapped = [_rewrap(m, base) for m in ens.members] if isinstance(base, FeatureDictNet) else None
     if wrapped and all(wrapped):  # the base's own List/Dict wrapper around each member
         size = ens.split_plan.input_size if ens.split_plan is not None else ens.pretrained_cfg["input_size"]
         fm = SplitFeatures(wrapped, size)
