@@ -91,3 +91,13 @@ def test_inherit_at_another_head_takes_the_models_own_head():
     fc = ens.members[0].get_classifier()
     assert torch.isfinite(fc.weight).all() and fc.weight.shape[0] == 5
     assert torch.equal(fc.bias, model.get_classifier().bias), "the head's fixed dim is taken whole"
+
+
+@pytest.mark.timeout(300)
+def test_model_created_at_another_size_is_planned_at_it():
+    """Twins keeps its size in its first patch embedding (``SIZE_OWNERS``), not in ``patch_embed``."""
+    with torch.device("meta"):
+        model = timm.create_model("twins_svt_small", img_size=128)
+    assert input_shape_for(model)[2:] == (128, 128)
+    plan = timm_split.plan_split(model, 2)  # at 224 the trace fails: the model asserts its input size
+    assert plan.input_size == (3, 128, 128) and abs(plan.params_ratio - 1) <= 0.02

@@ -507,8 +507,10 @@ class SplitEnsemble(nn.Module):
         last = output_fmt in ("NHWC", "NLC")
         if intermediates_only:
             return _join_levels(outs, last)
-        final = _cat_members([o[0] for o in outs], self._channels_last)
-        return final, _join_levels([o[1] for o in outs], last)
+        finals = [o[0] for o in outs]
+        if isinstance(finals[0], (list, tuple)):  # several outputs (HRNet's branches after pruning): each joined
+            return [self._join(list(fs), False) for fs in zip(*finals)], _join_levels([o[1] for o in outs], last)
+        return _cat_members(finals, self._channels_last), _join_levels([o[1] for o in outs], last)
 
     @torch.jit.unused
     def set_input_size(self, img_size: Optional[Union[int, Tuple[int, int]]] = None, **kwargs: Any) -> None:
