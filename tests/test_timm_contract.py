@@ -429,5 +429,4 @@ def test_set_input_size_resizes_every_member():
         want = torch.stack([m(x) for m in model.members]).mean(0)
     assert torch.allclose(out, want, atol=1e-6) and out.shape == base(x).shape
     assert all(m.patch_embed.img_size == base.patch_embed.img_size for m in model.members)
-    with pytest.raises(AttributeError, match="no set_input_size"):
-        _create("test_resnet").set_input_size(img_size=64)
+    assert not hasattr(_create("test_resnet"), "set_input_size")  # as the base: timm's code asks with hasattr

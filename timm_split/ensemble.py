@@ -1,7 +1,7 @@
 """Stage 5, ensemble: the S members behind timm's model surface."""
 
 import logging
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.fx
@@ -206,7 +206,7 @@ class SplitEnsemble(nn.Module):
 
     __jit_ignored_attributes__ = ["_execution", "split_plan", "pretrained_cfg", "feature_info", "_traits",
                                   "_input_size"]
-    __jit_unused_properties__ = ["default_cfg", "execution"]
+    __jit_unused_properties__ = ["default_cfg", "execution", "set_input_size"]
 
     def __init__(self, members: Sequence[nn.Module], split_plan: Optional[SplitPlan] = None,
                  pretrained_cfg: Optional[Dict[str, Any]] = None, averaging: str = "logits"):
@@ -512,12 +512,17 @@ class SplitEnsemble(nn.Module):
             return [self._join(list(fs), False) for fs in zip(*finals)], _join_levels([o[1] for o in outs], last)
         return _cat_members(finals, self._channels_last), _join_levels([o[1] for o in outs], last)
 
-    @torch.jit.unused
-    def set_input_size(self, img_size: Optional[Union[int, Tuple[int, int]]] = None, **kwargs: Any) -> None:
-        """timm's ``set_input_size`` (ViT, Swin, ...: image, patch and window size) on every member."""
+    @property
+    def set_input_size(self) -> Callable[..., None]:
+        """timm's ``set_input_size`` (ViT, Swin, ...: image, patch and window size) on every member; only where the
+        members have it (``hasattr(model, 'set_input_size')`` is how timm's code asks)."""
         if not hasattr(self.members[0], "set_input_size"):
             raise AttributeError(f"{type(self.members[0]).__name__} has no set_input_size; create the model at "
                                  "the new size (timm.create_model('splitnet_<arch>', img_size=...))")
+        return self._set_input_size
+
+    @torch.jit.unused
+    def _set_input_size(self, img_size: Optional[Union[int, Tuple[int, int]]] = None, **kwargs: Any) -> None:
         for m in self.members:
             m.set_input_size(img_size=img_size, **kwargs)
         if img_size is not None:
