@@ -430,3 +430,13 @@ def test_set_input_size_resizes_every_member():
     assert torch.allclose(out, want, atol=1e-6) and out.shape == base(x).shape
     assert all(m.patch_embed.img_size == base.patch_embed.img_size for m in model.members)
     assert not hasattr(_create("test_resnet"), "set_input_size")  # as the base: timm's code asks with hasattr
+
+
+@pytest.mark.timeout(300)
+def test_jit_trace_runs_at_another_batch_size():
+    """``torch.jit.trace`` (legacy ONNX export): the ensemble traces and the trace runs at another batch size."""
+    model = _create("test_resnet").eval()
+    traced = torch.jit.trace(model, torch.randn(1, 3, TARGET, TARGET), check_trace=False)
+    x = torch.randn(3, 3, TARGET, TARGET)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), model(x))

@@ -328,7 +328,8 @@ class SplitEnsemble(nn.Module):
             if not isinstance(v, torch.Tensor) or v.dim() != self._input_dim:
                 got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
                 raise ValueError(f"each view must be a {self._input_dim}-d batch [B, C, H, W], got {got}")
-        if len({v.shape[0] for v in views}) > 1:
+        # (under torch.jit.trace a shape is a traced tensor: a set of them is never one element)
+        if not torch.jit.is_tracing() and len({int(v.shape[0]) for v in views}) > 1:
             raise ValueError(f"views have unequal batch sizes {[v.shape[0] for v in views]}; every member needs "
                              "the same samples (one view of each per member)")
         self._check_device(views[0])
