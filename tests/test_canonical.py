@@ -94,10 +94,8 @@ def test_inherit_at_another_head_takes_the_models_own_head():
 
 
 @pytest.mark.timeout(300)
-def test_model_created_at_another_size_is_planned_at_it():
-    """Twins keeps its size in its first patch embedding (``SIZE_OWNERS``), not in ``patch_embed``."""
+def test_size_is_read_only_where_it_is_the_inputs():
+    """Visformer's ``patch_embed1`` follows a stem (its ``img_size`` is a feature map's): the cfg size is used."""
     with torch.device("meta"):
-        model = timm.create_model("twins_svt_small", img_size=128)
-    assert input_shape_for(model)[2:] == (128, 128)
-    plan = timm_split.plan_split(model, 2)  # at 224 the trace fails: the model asserts its input size
-    assert plan.input_size == (3, 128, 128) and abs(plan.params_ratio - 1) <= 0.02
+        model = timm.create_model("visformer_tiny")
+    assert input_shape_for(model)[2:] == tuple(model.pretrained_cfg["input_size"][1:])

@@ -109,9 +109,9 @@ def drop_user_hooks(mod: nn.Module) -> None:
                 getattr(mod, flags, {}).pop(key, None)
 
 
-# where timm models keep the image size they were created at: ViT-likes' patch embedding, CoaT's first of four,
-# Twins' first of a list, or the model itself
-SIZE_OWNERS = ("patch_embed", "patch_embed1", "patch_embeds.0", "")
+# where timm models keep the image size they were created at: ViT-likes' patch embedding, or the model itself.
+# (Not ``patch_embed1``/``patch_embeds.0``: Visformer's ``patch_embed1`` follows a stem, its size is a feature map's.)
+SIZE_OWNERS = ("patch_embed", "")
 
 
 def _has_submodule(model: nn.Module, path: str) -> bool:
