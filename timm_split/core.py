@@ -78,9 +78,7 @@ def plan_split(model: nn.Module, split_factor: int, *, img_size: ImgSize = None,
     check_split_args(model, split_factor, img_size=img_size, in_chans=in_chans, params_tol=params_tol,
                      macs_tol=macs_tol)
     S = _check_factor(split_factor)
-    drop_divisor(S, drop_scale)  # checks the name
-    plan_kw = dict(params_tol=params_tol, macs_tol=macs_tol, scale_regularization=scale_regularization,
-                   drop_scale=drop_scale)
+    plan_kw = _plan_options(S, params_tol, macs_tol, scale_regularization, drop_scale)
     return _planned(model, S, img_size, in_chans, _check_plan_at(plan_at), plan_kw).plan
 
 
@@ -91,6 +89,13 @@ def _traced(model: nn.Module, shape: Tuple[int, ...]) -> Tuple[Trace, Tuple[int,
     out = [n for n in tr.graph.nodes if n.op == "output"][0].args[0]
     out_shape = tuple((out[0] if isinstance(out, tuple) else out).meta["val"].shape)
     return tr, out_shape, getattr(model, "num_classes", None) == 0
+
+
+def _plan_options(S: int, params_tol: float, macs_tol: float, scale_regularization: bool, drop_scale: str) -> dict:
+    """The planner's keyword options, with ``drop_scale``'s name checked."""
+    drop_divisor(S, drop_scale)  # raises ValueError for an unknown name
+    return dict(params_tol=params_tol, macs_tol=macs_tol, scale_regularization=scale_regularization,
+                drop_scale=drop_scale)
 
 
 def _check_plan_at(plan_at: str) -> str:
@@ -201,9 +206,7 @@ def split(model: nn.Module, split_factor: int, *, seed: int = 0, img_size: ImgSi
             drop_user_hooks(m)
         p = plan_split(model, 1, img_size=img_size, in_chans=in_chans, scale_regularization=False)
         return SplitEnsemble([member], p, _pretrained_cfg(model, p), averaging)
-    drop_divisor(S, drop_scale)  # checks the name
-    plan_kw = dict(params_tol=params_tol, macs_tol=macs_tol, scale_regularization=scale_regularization,
-                   drop_scale=drop_scale)
+    plan_kw = _plan_options(S, params_tol, macs_tol, scale_regularization, drop_scale)
     planned = _planned(model, S, img_size, in_chans, _check_plan_at(plan_at), plan_kw)
     members = _rebuild(model, planned, init, seed)
     p = planned.plan

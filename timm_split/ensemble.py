@@ -453,12 +453,13 @@ class SplitEnsemble(nn.Module):
     def forward_features(self, x: Views, stacked: bool = False) -> Any:
         """The members' unpooled features, concatenated: ``[B, S*C, H, W]`` (or ``[B, N, S*C]``, ``[B, H, W, S*C]``
         for token and NHWC models); ``stacked=True`` gives ``[S, B, ...]``."""
-        feats = [m.forward_features(v) for m, v in zip(self.members, self._member_inputs(x))]
-        if isinstance(feats[0], (list, tuple)):  # several outputs (e.g. CrossViT's branches): each one joined
-            return [self._join(list(fs), stacked) for fs in zip(*feats)]
-        return self._join(feats, stacked)
+        return self._join([m.forward_features(v) for m, v in zip(self.members, self._member_inputs(x))], stacked)
 
-    def _join(self, feats: List[torch.Tensor], stacked: bool) -> torch.Tensor:
+    def _join(self, feats: List[Any], stacked: bool) -> Any:
+        """The members' features as one: stacked or concatenated; where a member gives several outputs (CrossViT's
+        branches, HRNet's after pruning), each output joined across the members."""
+        if isinstance(feats[0], (list, tuple)):
+            return [self._join(list(fs), stacked) for fs in zip(*feats)]
         return torch.stack(feats) if stacked else _cat_members(feats, self._channels_last)
 
     @torch.jit.unused
@@ -508,18 +509,14 @@ class SplitEnsemble(nn.Module):
         last = output_fmt in ("NHWC", "NLC")
         if intermediates_only:
             return _join_levels(outs, last)
-        finals = [o[0] for o in outs]
-        if isinstance(finals[0], (list, tuple)):  # several outputs (HRNet's branches after pruning): each joined
-            return [self._join(list(fs), False) for fs in zip(*finals)], _join_levels([o[1] for o in outs], last)
-        return _cat_members(finals, self._channels_last), _join_levels([o[1] for o in outs], last)
+        return self._join([o[0] for o in outs], False), _join_levels([o[1] for o in outs], last)
 
     @property
     def set_input_size(self) -> Callable[..., None]:
         """timm's ``set_input_size`` (ViT, Swin, ...: image, patch and window size) on every member; only where the
         members have it (``hasattr(model, 'set_input_size')`` is how timm's code asks)."""
         if not hasattr(self.members[0], "set_input_size"):
-            raise AttributeError(f"{type(self.members[0]).__name__} has no set_input_size; create the model at "
-                                 "the new size (timm.create_model('splitnet_<arch>', img_size=...))")
+            raise AttributeError("set_input_size")  # nn.Module.__getattr__ then names it as for any missing one
         return self._set_input_size
 
     @torch.jit.unused

@@ -109,23 +109,10 @@ def drop_user_hooks(mod: nn.Module) -> None:
                 getattr(mod, flags, {}).pop(key, None)
 
 
-# where timm models keep the image size they were created at: ViT-likes' patch embedding, or the model itself.
-# (Not ``patch_embed1``/``patch_embeds.0``: Visformer's ``patch_embed1`` follows a stem, its size is a feature map's.)
-SIZE_OWNERS = ("patch_embed", "")
-
-
-def _has_submodule(model: nn.Module, path: str) -> bool:
-    try:
-        model.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
-
-
 def size_built_at(model: nn.Module) -> Optional[Tuple[int, int]]:
     """The image size a model was created at, where it keeps one (timm's ``img_size=`` of ViT-like models is in
-    ``patch_embed.img_size``, see ``SIZE_OWNERS``; some models keep ``img_size`` themselves); None where it does
-    not.
+    ``patch_embed.img_size``; some models keep ``img_size`` themselves); None where it does not. Not a deeper
+    patch embedding: Visformer's ``patch_embed1`` follows a stem, its ``img_size`` is a feature map's.
 
     Args:
         model: any module.
@@ -133,8 +120,7 @@ def size_built_at(model: nn.Module) -> Optional[Tuple[int, int]]:
     Returns:
         ``(H, W)`` or None.
     """
-    for path in SIZE_OWNERS:
-        owner = model.get_submodule(path) if _has_submodule(model, path) else None
+    for owner in (getattr(model, "patch_embed", None), model):
         size = getattr(owner, "img_size", None) if owner is not None else None
         if isinstance(size, int) and not isinstance(size, bool) and size > 0:
             return size, size

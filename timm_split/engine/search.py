@@ -218,11 +218,15 @@ class WidthSearch:
         """Whether a score's ratios are within ``margin`` times the tolerances."""
         return abs(sc[1] - 1) <= self.params_tol * margin and abs(sc[2] - 1) <= self.macs_tol * margin
 
-    def moves(self, x: np.ndarray, delta: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-        """(params ratio, MACs ratio) of every single-group move ``x[i] + delta[i]``, scored at once."""
+    def term_values(self, x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """Every params and MACs monomial's value at widths ``x`` (what :meth:`move_ratios` rescales)."""
         sz = self.cost.sizes(x)
-        vp, vm = np.prod(sz[self.p_idx], axis=1) * self.p_w, np.prod(sz[self.m_idx], axis=1) * self.m_w
-        rho = (x + delta) / x
+        return np.prod(sz[self.p_idx], axis=1) * self.p_w, np.prod(sz[self.m_idx], axis=1) * self.m_w
+
+    def move_ratios(self, values: Tuple[np.ndarray, np.ndarray], rho: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """(params ratio, MACs ratio) of every single-group move, group ``i`` scaled by ``rho[i]``, scored at once
+        from :meth:`term_values` at the widths moved from."""
+        vp, vm = values
         pr = self.S * (vp @ (rho[None, :] ** self.Ep)) / max(self.P0, 1.0)
         mr = self.S * (vm @ (rho[None, :] ** self.Em)) / max(self.M0, 1.0) if self.M0 > 0 else np.ones_like(rho)
         return pr, mr
@@ -242,10 +246,11 @@ class WidthSearch:
             y = x.copy()
             y[w] -= div[w] * np.sign(x[w] / self.old[w] - self.f0)
             found = None
+            values = self.term_values(y)
             for sign in REFINE_STEPS:  # y alone, then y with another group some steps up or down
                 delta = np.where(np.arange(self.nvars) == w, 0.0, sign * div) if sign else np.zeros(self.nvars)
                 z = y + delta
-                pr, mr = self.moves(y, delta)
+                pr, mr = self.move_ratios(values, z / y)
                 d = deviation(self.old[None, :], np.where(np.eye(self.nvars, dtype=bool), z[:, None], y[None, :]),
                               div[None, :], self.S)
                 key = d.max(1) + 1e-6 * d.sum(1)
@@ -269,20 +274,17 @@ class WidthSearch:
 
     def steps(self, x: np.ndarray, best: Score, div: np.ndarray) -> Tuple[np.ndarray, Score]:
         """Single-group steps of one divisor, every candidate scored at once, while one improves."""
-        S, old, target_log = self.S, self.old, self.target_log
+        old, target_log = self.old, self.target_log
         for _ in range(self.max_steps):
             if self.inside(best, STOP_MARGIN):
                 break
-            sz = self.cost.sizes(x)
-            vp, vm = np.prod(sz[self.p_idx], axis=1) * self.p_w, np.prod(sz[self.m_idx], axis=1) * self.m_w
+            values = self.term_values(x)
             dist0 = np.abs(np.log(np.maximum(x, 1.0)) - target_log)
             cand = None
             for sign in (1.0, -1.0):
                 y = x + sign * div
                 ok = (y >= div) & (y <= old * MAX_GROWTH)
-                rho = y / x
-                pr = S * (vp @ (rho[None, :] ** self.Ep)) / max(self.P0, 1.0)
-                mr = S * (vm @ (rho[None, :] ** self.Em)) / max(self.M0, 1.0) if self.M0 > 0 else np.ones_like(rho)
+                pr, mr = self.move_ratios(values, y / x)
                 dist = (dist0.sum() - dist0 + np.abs(np.log(np.maximum(y, 1.0)) - target_log)) / len(x)
                 sc = np.where(ok, self.objective(pr, mr, dist), np.inf)
                 i = int(np.argmin(sc))
