@@ -4,6 +4,7 @@ import timm
 import torch
 
 import timm_split
+from timm_split.count import count
 from timm_split.trace import input_shape_for
 
 ARCHS = ["test_resnet", "test_vit", "test_efficientnet"]
@@ -38,7 +39,8 @@ def test_backbone_widths_do_not_depend_on_head_or_input(arch, kwargs):
             assert shape[1] == kwargs["in_chans"] and shape[0] == want[k][0], k
         else:
             assert shape == want[k], f"{k}: {shape} != {want[k]} (the default split's)"
-    assert ens.split_plan.planned_at == (("num_classes", ref.num_classes), ("in_chans", 3))
+    size = tuple(model.pretrained_cfg["input_size"][1:])
+    assert ens.split_plan.planned_at == (("num_classes", ref.num_classes), ("in_chans", 3), ("img_size", size))
     assert "backbone planned at the cfg's num_classes" in str(ens.split_plan)
     # the plan counts this model's own head: its params are the members' real ones
     member_params = sum(p.numel() for p in ens.members[0].parameters())
@@ -99,3 +101,35 @@ def test_size_is_read_only_where_it_is_the_inputs():
     with torch.device("meta"):
         model = timm.create_model("visformer_tiny")
     assert input_shape_for(model)[2:] == tuple(model.pretrained_cfg["input_size"][1:])
+
+
+def _differing(a, b):
+    a, b = _shapes(a), _shapes(b)
+    assert a.keys() == b.keys()
+    return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+
+
+@pytest.mark.timeout(300)
+def test_model_created_at_another_size_has_the_default_widths():
+    """swin at 448 px with 14 px windows: planned at the cfg's 224 px (set_input_size on a meta copy), so only the
+    window's relative-position tables differ from the default split and a 224 px checkpoint loads at 448 px."""
+    name, kw = "swin_tiny_patch4_window7_224", dict(img_size=448, window_size=14)
+    ref = _meta_split(name)
+    ens = _meta_split(name, **kw)
+    diff = _differing(ref, ens)
+    assert diff and all(k.endswith("relative_position_bias_table") for k in diff), sorted(diff)[:4]
+    assert all(a[1] == b[1] and (a[0], b[0]) == (13 ** 2, 27 ** 2) for a, b in diff.values())
+    plan = ens.split_plan
+    assert dict(plan.planned_at)["img_size"] == (224, 224) and plan.input_size == (3, 448, 448)
+    # MACs are counted at the model's own size: 14 px windows cost more attention than planned at 7 px
+    with torch.device("meta"):
+        base = timm.create_model(name, **kw)
+    want = count(base, 448, device="meta").gmacs_mac_only
+    assert plan.macs[0] == pytest.approx(want * 1e9, rel=1e-6)
+    assert plan.macs[1] == pytest.approx(2 * count(ens.members[0], 448, device="meta").gmacs_mac_only
+                                         * 1e9, rel=1e-6)
+    # plan_at='model' is parity at 448 px: other MLP widths
+    with torch.device("meta"):
+        own = timm_split.split(timm.create_model(name, **kw), 2, plan_at="model")
+    assert {k for k in _differing(ref, own) if "mlp" in k}
+    assert abs(own.split_plan.macs_ratio - 1) <= 0.04

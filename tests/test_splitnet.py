@@ -170,6 +170,39 @@ def test_fine_tune_saved_split(arch, case, tmp_path):
     assert m(x).shape == (2, 5) and m.num_classes == 5
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("arch,resize", [("test_vit", dict(img_size=96)),
+                                         ("swin_tiny_patch4_window7_224", dict(img_size=448, window_size=14))])
+def test_saved_split_loads_at_another_img_size(arch, resize, tmp_path):
+    """A split saved at the cfg's size loads into ``splitnet_<arch>`` created at another ``img_size`` (the same
+    backbone widths, planned at the cfg's size), its members' position embeddings and relative-position tables
+    resampled by their own modules' ``checkpoint_filter_fn``: as the base model with ``img_size=`` does, and equal
+    to resizing the saved split with ``set_input_size``."""
+    src = timm.create_model(f"splitnet_{arch}").eval()
+    path = tmp_path / "model.safetensors"
+    timm_split.save_checkpoint(src, path)
+    m = timm.create_model(f"splitnet_{arch}", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)),
+                          **resize).eval()
+    src.set_input_size(**{k: (v, v) if k == "img_size" else v for k, v in resize.items()})
+    x = torch.randn(1, 3, resize["img_size"], resize["img_size"])
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), src(x))
+
+
+@pytest.mark.timeout(300)
+def test_checkpoint_filter_fn_keeps_a_headless_split():
+    """timm's test_headless_checkpoint_reload: the filter of the ensemble's module passes a split's own
+    (headless) state dict through unchanged."""
+    import importlib
+    model = timm.create_model("splitnet_test_vit", num_classes=0).eval()
+    filter_fn = importlib.import_module(type(model).__module__).checkpoint_filter_fn
+    reloaded = timm.create_model("splitnet_test_vit", num_classes=0, seed=1).eval()
+    reloaded.load_state_dict(filter_fn(dict(sorted(model.state_dict().items())), reloaded))
+    x = torch.randn(1, 3, *model.pretrained_cfg["input_size"][-2:])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), model(x), rtol=0, atol=0)
+
+
 @pytest.mark.timeout(120)
 def test_registry_refuses_missing_backbone(tmp_path):
     """timm's loader goes strict=False for another num_classes: only the classifier may be missing."""

@@ -17,7 +17,7 @@ from .checks import check_split_args
 from .engine.analyse import RETRY_LADDER, ChannelGraph, analyse
 from .engine.attributes import attribute_ties, drop_divisor, settle_attributes
 from .engine.atoms import NewWidths
-from .engine.canonical import canonical_copy, transfer, transfer_selection
+from .engine.canonical import canonical_copy, recount_macs, transfer, transfer_selection
 from .engine.plan import SplitPlan, plan as _plan
 from .engine.rebuild import (build_member, channel_selection, check_member, inherit_member, init_member,
                              reference_stats)
@@ -106,23 +106,29 @@ def _check_plan_at(plan_at: str) -> str:
 
 
 def _planned(model, S, img_size, in_chans, plan_at, plan_kw) -> _Planned:
-    """The plan of the backbone at the cfg's head and input (engine.canonical) where the model has another,
+    """The plan of the backbone at the cfg's head, input and size (engine.canonical) where the model has another,
     carried over to the model; else (or where that fails) the plan of the model itself."""
     shape = input_shape_for(model, img_size, in_chans=in_chans)
     found = canonical_copy(model, shape) if S > 1 and plan_at == "cfg" else None
     if found is None:
         return _plan_and_template(model, S, img_size, in_chans, plan_kw)
-    canon, head = found
+    canon, at = found
     try:
-        at = _plan_and_template(canon, S, img_size, head[1], plan_kw)
+        made = _plan_and_template(canon, S, at.img_size, at.in_chans, plan_kw)
         tr, out_shape, headless = _traced(model, shape)
-        p = transfer(at.plan, canon, tr.model, head, shape[1:])
-        check_member(build_member(tr.model, p, torch.device("meta"), {}, tr.aliases), shape, out_shape, headless)
-        return _Planned(p, tr, out_shape, shape, at.graph, at.sizes, canon)
+        p = transfer(made.plan, canon, tr.model, at, shape[1:])
+        member = build_member(tr.model, p, torch.device("meta"), {}, tr.aliases)
+        check_member(member, shape, out_shape, headless)
+        if at.img_size != tuple(shape[2:]):
+            p = recount_macs(p, tr.model, member, shape)
+            if abs(p.macs_ratio - 1) > plan_kw["macs_tol"]:
+                _logger.warning("%s: planned at the cfg's size %s so that its checkpoints load at any size; at %s "
+                                "the MACs ratio is %.4f. For MACs parity at this size, split with plan_at='model'",
+                                _arch(model), at.img_size, tuple(shape[2:]), p.macs_ratio)
+        return _Planned(p, tr, out_shape, shape, made.graph, made.sizes, canon)
     except SplitError as e:
-        _logger.warning("%s: the plan at the cfg's head (num_classes=%d, in_chans=%d) does not carry over (%s); "
-                        "planning at this model's own head, so its backbone widths differ from the default's",
-                        _arch(model), head[0], head[1], e)
+        _logger.warning("%s: the plan at the cfg's %s does not carry over (%s); planning at this model's own, so "
+                        "its backbone widths differ from the default's", _arch(model), at, e)
         return _plan_and_template(model, S, img_size, in_chans, plan_kw)
 
 
@@ -178,9 +184,11 @@ def split(model: nn.Module, split_factor: int, *, seed: int = 0, img_size: ImgSi
         drop_scale: ``'S'`` (p/S, SplitNet's ResNet rule; the default) or ``'sqrt'`` (p/sqrt(S), the seed's rule
             for SE-ResNet, EfficientNet, PyramidNet and DenseNet). ``print(ens.split_plan)`` shows the rates set.
         plan_at: ``'cfg'`` (default): a timm model created with another ``num_classes`` or ``in_chans`` than its
-            ``pretrained_cfg`` has its backbone planned at the cfg's, so the backbone is the same for every head
-            and a checkpoint fine-tunes onto another head as timm's do; the plan says how much this model's head
-            moves parity. ``'model'``: planned at this model's own head (parity exact there, widths depend on it).
+            ``pretrained_cfg``, or at another ``img_size`` (models with ``set_input_size``), has its backbone
+            planned at the cfg's, so the backbone is the same for every head and size and a checkpoint fine-tunes
+            onto another head or size as timm's do; the plan says how much this model's head moves parity, and
+            counts MACs at this model's size. ``'model'``: planned at this model's own head and size (parity exact
+            there, widths depend on them).
         averaging: ``'logits'`` (mean of logits) or ``'probs'`` (log of mean probabilities).
         init: ``'random'`` (each member from scratch, the family's init) or ``'inherit'`` (warm start: member
             ``i`` takes its own channel subset of ``model``'s trained weights).

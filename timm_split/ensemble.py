@@ -1,5 +1,6 @@
 """Stage 5, ensemble: the S members behind timm's model surface."""
 
+import importlib
 import logging
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -15,7 +16,7 @@ from .trace import meta_copy
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["SplitEnsemble", "prefixed"]
+__all__ = ["SplitEnsemble", "checkpoint_filter_fn", "prefixed"]
 
 Views = Union[torch.Tensor, Sequence[torch.Tensor]]
 Device = Union[str, int, torch.device]
@@ -94,6 +95,30 @@ def prefixed(names: Names, split: int) -> Names:
     if all(n.startswith("members.") for n in names):
         return names
     return tuple(f"members.{i}.{n}" for i in range(split) for n in names)
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: "SplitEnsemble") -> Dict[str, torch.Tensor]:
+    """timm's checkpoint filter for a split: each member's share of ``state_dict`` (``members.<i>.*``) goes
+    through the ``checkpoint_filter_fn`` of that member's timm module, with the member, so a checkpoint saved at
+    224 px loads into a split created at another ``img_size`` with its position embeddings and relative-position
+    tables resampled, as the base model's does. Keys outside the members, and members whose module has no filter,
+    pass unchanged. ``splitnet_<arch>`` uses it for ``pretrained=True``.
+
+    Args:
+        state_dict: a split's state dict (not a base model's: see ``timm_split.split(..., init='inherit')``).
+        model: the split to load it into.
+
+    Returns:
+        The filtered state dict.
+    """
+    out = {k: v for k, v in state_dict.items() if not k.startswith("members.")}
+    for i, member in enumerate(model.members):
+        prefix = f"members.{i}."
+        own = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        fn = getattr(importlib.import_module(type(member).__module__), "checkpoint_filter_fn", None)
+        own = fn(own, member) if callable(fn) and own else own
+        out.update((prefix + k, v) for k, v in own.items())
+    return out
 
 
 def _meta_member(member: nn.Module) -> nn.Module:

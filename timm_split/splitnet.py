@@ -24,7 +24,7 @@ from timm.models._features_fx import FeatureGraphNet
 from torch import nn
 
 from .core import split
-from .ensemble import SplitEnsemble, prefixed
+from .ensemble import SplitEnsemble, checkpoint_filter_fn, prefixed
 from .trace import meta_copy
 
 _logger = logging.getLogger(__name__)
@@ -93,7 +93,8 @@ def create_splitnet(arch: str, pretrained: bool = False, **kwargs) -> nn.Module:
         if cfg.get(k) and k not in overlay:
             overlay[k] = prefixed(cfg[k], split_factor)
     model = build_model_with_cfg(_build_split, variant, pretrained, base_arch=arch, split_factor=split_factor,
-                                 split_kwargs=split_kwargs, pretrained_cfg_overlay=overlay, **kwargs)
+                                 split_kwargs=split_kwargs, pretrained_cfg_overlay=overlay,
+                                 pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
     cfg = dict(model.pretrained_cfg)
     cfg.update(split_factor=split_factor, base_architecture=arch, num_classes=model.num_classes)
     model.pretrained_cfg = cfg

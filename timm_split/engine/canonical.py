@@ -1,63 +1,82 @@
-"""Plan the backbone once, at the architecture's own head and input channels.
+"""Plan the backbone once, at the architecture's own head, input channels and image size.
 
 The classifier (``C x num_classes``) and the stem's input (``in_chans x C x k x k``) are parity terms: planned on
 the model as created, ``resnet18(num_classes=10)`` would get other backbone widths than ``resnet18`` (360 against
-368 channels in ``layer4.0.conv2``), and a checkpoint saved at 1000 classes would not load at 10. So a timm model
-whose head or input differs from its ``pretrained_cfg`` is planned on a meta copy at the cfg's ``num_classes``
-and ``in_chans`` (:func:`canonical_copy`); :func:`transfer` then gives every tensor the planned width except the
-dims where the model differs from that copy (the classes, the input channels), which keep the model's own.
-The plan records where it was made (``SplitPlan.planned_at``) and the parity at that head
-(``SplitPlan.planned_params``), so a user sees how much the head moves it.
+368 channels in ``layer4.0.conv2``), and a checkpoint saved at 1000 classes would not load at 10. The image size
+moves attention MACs: ``swin_tiny`` created at ``img_size=448, window_size=14`` would get an MLP width of 264
+where the default has 272. So a timm model whose head, input channels or (where it keeps one and can be resized
+with ``set_input_size``) image size differ from its ``pretrained_cfg`` is planned on a meta copy at the cfg's
+(:func:`canonical_copy`); :func:`transfer` then gives every tensor the planned width except the dims where the
+model differs from that copy (the classes, the input channels, the position table's length), which keep the
+model's own. The plan records where it was made (``SplitPlan.planned_at``) and the parity there
+(``SplitPlan.planned_params``), so a user sees how much the head moves it; its MACs are counted at the model's
+own size.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from ..trace import MetaRecurrent, first_convs, meta_copy
+from ..count import count
+from ..trace import MetaRecurrent, first_convs, meta_copy, size_built_at
 from .plan import SplitPlan
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["cfg_head", "canonical_copy", "transfer", "transfer_selection"]
+__all__ = ["CfgAt", "cfg_at", "canonical_copy", "recount_macs", "transfer", "transfer_selection"]
 
 
-def cfg_head(model: nn.Module) -> Optional[Tuple[int, int]]:
-    """``(num_classes, in_chans)`` of the model's ``pretrained_cfg``, or None for a model without a timm cfg."""
+class CfgAt(NamedTuple):
+    """Where a plan is made: the cfg's head, input channels and image size."""
+
+    num_classes: int
+    in_chans: int
+    img_size: Tuple[int, int]
+
+
+def cfg_at(model: nn.Module) -> Optional[CfgAt]:
+    """The model's ``pretrained_cfg`` head, input channels and size, or None for a model without a timm cfg."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     n, size = cfg.get("num_classes"), cfg.get("input_size")
     if not isinstance(n, int) or not size or not callable(getattr(model, "reset_classifier", None)):
         return None
-    return n, int(size[0])
+    return CfgAt(n, int(size[0]), (int(size[-2]), int(size[-1])))
 
 
-def canonical_copy(model: nn.Module, input_shape: Sequence[int]) -> Optional[Tuple[nn.Module, Tuple[int, int]]]:
-    """A meta copy of ``model`` with its cfg's head and input channels, where they differ from the model's.
+def canonical_copy(model: nn.Module, input_shape: Sequence[int]) -> Optional[Tuple[nn.Module, CfgAt]]:
+    """A meta copy of ``model`` at its cfg's head, input channels and image size, where they differ from the model's.
 
-    A model created without pooling (``num_classes=0, global_pool=''``) gets the first of timm's pool types that
-    makes the copy run with a classifier.
+    The image size is the cfg's only for a model that keeps the size it was created at (``patch_embed.img_size``)
+    and has timm's ``set_input_size``; other models keep the size they are traced at. A model created without
+    pooling (``num_classes=0, global_pool=''``) gets the first of timm's pool types that makes the copy run with a
+    classifier.
 
     Args:
         model: a timm model (not modified).
         input_shape: ``(B, C, H, W)`` the model takes.
 
     Returns:
-        ``(copy, (num_classes, in_chans))`` of the cfg, or None where the model already has them (or has no cfg,
-        or its head or first conv cannot be reset).
+        ``(copy, where)`` with the cfg's values, or None where the model already has them (or has no cfg, or its
+        head, first conv or size cannot be reset).
     """
-    head = cfg_head(model)
-    if head is None or (getattr(model, "num_classes", None), input_shape[1]) == head:
+    at = cfg_at(model)
+    if at is None:
         return None
-    shape = (input_shape[0], head[1], *input_shape[2:])
+    own = tuple(input_shape[2:])
+    if own != at.img_size and not (size_built_at(model) and callable(getattr(model, "set_input_size", None))):
+        at = at._replace(img_size=own)
+    if (getattr(model, "num_classes", None), input_shape[1], own) == tuple(at):
+        return None
+    shape = (input_shape[0], at.in_chans, *at.img_size)
     for pool in (None, *POOLS):
-        canon = _reset(model, head, pool)
+        canon = _reset(model, at, own, pool)
         if canon is not None and _runs(canon, shape):
-            return canon, head
-    _logger.info("%s: no copy at the cfg's head runs; planning at the model's own head", type(model).__name__)
+            return canon, at
+    _logger.info("%s: no copy at the cfg's head and size runs; planning at the model's own", type(model).__name__)
     return None
 
 
@@ -65,17 +84,20 @@ def canonical_copy(model: nn.Module, input_shape: Sequence[int]) -> Optional[Tup
 POOLS = ("avg", "token", "fast", "max")
 
 
-def _reset(model: nn.Module, head: Tuple[int, int], pool: Optional[str]) -> Optional[nn.Module]:
+def _reset(model: nn.Module, at: CfgAt, own_size: Tuple[int, int], pool: Optional[str]) -> Optional[nn.Module]:
     canon = meta_copy(model)
     try:
         with torch.device("meta"):
-            if canon.num_classes != head[0] or pool is not None:
-                canon.reset_classifier(head[0]) if pool is None else canon.reset_classifier(head[0], pool)
+            if canon.num_classes != at.num_classes or pool is not None:
+                n = at.num_classes
+                canon.reset_classifier(n) if pool is None else canon.reset_classifier(n, pool)
             convs = first_convs(canon)
-            if convs and convs[0].in_channels != head[1] and not _set_in_chans(canon, head[1]):
+            if convs and convs[0].in_channels != at.in_chans and not _set_in_chans(canon, at.in_chans):
                 return None
-    except Exception as e:  # noqa: BLE001 - a model's own reset_classifier
-        _logger.debug("reset_classifier(%d, %s) failed: %s", head[0], pool, e)
+            if at.img_size != own_size:
+                canon.set_input_size(img_size=at.img_size)
+    except Exception as e:  # noqa: BLE001 - a model's own reset_classifier / set_input_size
+        _logger.debug("resetting to %s (pool %s) failed: %s", at, pool, e)
         return None
     return canon
 
@@ -122,20 +144,21 @@ def _differs(canon: Dict[str, Tuple[int, ...]], own: Dict[str, Tuple[int, ...]])
     return out
 
 
-def transfer(plan: SplitPlan, canon: nn.Module, model: nn.Module, head: Tuple[int, int],
+def transfer(plan: SplitPlan, canon: nn.Module, model: nn.Module, at: CfgAt,
              input_size: Sequence[int]) -> SplitPlan:
-    """The plan made on ``canon`` for ``model``: the planned widths, the model's own classes and input channels.
+    """The plan made on ``canon`` for ``model``: the planned widths, the model's own classes, input channels and
+    size-dependent lengths (position tables), and only the planned attributes the model has as ``canon`` had them.
 
     Args:
         plan: the plan of ``canon``.
         canon: the copy it was made on (:func:`canonical_copy`).
         model: the model to split.
-        head: ``(num_classes, in_chans)`` the plan was made at.
+        at: where the plan was made.
         input_size: ``(C, H, W)`` of the model's input.
 
     Returns:
-        The plan for ``model``. Its ``params`` count the model's head; its ``macs`` are those planned (the head's
-        MACs are not re-counted); ``planned_at`` and ``planned_params`` say where it was made.
+        The plan for ``model``. Its ``params`` count the model's head; its ``macs`` are those planned (see
+        :func:`recount_macs` for another size); ``planned_at`` and ``planned_params`` say where it was made.
     """
     base, own = _shapes(canon), _shapes(model)
     shapes = {}
@@ -151,11 +174,26 @@ def transfer(plan: SplitPlan, canon: nn.Module, model: nn.Module, head: Tuple[in
              for n in set(shapes) | set(plan.param_shapes) if n not in buffers)
     S, mods = plan.split_factor, dict(model.named_modules(remove_duplicate=False))
     return dataclasses.replace(
-        plan, param_shapes=shapes, attributes=tuple(a for a in plan.attributes if a[0] in mods),
+        plan, param_shapes=shapes, attributes=tuple(a for a in plan.attributes if _has_attr(mods, a)),
         regularization=tuple(r for r in plan.regularization if r[0] in mods),
         params=(plan.params[0] + d0, plan.params[1] + S * d1),
-        input_size=tuple(input_size), planned_at=(("num_classes", head[0]), ("in_chans", head[1])),
-        planned_params=plan.params)
+        input_size=tuple(input_size), planned_at=tuple(at._asdict().items()), planned_params=plan.params)
+
+
+def _has_attr(mods: Dict[str, nn.Module], attribute: tuple) -> bool:
+    """Whether the model has a planned attribute ``(module, name, old, new)`` with the value it had in the copy
+    (a size-dependent one, e.g. a feature-map size, keeps the model's own)."""
+    path, name, old = attribute[:3]
+    return path in mods and getattr(mods[path], name, None) == old
+
+
+def recount_macs(plan: SplitPlan, model: nn.Module, member: nn.Module, input_shape: Sequence[int]) -> SplitPlan:
+    """``plan`` with its MACs counted on ``model`` and one ``member`` (meta, :func:`~timm_split.count.count`) at
+    ``input_shape``, for a plan made at another image size."""
+    size, chans = tuple(input_shape[2:]), int(input_shape[1])
+    m0 = count(model, size, in_chans=chans, device="meta").gmacs_mac_only * 1e9
+    m1 = count(member, size, in_chans=chans, device="meta").gmacs_mac_only * 1e9
+    return dataclasses.replace(plan, macs=(m0, plan.split_factor * m1))
 
 
 def _numel_of(shape: Optional[Tuple[int, ...]]) -> int:

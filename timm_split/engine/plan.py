@@ -62,8 +62,9 @@ class SplitPlan:
         input_size: (C, H, W) the plan was made at.
         fixed: why some dims could not scale, with counts.
         unknown_ops: ops that had no channel rule.
-        planned_at: ``(('num_classes', n), ('in_chans', c))`` where the widths were planned at the cfg's head and
-            input, not the model's own (:mod:`~timm_split.engine.canonical`); empty where planned on the model.
+        planned_at: ``(('num_classes', n), ('in_chans', c), ('img_size', (h, w)))`` where the widths were
+            planned at the cfg's head, input and size, not the model's own (:mod:`~timm_split.engine.canonical`);
+            empty where planned on the model.
         planned_params: ``params`` at that head, where ``planned_at`` is set.
     """
 
@@ -79,7 +80,7 @@ class SplitPlan:
     input_size: Tuple[int, ...] = (3, 224, 224)
     fixed: Tuple[Tuple[str, int], ...] = field(repr=False, default=())
     unknown_ops: Tuple[Tuple[str, int], ...] = field(repr=False, default=())
-    planned_at: Tuple[Tuple[str, int], ...] = ()
+    planned_at: Tuple[Tuple[str, object], ...] = ()
     planned_params: Tuple[int, int] = (0, 0)
 
     @property
@@ -131,7 +132,7 @@ class SplitPlan:
             at = ", ".join(f"{k}={v}" for k, v in self.planned_at)
             pr = self.planned_params[1] / max(self.planned_params[0], 1)
             lines.append(f"  backbone planned at the cfg's {at}; this model's head and input move the params ratio "
-                         f"{pr:.4f} -> {self.params_ratio:.4f} (MACs as planned)")
+                         f"{pr:.4f} -> {self.params_ratio:.4f}")
         if self.fixed:
             lines.append("  kept fixed: " + ", ".join(f"{w} ({c})" for w, c in self.fixed[:6]))
         if self.unknown_ops:
