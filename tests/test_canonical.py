@@ -133,3 +133,13 @@ def test_model_created_at_another_size_has_the_default_widths():
         own = timm_split.split(timm.create_model(name, **kw), 2, plan_at="model")
     assert {k for k in _differing(ref, own) if "mlp" in k}
     assert abs(own.split_plan.macs_ratio - 1) <= 0.04
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("arch,size", [("coat_lite_tiny", 128), ("twins_svt_small", 160)])
+def test_size_is_read_from_the_module_owning_the_first_conv(arch, size):
+    """CoaT and Twins keep ``img_size`` in the patch embedding that owns their cfg's ``first_conv``
+    (``patch_embed1.proj``, ``patch_embeds.0.proj``): a model created at another size is traced at it."""
+    with torch.device("meta"):
+        model = timm.create_model(arch, img_size=size)
+    assert input_shape_for(model)[2:] == (size, size)

@@ -21,6 +21,7 @@ from .engine.canonical import canonical_copy, recount_macs, transfer, transfer_s
 from .engine.plan import SplitPlan, plan as _plan
 from .engine.rebuild import (build_member, channel_selection, check_member, inherit_member, init_member,
                              reference_stats)
+from .engine.tables import recompute_tables
 from .ensemble import SplitEnsemble
 from .errors import SplitError
 from .trace import Trace, drop_user_hooks, input_shape_for, meta_copy, trace
@@ -241,6 +242,8 @@ def _rebuild(model: nn.Module, planned: _Planned, init: str, seed: int) -> list:
             inherit_member(m, model, selection)
         elif device.type != "meta":
             init_member(m, stats, seed + i)
+        if device.type != "meta":
+            recompute_tables(m)
         m.train(model.training)
         members.append(m)
     return members

@@ -110,9 +110,11 @@ def drop_user_hooks(mod: nn.Module) -> None:
 
 
 def size_built_at(model: nn.Module) -> Optional[Tuple[int, int]]:
-    """The image size a model was created at, where it keeps one (timm's ``img_size=`` of ViT-like models is in
-    ``patch_embed.img_size``; some models keep ``img_size`` themselves); None where it does not. Not a deeper
-    patch embedding: Visformer's ``patch_embed1`` follows a stem, its ``img_size`` is a feature map's.
+    """The image size a model was created at, where it keeps one: timm's ``img_size=`` of ViT-like models is in
+    ``patch_embed.img_size``; some models keep ``img_size`` themselves; CoaT and Twins keep it in the module that
+    owns their cfg's ``first_conv`` (``patch_embed1.proj``, ``patch_embeds.0.proj``). Not any deeper patch
+    embedding: Visformer's ``patch_embed1`` follows a stem (its first conv is ``stem.0``), its ``img_size`` is a
+    feature map's. None where the model keeps no size.
 
     Args:
         model: any module.
@@ -120,13 +122,25 @@ def size_built_at(model: nn.Module) -> Optional[Tuple[int, int]]:
     Returns:
         ``(H, W)`` or None.
     """
-    for owner in (getattr(model, "patch_embed", None), model):
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    first = cfg.get("first_conv")
+    first = first if isinstance(first, str) else (first[0] if first else None)
+    stem = model.get_submodule(first.rpartition(".")[0]) if first and "." in first and _has(model, first) else None
+    for owner in (getattr(model, "patch_embed", None), model, stem):
         size = getattr(owner, "img_size", None) if owner is not None else None
         if isinstance(size, int) and not isinstance(size, bool) and size > 0:
             return size, size
         if isinstance(size, (tuple, list)) and len(size) == 2 and all(type(v) is int and v > 0 for v in size):
             return tuple(size)
     return None
+
+
+def _has(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
 
 
 def first_convs(model: nn.Module) -> List[nn.Module]:

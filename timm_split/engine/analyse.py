@@ -27,6 +27,7 @@ from ..errors import SplitError
 from ..trace import Trace
 from .atoms import Atoms, Dim
 from .rules import module_of, rule_for, shape_of
+from .tables import table_layout
 
 _logger = logging.getLogger(__name__)
 
@@ -126,6 +127,7 @@ class Interpreter:
                     f"channel analysis failed at {node.format_node()} "
                     f"(module '{module_of(node)}'): {type(e).__name__}: {e}"
                 ) from e
+        self.tie_tables(param_dims)
         # attention keeps its heads and shrinks head_dim; where head_dim cannot change (rotary tables), the
         # heads shrink instead
         self.fix_buffer_geometry(param_dims)
@@ -158,6 +160,29 @@ class Interpreter:
                 if len(leaves) == 1:
                     out.add(self.A.find(leaves[0]))
         return out
+
+    def tie_tables(self, param_dims: Dict[str, List[Dim]]) -> None:
+        """Give each computed table (:mod:`~timm_split.engine.tables`) its layout: the table's width becomes the
+        product of fixed sizes and the atoms of the buffers it is computed from (RoPE's ``pos_embed`` width is
+        ``2 x ndim x bands x 2``), so the widths a plan gives them stay consistent."""
+        for path, mod in self.modules.items():
+            for leaf, k, factors in getattr(table_layout(mod), "ties", ()):
+                dims = param_dims.get(f"{path}.{leaf}" if path else leaf)
+                parts: List[int] = []
+                for f in factors:
+                    if isinstance(f, int):
+                        parts.append(self.A.new(f, fixed=True, why=f"{type(mod).__name__}'s table layout"))
+                        continue
+                    src, _, j = f.partition(":")
+                    src_dims = param_dims.get(f"{path}.{src}" if path else src)
+                    if src_dims is None:
+                        break
+                    parts.extend(src_dims[int(j)])
+                else:
+                    if dims is not None:
+                        self.A.unify(dims[k], tuple(parts), why=f"{type(mod).__name__}'s table layout")
+                        continue
+                self.A.fix_dims([dims[k]] if dims is not None else [], "a computed table without its source")
 
     def fix_buffer_geometry(self, param_dims: Dict[str, List[Dim]]) -> None:
         """Fix the widths that only a buffer makes and only layers read: Swin-V2's relative-coordinate table

@@ -24,6 +24,7 @@ from ..trace import MetaRecurrent
 from .analyse import ChannelGraph
 from .atoms import NewWidths
 from .rules import EQUAL_SPLITS
+from .tables import table_layout
 
 _logger = logging.getLogger(__name__)
 
@@ -197,10 +198,12 @@ def width_attributes(cg: ChannelGraph, sizes: NewWidths) -> Tuple[tuple, Ambiguo
     for path, mod in cg.trace.model.named_modules(remove_duplicate=False):
         exact = _layer_attributes(path, mod, conv_groups.get(path), sizes, cg)
         out.extend(exact or ())
+        derived = _table_attributes(path, mod, sizes, cg)
+        out.extend(a for a in derived if a[2] != a[3])
         if not local.get(path):
             continue
         sc = _Scope(local[path], sections.get(path, {}), own.get(path, {}), path in cg.trace.calls)
-        skip = _EXACT_ATTRS.get(type(mod), ()) if exact is not None else ()
+        skip = (_EXACT_ATTRS.get(type(mod), ()) if exact is not None else ()) + tuple(a[1] for a in derived)
         for attr, v in list(vars(mod).items()):
             if attr.startswith("_") or attr in _SKIP_ATTRS or attr in skip:
                 continue
@@ -208,6 +211,19 @@ def width_attributes(cg: ChannelGraph, sizes: NewWidths) -> Tuple[tuple, Ambiguo
             if update is not None:
                 (ambiguous if update[0] == "ambiguous" else out).append((path, attr, v, update[1]))
     return tuple(out), tuple(ambiguous)
+
+
+def _table_attributes(path: str, mod: nn.Module, sizes: NewWidths, cg: ChannelGraph) -> list:
+    """The attributes a computed table is made from (:mod:`~timm_split.engine.tables`), from the new widths of
+    its source buffers (RoPE's ``dim = 4 * bands``); every one, changed or not, so no match overrides it."""
+    layout = table_layout(mod)
+    out = []
+    for attr, factor, multiple in getattr(layout, "attributes", ()):
+        src, _, j = factor.partition(":")
+        dims = cg.param_dims.get(f"{path}.{src}" if path else src)
+        if dims is not None:
+            out.append((path, attr, getattr(mod, attr), multiple * sizes.dim(dims[int(j)])))
+    return out
 
 
 def module_io(cg: ChannelGraph, sizes: NewWidths, paths) -> Dict[str, tuple]:

@@ -142,8 +142,9 @@ def init_member(member: nn.Module, stats: Dict[str, tuple], seed: int) -> None:
 
 def _resize_like(src: torch.Tensor, shape) -> torch.Tensor:
     """``src`` cut (first entries) or tiled to ``shape`` dim by dim. Exact where the resized dims are uniform
-    (BlurPool filters, zero biases); a rotary table keeps its first frequency bands, still a valid encoding for
-    a member trained from scratch."""
+    (BlurPool filters, zero biases); a rotary ``periods`` buffer the forward builds its table from keeps its first
+    frequency bands, still a valid encoding for a member trained from scratch. Cached tables are not cut: they
+    are recomputed (:mod:`~timm_split.engine.tables`)."""
     for k, n in enumerate(shape):
         if src.shape[k] != n:
             idx = torch.arange(n, device=src.device).clamp_(max=src.shape[k] - 1)
