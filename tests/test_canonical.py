@@ -143,3 +143,14 @@ def test_size_is_read_from_the_module_owning_the_first_conv(arch, size):
     with torch.device("meta"):
         model = timm.create_model(arch, img_size=size)
     assert input_shape_for(model)[2:] == (size, size)
+
+
+@pytest.mark.timeout(300)
+def test_geometry_tuple_matched_by_value_is_kept_on_retry():
+    """CoaT at 128 px: ``patch_embed2.grid_size == (16, 16)`` equals a head_dim of 16 by value, and its own module
+    never reads it (running it alone cannot tell). The last rung of the retry ladder keeps such tuples, so the
+    split runs, at parity, with the grid the model was built for (timm's prune test builds coat at 128 px)."""
+    with torch.device("meta"):
+        ens = timm_split.split(timm.create_model("coat_lite_tiny", img_size=128), 2)
+    assert all(m.patch_embed2.grid_size == (16, 16) for m in ens.members)
+    assert ens.split_plan.input_size == (3, 128, 128) and abs(ens.split_plan.params_ratio - 1) <= 0.02

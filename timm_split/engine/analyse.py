@@ -48,6 +48,9 @@ class AnalysisOptions:
         tie_attributes: after the analysis, make the channel groups behind each width attribute the previous
             plan found ambiguous one group (:func:`~timm_split.engine.attributes.attribute_ties`).
         free_output: the width of a ``[B, C]`` model output may change (a headless model, ``num_classes=0``).
+        keep_value_tuples: a tuple attribute that matches widths only by value keeps its value (geometry:
+            CoaT's ``patch_embed2.grid_size = (16, 16)`` at 128 px beside a head_dim of 16 is a feature map's
+            size; its own module does not read it, so running the module cannot tell).
         adds: what this step of :data:`RETRY_LADDER` adds, for the log.
     """
 
@@ -56,6 +59,7 @@ class AnalysisOptions:
     couple_partial: bool = False
     tie_attributes: bool = False
     free_output: bool = False
+    keep_value_tuples: bool = False
     adds: str = "nothing"
 
 
@@ -69,6 +73,8 @@ RETRY_LADDER: Tuple[AnalysisOptions, ...] = (
     AnalysisOptions(couple_inputs=True, couple_products=True, tie_attributes=True,
                     adds="the groups of ambiguous attributes tied"),
     AnalysisOptions(couple_inputs=True, couple_partial=True, adds="input-shape couplings of sizes with a fixed factor"),
+    AnalysisOptions(couple_inputs=True, keep_value_tuples=True,
+                    adds="input-shape couplings, tuple attributes matched by value kept (geometry)"),
 )
 
 
@@ -83,6 +89,7 @@ class ChannelGraph:
         mac_terms: (node, list of dims whose product is the op's MACs, constant factor).
         groups_atoms: convolution node -> its groups atom (to update ``groups``).
         unknown_ops: ops that had no rule and were fixed conservatively.
+        options: the options the analysis ran with.
     """
 
     trace: Trace
@@ -91,6 +98,7 @@ class ChannelGraph:
     mac_terms: List[Tuple[fx.Node, List[Dim], float]]
     groups_atoms: Dict[str, int]
     unknown_ops: Dict[str, int]
+    options: AnalysisOptions = AnalysisOptions()
 
 
 class Interpreter:
@@ -135,7 +143,7 @@ class Interpreter:
         for batch, head_dim in self.heads:
             if any(A.any_free(d) for d in head_dim) and not any(r in mixed for d in batch for r in A.leaves(d)):
                 A.fix_dims(batch, "attention heads (head_dim shrinks instead)")
-        return ChannelGraph(self.tr, A, param_dims, self.mac_terms, self.groups_atoms, self.unknown)
+        return ChannelGraph(self.tr, A, param_dims, self.mac_terms, self.groups_atoms, self.unknown, self.options)
 
     def read_dim(self, name: str) -> Optional[int]:
         """The dim of parameter ``name`` that its layer contracts over (reads, does not make): a Linear's
