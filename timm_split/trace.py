@@ -122,10 +122,10 @@ def size_built_at(model: nn.Module) -> Optional[Tuple[int, int]]:
     Returns:
         ``(H, W)`` or None.
     """
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    first = cfg.get("first_conv")
-    first = first if isinstance(first, str) else (first[0] if first else None)
-    stem = model.get_submodule(first.rpartition(".")[0]) if first and "." in first and _has(model, first) else None
+    names = _first_conv_names(model)
+    stem = None
+    if names and "." in names[0] and _submodule(model, names[0]) is not None:
+        stem = _submodule(model, names[0].rpartition(".")[0])
     for owner in (getattr(model, "patch_embed", None), model, stem):
         size = getattr(owner, "img_size", None) if owner is not None else None
         if isinstance(size, int) and not isinstance(size, bool) and size > 0:
@@ -135,20 +135,24 @@ def size_built_at(model: nn.Module) -> Optional[Tuple[int, int]]:
     return None
 
 
-def _has(model: nn.Module, name: str) -> bool:
+def _submodule(model: nn.Module, path: str) -> Optional[nn.Module]:
     try:
-        model.get_submodule(name)
-        return True
+        return model.get_submodule(path)
     except AttributeError:
-        return False
+        return None
+
+
+def _first_conv_names(model: nn.Module) -> Tuple[str, ...]:
+    """The names a timm model's cfg gives as ``first_conv`` (one, or several)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    names = cfg.get("first_conv") or ()
+    return (names,) if isinstance(names, str) else tuple(names)
 
 
 def first_convs(model: nn.Module) -> List[nn.Module]:
     """The modules a timm model's cfg names as ``first_conv`` (those it has)."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    names = cfg.get("first_conv") or ()
     mods = dict(model.named_modules())
-    return [mods[n] for n in ((names,) if isinstance(names, str) else names) if n in mods]
+    return [mods[n] for n in _first_conv_names(model) if n in mods]
 
 
 def in_chans_built_at(model: nn.Module) -> Optional[int]:

@@ -27,7 +27,7 @@ from ..errors import SplitError
 from ..trace import Trace
 from .atoms import Atoms, Dim
 from .rules import module_of, rule_for, shape_of
-from .tables import table_layout
+from .tables import source_dim, table_layout
 
 _logger = logging.getLogger(__name__)
 
@@ -175,22 +175,14 @@ class Interpreter:
         ``2 x ndim x bands x 2``), so the widths a plan gives them stay consistent."""
         for path, mod in self.modules.items():
             for leaf, k, factors in getattr(table_layout(mod), "ties", ()):
+                why = f"{type(mod).__name__}'s table layout"
                 dims = param_dims.get(f"{path}.{leaf}" if path else leaf)
-                parts: List[int] = []
-                for f in factors:
-                    if isinstance(f, int):
-                        parts.append(self.A.new(f, fixed=True, why=f"{type(mod).__name__}'s table layout"))
-                        continue
-                    src, _, j = f.partition(":")
-                    src_dims = param_dims.get(f"{path}.{src}" if path else src)
-                    if src_dims is None:
-                        break
-                    parts.extend(src_dims[int(j)])
-                else:
-                    if dims is not None:
-                        self.A.unify(dims[k], tuple(parts), why=f"{type(mod).__name__}'s table layout")
-                        continue
-                self.A.fix_dims([dims[k]] if dims is not None else [], "a computed table without its source")
+                parts = [(self.A.new(f, fixed=True, why=why),) if isinstance(f, int)
+                         else source_dim(path, f, param_dims) for f in factors]
+                if dims is not None and all(d is not None for d in parts):
+                    self.A.unify(dims[k], tuple(a for d in parts for a in d), why=why)
+                elif dims is not None:
+                    self.A.fix_dims([dims[k]], "a computed table without its source")
 
     def fix_buffer_geometry(self, param_dims: Dict[str, List[Dim]]) -> None:
         """Fix the widths that only a buffer makes and only layers read: Swin-V2's relative-coordinate table

@@ -24,7 +24,7 @@ from ..trace import MetaRecurrent
 from .analyse import ChannelGraph
 from .atoms import NewWidths
 from .rules import EQUAL_SPLITS
-from .tables import table_layout
+from .tables import source_dim, table_layout
 
 _logger = logging.getLogger(__name__)
 
@@ -225,10 +225,9 @@ def _table_attributes(path: str, mod: nn.Module, sizes: NewWidths, cg: ChannelGr
     layout = table_layout(mod)
     out = []
     for attr, factor, multiple in getattr(layout, "attributes", ()):
-        src, _, j = factor.partition(":")
-        dims = cg.param_dims.get(f"{path}.{src}" if path else src)
-        if dims is not None:
-            out.append((path, attr, getattr(mod, attr), multiple * sizes.dim(dims[int(j)])))
+        dim = source_dim(path, factor, cg.param_dims)
+        if dim is not None:
+            out.append((path, attr, getattr(mod, attr), multiple * sizes.dim(dim)))
     return out
 
 

@@ -19,7 +19,7 @@ from ..errors import SplitError
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["TABLES", "Layout", "table_layout", "recompute_tables"]
+__all__ = ["TABLES", "Layout", "table_layout", "source_dim", "recompute_tables"]
 
 
 class Layout(NamedTuple):
@@ -60,6 +60,14 @@ def table_layout(mod: nn.Module) -> Optional[Layout]:
     """The layout of ``mod``'s computed tables, or None for a layer not in :data:`TABLES` (or not caching one)."""
     rule = next((TABLES[c] for c in type(mod).__mro__ if c in TABLES), None)
     return rule(mod) if rule is not None else None
+
+
+def source_dim(path: str, factor: str, param_dims: Dict[str, list]) -> Optional[tuple]:
+    """The dim a ``'buffer:dim'`` factor of the layer at ``path`` names, from the analysis' ``param_dims``; None
+    where the trace did not record that buffer."""
+    src, _, j = factor.partition(":")
+    dims = param_dims.get(f"{path}.{src}" if path else src)
+    return None if dims is None else dims[int(j)]
 
 
 def recompute_tables(member: nn.Module) -> List[str]:
