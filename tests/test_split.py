@@ -472,3 +472,28 @@ def test_traced_at_the_size_the_model_was_created_at():
     assert ens.split_plan.input_size == (3, 64, 64)
     with torch.no_grad():
         assert ens(torch.randn(2, 3, 64, 64)).shape == (2, NUM_CLASSES)
+
+
+class _SeqNet(nn.Module):
+    """An LSTM over the rows of a conv feature map (sequencer2d's pattern), then a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 32, 3, padding=1)
+        self.rnn = nn.LSTM(32, 32, batch_first=True)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        y = self.conv(x).flatten(2).transpose(1, 2)
+        return self.fc(self.rnn(y)[0].mean(1))
+
+
+def test_member_lstm_flat_weights_are_its_parameters():
+    """nn.LSTM caches its weights in ``_flat_weights``, which TorchScript reads: every member's cache holds that
+    member's own parameters (not the meta template's), so a scripted split computes what the eager one does."""
+    ens = timm_split.split(_SeqNet().eval(), 2, img_size=8)
+    for m in ens.members:
+        assert all(w is getattr(m.rnn, n) for w, n in zip(m.rnn._flat_weights, m.rnn._flat_weights_names))
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.jit.script(ens)(x), ens(x))

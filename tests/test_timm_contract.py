@@ -418,6 +418,36 @@ def test_forward_torchscript_with_features_fx(arch):
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("arch", ["test_efficientnet", "test_byobnet",
+                                  pytest.param("ghostnet_050", marks=pytest.mark.slow),
+                                  pytest.param("rexnet_100", marks=pytest.mark.slow)])
+def test_feature_getter_torchscript(arch):
+    """timm's check (test_feature_getter_stage_ends_torchscript): ``FeatureGetterNet`` over the ensemble scripts and
+    gives its eager levels; scripting leaves the eager model working on per-member views."""
+    from timm.models._features import FeatureGetterNet
+    model, x = _create(arch).eval(), torch.randn(1, 3, 96, 96)
+    try:
+        torch.jit.script(FeatureGetterNet(_create(arch, split=False).eval(), out_indices=(0, 1, 2)))
+    except Exception as e:
+        pytest.skip(f"the base {arch}'s getter does not script: {type(e).__name__}")
+    with torch.no_grad():
+        expected = model.forward_intermediates(x, indices=(0, 1, 2), intermediates_only=True)
+        getter = FeatureGetterNet(model, out_indices=(0, 1, 2)).eval()
+        torch.testing.assert_close(getter(x), expected)
+        scripted = torch.jit.script(getter)
+        torch.testing.assert_close(scripted(x), expected)
+        final, levels = torch.jit.script(model).forward_intermediates(x)
+        want_final, want_levels = model.forward_intermediates(x)
+        torch.testing.assert_close(final, want_final)
+        torch.testing.assert_close(levels, want_levels)
+        views = torch.stack([x, x.flip(-1)])
+        assert isinstance(getter.model, type(model)) and getter.model.members is model.members
+        kw = dict(indices=(0, 1, 2), intermediates_only=True)
+        torch.testing.assert_close(getter.model.forward_intermediates(views, **kw),
+                                   model.forward_intermediates(views, **kw))
+
+
+@pytest.mark.timeout(300)
 def test_set_input_size_resizes_every_member():
     """timm's ``set_input_size`` (ViT/Swin): the ensemble resizes each member, as the base model resizes itself."""
     model, base = _create("test_vit").eval(), _create("test_vit", split=False).eval()

@@ -217,8 +217,9 @@ class SplitEnsemble(nn.Module):
     (``num_classes=0``) returns those features side by side too. ``stacked=True`` gives the per-member view
     ``[S, B, ...]`` instead.
 
-    TorchScript: ``torch.jit.script(ens)`` scripts the loop over the members (one batch, no views); the other
-    execution strategies are eager only. torch.fx: the members are traced one after another; the shape checks
+    TorchScript: ``torch.jit.script(ens)`` scripts the loop over the members (one batch, no views) for
+    ``forward`` and ``forward_intermediates`` (see :class:`_Scripted`); the other execution strategies are eager
+    only. torch.fx: the members are traced one after another; the shape checks
     and the combination are leaf functions.
 
     Attributes:
@@ -458,20 +459,6 @@ class SplitEnsemble(nn.Module):
         Args:
             x: one batch ``[B, C, H, W]``; in eager mode also per-member views (see :meth:`forward_members`).
         """
-        if torch.jit.is_scripting():
-            outs: List[torch.Tensor] = []
-            for m in self.members:
-                y = m(x)
-                if isinstance(y, torch.Tensor):  # refines a member's Union[Tensor, List[Tensor]] (EfficientViM)
-                    outs.append(y)
-                else:
-                    raise RuntimeError("a member returned several tensors; script it in eval mode")
-            return _combine(torch.stack(outs), self.split_factor, self._probs, self.num_classes == 0,
-                            self._channels_last)
-        return self._forward_eager(x)
-
-    @torch.jit.unused
-    def _forward_eager(self, x: Views) -> torch.Tensor:
         return self.combine(self.forward_members(x))
 
     @torch.jit.unused
@@ -607,6 +594,62 @@ class SplitEnsemble(nn.Module):
 
     def extra_repr(self) -> str:
         return f"split_factor={self.split_factor}, averaging={self.averaging!r}, execution={self.execution!r}"
+
+    def __prepare_scriptable__(self) -> "SplitEnsemble":
+        """What ``torch.jit.script`` compiles: :class:`_Scripted`, this ensemble's own state (one ``__dict__``)
+        with TorchScript's signatures."""
+        scripted = _Scripted.__new__(_Scripted)
+        scripted.__dict__ = self.__dict__
+        return scripted
+
+
+class _Scripted(SplitEnsemble):
+    """A :class:`SplitEnsemble` as TorchScript compiles it: the loop over the members on one batch, and
+    ``forward_intermediates`` with timm's own arguments only (TorchScript compiles neither per-member views nor
+    ``**kwargs``). It shares the ensemble's ``__dict__`` (members, attributes, training flag), so it is the same
+    model; ``torch.jit.script`` leaves it in place of an ensemble held by a wrapper (timm's
+    ``FeatureGetterNet.model``), where eager calls still take views but no member options."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            return self.combine(self.forward_members(x))
+        outs: List[torch.Tensor] = []
+        for m in self.members:
+            y = m(x)
+            if isinstance(y, torch.Tensor):  # refines a member's Union[Tensor, List[Tensor]] (EfficientViM)
+                outs.append(y)
+            else:
+                raise RuntimeError("a member returned several tensors; script it in eval mode")
+        headless = False
+        num_classes = self.num_classes
+        if num_classes is not None:  # None: a model outside timm's surface
+            headless = num_classes == 0
+        return _combine(torch.stack(outs), self.split_factor, self._probs, headless, self._channels_last)
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False
+                              ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        if not torch.jit.is_scripting():
+            return SplitEnsemble.forward_intermediates(self, x, indices, norm, stop_early, output_fmt,
+                                                       intermediates_only)
+        finals: List[torch.Tensor] = []
+        levels: List[List[torch.Tensor]] = []
+        for m in self.members:
+            y = m.forward_intermediates(x, indices=indices, norm=norm, stop_early=stop_early,
+                                        output_fmt=output_fmt, intermediates_only=intermediates_only)
+            if isinstance(y, tuple):
+                finals.append(y[0])
+                levels.append(y[1])
+            else:
+                levels.append(y)
+        last = output_fmt == "NHWC" or output_fmt == "NLC"
+        joined: List[torch.Tensor] = []
+        for j in range(len(levels[0])):
+            joined.append(_cat_members([lv[j] for lv in levels], last))
+        if intermediates_only:
+            return joined
+        return _cat_members(finals, self._channels_last), joined
 
 
 def _join_levels(per_member: List[List[Any]], channels_last: bool) -> List[Any]:

@@ -48,17 +48,23 @@ def build_member(template: nn.Module, plan: SplitPlan, device: torch.device, dty
         t = torch.empty(shape, device=device, dtype=dtype_of.get(name, old.dtype))
         if leaf in mod._parameters:
             t = nn.Parameter(t, requires_grad=old.requires_grad)
-            mod._parameters[leaf] = t
-        else:
-            mod._buffers[leaf] = t
+        _set_tensor(mod, leaf, t)
         made[name] = t
     for name, owner in aliases.items():
         mod_path, leaf = name.rsplit(".", 1) if "." in name else ("", name)
-        mod = mods[mod_path]
-        (mod._parameters if leaf in mod._parameters else mod._buffers)[leaf] = made[owner]
+        _set_tensor(mods[mod_path], leaf, made[owner])
     for path, attr, _, new in plan.attributes + plan.regularization:
         setattr(mods[path], attr, new)
     return member
+
+
+def _set_tensor(mod: nn.Module, leaf: str, t: torch.Tensor) -> None:
+    """Replace a parameter or buffer through the module's ``__setattr__``: modules that cache their tensors
+    (``nn.LSTM``'s ``_flat_weights``, which TorchScript reads) see the new one."""
+    if leaf in mod._parameters:
+        setattr(mod, leaf, t)
+    else:
+        mod._buffers[leaf] = t  # a buffer registered as non-persistent stays so
 
 
 @torch.no_grad()
