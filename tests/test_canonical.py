@@ -136,6 +136,40 @@ def test_model_created_at_another_size_has_the_default_widths():
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("name,kw", [
+    ("swin_tiny_patch4_window7_224", dict(img_size=(232, 248))),  # resized to 224: 6 px windows
+    ("swinv2_tiny_window8_256", dict(img_size=384, drop_path_rate=0.3)),  # resized to 256: other windows
+    ("swinv2_cr_tiny_224", dict(img_size=(232, 248), drop_path_rate=0.2)),
+])
+def test_size_scaled_choices_are_planned_as_registered(name, kw):
+    """Resizing a model created at another size scales its windows with the grid, so a resized copy is not the
+    default; the registered architecture stands in for it (same tensors and attributes but for the size): the
+    default widths, the model's own windows in the members, and the model's own dropout rates divided."""
+    ref, ens = _meta_split(name), _meta_split(name, **kw)
+    diff = _differing(ref, ens)
+    assert all("relative_position" in k or "attn_mask" in k for k in diff), sorted(diff)[:4]
+    with torch.device("meta"):
+        model = timm.create_model(name, **kw)
+    windows = [b.window_size for b in model.modules() if hasattr(b, "window_size") and hasattr(b, "attn")]
+    got = [b.window_size for b in ens.members[0].modules() if hasattr(b, "window_size") and hasattr(b, "attn")]
+    assert windows and got == windows
+    rates = {(path, attr): (old, new) for path, attr, old, new in ens.split_plan.regularization}
+    own = {n: m.drop_prob for n, m in model.named_modules() if getattr(m, "drop_prob", 0) > 0}
+    assert own and all(rates[(n, "drop_prob")] == (p, p / 2) for n, p in own.items())
+
+
+@pytest.mark.timeout(300)
+def test_other_architecture_is_not_planned_as_registered():
+    """A model that differs from its registered architecture in more than its size (num_heads) is planned on its
+    own resized copy: its heads are not the default split's."""
+    name = "swin_tiny_patch4_window7_224"
+    ens = _meta_split(name, img_size=448, num_heads=(6, 12, 24, 48))
+    attn = ens.members[0].layers[0].blocks[0].attn
+    assert attn.num_heads != _meta_split(name).members[0].layers[0].blocks[0].attn.num_heads
+    assert attn.qkv.out_features % (3 * attn.num_heads) == 0
+
+
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("arch,size", [("coat_lite_tiny", 128), ("twins_svt_small", 160)])
 def test_size_is_read_from_the_module_owning_the_first_conv(arch, size):
     """CoaT and Twins keep ``img_size`` in the patch embedding that owns their cfg's ``first_conv``

@@ -15,7 +15,7 @@ from torch import nn
 
 from .checks import check_split_args
 from .engine.analyse import RETRY_LADDER, ChannelGraph, analyse
-from .engine.attributes import attribute_ties, drop_divisor, settle_attributes
+from .engine.attributes import attribute_ties, drop_divisor, regularization_updates, settle_attributes
 from .engine.atoms import NewWidths
 from .engine.canonical import canonical_copy, recount_macs, transfer, transfer_selection
 from .engine.plan import SplitPlan, plan as _plan
@@ -118,6 +118,8 @@ def _planned(model, S, img_size, in_chans, plan_at, plan_kw) -> _Planned:
         made = _plan_and_template(canon, S, at.img_size, at.in_chans, plan_kw)
         tr, out_shape, headless = _traced(model, shape)
         p = transfer(made.plan, canon, tr.model, at, shape[1:])
+        if plan_kw["scale_regularization"]:  # the model's own rates (a registered copy has the default's)
+            p = dataclasses.replace(p, regularization=regularization_updates(tr.model, S, plan_kw["drop_scale"]))
         member = build_member(tr.model, p, torch.device("meta"), {}, tr.aliases)
         check_member(member, shape, out_shape, headless)
         if at.img_size != tuple(shape[2:]):

@@ -29,13 +29,13 @@ from .tables import source_dim, table_layout
 _logger = logging.getLogger(__name__)
 
 __all__ = ["width_attributes", "attribute_ties", "module_io", "settle_attributes", "fit_module",
-           "regularization_updates"]
+           "regularization_updates", "DROP_ATTRS"]
 
 Ambiguous = Tuple[Tuple[str, str, object, tuple], ...]  # (module path, attribute, old value, candidates)
 
 
-_DROP_ATTRS = ("drop_rate", "drop_path_rate", "drop_prob", "proj_drop_rate", "attn_drop_rate", "pos_drop_rate",
-               "path_drop_rate", "drop_block_rate")
+DROP_ATTRS = ("drop_rate", "drop_path_rate", "drop_prob", "proj_drop_rate", "attn_drop_rate", "pos_drop_rate",
+              "path_drop_rate", "drop_block_rate")
 _SKIP_ATTRS = {"training", "inplace"}
 
 
@@ -324,7 +324,7 @@ def regularization_updates(model: nn.Module, split_factor: int,
     div = drop_divisor(split_factor, drop_scale)
     out = []
     for path, mod in model.named_modules():
-        for attr in ("p",) if isinstance(mod, nn.modules.dropout._DropoutNd) else _DROP_ATTRS:
+        for attr in ("p",) if isinstance(mod, nn.modules.dropout._DropoutNd) else DROP_ATTRS:
             v = getattr(mod, attr, None) if attr in vars(mod) else None
             if isinstance(v, float) and v > 0:
                 out.append((path, attr, v, v / div))

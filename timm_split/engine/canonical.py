@@ -8,7 +8,9 @@ where the default has 272. So a timm model whose head, input channels or (where 
 with ``set_input_size``) image size differ from its ``pretrained_cfg`` is planned on a meta copy at the cfg's
 (:func:`canonical_copy`); :func:`transfer` then gives every tensor the planned width except the dims where the
 model differs from that copy (the classes, the input channels, the position table's length), which keep the
-model's own. The plan records where it was made (``SplitPlan.planned_at``) and the parity there
+model's own. Resizing scales what a model chose for its size (Swin's windows follow the grid), so where the
+registered architecture is the model but for its size, that registered model at its cfg is the copy
+(:func:`_registered`). The plan records where it was made (``SplitPlan.planned_at``) and the parity there
 (``SplitPlan.planned_params``), so a user sees how much the head moves it; its MACs are counted at the model's
 own size.
 """
@@ -18,11 +20,13 @@ import dataclasses
 import logging
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
+import timm
 import torch
 from torch import nn
 
 from ..count import count
 from ..trace import MetaRecurrent, first_convs, meta_copy, size_built_at
+from .attributes import DROP_ATTRS
 from .plan import SplitPlan
 
 _logger = logging.getLogger(__name__)
@@ -75,6 +79,8 @@ def canonical_copy(model: nn.Module, input_shape: Sequence[int]) -> Optional[Tup
     for pool in (None, *POOLS):
         canon = _reset(model, at, own, pool)
         if canon is not None and _runs(canon, shape):
+            if at.img_size != own:
+                canon = _registered(canon, model, shape, own) or canon
             return canon, at
     _logger.info("%s: no copy at the cfg's head and size runs; planning at the model's own", type(model).__name__)
     return None
@@ -100,6 +106,72 @@ def _reset(model: nn.Module, at: CfgAt, own_size: Tuple[int, int], pool: Optiona
         _logger.debug("resetting to %s (pool %s) failed: %s", at, pool, e)
         return None
     return canon
+
+
+def _registered(canon: nn.Module, model: nn.Module, shape: Sequence[int],
+                own: Tuple[int, int]) -> Optional[nn.Module]:
+    """The registered architecture at its cfg, on meta, where it is ``model`` but for the size (``canon`` is
+    ``model`` resized); else None.
+
+    ``set_input_size`` scales what the model chose for its size: Swin created at 232 x 248 px with 7 px windows,
+    resized to 224, gets 6 px windows, and SwinV2 at 448 px gets windows the registered model does not have at
+    256, so the widths planned on the resized copy are not the default's and a default checkpoint does not load.
+    The registered model has the default's windows. It stands in for ``canon`` only where it has the same modules,
+    tensors and plain attributes, apart from what resizing changed (and dropout rates, which the plan takes from
+    the model itself).
+    """
+    arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    if not arch or not timm.is_model(arch):
+        return None
+    try:
+        with torch.device("meta"):
+            ref = timm.create_model(arch, pretrained=False).train(canon.training)
+    except Exception as e:  # noqa: BLE001 - the registry's own entrypoint
+        _logger.debug("%s: no registered copy (%s)", arch, e)
+        return None
+    if not _same_but_size(ref, canon, model, own) or not _runs(ref, shape):
+        return None
+    return ref
+
+
+def _same_but_size(ref: nn.Module, canon: nn.Module, model: nn.Module, own: Tuple[int, int]) -> bool:
+    """Whether ``ref`` has ``canon``'s modules, parameter shapes and plain attributes, apart from what depends on
+    the size (what resizing changes in ``model`` or in ``ref``; computed buffers such as attention masks) and
+    dropout rates."""
+    ref_sized = meta_copy(ref)
+    try:
+        ref_sized.set_input_size(img_size=own)
+    except Exception:  # noqa: BLE001 - the model's own set_input_size
+        return False
+    mods, own, ref_mods, resized = (dict(m.named_modules()) for m in (canon, model, ref, ref_sized))
+    if list(ref_mods) != list(mods) or any(_kind(ref_mods[n]) is not _kind(m) for n, m in mods.items()):
+        return False
+    r, c, o = (dict((n, tuple(p.shape)) for n, p in m.named_parameters()) for m in (ref, canon, model))
+    if set(r) != set(c) or any(r[n] != c[n] for n in c if c[n] == o.get(n)):
+        return False
+    for path, m in mods.items():
+        a, b, base, a2 = (_plain(x) for x in (ref_mods[path], m, own.get(path, m), resized[path]))
+        if _kind(m) is not _Drop and any(a.get(k) != v for k, v in b.items()
+                                         if v == base.get(k) and a.get(k) == a2.get(k) and k not in DROP_ATTRS):
+            return False
+    return True
+
+
+class _Drop:
+    """The kind of a dropout or drop-path layer, or the ``nn.Identity`` timm puts in its place at rate 0."""
+
+
+def _kind(mod: nn.Module) -> type:
+    drop = isinstance(mod, (nn.Identity, nn.modules.dropout._DropoutNd)) or "drop_prob" in vars(mod)
+    return _Drop if drop and not any(True for _ in mod.parameters()) else type(mod)
+
+
+def _plain(mod: nn.Module) -> Dict[str, object]:
+    """A module's attributes of plain values: numbers, strings, None and tuples of them."""
+    def plain(v: object) -> bool:
+        return v is None or isinstance(v, (bool, int, float, str)) or (
+            isinstance(v, tuple) and all(plain(x) for x in v))
+    return {k: v for k, v in vars(mod).items() if not k.startswith("_") and plain(v)}
 
 
 def _runs(model: nn.Module, shape: Sequence[int]) -> bool:
