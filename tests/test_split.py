@@ -497,3 +497,21 @@ def test_member_lstm_flat_weights_are_its_parameters():
     x = torch.randn(2, 3, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(torch.jit.script(ens)(x), ens(x))
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("arch", ["eva02_tiny_patch14_224", "efficientvit_m0", "maxvit_pico_rw_256"])
+def test_patch_geometry_is_not_a_width(arch):
+    """A patch grid, patch or image size that equals a width by value (EVA-02's 16 x 16 grid beside 16 RoPE bands,
+    EfficientViT's patch of 16, MaxViT's 256 px) is geometry: every member keeps the base's (timm's checkpoint
+    filters resample position tables to the member's grid)."""
+    import timm
+    with torch.device("meta"):
+        base = timm.create_model(arch)
+        ens = timm_split.split(base, 2)
+    names = ("img_size", "grid_size", "patch_size", "num_patches")
+    want = {(p, n): getattr(m, n) for p, m in base.named_modules() for n in names if n in vars(m)}
+    assert want
+    for member in ens.members:
+        mods = dict(member.named_modules())
+        assert {(p, n): getattr(mods[p], n) for p, n in want} == want

@@ -36,7 +36,9 @@ Ambiguous = Tuple[Tuple[str, str, object, tuple], ...]  # (module path, attribut
 
 DROP_ATTRS = ("drop_rate", "drop_path_rate", "drop_prob", "proj_drop_rate", "attn_drop_rate", "pos_drop_rate",
               "path_drop_rate", "drop_block_rate")
-_SKIP_ATTRS = {"training", "inplace"}
+# never widths: flags, and the patch geometry timm's embeddings keep (a 16 x 16 grid matched by value to 16 RoPE
+# bands or a head_dim of 16 is still the grid; timm's checkpoint filters resample position tables to it)
+_SKIP_ATTRS = {"training", "inplace", "img_size", "grid_size", "patch_size", "num_patches"}
 
 
 def _parent(path: str) -> str:
