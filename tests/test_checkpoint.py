@@ -68,6 +68,19 @@ def test_split_with_tied_weights(tmp_path):
     assert again.members[0].head.weight is again.members[0].embed.weight
 
 
+def test_plain_file_of_a_tied_split_loads_with_load_state_dict(tmp_path):
+    """timm's loader reads the safetensors file as a plain state dict (tied names stored once) and calls
+    ``load_state_dict``: the ensemble fills each tied name from the name it shares memory with."""
+    from safetensors.torch import load_file
+
+    ens = timm_split.SplitEnsemble([Tied(), Tied()])
+    save_checkpoint(ens, tmp_path / "e.safetensors")
+    again = timm_split.SplitEnsemble([Tied(), Tied()])
+    again.load_state_dict(load_file(tmp_path / "e.safetensors"))
+    for m, src in zip(again.members, ens.members):
+        assert torch.equal(m.head.weight, src.embed.weight) and m.head.weight is m.embed.weight
+
+
 def test_strict_false_returns_the_incompatible_keys(tmp_path):
     model = Tied()
     path = save_checkpoint(model, tmp_path / "c.safetensors")

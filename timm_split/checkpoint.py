@@ -76,9 +76,9 @@ def _checksum(tensors: Dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _untie(state: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
-    """Drop names whose tensor is the same memory as an earlier name's; return the kept tensors and alias map."""
-    kept: Dict[str, torch.Tensor] = {}
+def tied_names(state: Dict[str, torch.Tensor]) -> Dict[str, str]:
+    """Names whose tensor is the same memory as an earlier name's (tied weights, a module registered twice), each
+    mapped to that earlier name."""
     seen: Dict[Tuple, str] = {}
     tied: Dict[str, str] = {}
     for name, t in state.items():
@@ -86,10 +86,15 @@ def _untie(state: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Dic
             key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
             if key in seen:
                 tied[name] = seen[key]
-                continue
-            seen[key] = name
-        kept[name] = t.detach().contiguous().cpu()
-    return kept, tied
+            else:
+                seen[key] = name
+    return tied
+
+
+def _untie(state: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """Drop names whose tensor is the same memory as an earlier name's; return the kept tensors and alias map."""
+    tied = tied_names(state)
+    return {n: t.detach().contiguous().cpu() for n, t in state.items() if n not in tied}, tied
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:

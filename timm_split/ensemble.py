@@ -10,6 +10,7 @@ from timm.layers import register_notrace_function
 from torch import nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing as is_fx_tracing
 
+from .checkpoint import tied_names
 from .engine.plan import SplitPlan
 from .execution import Execution, make_execution
 from .trace import meta_copy
@@ -319,6 +320,10 @@ class SplitEnsemble(nn.Module):
             raise ValueError(f"checkpoint has {len(ids)} members but this {arch} has split_factor="
                              f"{self.split_factor}; create the model with split_factor={len(ids)}")
         own = self.state_dict()
+        # a file holds tied tensors once (safetensors; timm's loader does not restore the other names)
+        tied = {k: a for k, a in tied_names(own).items() if k not in state_dict and a in state_dict}
+        if tied:
+            state_dict = {**state_dict, **{k: state_dict[a] for k, a in tied.items()}}
         missing = [k for k in own if k not in state_dict]
         if not strict:
             missing = [k for k in missing if not k.startswith(self._classifier_prefixes())]
