@@ -136,12 +136,28 @@ _FINE_TUNE = {"num_classes=10": dict(num_classes=10), "num_classes=0": dict(num_
               "in_chans=1": dict(in_chans=1)}
 
 
+# Known misses of the slow tier (issue 19), strict so that a fix is noticed: arch -> (cases, reason)
+_WIDTHS = "the plan at the cfg's head does not carry over to this head; its backbone widths differ"
+_FINE_TUNE_KNOWN = {
+    "naflexvit_base_patch16_parfac_gap": (tuple(_FINE_TUNE), _WIDTHS),
+    "repvit_m0_9": (("num_classes=10", "num_classes=0"), _WIDTHS),
+    "sam2_hiera_tiny": (("num_classes=10",), _WIDTHS),
+    "tresnet_m": (tuple(_FINE_TUNE), _WIDTHS),
+    "csatv2": (("in_chans=1",), "its first conv is not adapted as timm's adapt_input_conv sums it"),
+}
+
+
 def _fine_tune_params():
     from tests.test_timm_contract import _tier
 
     for p in _tier():
+        arch = p.values[0]
         for case in _FINE_TUNE:
-            yield pytest.param(p.values[0], case, marks=p.marks, id=f"{p.values[0]}-{case}")
+            marks = list(p.marks)
+            cases, reason = _FINE_TUNE_KNOWN.get(arch, ((), ""))
+            if case in cases:
+                marks.append(pytest.mark.xfail(strict=True, reason=reason))
+            yield pytest.param(arch, case, marks=marks, id=f"{arch}-{case}")
 
 
 @pytest.mark.timeout(300)
