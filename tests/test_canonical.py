@@ -180,10 +180,10 @@ def test_size_is_read_from_the_module_owning_the_first_conv(arch, size):
 
 
 @pytest.mark.timeout(300)
-def test_geometry_tuple_matched_by_value_is_kept_on_retry():
+def test_patch_grid_matched_by_value_is_kept():
     """CoaT at 128 px: ``patch_embed2.grid_size == (16, 16)`` equals a head_dim of 16 by value, and its own module
-    never reads it (running it alone cannot tell). The last rung of the retry ladder keeps such tuples, so the
-    split runs, at parity, with the grid the model was built for (timm's prune test builds coat at 128 px)."""
+    never reads it (running it alone cannot tell). A patch grid is never taken for a width, so the split runs,
+    at parity, with the grid the model was built for (timm's prune test builds coat at 128 px)."""
     with torch.device("meta"):
         ens = timm_split.split(timm.create_model("coat_lite_tiny", img_size=128), 2)
     assert all(m.patch_embed2.grid_size == (16, 16) for m in ens.members)

@@ -617,7 +617,7 @@ class _Scripted(SplitEnsemble):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
-            return self.combine(self.forward_members(x))
+            return SplitEnsemble.forward(self, x)
         outs: List[torch.Tensor] = []
         for m in self.members:
             y = m(x)

@@ -48,9 +48,10 @@ class AnalysisOptions:
         tie_attributes: after the analysis, make the channel groups behind each width attribute the previous
             plan found ambiguous one group (:func:`~timm_split.engine.attributes.attribute_ties`).
         free_output: the width of a ``[B, C]`` model output may change (a headless model, ``num_classes=0``).
-        keep_value_tuples: a tuple attribute that matches widths only by value keeps its value (geometry:
-            CoaT's ``patch_embed2.grid_size = (16, 16)`` at 128 px beside a head_dim of 16 is a feature map's
-            size; its own module does not read it, so running the module cannot tell).
+        keep_value_tuples: a tuple attribute that matches widths only by value keeps its value (geometry its
+            own module does not read, so running the module cannot tell; a patch embedding's ``grid_size``,
+            such as CoaT's ``(16, 16)`` at 128 px beside a head_dim of 16, is never matched: its name is
+            skipped, see ``attributes._SKIP_ATTRS``).
         adds: what this step of :data:`RETRY_LADDER` adds, for the log.
     """
 

@@ -143,14 +143,14 @@ def _same_but_size(ref: nn.Module, canon: nn.Module, model: nn.Module, own: Tupl
         ref_sized.set_input_size(img_size=own)
     except Exception:  # noqa: BLE001 - the model's own set_input_size
         return False
-    mods, own, ref_mods, resized = (dict(m.named_modules()) for m in (canon, model, ref, ref_sized))
+    mods, base_mods, ref_mods, resized = (dict(m.named_modules()) for m in (canon, model, ref, ref_sized))
     if list(ref_mods) != list(mods) or any(_kind(ref_mods[n]) is not _kind(m) for n, m in mods.items()):
         return False
     r, c, o = (dict((n, tuple(p.shape)) for n, p in m.named_parameters()) for m in (ref, canon, model))
     if set(r) != set(c) or any(r[n] != c[n] for n in c if c[n] == o.get(n)):
         return False
     for path, m in mods.items():
-        a, b, base, a2 = (_plain(x) for x in (ref_mods[path], m, own.get(path, m), resized[path]))
+        a, b, base, a2 = (_plain(x) for x in (ref_mods[path], m, base_mods.get(path, m), resized[path]))
         if _kind(m) is not _Drop and any(a.get(k) != v for k, v in b.items()
                                          if v == base.get(k) and a.get(k) == a2.get(k) and k not in DROP_ATTRS):
             return False
