@@ -73,6 +73,12 @@ def test_model_created_with_other_input_channels_splits_without_repeating_them()
     assert ens.split_plan.input_size[0] == ens.in_chans == 1
 
 
+def _unregistered(model):
+    """``model`` with a cfg that names no registered architecture: planned on its own copy reset to the cfg."""
+    model.pretrained_cfg = {**model.pretrained_cfg, "architecture": None}
+    return model
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("in_chans", [3, 1])
 def test_input_channels_are_the_models_not_its_first_convs(in_chans):
@@ -83,6 +89,65 @@ def test_input_channels_are_the_models_not_its_first_convs(in_chans):
     assert input_shape_for(model)[1] == in_chans
     plan = timm_split.plan_split(model, 2)
     assert plan.input_size[0] == in_chans and abs(plan.params_ratio - 1) < 0.03
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("arch,stem", [("tresnet_m", "body.conv1.conv.weight"),  # space-to-depth: 16 x in_chans
+                                       ("naflexvit_base_patch16_parfac_gap", "embeds.proj.weight")])  # nn.Linear
+def test_first_conv_reset_to_the_cfgs_input_keeps_its_factor(arch, stem):
+    """A copy reset to the cfg's 3 channels scales the first conv's (or linear patch embedding's) input width by
+    3 / in_chans; setting it to 3 made TResNet's copy fail, so its plan depended on in_chans."""
+    with torch.device("meta"):
+        ref = timm_split.plan_split(_unregistered(timm.create_model(arch)), 2)
+        plan = timm_split.plan_split(_unregistered(timm.create_model(arch, in_chans=1)), 2)
+    assert dict(plan.planned_at)["in_chans"] == 3
+    assert plan.param_shapes[stem][1] * 3 == ref.param_shapes[stem][1]
+    assert {k: v for k, v in plan.param_shapes.items() if k != stem} == \
+        {k: v for k, v in ref.param_shapes.items() if k != stem}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("registered", [True, False])
+def test_head_reset_unlike_the_constructors_is_planned_at_the_default(registered):
+    """RepViT's ``reset_classifier`` gives the distillation head no BatchNorm, the constructor does: the registered
+    default stands in for the copy reset to 1000 classes, so the backbone has the default's widths. Where it
+    cannot (no registered architecture), the head's tensors the copy lacks take the widths of their features."""
+    with torch.device("meta"):
+        ref = timm_split.plan_split(timm.create_model("repvit_m0_9"), 2)
+        model = timm.create_model("repvit_m0_9", num_classes=10)
+        plan = timm_split.plan_split(model if registered else _unregistered(model), 2)
+    assert plan.planned_at and dict(plan.planned_at)["num_classes"] == 1000
+    head = {k for k in plan.param_shapes if k.startswith("head.")}
+    assert "head.head_dist.bn.weight" in head
+    if registered:
+        assert {k: plan.param_shapes[k] for k in ref.param_shapes if k not in head} == \
+            {k: v for k, v in ref.param_shapes.items() if k not in head}
+    width = plan.param_shapes["head.head.bn.weight"][0]
+    assert plan.param_shapes["head.head_dist.bn.weight"] == (width,) and width < 384
+    assert plan.param_shapes["head.head_dist.l.weight"] == (10, width)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("init", ["random", "inherit"])
+def test_head_the_cfg_lacks_takes_the_width_of_its_features(init):
+    """A cfg without a head (Hiera's: num_classes 0) and a model with one: the classifier, which the copy at the
+    cfg lacks, takes the planned width of the features it reads, and inherits their channels."""
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=10).eval()
+    model.pretrained_cfg = {**model.pretrained_cfg, "num_classes": 0}
+    headless = timm.create_model("test_resnet", num_classes=0)
+    headless.pretrained_cfg = model.pretrained_cfg
+    with torch.device("meta"):
+        ref = timm_split.plan_split(headless, 2)
+    ens = timm_split.split(model, 2, init=init).eval()
+    assert dict(ens.split_plan.planned_at)["num_classes"] == 0
+    assert {k: v for k, v in ens.split_plan.param_shapes.items() if not k.startswith("fc.")} == ref.param_shapes
+    width = ref.param_shapes["layer4.0.bn2.weight"][0]
+    assert ens.members[0].fc.weight.shape == (10, width) < tuple(model.fc.weight.shape)
+    assert ens(torch.randn(2, 3, 64, 64)).shape == (2, 10)
+    if init == "inherit":  # the columns of the channels its features inherited (scaled by the fan-in's ratio)
+        cols = ens.members[0].fc.weight.t() * width / model.fc.in_features
+        assert all(any(torch.allclose(c, o) for o in model.fc.weight.t()) for c in cols)
 
 
 @pytest.mark.timeout(120)

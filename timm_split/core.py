@@ -17,7 +17,7 @@ from .checks import check_split_args
 from .engine.analyse import RETRY_LADDER, ChannelGraph, analyse
 from .engine.attributes import attribute_ties, drop_divisor, regularization_updates, settle_attributes
 from .engine.atoms import NewWidths
-from .engine.canonical import canonical_copy, recount_macs, transfer, transfer_selection
+from .engine.canonical import Coupled, canonical_copy, coupled_dims, recount_macs, transfer, transfer_selection
 from .engine.plan import SplitPlan, plan as _plan
 from .engine.rebuild import (build_member, channel_selection, check_member, inherit_member, init_member,
                              reference_stats)
@@ -54,6 +54,7 @@ class _Planned(NamedTuple):
     graph: ChannelGraph
     sizes: NewWidths
     canon: Optional[nn.Module] = None  # the copy at the cfg's head it was planned on (engine.canonical)
+    coupled: Optional[Coupled] = None  # the model's tensors canon lacks -> the dims they take widths from
 
 
 def plan_split(model: nn.Module, split_factor: int, *, img_size: ImgSize = None, in_chans: Optional[int] = None,
@@ -117,7 +118,8 @@ def _planned(model, S, img_size, in_chans, plan_at, plan_kw) -> _Planned:
     try:
         made = _plan_and_template(canon, S, at.img_size, at.in_chans, plan_kw)
         tr, out_shape, headless = _traced(model, shape)
-        p = transfer(made.plan, canon, tr.model, at, shape[1:])
+        coupled = _coupled(tr, canon, headless)
+        p = transfer(made.plan, canon, tr.model, at, shape[1:], coupled)
         if plan_kw["scale_regularization"]:  # the model's own rates (a registered copy has the default's)
             p = dataclasses.replace(p, regularization=regularization_updates(tr.model, S, plan_kw["drop_scale"]))
         member = build_member(tr.model, p, torch.device("meta"), {}, tr.aliases)
@@ -128,11 +130,20 @@ def _planned(model, S, img_size, in_chans, plan_at, plan_kw) -> _Planned:
                 _logger.warning("%s: planned at the cfg's size %s so that its checkpoints load at any size; at %s "
                                 "the MACs ratio is %.4f. For MACs parity at this size, split with plan_at='model'",
                                 _arch(model), at.img_size, tuple(shape[2:]), p.macs_ratio)
-        return _Planned(p, tr, out_shape, shape, made.graph, made.sizes, canon)
+        return _Planned(p, tr, out_shape, shape, made.graph, made.sizes, canon, coupled)
     except SplitError as e:
         _logger.warning("%s: the plan at the cfg's %s does not carry over (%s); planning at this model's own, so "
                         "its backbone widths differ from the default's", _arch(model), at, e)
         return _plan_and_template(model, S, img_size, in_chans, plan_kw)
+
+
+def _coupled(tr: Trace, canon: nn.Module, headless: bool) -> Optional[Coupled]:
+    """:func:`coupled_dims` of the traced model, analysed only where it has tensors ``canon`` lacks."""
+    names = {n for n, _ in canon.named_parameters()} | {n for n, _ in canon.named_buffers()}
+    own = [n for n, _ in (*tr.model.named_parameters(), *tr.model.named_buffers())]
+    if all(n in names for n in own):
+        return None
+    return coupled_dims(analyse(tr, dataclasses.replace(RETRY_LADDER[0], free_output=headless)), canon)
 
 
 def _plan_and_template(model, S, img_size, in_chans, plan_kw) -> _Planned:
@@ -240,7 +251,7 @@ def _rebuild(model: nn.Module, planned: _Planned, init: str, seed: int) -> list:
         if device.type != "meta" and init == "inherit":
             selection = channel_selection(planned.graph, planned.sizes, S, i, seed)
             if planned.canon is not None:
-                selection = transfer_selection(selection, planned.canon, model)
+                selection = transfer_selection(selection, planned.canon, model, planned.coupled)
             inherit_member(m, model, selection)
         elif device.type != "meta":
             init_member(m, stats, seed + i)

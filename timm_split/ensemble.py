@@ -302,17 +302,21 @@ class SplitEnsemble(nn.Module):
         if "_execution" not in self.__dict__:
             self._execution = make_execution("loop")
 
-    def _classifier_prefixes(self) -> Tuple[str, ...]:
-        names = prefixed(self.pretrained_cfg.get("classifier"), self.split_factor) or ()
-        return tuple(f"{n}." for n in names)
+    def _may_be_missing(self, key: str) -> bool:
+        """Whether timm's loader may drop ``key`` from a file: the classifier (for another ``num_classes``) and a
+        first conv's weight it cannot adapt to another ``in_chans`` (NaFlexViT's linear patch embedding)."""
+        cfg = self.pretrained_cfg
+        heads = tuple(f"{n}." for n in prefixed(cfg.get("classifier"), self.split_factor) or ())
+        stems = {f"{n}.weight" for n in prefixed(cfg.get("first_conv"), self.split_factor) or ()}
+        return key.startswith(heads) or key in stems
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict`` that checks everything before it changes anything.
 
         A split-factor mismatch or a shape mismatch is a ``ValueError`` naming the cause (with ``strict=False``
-        too: nothing is loaded then). With ``strict=False`` only the classifier (``pretrained_cfg['classifier']``)
-        may be missing, as when timm's loader drops it for another ``num_classes``; a missing backbone tensor
-        is refused.
+        too: nothing is loaded then). With ``strict=False`` only what timm's loader drops may be missing: the
+        classifier (``pretrained_cfg['classifier']``) for another ``num_classes``, and a first conv's weight it
+        cannot adapt to another ``in_chans``; a missing backbone tensor is refused.
         """
         ids = {int(k.split(".")[1]) for k in state_dict if k.startswith("members.") and k.split(".")[1].isdigit()}
         arch = self.pretrained_cfg.get("architecture", type(self.members[0]).__name__)
@@ -326,7 +330,7 @@ class SplitEnsemble(nn.Module):
             state_dict = {**state_dict, **{k: state_dict[a] for k, a in tied.items()}}
         missing = [k for k in own if k not in state_dict]
         if not strict:
-            missing = [k for k in missing if not k.startswith(self._classifier_prefixes())]
+            missing = [k for k in missing if not self._may_be_missing(k)]
         unexpected = [k for k in state_dict if k not in own] if strict else []
         shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
                   for k, v in own.items() if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
@@ -335,7 +339,8 @@ class SplitEnsemble(nn.Module):
                 f"checkpoint does not match {arch} (split_factor={self.split_factor}): "
                 f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}, "
                 f"{len(shapes)} shape mismatches {shapes[:3]}; nothing was loaded. Was it saved from another "
-                "architecture, split factor, num_classes or in_chans? (only the classifier may be missing)")
+                "architecture, split factor, num_classes or in_chans? (only the classifier and an unadaptable "
+                "first conv may be missing)")
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     # ---- inputs

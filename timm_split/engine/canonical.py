@@ -8,11 +8,13 @@ where the default has 272. So a timm model whose head, input channels or (where 
 with ``set_input_size``) image size differ from its ``pretrained_cfg`` is planned on a meta copy at the cfg's
 (:func:`canonical_copy`); :func:`transfer` then gives every tensor the planned width except the dims where the
 model differs from that copy (the classes, the input channels, the position table's length), which keep the
-model's own. Resizing scales what a model chose for its size (Swin's windows follow the grid), so where the
-registered architecture is the model but for its size, that registered model at its cfg is the copy
-(:func:`_registered`). The plan records where it was made (``SplitPlan.planned_at``) and the parity there
-(``SplitPlan.planned_params``), so a user sees how much the head moves it; its MACs are counted at the model's
-own size.
+model's own. A model that is its registered architecture created with another head, input or size is planned on
+that architecture's default (:func:`_registered_default`): a ``reset_classifier`` need not build the constructor's
+head. Tensors the copy lacks take the widths of the dims they are coupled to (:func:`coupled_dims`). Resizing
+scales what a model chose for its size (Swin's windows follow the grid), so where the registered architecture is
+the model resized, that registered model at its cfg is the copy (:func:`_registered`). The plan records where it
+was made (``SplitPlan.planned_at``) and the parity there (``SplitPlan.planned_params``), so a user sees how much
+the head moves it; its MACs are counted at the model's own size.
 """
 from __future__ import annotations
 
@@ -26,12 +28,16 @@ from torch import nn
 
 from ..count import count
 from ..trace import MetaRecurrent, first_convs, meta_copy, size_built_at
+from .analyse import ChannelGraph
 from .attributes import DROP_ATTRS
 from .plan import SplitPlan
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["CfgAt", "cfg_at", "canonical_copy", "recount_macs", "transfer", "transfer_selection"]
+__all__ = ["CfgAt", "cfg_at", "canonical_copy", "coupled_dims", "recount_macs", "transfer", "transfer_selection"]
+
+# per tensor the copy lacks, per dim: a (tensor, dim) both have, in the same channel class; or None
+Coupled = Dict[str, Tuple[Optional[Tuple[str, int]], ...]]
 
 
 class CfgAt(NamedTuple):
@@ -76,8 +82,11 @@ def canonical_copy(model: nn.Module, input_shape: Sequence[int]) -> Optional[Tup
     if (getattr(model, "num_classes", None), input_shape[1], own) == tuple(at):
         return None
     shape = (input_shape[0], at.in_chans, *at.img_size)
+    ref = _registered_default(model, at, (int(input_shape[1]), *own), shape)
+    if ref is not None:
+        return ref, at
     for pool in (None, *POOLS):
-        canon = _reset(model, at, own, pool)
+        canon = _reset(model, at, own, int(input_shape[1]), pool)
         if canon is not None and _runs(canon, shape):
             if at.img_size != own:
                 canon = _registered(canon, model, shape, own) or canon
@@ -90,15 +99,15 @@ def canonical_copy(model: nn.Module, input_shape: Sequence[int]) -> Optional[Tup
 POOLS = ("avg", "token", "fast", "max")
 
 
-def _reset(model: nn.Module, at: CfgAt, own_size: Tuple[int, int], pool: Optional[str]) -> Optional[nn.Module]:
+def _reset(model: nn.Module, at: CfgAt, own_size: Tuple[int, int], own_chans: int,
+           pool: Optional[str]) -> Optional[nn.Module]:
     canon = meta_copy(model)
     try:
         with torch.device("meta"):
             if canon.num_classes != at.num_classes or pool is not None:
                 n = at.num_classes
                 canon.reset_classifier(n) if pool is None else canon.reset_classifier(n, pool)
-            convs = first_convs(canon)
-            if convs and convs[0].in_channels != at.in_chans and not _set_in_chans(canon, at.in_chans):
+            if own_chans != at.in_chans and not _set_in_chans(canon, own_chans, at.in_chans):
                 return None
             if at.img_size != own_size:
                 canon.set_input_size(img_size=at.img_size)
@@ -106,6 +115,46 @@ def _reset(model: nn.Module, at: CfgAt, own_size: Tuple[int, int], pool: Optiona
         _logger.debug("resetting to %s (pool %s) failed: %s", at, pool, e)
         return None
     return canon
+
+
+def _registered_default(model: nn.Module, at: CfgAt, own: Tuple[int, int, int],
+                        shape: Sequence[int]) -> Optional[nn.Module]:
+    """The registered architecture at its defaults, on meta, where ``model`` is that architecture created with
+    only another ``num_classes``, ``in_chans`` or ``img_size`` (and dropout rates); else None.
+
+    This is the model a timm user fine-tunes from: ``reset_classifier`` need not rebuild the head the constructor
+    builds (RepViT's distillation head has a BatchNorm only when made with the model), so the model reset to the
+    cfg's head is not always the default.
+    """
+    arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    if not arch or not timm.is_model(arch):
+        return None
+    kw = dict(num_classes=model.num_classes, in_chans=own[0])
+    if own[1:] != at.img_size:
+        kw["img_size"] = own[1:]
+    try:
+        with torch.device("meta"):
+            same, ref = (timm.create_model(arch, pretrained=False, **k) for k in (kw, {}))
+    except Exception as e:  # noqa: BLE001 - the registry's own entrypoint
+        _logger.debug("%s: no registered copy with %s (%s)", arch, kw, e)
+        return None
+    if cfg_at(ref) != at or getattr(ref, "num_classes", None) != at.num_classes or not _same_build(same, model):
+        return None
+    ref.train(model.training)
+    return ref if _runs(ref, shape) else None
+
+
+def _same_build(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two models have the same modules, tensor shapes and plain attributes (dropout rates aside)."""
+    ma, mb = dict(a.named_modules()), dict(b.named_modules())
+    if list(ma) != list(mb) or any(_kind(ma[n]) is not _kind(m) for n, m in mb.items()) or _shapes(a) != _shapes(b):
+        return False
+    for n, m in mb.items():
+        if _kind(m) is not _Drop:
+            pa, pb = _plain(ma[n]), _plain(m)
+            if any(pa.get(k) != v for k, v in pb.items() if k not in DROP_ATTRS and k != "training"):
+                return False
+    return True
 
 
 def _registered(canon: nn.Module, model: nn.Module, shape: Sequence[int],
@@ -187,15 +236,30 @@ def _runs(model: nn.Module, shape: Sequence[int]) -> bool:
         model.train(was)
 
 
-def _set_in_chans(model: nn.Module, c0: int) -> bool:
+def _set_in_chans(model: nn.Module, own: int, c0: int) -> bool:
+    """Give the first convs (or a linear patch embedding, NaFlexViT's) the input of ``c0`` channels where they now
+    take ``own``: their input width scaled by ``c0 / own``, which keeps a space-to-depth stem's factor (TResNet's
+    first conv takes 16 x the image's channels)."""
     convs = first_convs(model)
-    if not convs or not all(isinstance(m, nn.Conv2d) and m.groups == 1 for m in convs):
+    if not convs or not all(_in_width(m) > 0 and _in_width(m) % own == 0 for m in convs):
         return False
     for m in convs:
-        m.in_channels = c0
-        m.weight = nn.Parameter(torch.empty((m.out_channels, c0, *m.kernel_size), device="meta"),
-                                requires_grad=m.weight.requires_grad)
+        n = _in_width(m) // own * c0
+        if isinstance(m, nn.Linear):
+            m.in_features = n
+            shape = (m.out_features, n)
+        else:
+            m.in_channels = n
+            shape = (m.out_channels, n, *m.kernel_size)
+        m.weight = nn.Parameter(torch.empty(shape, device="meta"), requires_grad=m.weight.requires_grad)
     return True
+
+
+def _in_width(mod: nn.Module) -> int:
+    """A first conv's input channels (0 where it is not a plain conv or linear layer, which is not adapted)."""
+    if isinstance(mod, nn.Conv2d) and mod.groups == 1:
+        return mod.in_channels
+    return mod.in_features if isinstance(mod, nn.Linear) else 0
 
 
 def _shapes(model: nn.Module) -> Dict[str, Tuple[int, ...]]:
@@ -216,10 +280,31 @@ def _differs(canon: Dict[str, Tuple[int, ...]], own: Dict[str, Tuple[int, ...]])
     return out
 
 
+def coupled_dims(cg: ChannelGraph, canon: nn.Module) -> Coupled:
+    """Where the model (analysed as ``cg``) has tensors ``canon`` lacks, the dims they share a channel class with.
+
+    A model's ``reset_classifier`` need not build the head its constructor builds: RepViT's distillation head
+    keeps a BatchNorm only when made with the model, and Hiera's classifier exists only at ``num_classes > 0``,
+    while its cfg has 0. Such a tensor takes, per dim, the width (and the inherited channels) of a dim of a tensor
+    both have, unchanged, in the same class of the model's analysis; a dim with none keeps the model's own.
+    """
+    base = _shapes(canon)
+    diff = _differs(base, {n: tuple(cg.atoms.dim_size(d) for d in dims) for n, dims in cg.param_dims.items()})
+    ref: Dict[int, Tuple[str, int]] = {}
+    for name, dims in cg.param_dims.items():
+        mask = diff.get(name, (False,) * len(dims))
+        for j, d in enumerate(dims):
+            if name in base and not mask[j] and len(d) == 1:
+                ref.setdefault(cg.atoms.find(d[0]), (name, j))
+    return {name: tuple(ref.get(cg.atoms.find(d[0])) if len(d) == 1 else None for d in dims)
+            for name, dims in cg.param_dims.items() if name not in base}
+
+
 def transfer(plan: SplitPlan, canon: nn.Module, model: nn.Module, at: CfgAt,
-             input_size: Sequence[int]) -> SplitPlan:
+             input_size: Sequence[int], coupled: Optional[Coupled] = None) -> SplitPlan:
     """The plan made on ``canon`` for ``model``: the planned widths, the model's own classes, input channels and
     size-dependent lengths (position tables), and only the planned attributes the model has as ``canon`` had them.
+    A tensor ``canon`` lacks takes its widths from the dims it is ``coupled`` to (:func:`coupled_dims`).
 
     Args:
         plan: the plan of ``canon``.
@@ -227,6 +312,7 @@ def transfer(plan: SplitPlan, canon: nn.Module, model: nn.Module, at: CfgAt,
         model: the model to split.
         at: where the plan was made.
         input_size: ``(C, H, W)`` of the model's input.
+        coupled: :func:`coupled_dims` of the model, where it has tensors ``canon`` lacks.
 
     Returns:
         The plan for ``model``. Its ``params`` count the model's head; its ``macs`` are those planned (see
@@ -240,6 +326,9 @@ def transfer(plan: SplitPlan, canon: nn.Module, model: nn.Module, at: CfgAt,
         planned = plan.param_shapes.get(name, shape)
         mask = _differs(base, {name: shape}).get(name, (False,) * len(shape))
         shapes[name] = tuple(o if d else p for p, o, d in zip(planned, shape, mask))
+    for name, refs in (coupled or {}).items():
+        if name in shapes:
+            shapes[name] = tuple(shapes[r[0]][r[1]] if r else n for n, r in zip(shapes[name], refs))
     buffers = {n for n, _ in model.named_buffers()} | {n for n, _ in canon.named_buffers()}
     d0 = sum(_numel_of(own.get(n)) - _numel_of(base.get(n)) for n in set(own) | set(base) if n not in buffers)
     d1 = sum(_numel_of(shapes.get(n)) - _numel_of(plan.param_shapes.get(n))
@@ -277,15 +366,19 @@ def _numel_of(shape: Optional[Tuple[int, ...]]) -> int:
     return n
 
 
-def transfer_selection(selection: Dict[str, List[torch.Tensor]], canon: nn.Module,
-                       model: nn.Module) -> Dict[str, List[torch.Tensor]]:
+def transfer_selection(selection: Dict[str, List[torch.Tensor]], canon: nn.Module, model: nn.Module,
+                       coupled: Optional[Coupled] = None) -> Dict[str, List[torch.Tensor]]:
     """``init='inherit'``'s channel selection made on ``canon``, for ``model``: the dims where the model differs
-    from ``canon`` (classes, input channels) are taken whole, as are the model's tensors ``canon`` lacks."""
+    from ``canon`` (classes, input channels) are taken whole; a tensor ``canon`` lacks takes the channels of the
+    dims it is ``coupled`` to (:func:`coupled_dims`), else whole."""
     own = _shapes(model)
     diff = _differs(_shapes(canon), own)
     out = {}
     for name, shape in own.items():
         dims, mask = selection.get(name), diff.get(name)
+        if name in (coupled or {}):
+            dims = [_picked(selection, r) for r in coupled[name]]
+            mask = tuple(i is None for i in dims)
         if mask is None:
             if dims is not None:
                 out[name] = dims
@@ -293,3 +386,8 @@ def transfer_selection(selection: Dict[str, List[torch.Tensor]], canon: nn.Modul
         dims = dims if dims is not None and len(dims) == len(shape) else [None] * len(shape)
         out[name] = [torch.arange(n) if m or idx is None else idx for n, idx, m in zip(shape, dims, mask)]
     return out
+
+
+def _picked(selection: Dict[str, List[torch.Tensor]], ref: Optional[Tuple[str, int]]) -> Optional[torch.Tensor]:
+    dims = selection.get(ref[0]) if ref else None
+    return dims[ref[1]] if dims is not None and ref[1] < len(dims) else None
