@@ -4,25 +4,23 @@
     python benchmarks/loader_speed.py --data-dir DIR       # an ImageFolder
     python benchmarks/loader_speed.py --tiny               # a dry run: a few batches, 1 tiny epoch
 
-Part 1 times ``timm_split.data.create_member_loader`` (timm's ``create_loader``, prefetcher, the train transform
-drawn S times per image) plus the on-device random erasing and shared mixup, in images per second (an image is
+Part 1 times ``timm_split.training.data.create_member_loader`` (timm's ``create_loader``, prefetcher, the train
+transform drawn S times per image) plus the on-device random erasing and shared mixup, in images per second (an image is
 one sample, whatever S). Part 2 trains ``--model`` for one epoch of ``--epoch-images`` images with
-``timm_split.train.train`` at S=1 and S=2 and reports the seconds of each. Results go to stdout and, with
+``timm_split.commands.train.train`` at S=1 and S=2 and reports the seconds of each. Results go to stdout and, with
 ``--json``, to a file.
 """
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from timm_split.data import MemberBatchAugment, create_datasets, create_member_loader  # noqa: E402
-from timm_split.train import train, train_args  # noqa: E402
+from timm_split.training.data import MemberBatchAugment, create_datasets, create_member_loader
+from timm_split.commands.train import train, train_args
 
 
 def loader_images_per_second(args: argparse.Namespace, split_factor: int) -> float:

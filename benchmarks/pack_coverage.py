@@ -6,7 +6,7 @@
 
 For each architecture (one per timm module by default, as ``timm-split sweep --tier default``): build it (at
 ``--img-size`` where it takes one), split it in S members on the CPU if it has fewer than ``--max-params``
-parameters, pack the members (:func:`timm_split.packing.pack_members`) and compare with the loop: eval outputs,
+parameters, pack the members (:func:`timm_split.execution.packed.pack_members`) and compare with the loop: eval outputs,
 and in training mode (dropout and drop-path off) outputs, every parameter's gradient and every buffer, each to
 ``--tol`` of the largest magnitude (training at 4x the batch: BatchNorm over a few 1x1 maps is
 ill-conditioned). Where float32 differs by more, both run again in float64 and must agree to 1e-9: the
@@ -33,7 +33,6 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's timm_split
 
 FIELDS = ("arch", "module", "split", "status", "packed_ok", "fully_packed", "looped_ops", "failing_op", "params",
           "img_size", "out_err", "grad_err", "buffer_err", "fp64", "seconds")
@@ -43,7 +42,7 @@ def _build(arch: str, img_size: int):
     """The model at ``img_size`` where it takes and runs at it, else at its own size (as the sweep's CPU check)."""
     import timm
 
-    from timm_split.sweep import _runs_at
+    from timm_split.commands.sweep import _runs_at
 
     cfg = timm.models.get_pretrained_cfg(arch)
     kwargs = {"num_classes": 10} if cfg is None or cfg.num_classes else {}
@@ -76,7 +75,7 @@ def _run(ens, x, w, packed: bool, train: bool):
     """Eval output, or in training the output, gradients and buffers, of a copy of ``ens`` (packed or loop)."""
     import torch
 
-    from timm_split.packing import pack_members
+    from timm_split.execution.packed import pack_members
 
     ens = copy.deepcopy(ens).train(train)
     fn = pack_members(ens.members) if packed else ens.forward_members
@@ -137,7 +136,7 @@ def check_one(arch: str, split: int = 2, img_size: int = 64, max_params: float =
     import torch
 
     import timm_split
-    from timm_split.sweep import _module, _one_line
+    from timm_split.commands.sweep import _module, _one_line
 
     t0 = time.perf_counter()
     row = dict(arch=arch, module=_module(arch), split=split)
@@ -203,7 +202,7 @@ def _write(path: str, rows: List[Dict]) -> None:
 
 def run(archs: Sequence[str], out: str, workers: int = 1, timeout: float = 300, **options) -> List[Dict]:
     """Check ``archs`` (``workers`` processes at a time, one per model), rewriting ``out`` after each."""
-    from timm_split.sweep import _module
+    from timm_split.commands.sweep import _module
 
     rows = _read(out)
     done = {r["arch"] for r in rows}
@@ -255,7 +254,7 @@ def report(rows: List[Dict]) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from timm_split.sweep import default_tier, select
+    from timm_split.commands.sweep import default_tier, select
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--filter", nargs="*", help="fnmatch patterns (default: one architecture per timm module)")

@@ -9,22 +9,28 @@ models (no weights). Writes ``docs/plan_shape.csv`` and the table in ``docs/plan
 """
 import argparse
 import csv
+import importlib.util
 import os
-import sys
 
 import timm
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.dirname(__file__))
-
-import timm_split  # noqa: E402
-from timm_split.engine import search  # noqa: E402
+import timm_split
+from science import ARCHS as SCIENCE  # benchmarks/science.py, beside this script
+from timm_split.engine import search
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-from conftest import ACCEPTANCE  # noqa: E402
-from science import ARCHS as SCIENCE  # noqa: E402
+
+
+def _acceptance() -> dict:
+    """The acceptance list of tests/conftest.py (read from the file: the tests are not a package)."""
+    spec = importlib.util.spec_from_file_location("_acceptance", os.path.join(ROOT, "tests", "conftest.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.ACCEPTANCE
+
+
+ACCEPTANCE = _acceptance()
 
 
 def _model(name: str):

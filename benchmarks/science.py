@@ -9,7 +9,7 @@
     bash benchmarks/science_gpu.sh                                 # WRN-16-8, single x5 and S=2 x5 on one GPU
 
 Every run trains on a class-balanced Fashion-MNIST subset held as one uint8 tensor on the device, with the seed's
-views made on whole batches (``timm_split.augment.BatchViews``: per-member pad-crop, flip, RandAugment, random
+views made on whole batches (``timm_split.training.views.BatchViews``: per-member pad-crop, flip, RandAugment, random
 erasing, then mixup shared by the members), ``timm_split.split`` / ``CoTrainingLoss`` / ``param_groups`` and timm's
 ``create_optimizer_v2`` / ``create_scheduler_v2``. Each finished run writes ``<records>/<stage>/<id>.json`` (config,
 costs, test and clean-train metrics, last-epoch train loss, wall time) and ``<id>.npz`` (the ensemble's test logits
@@ -25,7 +25,6 @@ import math
 import multiprocessing
 import os
 import statistics
-import sys
 import tempfile
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -34,12 +33,11 @@ import numpy as np
 import torch
 from torch import nn
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)
+from timm_split import CoTrainingLoss, SplitEnsemble, param_groups, split
+from timm_split.training.data import read_idx
+from timm_split.training.views import BatchViews
 
-from timm_split import CoTrainingLoss, SplitEnsemble, param_groups, split  # noqa: E402
-from timm_split.augment import BatchViews  # noqa: E402
-from timm_split.data import read_idx  # noqa: E402
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 MEAN, STD, NUM_CLASSES = (0.2860,), (0.3530,), 10
 DATA_DIR = "/usr/share/datasets/fashion-mnist"
@@ -52,8 +50,8 @@ RESULTS_MD = os.path.join(ROOT, "docs", "results.md")
 
 
 def _scores(logits: torch.Tensor, target: torch.Tensor) -> Dict[str, float]:
-    """timm_split.validate's metrics, with the NLL under the key the records use ('nll', not 'loss')."""
-    from timm_split.validate import classification_metrics
+    """timm_split.commands.validate's metrics, with the NLL under the key the records use ('nll', not 'loss')."""
+    from timm_split.training.metrics import classification_metrics
     m = dict(classification_metrics(logits, target))
     m["nll"] = m.pop("loss")
     return m
@@ -538,15 +536,63 @@ def _ms(values: Sequence[float], digits: int = 2) -> str:
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def welch_ci(b: Sequence[float], a: Sequence[float]) -> Tuple[float, float, float]:
-    """``mean(b) - mean(a)`` and its 95% Welch interval (nan without 2 values per arm)."""
-    from scipy import stats
+def _betainc(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta function I_x(a, b), by its continued fraction (modified Lentz)."""
+    if x <= 0.0 or x >= 1.0:
+        return min(1.0, max(0.0, x))
+    if x > (a + 1) / (a + b + 2):  # the fraction converges fast only below this point
+        return 1.0 - _betainc(b, a, 1.0 - x)
+    log_front = a * math.log(x) + b * math.log1p(-x) + math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+    f, c, d = 1.0, 1.0, 0.0
+    for i in range(1000):
+        m = i // 2
+        if i == 0:
+            num = 1.0
+        elif i % 2:
+            num = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        else:
+            num = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        d = 1.0 + num * d
+        d = 1.0 / (d if abs(d) > 1e-300 else 1e-300)
+        c = 1.0 + num / c
+        c = c if abs(c) > 1e-300 else 1e-300
+        f *= c * d
+        if abs(1.0 - c * d) < 1e-15:
+            break
+    return math.exp(log_front) / a * (f - 1.0)
 
+
+def _t_cdf(t: float, df: float) -> float:
+    """P(T <= t) for Student's t with ``df`` (any real > 0) degrees of freedom."""
+    tail = 0.5 * _betainc(df / 2, 0.5, df / (df + t * t))
+    return 1.0 - tail if t >= 0 else tail
+
+
+def t_quantile(p: float, df: float) -> float:
+    """The ``p`` quantile of Student's t with ``df`` (any real > 0) degrees of freedom, by bisection on the CDF."""
+    if p < 0.5:
+        return -t_quantile(1.0 - p, df)
+    lo, hi = 0.0, 1.0
+    while _t_cdf(hi, df) < p:
+        lo, hi = hi, 2 * hi
+    for _ in range(100):  # halves [lo, hi] down to float precision
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if _t_cdf(mid, df) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def welch_ci(b: Sequence[float], a: Sequence[float]) -> Tuple[float, float, float]:
+    """``mean(b) - mean(a)`` and its 95% Welch interval: Welch-Satterthwaite degrees of freedom and the Student t
+    quantile at them (nan without 2 values per arm; the point itself when both arms have no spread)."""
     d = statistics.mean(b) - statistics.mean(a)
     if len(a) < 2 or len(b) < 2:
         return d, float("nan"), float("nan")
-    ci = stats.ttest_ind(list(b), list(a), equal_var=False).confidence_interval(0.95)
-    return d, float(ci.low), float(ci.high)
+    vb, va = statistics.variance(b) / len(b), statistics.variance(a) / len(a)
+    if vb + va == 0:
+        return d, d, d
+    df = (vb + va) ** 2 / (vb ** 2 / (len(b) - 1) + va ** 2 / (len(a) - 1))
+    half = t_quantile(0.975, df) * math.sqrt(vb + va)
+    return d, d - half, d + half
 
 
 def paired_bootstrap_ci(correct_b: np.ndarray, correct_a: np.ndarray, reps: int = 10000, seed: int = 0,
@@ -674,38 +720,66 @@ def _ci(t: Tuple[float, ...]) -> str:
     return "-" if math.isnan(t[-1]) else f"[{t[-2]:+.2f}, {t[-1]:+.2f}]"
 
 
-def grid_report(recs: List[Dict[str, Any]], labels: np.ndarray) -> List[str]:
+Records = List[Dict[str, Any]]
+
+
+def _groups(recs: Records) -> List[Records]:
+    """The records of each setting (``_group_key``: config and folder), in key order."""
+    return [[r for r in recs if _group_key(r) == key] for key in sorted({_group_key(r) for r in recs})]
+
+
+def _arms(group: Records) -> Dict[str, Records]:
+    """A setting's records by arm label (``ARMS`` order, then label), each by seed."""
+    arms: Dict[str, Records] = {}
+    order = list(ARMS)
+    for r in sorted(group, key=lambda r: (order.index(r["arm"]), _label(r), r["seed"])):
+        arms.setdefault(_label(r), []).append(r)
+    return arms
+
+
+def _block(group: Records, labels: np.ndarray, what: str, rule_arm: str = "s2", need: int = 0,
+           single: Optional[Records] = None) -> Tuple[List[str], Dict[str, str]]:
+    """One setting's table (every arm, the two-singles ceiling) and tests (``_tests``). ``single``: another
+    setting's single networks, compared with when ``group`` has none (named by their folder in the table).
+    Returns the lines and ``{rule_arm: outcome}`` (empty without both arms)."""
+    arms = _arms(group)
+    borrowed = bool(single) and "single" not in arms
+    if borrowed:
+        arms = {"single": sorted(single, key=lambda r: r["seed"]), **arms}
+    sp = arms["single"][0]["params"] if "single" in arms else None
+    lines = [f"### {group[0]['stage']}: {_setting_line(group[0])}", "",
+             "| arm | S | seeds | params (vs single) | MMACs (vs unsplit) | test top-1 (%) | member top-1 (%) "
+             "| NLL | ECE (%) | clean train top-1 (%) | clean train loss | last-epoch train CE per member "
+             "| min/run |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for label, rs in arms.items():
+        lines.append(_arm_row(f"single ({rs[0]['stage']})" if borrowed and label == "single" else label, rs, sp))
+    pairs = [] if borrowed else _pairs(arms.get("single", []))
+    if pairs:
+        ens2 = _pair_gain(pairs, labels)[0]
+        lines.append(f"| ens2_single (2x cost) | 1+1 | {len(pairs)} pairs | {2 * sp:,} | - | "
+                     f"{_ms([m['top1'] for m in ens2])} | - | {_ms([m['nll'] for m in ens2], 3)} | "
+                     f"{_ms([100 * m['ece'] for m in ens2])} | - | - | - | - |")
+    lines.append("")
+    tests, outcome = _tests(arms, labels, what, rule_arm, need)
+    return lines + tests, outcome
+
+
+def grid_report(recs: Records, labels: np.ndarray) -> List[str]:
     """Stage 2 tables: every arm, the two-singles ceiling, the primary test with its verdict, the controls."""
     lines = []
-    for key in sorted({_group_key(r) for r in recs}):
-        group = [r for r in recs if _group_key(r) == key]
-        arms: Dict[str, List[Dict[str, Any]]] = {}
-        order = list(ARMS)
-        for r in sorted(group, key=lambda r: (order.index(r["arm"]), _label(r), r["seed"])):
-            arms.setdefault(_label(r), []).append(r)
-        single = arms.get("single", [])
-        sp = single[0]["params"] if single else None
-        lines += [f"### {group[0]['stage']}: {_setting_line(group[0])}", "",
-                  "| arm | S | seeds | params (vs single) | MMACs (vs unsplit) | test top-1 (%) | member top-1 (%) "
-                  "| NLL | ECE (%) | clean train top-1 (%) | clean train loss | last-epoch train CE per member "
-                  "| min/run |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        lines += [_arm_row(label, rs, sp) for label, rs in arms.items()]
-        pairs = _pairs(single)
-        if pairs:
-            ens2 = _pair_gain(pairs, labels)[0]
-            lines.append(f"| ens2_single (2x cost) | 1+1 | {len(pairs)} pairs | {2 * sp:,} | - | "
-                         f"{_ms([m['top1'] for m in ens2])} | - | {_ms([m['nll'] for m in ens2], 3)} | "
-                         f"{_ms([100 * m['ece'] for m in ens2])} | - | - | - | - |")
-        lines.append("")
-        lines += _tests(arms, labels, group[0]["stage"] == "grid")
+    for group in _groups(recs):
+        what = "Verdict (pre-registered rule)" if group[0]["stage"] == "grid" else "Decision rule applied to this block"
+        lines += _block(group, labels, what)[0]
     return lines
 
 
-def _tests(arms: Dict[str, List[Dict[str, Any]]], labels: np.ndarray, primary: bool) -> List[str]:
+def _tests(arms: Dict[str, Records], labels: np.ndarray, what: str, rule_arm: str = "s2", need: int = 0
+           ) -> Tuple[List[str], Dict[str, str]]:
     """Each arm against the single network (Welch; S=2/S=4 also by the paired bootstrap), controls also against
-    s2; the s2 line states the decision rule's outcome (the verdict when ``primary``: the pre-registered grid)."""
-    single = arms.get("single", [])
+    s2. The ``rule_arm`` line states the decision rule's outcome, headed ``what``; with fewer than ``need`` seeds in
+    it or in single, "incomplete: n of need seeds" instead. Returns the lines and ``{rule_arm: outcome}``."""
+    single, outcome = arms.get("single", []), {}
     lines = ["* per seed, test top-1 (%): " + "; ".join(
         f"{name} " + ", ".join(f"{r['seed']}: {r['test']['ensemble']['top1']:.2f}" for r in rs)
         for name, rs in arms.items())]
@@ -719,27 +793,134 @@ def _tests(arms: Dict[str, List[Dict[str, Any]]], labels: np.ndarray, primary: b
             boot = paired_bootstrap_ci(np.stack([_correct(pick[0][s], labels) for s in seeds]),
                                        np.stack([_correct(pick[1][s], labels) for s in seeds]))
             line += f", paired bootstrap 95% CI {_ci(boot)} ({len(seeds)} paired seeds)"
-            if name == "s2":
-                what = "Verdict (pre-registered rule)" if primary else "Decision rule applied to this block"
-                line += f". **{what}: {verdict(w, boot)}.**"
+            if name == rule_arm:
+                n = min(len(rs), len(single))
+                outcome[name] = verdict(w, boot) if n >= need else f"incomplete: {n} of {need} seeds"
+                line += f". **{what}: {outcome[name]}.**"
         elif "s2" in arms and name != "s2":
             v = welch_ci(_top1(rs), _top1(arms["s2"]))
             line += f"; − s2: {v[0]:+.2f}, Welch 95% CI {_ci(v)}"
         lines.append(line)
-    return lines + [""] if lines else lines
+    return lines + [""], outcome
 
 
-def write_report(records: str, results_md: str, data_dir: str) -> None:
-    """Regenerate the tables between the markers of ``results_md`` from ``records`` (atomic write)."""
+# amendment 1 of docs/results.md: a verdict per budget
+AMENDMENT = {"t1": "Verdict (amendment 1 rule)", "t2": "Decision rule applied (secondary)",
+             "t3": "Decision rule applied (secondary)"}
+T1_WIDTHS, SEEDS_PER_ARM = (1.0, 2.0), 20
+BUDGET_PLOT = os.path.join(ROOT, "docs", "science_budget.png")
+Budget = Tuple[float, Optional[int], str]  # width k, params of the unsplit width-k network, outcome
+
+
+def amendment_report(recs: Records, labels: np.ndarray) -> List[str]:
+    """Amendment 1's section: a block per (stage, k), T1's s2 line with the verdict, T2's and T3's with the rule
+    applied as secondary (T3's s4 against T1's single at the same k), then the statement over budgets."""
+    lines, t1, t2 = ["## Amendment 1: a verdict per budget", ""], [], []
+    for group in sorted(_groups(recs), key=lambda g: (g[0]["stage"], g[0]["config"]["width"])):
+        stage, k = group[0]["stage"], group[0]["config"]["width"]
+        ref = [r for r in recs if r["stage"] == "t1" and r["arm"] == "single" and r["config"]["width"] == k]
+        rule = "s2" if any(r["arm"] == "s2" for r in group) else "s4"
+        block, outcome = _block(group, labels, AMENDMENT[stage], rule, SEEDS_PER_ARM, ref if stage == "t3" else None)
+        lines += block
+        if stage in ("t1", "t2"):
+            n = min(sum(r["arm"] == a for r in group) for a in PRIMARY)
+            budget = (k, group[0]["base_params"], outcome.get("s2", f"incomplete: {n} of {SEEDS_PER_ARM} seeds"))
+            (t1 if stage == "t1" else t2).append(budget)
+    t1 += [(k, None, f"incomplete: 0 of {SEEDS_PER_ARM} seeds") for k in T1_WIDTHS if k not in {b[0] for b in t1}]
+    t2 = [b for b in t2 if not b[2].startswith("incomplete")]
+    return lines + [budget_statement(sorted(t1) + sorted(t2)), ""]
+
+
+def budget_statement(budgets: Sequence[Budget]) -> str:
+    """Amendment 1's statement over budgets (ordered by params): every budget "no": splitting does not pay up to
+    the largest; "no" then "yes": the crossover lies between them; anything else: unresolved. Pending while a
+    budget is incomplete (the rule is applied at ``SEEDS_PER_ARM`` seeds per arm)."""
+    parts = "; ".join(f"k={k:g}" + (f" ({p:,} params)" if p else "") + f": {v}" for k, p, v in budgets)
+    vs = [v for _, _, v in budgets]
+    first_yes = vs.index("yes") if "yes" in vs else 0
+    if not vs or any(v.startswith("incomplete") for v in vs):
+        end = f"pending: the rule is applied once every budget has {SEEDS_PER_ARM} seeds per arm"
+    elif set(vs) == {"no"}:
+        end = f"splitting does not pay up to {budgets[-1][1]:,} params"
+    elif first_yes and set(vs[:first_yes]) == {"no"} and set(vs[first_yes:]) == {"yes"}:
+        end = f"the crossover lies between {budgets[first_yes - 1][1]:,} and {budgets[first_yes][1]:,} params"
+    else:
+        end = "unresolved"
+    return f"**Statement over budgets** (T1 by params, then T2 when complete): {parts}. **Statement: {end}.**"
+
+
+def _budget_points(recs: Records) -> Dict[str, List[Tuple[int, float, float, int]]]:
+    """Per arm, one point per (arm, k, folder), by params: (params, mean test error (%), half-width of the 95% t
+    interval of the mean (0 with one seed), seeds)."""
+    cells: Dict[Tuple[str, float, str], Records] = {}
+    for r in recs:
+        cells.setdefault((r["arm"], r["config"]["width"], r["stage"]), []).append(r)
+    points: Dict[str, List[Tuple[int, float, float, int]]] = {}
+    for (arm, _, _), rs in sorted(cells.items(), key=lambda kv: (kv[1][0]["params"], kv[0])):
+        err, n = [100 - t for t in _top1(rs)], len(rs)
+        half = t_quantile(0.975, n - 1) * statistics.stdev(err) / math.sqrt(n) if n > 1 else 0.0
+        points.setdefault(arm, []).append((rs[0]["params"], statistics.mean(err), half, n))
+    return points
+
+
+def budget_plot(recs: Records, path: str) -> Optional[str]:
+    """Test error against params (log x) per arm, mean over seeds with 95% t intervals, from amendment 1's
+    records; written atomically to ``path`` (Agg backend). Returns the path, or None when skipped."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import NullFormatter
+    except ImportError:
+        print(f"matplotlib is not installed: skipped the plot {path}", flush=True)
+        return None
+    points = _budget_points(recs)
+    if not points:
+        print(f"no t1/t2/t3 records: skipped the plot {path}", flush=True)
+        return None
+    fig = Figure(figsize=(7, 4.8))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    names = {"single": "single network (S=1)", "s2": "split, S=2, co-trained", "s4": "split, S=4, co-trained"}
+    for arm, pts in points.items():
+        x, y, half, n = zip(*pts)
+        ax.errorbar(x, y, yerr=half, marker="o", capsize=3, label=names.get(arm, arm))
+        for xi, yi, ni in zip(x, y, n):
+            ax.annotate(f"n={ni}", (xi, yi), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    c, ns = recs[0]["config"], sorted({p[3] for pts in points.values() for p in pts})
+    arch = {"resnet10": "wide ResNet-10", "wrn16": "WRN-16"}.get(c["arch"], c["arch"])
+    seeds = f"{ns[0]}" if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
+    ax.set_title(f"Fashion-MNIST {c['per_class']}/class, {c['epochs']} epochs, {arch}: test error vs params\n"
+                 f"mean over n = {seeds} seeds per point, error bars: 95% t interval of the mean", fontsize=9)
+    ax.set_xscale("log")
+    budgets = sorted({r["base_params"] for r in recs})  # ticks at the unsplit networks' params
+    ax.set_xticks(budgets, [f"{p / 1e6:.2g}M" for p in budgets])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlim(budgets[0] / 1.5, budgets[-1] * 1.5)
+    ax.set_xlabel("parameters (all members; log scale; ticks at the budgets' single networks)")
+    ax.set_ylabel("test error (100 - top-1), % (10,000 test images)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    print(f"wrote the budget plot {path}", flush=True)
+    return path
+
+
+def write_report(records: str, results_md: str, data_dir: str, plot: Optional[str] = None) -> None:
+    """Regenerate the tables between the markers of ``results_md`` from ``records`` (atomic write); with ``plot``,
+    also amendment 1's test error vs params plot there."""
     recs = load_records(records)
     labels = _idx(data_dir, "t10k-labels-idx1-ubyte").astype(np.int64)
-    gate = [r for r in recs if r["kind"] == "gate"]
-    grid = [r for r in recs if r["kind"] != "gate"]
+    amended = [r for r in recs if r["stage"] in AMENDMENT]
+    gate = [r for r in recs if r["kind"] == "gate" and r["stage"] not in AMENDMENT]
+    grid = [r for r in recs if r["kind"] != "gate" and r["stage"] not in AMENDMENT]
     where = os.path.relpath(records, ROOT)
     where = records if where.startswith("..") else where
     lines = [f"Generated by `python benchmarks/science.py --report` from {len(recs)} records in `{where}`. "
              "Mean ± std over seeds; test = the 10,000 test images; the last-epoch train CE is on the augmented, "
              "mixed batches.", ""]
+    if amended:
+        lines += amendment_report(amended, labels)
     if gate:
         lines += ["## Stage 1: the regime gate", ""] + gate_report(gate, labels)
     if grid:
@@ -753,6 +934,8 @@ def write_report(records: str, results_md: str, data_dir: str) -> None:
     text = text[:text.index(begin) + len(begin)] + "\n" + "\n".join(lines).rstrip() + "\n" + text[text.index(end):]
     _atomic_write(results_md, lambda f: f.write(text.encode()))
     print(f"wrote the tables of {results_md} from {len(recs)} records", flush=True)
+    if plot:
+        budget_plot(amended, plot)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -795,6 +978,7 @@ def _parser() -> argparse.ArgumentParser:
     a("--threads", type=int, default=1, help="torch threads per worker")
     a("--records", default=RECORDS, help="where the run records go")
     a("--results-md", default=RESULTS_MD, help="the file whose generated tables --report rewrites")
+    a("--plot", default=BUDGET_PLOT, help="the test error vs params plot of amendment 1 that --report writes")
     a("--measure", action="store_true", help="time each arm and print the stage's expected wall time; train nothing")
     a("--report", action="store_true", help="rewrite the tables of --results-md from --records; train nothing")
     a("--dry-run", action="store_true", help="gate + grid + measure + report at a tiny size in a temp folder")
@@ -814,6 +998,7 @@ def dry_run(args: argparse.Namespace) -> None:
     """The whole pipeline at a tiny size (2 epochs, 10 images per class, 2 seeds) in a temp folder."""
     out = tempfile.mkdtemp(prefix="science_dry_")
     args.records, args.results_md = os.path.join(out, "records"), os.path.join(out, "results.md")
+    args.plot = os.path.join(out, "science_budget.png")
     if os.path.isfile(RESULTS_MD):
         with open(RESULTS_MD) as src, open(args.results_md, "w") as dst:
             dst.write(src.read())
@@ -827,7 +1012,7 @@ def dry_run(args: argparse.Namespace) -> None:
         measure(specs, st, args.jobs, steps=2, warmup=1)
         run_specs(specs, st, args.records, args.jobs, args.threads)
         run_specs(specs, st, args.records, args.jobs, args.threads)  # resumes: nothing left to run
-    write_report(args.records, args.results_md, args.data_dir)
+    write_report(args.records, args.results_md, args.data_dir, args.plot)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -836,7 +1021,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.dry_run:
         return dry_run(args)
     if args.report:
-        return write_report(args.records, args.results_md, args.data_dir)
+        return write_report(args.records, args.results_md, args.data_dir, args.plot)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda but torch sees no GPU; use --device cpu.")
     st = _setting(args)

@@ -27,7 +27,6 @@ import logging
 import os
 import platform
 import statistics
-import sys
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -35,10 +34,9 @@ import timm
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import timm_split  # noqa: E402
-from timm_split import CoTrainingLoss  # noqa: E402
-from timm_split.packing import CudaGraphed  # noqa: E402
+import timm_split
+from timm_split import CoTrainingLoss
+from timm_split.execution.packed import CudaGraphed
 
 STRATEGIES = ["loop", "threads", "packed", "threads+packed", "auto"]
 

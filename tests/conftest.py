@@ -1,4 +1,6 @@
+import fnmatch
 import logging
+import os
 
 import pytest
 import torch
@@ -30,6 +32,27 @@ ACCEPTANCE = {
     "hrnet_w18_small": ({}, 64),
     "fastvit_t8": ({}, 64),
 }
+
+# The default tier (one small architecture per timm module); FAST runs by default, the rest is marked slow.
+# TIMM_SPLIT_FILTER narrows it (an fnmatch pattern), as timm's tests take a filter.
+FAST = ["test_resnet", "test_convnext", "test_efficientnet", "test_byobnet", "test_vit", "mobilenetv3_small_050",
+        "edgenext_xx_small", "levit_128s"]
+FILTER = os.environ.get("TIMM_SPLIT_FILTER", "*")
+
+
+def matches(arch: str, patterns) -> bool:
+    return any(fnmatch.fnmatch(arch, p) for p in patterns)
+
+
+def tier_params(patterns=("*",), exclude=()):
+    """pytest params of the default tier matching ``patterns`` and not ``exclude``: FAST first, the rest slow."""
+    from timm_split.commands.sweep import default_tier
+
+    archs = [a for a in default_tier() if fnmatch.fnmatch(a, FILTER) and matches(a, patterns)
+             and not matches(a, exclude)]
+    return [pytest.param(a, marks=[] if a in FAST else [pytest.mark.slow])
+            for a in [a for a in FAST if a in archs] + [a for a in archs if a not in FAST]]
+
 
 # oneDNN builds a kernel per new conv shape on its first call (about 3 s for a resnet50 at 64 px on this
 # 2-core machine); the tests run each shape once or twice on tiny inputs, where the native kernels are faster.
@@ -69,7 +92,7 @@ def fake_fashion_idx(root, per_class: int, val_per_class: int) -> str:
     """Fashion-MNIST-shaped IDX files in ``root``: class c is a bright bar at a class-dependent place on noise."""
     import numpy as np
 
-    from timm_split.data import write_idx
+    from timm_split.training.data import write_idx
     rng = np.random.RandomState(0)
     for split, n in (("train", per_class * 10), ("t10k", val_per_class * 10)):
         labels = (np.arange(n) % 10).astype(np.uint8)
@@ -83,7 +106,7 @@ def fake_fashion_idx(root, per_class: int, val_per_class: int) -> str:
 
 def tiny_png_folder(tmp_path_factory, per_class: int = 4, val_per_class: int = 2) -> str:
     """An ImageFolder (train/validation) of fake Fashion-MNIST PNGs, written by the export helper."""
-    from timm_split.data import export_fashion_mnist
+    from timm_split.training.data import export_fashion_mnist
     idx = fake_fashion_idx(tmp_path_factory.mktemp("idx"), per_class, val_per_class)
     out = tmp_path_factory.mktemp("png") / "f"
     export_fashion_mnist(str(out), idx_dir=idx)

@@ -1,11 +1,11 @@
-"""timm_split.augment: batched member views (pad-crop, flip, RandAugment, erasing) and shared mixup."""
+"""timm_split.training.views: batched member views (pad-crop, flip, RandAugment, erasing) and shared mixup."""
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageOps
 
-from timm_split.augment import (RAND_AUGMENT_OPS, BatchViews, hflip, mixup, pad_crop, rand_augment,
-                                random_erase)
+from timm_split.training.views import (RAND_AUGMENT_OPS, BatchViews, hflip, mixup, pad_crop, rand_augment,
+                                       random_erase)
 
 MEAN, STD = (0.2860,), (0.3530,)
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from timm_split.cli import main
+from timm_split.commands.main import main
 from timm_split.count import count_by_module
 
 

@@ -1,4 +1,4 @@
-"""Tests for timm_split.data."""
+"""Tests for timm_split.training.data."""
 import os
 
 import numpy as np
@@ -8,7 +8,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from timm.data import create_loader
 
-from timm_split.data import (
+from timm_split.training.data import (
     FashionMNIST, MemberViews, MemberViewsDataset, collate_member_views, create_member_transform, read_idx,
     write_idx,
 )

@@ -40,7 +40,7 @@ def _optimizer(params) -> torch.optim.Optimizer:
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    from timm_split.distributed import MemberParallel
+    from timm_split.training.distributed import MemberParallel
     torch.set_num_threads(1)  # before any op: the children share the machine's 2 cores
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -118,7 +118,7 @@ def _init(rank: int, world: int, port: int) -> None:
 
 
 def _combine_worker(rank: int, world: int, port: int, out: str) -> None:
-    from timm_split.distributed import MemberParallel
+    from timm_split.training.distributed import MemberParallel
     _init(rank, world, port)
     try:
         for averaging in ("logits", "probs"):
@@ -135,7 +135,7 @@ def _combine_worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def _mismatch_worker(rank: int, world: int, port: int, out: str, splits, widths) -> None:
-    from timm_split.distributed import MemberParallel
+    from timm_split.training.distributed import MemberParallel
     _init(rank, world, port)
     try:
         torch.manual_seed(0)
@@ -179,6 +179,6 @@ def test_member_parallel_ranks_with_different_splits_raise(tmp_path, splits, wid
 
 
 def test_needs_initialised_process_group():
-    from timm_split.distributed import MemberParallel
+    from timm_split.training.distributed import MemberParallel
     with pytest.raises(ValueError, match="init_process_group"):
         MemberParallel(_ensemble())

@@ -14,7 +14,7 @@ from torch import nn
 import timm_split
 from timm_split import SplitError
 from timm_split.checks import MAX_SPLIT_FACTOR
-from timm_split.cli import main
+from timm_split.commands.main import main
 
 
 def _net() -> nn.Module:
@@ -113,7 +113,7 @@ def _fake_sweep_one(arch, splits, *args, **kwargs):
 def test_sweep_resumes_a_csv_cut_mid_row(tmp_path, monkeypatch):
     """The last row was cut mid-write: it is skipped (its architecture runs again) and the next row is written
     on a line of its own instead of onto the half row."""
-    from timm_split import sweep
+    from timm_split.commands import sweep
 
     out = tmp_path / "sweep.csv"
     with open(out, "w", newline="") as f:
@@ -129,7 +129,7 @@ def test_sweep_resumes_a_csv_cut_mid_row(tmp_path, monkeypatch):
 
 
 def test_sweep_refuses_a_foreign_csv(tmp_path):
-    from timm_split.sweep import run_sweep
+    from timm_split.commands.sweep import run_sweep
 
     out = tmp_path / "other.csv"
     out.write_text("name,value\nx,1\n")
@@ -157,12 +157,12 @@ def test_compare_split_bound(capsys):
 
 
 def test_compare_plot_unwritable_fails_before_counting(capsys, tmp_path, monkeypatch):
-    import timm_split.compare
+    import timm_split.commands.compare
 
     def no_counting(*args, **kwargs):
         raise AssertionError("counted before checking --plot")
 
-    monkeypatch.setattr(timm_split.compare, "compare_rows", no_counting)
+    monkeypatch.setattr(timm_split.commands.compare, "compare_rows", no_counting)
     blocker = tmp_path / "file.txt"
     blocker.write_text("")
     err = _usage_error(capsys, "compare", "resnet18", "--split", "2", "--plot", str(blocker / "cost.png"))
@@ -172,7 +172,7 @@ def test_compare_plot_unwritable_fails_before_counting(capsys, tmp_path, monkeyp
 
 
 def test_sweep_usage_errors(capsys, tmp_path, monkeypatch):
-    from timm_split import sweep
+    from timm_split.commands import sweep
 
     def no_sweep(*args, **kwargs):
         raise AssertionError("swept before checking the arguments")

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import timm_split
-from timm_split.data import export_fashion_mnist
+from timm_split.training.data import export_fashion_mnist
 
 from conftest import fake_fashion_idx
 
@@ -26,7 +26,7 @@ def wrap(f):
     return g
 os.replace, os.link = wrap(os.replace), wrap(os.link)
 atexit.register(lambda: open(os.environ["COUNT_FILE"], "w").write(str(n[0])))
-from timm_split.train import main
+from timm_split.commands.train import main
 sys.exit(main(sys.argv[1:]))
 """
 

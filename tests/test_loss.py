@@ -1,4 +1,4 @@
-"""Tests for timm_split.loss.CoTrainingLoss."""
+"""Tests for timm_split.training.loss.CoTrainingLoss."""
 import math
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 
-from timm_split.loss import CoTrainingLoss
+from timm_split.training.loss import CoTrainingLoss
 
 
 def naive_js(logits: torch.Tensor) -> torch.Tensor:

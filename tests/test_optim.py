@@ -1,11 +1,11 @@
-"""Tests for timm_split.optim."""
+"""Tests for timm_split.training.optim."""
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from timm_split.optim import param_groups, scaled_weight_decay
+from timm_split.training.optim import param_groups, scaled_weight_decay
 
 
 def test_scaled_weight_decay():

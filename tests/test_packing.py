@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import timm_split
-from timm_split.packing import CudaGraphed, PackedExecution, pack_members
+from timm_split.execution.packed import CudaGraphed, PackedExecution, pack_members
 
 aten = torch.ops.aten
 CLASSES = 5
@@ -197,7 +197,7 @@ def test_unrecordable_member_falls_back_to_loop(caplog):
     """A forward that cannot be recorded (data-dependent control flow) runs as the loop, with a warning."""
     members = nn.ModuleList([_DataDependent(), _DataDependent()])
     x = torch.rand(2, 4)
-    with caplog.at_level(logging.WARNING, logger="timm_split.packing"):
+    with caplog.at_level(logging.WARNING, logger="timm_split.execution.packed"):
         out = PackedExecution().run(members, [x, x])
     assert "running the loop" in caplog.text
     _close(out, torch.stack([m(x) for m in members]), "output")

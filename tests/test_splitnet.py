@@ -6,6 +6,7 @@ from timm.models import adapt_input_conv
 from torch import nn
 
 import timm_split
+from conftest import tier_params
 
 
 def test_registered_like_timm():
@@ -144,9 +145,7 @@ _FINE_TUNE_BASE_FAILS = {
 
 
 def _fine_tune_params():
-    from tests.test_timm_contract import _tier
-
-    for p in _tier():
+    for p in tier_params():
         arch = p.values[0]
         for case in _FINE_TUNE:
             marks = list(p.marks)

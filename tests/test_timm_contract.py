@@ -6,21 +6,16 @@ tier (one small architecture per timm module, as tests/test_zoo.py picks it) is 
 small (``TARGET`` px unless the model's input size is fixed) and each check is also made against the base
 model at the same size: the ensemble must behave as one backbone with S times a member's channels.
 """
-import fnmatch
 import math
-import os
 
 import pytest
 import timm
 import torch
 
 import timm_split  # noqa: F401 - registers splitnet_<arch>
-from timm_split.sweep import default_tier
+from conftest import tier_params
 
 TARGET = 64  # px: every forward here runs at this size or the model's fixed size
-FAST = ["test_resnet", "test_convnext", "test_efficientnet", "test_byobnet", "test_vit", "mobilenetv3_small_050",
-        "edgenext_xx_small", "levit_128s"]
-_FILTER = os.environ.get("TIMM_SPLIT_FILTER", "*")
 
 # timm's lists (tests/test_models.py at timm 1.0.x): token/hybrid models with a different feature contract
 NON_STD = ["vit_*", "naflexvit*", "tnt_*", "pit_*", "coat_*", "cait_*", "*mixer_*", "gmlp_*", "resmlp_*", "twins_*",
@@ -41,28 +36,8 @@ FEAT_INTER_MODULES = [
     "pit", "starnet", "shvit", "fasternet", "swiftformer", "ghostnet", "naflexvit", "csatv2"]
 
 
-def _matches(arch, patterns):
-    return any(fnmatch.fnmatch(arch, p) for p in patterns)
-
-
 def _module(arch):
     return timm.models._registry._model_to_module.get(arch, "")
-
-
-# Known misses, strict so that a fix is noticed: (test, arch) -> reason
-KNOWN: dict = {}
-
-
-def _tier(patterns=("*",), exclude=(), test=""):
-    archs = [a for a in default_tier() if fnmatch.fnmatch(a, _FILTER) and _matches(a, patterns)
-             and not _matches(a, exclude)]
-    out = []
-    for a in [a for a in FAST if a in archs] + [a for a in archs if a not in FAST]:
-        marks = [] if a in FAST else [pytest.mark.slow]
-        if (test, a) in KNOWN:
-            marks.append(pytest.mark.xfail(strict=True, reason=KNOWN[(test, a)]))
-        out.append(pytest.param(a, marks=marks))
-    return out
 
 
 def _input_size(model):
@@ -109,7 +84,7 @@ EARLY_POOL = tuple(getattr(timm.models, n) for n in (
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("arch", _tier(exclude=NON_STD, test="default_cfgs"))
+@pytest.mark.parametrize("arch", tier_params(exclude=NON_STD))
 def test_default_cfgs(arch):
     model, base = _create(arch).eval(), _create(arch, split=False).eval()
     S = model.split_factor
@@ -148,7 +123,7 @@ def test_default_cfgs(arch):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("arch", _tier(NON_STD))
+@pytest.mark.parametrize("arch", tier_params(NON_STD))
 def test_default_cfgs_non_std(arch):
     model, base = _create(arch).eval(), _create(arch, split=False).eval()
     assert model.in_chans == model.default_cfg["input_size"][0] == getattr(base, "in_chans", 3)
@@ -178,7 +153,7 @@ def test_default_cfgs_non_std(arch):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("arch", _tier())
+@pytest.mark.parametrize("arch", tier_params())
 def test_reset_classifier(arch):
     """A new head of any size on every member, sized from the member's real width (as the base model's is)."""
     model = _create(arch).eval()
@@ -213,7 +188,7 @@ def _check_levels(outputs, channels, reductions, input_size, fmt="NCHW", batch_s
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("arch", _tier(exclude=NON_STD))
+@pytest.mark.parametrize("arch", tier_params(exclude=NON_STD))
 def test_features_only(arch):
     base = _create(arch, split=False, features_only=True).eval()
     model = _create(arch, features_only=True).eval()
@@ -241,7 +216,7 @@ def test_features_only(arch):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("arch", _tier(exclude=NON_STD))
+@pytest.mark.parametrize("arch", tier_params(exclude=NON_STD))
 def test_features_only_grad_checkpointing_backward(arch):
     """timm's check: a features_only backbone trained with gradient checkpointing gives the same gradients."""
     x = torch.randn((2, *_input_size(_create(arch))))
@@ -257,7 +232,7 @@ def test_features_only_grad_checkpointing_backward(arch):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("arch", _tier(exclude=NON_STD))
+@pytest.mark.parametrize("arch", tier_params(exclude=NON_STD))
 def test_forward_intermediates_features(arch):
     if _module(arch) not in FEAT_INTER_MODULES:
         pytest.skip(f"timm's forward_intermediates tests do not cover module {_module(arch)}")
@@ -283,7 +258,7 @@ def test_prune_extra_blocks_stem_width(arch):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("arch", _tier())
+@pytest.mark.parametrize("arch", tier_params())
 def test_forward_intermediates(arch):
     if _module(arch) not in FEAT_INTER_MODULES:
         pytest.skip(f"timm's forward_intermediates tests do not cover module {_module(arch)}")
@@ -329,7 +304,7 @@ def _fx_model(model, train=False):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("arch", _tier(exclude=EXCLUDE_FX))
+@pytest.mark.parametrize("arch", tier_params(exclude=EXCLUDE_FX))
 def test_forward_fx(arch):
     model = _create(arch).eval()
     x = torch.randn((1, *_input_size(model)))
@@ -352,7 +327,7 @@ def test_forward_fx(arch):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("arch", _tier(exclude=EXCLUDE_FX))
+@pytest.mark.parametrize("arch", tier_params(exclude=EXCLUDE_FX))
 def test_backward_fx(arch):
     model = _create(arch, num_classes=42).train()
     num_params = sum(p.numel() for p in model.parameters())
@@ -376,7 +351,7 @@ def _scripted_base_or_skip(arch, size):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("arch", _tier(exclude=EXCLUDE_JIT))
+@pytest.mark.parametrize("arch", tier_params(exclude=EXCLUDE_JIT))
 def test_forward_torchscript(arch):
     with timm.layers.set_scriptable(True):
         model = _create(arch).eval()
@@ -390,7 +365,7 @@ def test_forward_torchscript(arch):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("arch", _tier(exclude=EXCLUDE_JIT + EXCLUDE_FX_JIT + EXCLUDE_FX))
+@pytest.mark.parametrize("arch", tier_params(exclude=EXCLUDE_JIT + EXCLUDE_FX_JIT + EXCLUDE_FX))
 def test_forward_fx_torchscript(arch):
     with timm.layers.set_scriptable(True):
         model = _create(arch).eval()

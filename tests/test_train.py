@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from timm_split.cli import main
-from timm_split.data import MemberBatchAugment, create_member_loader, export_fashion_mnist
-from timm_split.train import train, train_args
-from timm_split.validate import classification_metrics, expected_calibration_error
+from timm_split.commands.main import main
+from timm_split.training.data import MemberBatchAugment, create_member_loader, export_fashion_mnist
+from timm_split.commands.train import train, train_args
+from timm_split.training.metrics import classification_metrics, expected_calibration_error
 
 from conftest import fake_fashion_idx
 
@@ -100,7 +100,7 @@ def test_validate_a_pth_state_dict_of_a_splitnet(folder, tmp_path, capsys):
 
 @pytest.mark.timeout(600)
 def test_resume_is_bit_identical(folder, tmp_path, monkeypatch):
-    import timm_split.train as tr
+    import timm_split.commands.train as tr
 
     straight = _run(folder, tmp_path / "a", epochs=2, model_ema=True, mixup=0.2, reprob=0.25)[1]
     real, calls = tr.train_one_epoch, []
@@ -116,8 +116,11 @@ def test_resume_is_bit_identical(folder, tmp_path, monkeypatch):
         _run(folder, tmp_path / "b", epochs=2, model_ema=True, mixup=0.2, reprob=0.25)
     monkeypatch.setattr(tr, "train_one_epoch", real)
     crashed = os.path.join(tmp_path, "b", "run")
-    _run(folder, tmp_path / "b", epochs=2, model_ema=True, mixup=0.2, reprob=0.25,
-         resume=os.path.join(crashed, "last.safetensors"))
+    from timm_split.checkpoint import read_metadata
+    first = json.loads(read_metadata(os.path.join(crashed, "last.safetensors"))["state"])["train_seconds"]
+    results = _run(folder, tmp_path / "b", epochs=2, model_ema=True, mixup=0.2, reprob=0.25,
+                   resume=os.path.join(crashed, "last.safetensors"))[0]
+    assert results["train_seconds"] > first > 0  # the run's total time survives the resume
     a, b = load_file(os.path.join(straight, "last.safetensors")), load_file(os.path.join(crashed, "last.safetensors"))
     assert a.keys() == b.keys() and any(k.startswith("_train.ema.") for k in a)
     assert any(k.startswith("_train.optim.") for k in a)
@@ -268,7 +271,7 @@ def test_evaluate_restores_the_members_mode(training):
     from torch import nn
 
     from timm_split import SplitEnsemble
-    from timm_split.validate import evaluate
+    from timm_split.training.metrics import evaluate
     ens = SplitEnsemble([nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(12, 3)) for _ in range(2)])
     ens.train(training)
     loader = [(torch.randn(4, 3, 2, 2), torch.tensor([0, 1, 2, 0]))]

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import timm_split
-from timm_split.train import train, train_args
+from timm_split.commands.train import train, train_args
 
 from conftest import tiny_png_folder
 
@@ -29,7 +29,7 @@ def _flags(folder, out, name):
 def _torchrun(flags):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "timm_split.train", *flags]
+           "-m", "timm_split.commands.train", *flags]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc

@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from timm_split.cli import main
+from timm_split.commands.main import main
 
 from conftest import tiny_png_folder
 

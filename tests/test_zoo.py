@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from timm_split.sweep import default_tier, select, sweep_one
+from timm_split.commands.sweep import default_tier, select, sweep_one
 
 from conftest import ACCEPTANCE
 
@@ -65,7 +65,7 @@ def test_default_tier_covers_every_module():
 def test_default_tier_reads_the_shipped_reference():
     """default_tier picks the fewest params per module from the reference CSV shipped inside the package (an
     installed wheel has it; tests/ is not installed): CaiT's pick is its smallest, not the first name."""
-    from timm_split import sweep
+    from timm_split.commands import sweep
 
     package = os.path.dirname(os.path.abspath(sweep.__file__))
     assert os.path.exists(sweep.REFERENCE_CSV)

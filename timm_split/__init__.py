@@ -5,8 +5,8 @@ from .core import plan_split, split
 from .engine.plan import ChannelGroup, SplitPlan
 from .ensemble import SplitEnsemble
 from .errors import SplitError
-from .loss import CoTrainingLoss
-from .optim import param_groups, scaled_weight_decay
+from .training.loss import CoTrainingLoss
+from .training.optim import param_groups, scaled_weight_decay
 
 __version__ = "0.1.0"
 

@@ -6,7 +6,6 @@ quantization-aware training modules) fails with a :class:`~timm_split.errors.Spl
 """
 from __future__ import annotations
 
-import argparse
 import math
 import numbers
 import os
@@ -19,8 +18,7 @@ from torch.nn.utils import parametrize
 
 from .errors import SplitError
 
-__all__ = ["check_split_args", "check_split_factor", "check_writable", "atomic_write", "int_at_least",
-           "split_factor_arg", "MAX_SPLIT_FACTOR"]
+__all__ = ["check_split_args", "check_split_factor", "check_writable", "atomic_write", "MAX_SPLIT_FACTOR"]
 
 # Each member is 1/sqrt(S) as wide: at S=256 a 64-channel stage keeps 4 channels. SplitNet uses S of 2 to 16;
 # the work of a split grows faster than linearly in S (resnet18 at S=256: about 25 s), so a larger S is an error
@@ -210,40 +208,3 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def int_at_least(minimum: int, what: str) -> Callable[[str], int]:
-    """An argparse type: an int >= ``minimum``, with a message naming ``what``.
-
-    Args:
-        minimum: the smallest value allowed.
-        what: how the message names the option, e.g. ``'--img-size (pixels)'``.
-
-    Returns:
-        The parsing function.
-    """
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} must be an int >= {minimum}, got {text!r}") from None
-        if v < minimum:
-            raise argparse.ArgumentTypeError(f"{what} must be an int >= {minimum}, got {v}")
-        return v
-    return parse
-
-
-def split_factor_arg(text: str) -> int:
-    """An argparse type: a split factor in ``[1, MAX_SPLIT_FACTOR]``, the check ``split()`` makes.
-
-    Args:
-        text: the option's text.
-
-    Returns:
-        S.
-    """
-    value = int_at_least(1, "split factor")(text)
-    try:
-        return check_split_factor(value)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None

@@ -57,7 +57,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
-from .trace import recurrent_meta_output, size_built_at
+from .trace import module_device, recurrent_meta_output, size_built_at
 
 with warnings.catch_warnings():  # fvcore.nn scripts a loss at import, and torch.jit.script is deprecated
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
@@ -236,16 +236,9 @@ def _resolve_input(
     return (int(img_size[0]), int(img_size[1])), in_chans
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter or buffer (CPU for a model without tensors)."""
-    for t in chain(model.parameters(), model.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
 def _resolve_device(model: nn.Module, device: Union[torch.device, str, None]) -> bool:
     """Return True to count on meta, False to trace with fvcore where the model lives."""
-    here = _model_device(model)
+    here = module_device(model)
     if device is None:
         return here.type == "meta"
     try:
@@ -273,7 +266,7 @@ def _reparameterized(model: nn.Module) -> nn.Module:
     """
     from timm.utils.model import reparameterize_model
 
-    with torch.device(_model_device(model)):
+    with torch.device(module_device(model)):
         return reparameterize_model(model, inplace=False)
 
 
@@ -393,7 +386,7 @@ def _example_input(model: nn.Module, shape: Tuple[int, ...], device: torch.devic
 
 def _count_fvcore(model: nn.Module, input_shape: Tuple[int, ...]) -> Optional[_Counts]:
     """Trace ``model`` with fvcore where it lives; None (after a warning) when the trace fails."""
-    x = _example_input(model, input_shape, _model_device(model))
+    x = _example_input(model, input_shape, module_device(model))
     analysis = (FlopCountAnalysis(model, x)
                 .set_op_handle(**_JIT_HANDLES)
                 .unsupported_ops_warnings(False)

@@ -26,9 +26,17 @@ from .errors import SplitError
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["Trace", "meta_copy", "drop_user_hooks", "trace", "input_shape_for", "size_built_at",
-           "first_convs", "in_chans_built_at", "MetaRecurrent",
-           "recurrent_meta_output"]
+__all__ = ["Trace", "Recorder", "meta_copy", "drop_user_hooks", "trace", "input_shape_for", "size_built_at",
+           "first_convs", "in_chans_built_at", "MetaRecurrent", "recurrent_meta_output", "module_device"]
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """The device of the module's first parameter or buffer (CPU for a module without tensors)."""
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
 
 
 @dataclass
@@ -224,15 +232,25 @@ class MetaRecurrent(TorchFunctionMode):
         return out if out is not None else func(*args, **(kwargs or {}))
 
 
-class _Recorder(TorchDispatchMode):
+class Recorder(TorchDispatchMode):
+    """Records every aten op run under it as a node of ``graph`` (``val`` and ``nn_module_stack`` in its meta).
+
+    ``env`` maps a tensor's ``id`` to its node; a tensor made outside the graph (a plain tensor attribute) becomes
+    a constant placeholder. While ``paused``, ops run unrecorded: an outer mode that records an op as one node
+    (packing keeps SDPA whole) pauses the recorder and calls :meth:`add_call` itself.
+    """
+
+    paused = False
+
     def __init__(self, graph: fx.Graph, env: Dict[int, fx.Node], keep: List[torch.Tensor], stack: List[str]):
         super().__init__()
         self.graph, self.env, self.keep, self.stack = graph, env, keep, stack
         self.n_const = 0
 
-    def _node_for(self, t: torch.Tensor) -> fx.Node:
+    def node_for(self, t: torch.Tensor) -> fx.Node:
+        """The node of tensor ``t`` (a new constant placeholder for a tensor made outside the graph)."""
         node = self.env.get(id(t))
-        if node is None:  # a tensor made outside the graph (a plain tensor attribute): a constant input
+        if node is None:
             node = self.graph.placeholder(f"_const{self.n_const}")
             self.n_const += 1
             node.meta.update(val=t, constant=True, nn_module_stack=list(self.stack))
@@ -240,11 +258,10 @@ class _Recorder(TorchDispatchMode):
             self.keep.append(t)
         return node
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        to_node = lambda a: self._node_for(a) if isinstance(a, torch.Tensor) else a  # noqa: E731
-        node = self.graph.call_function(func, tree_map(to_node, args), tree_map(to_node, kwargs))
+    def add_call(self, target: Any, args: Any, kwargs: Dict[str, Any], out: Any) -> fx.Node:
+        """Add ``target(*args, **kwargs) -> out`` to the graph (and a getitem node per tensor of a tuple out)."""
+        to_node = lambda a: self.node_for(a) if isinstance(a, torch.Tensor) else a  # noqa: E731
+        node = self.graph.call_function(target, tree_map(to_node, args), tree_map(to_node, kwargs))
         node.meta.update(val=out, nn_module_stack=list(self.stack))
         if isinstance(out, torch.Tensor):
             self.env[id(out)] = node
@@ -256,6 +273,13 @@ class _Recorder(TorchDispatchMode):
                     g.meta.update(val=o, nn_module_stack=list(self.stack))
                     self.env[id(o)] = g
                     self.keep.append(o)
+        return node
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not self.paused:
+            self.add_call(func, args, kwargs, out)
         return out
 
 
@@ -313,7 +337,7 @@ def trace(model: nn.Module, input_shape: Tuple[int, ...]) -> Trace:
     h2 = nn.modules.module.register_module_forward_hook(post, with_kwargs=True)
     model.eval()
     try:
-        with torch.no_grad(), _Recorder(graph, env, keep, stack):
+        with torch.no_grad(), Recorder(graph, env, keep, stack):
             out = model(x)
     except Exception as e:  # noqa: BLE001 - any failure of the user's forward becomes a SplitError
         where = f" in module '{stack[-1]}'" if stack else ""

@@ -114,7 +114,7 @@ class SplitPlan:
             f"SplitPlan: {self.arch} -> {S} members, start width factor 1/sqrt({S}) = {self.width_factor:.3f}",
             f"  params: {self.params[0] / 1e6:.3f}M -> {S} x {self.params[1] / S / 1e6:.3f}M = "
             f"{self.params[1] / 1e6:.3f}M  (ratio {self.params_ratio:.4f})",
-            f"  GMACs @ {self.input_size}: {self.macs[0] / 1e9:.4f} -> {S} x {self.macs[1] / S / 1e9:.4f} = "
+            f"  GMACs per image @ {self.input_size}: {self.macs[0] / 1e9:.4f} -> {S} x {self.macs[1] / S / 1e9:.4f} = "
             f"{self.macs[1] / 1e9:.4f}  (ratio {self.macs_ratio:.4f})",
             f"  channel groups: {len(self.groups)}; largest deviation from the uniform shrink beyond rounding "
             f"{self.max_deviation:.3f}",
@@ -196,12 +196,13 @@ def plan(cg: ChannelGraph, split_factor: int, *, arch: str = "", params_tol: flo
                                 new=new_of[v], divisor=int(d), uses=len(uses[v])) for v, d in zip(variables, div))
     sizes = NewWidths(A, new_of, f0)
     attrs, ambiguous = width_attributes(cg, sizes)
+    batch = cg.trace.input_node.meta["val"].shape[0]  # the trace's batch: MACs are stated per image
     p = SplitPlan(
         arch=arch, split_factor=S, width_factor=f0, groups=groups,
         param_shapes={name: tuple(sizes.dim(d) for d in dims) for name, dims in cg.param_dims.items()},
         attributes=attrs,
         regularization=regularization_updates(cg.trace.model, S, drop_scale) if scale_regularization and S > 1 else (),
-        params=(int(search.P0), int(round(S * P1))), macs=(search.M0, S * M1),
+        params=(int(search.P0), int(round(S * P1))), macs=(search.M0 / batch, S * M1 / batch),
         input_size=tuple(cg.trace.input_node.meta["val"].shape[1:]),
         fixed=_top_reasons_list(cg), unknown_ops=tuple(sorted(cg.unknown_ops.items())),
     )

@@ -20,28 +20,20 @@ would. Strategies only replace :meth:`SplitEnsemble.forward_members` (and so ``f
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict
+from typing import Any
 
 from .auto import AutoExecution
 from .base import Execution
 from .compile import CompileExecution
 from .loop import LoopExecution
-from ..packing import PackedExecution
+from .packed import PackedExecution
+from .registry import BASIC, make_basic, make_named
 from .threads import ThreadsExecution
 
 __all__ = ["STRATEGIES", "Execution", "LoopExecution", "ThreadsExecution", "CompileExecution", "PackedExecution",
            "AutoExecution", "make_execution"]
 
-# name -> (class, the options the name implies)
-_REGISTRY: Dict[str, tuple] = {
-    "auto": (AutoExecution, {}),
-    "loop": (LoopExecution, {}),
-    "threads": (ThreadsExecution, {}),
-    "threads+packed": (ThreadsExecution, {"pack": True}),
-    "compile": (CompileExecution, {}),
-    "packed": (PackedExecution, {}),
-}
-STRATEGIES = tuple(_REGISTRY)
+STRATEGIES = ("auto",) + BASIC
 
 
 def make_execution(strategy: str, **options: Any) -> Execution:
@@ -50,16 +42,8 @@ def make_execution(strategy: str, **options: Any) -> Execution:
     Raises:
         ValueError: unknown strategy or option.
     """
-    if strategy not in _REGISTRY:
+    if strategy not in STRATEGIES:
         raise ValueError(f"execution must be one of {STRATEGIES}, got {strategy!r}")
-    cls, implied = _REGISTRY[strategy]
-    clash = {k for k in implied if k in options and options[k] != implied[k]}
-    if clash:
-        raise ValueError(f"execution '{strategy}' implies {implied}; drop {sorted(clash)} or use "
-                         f"'{strategy.split('+')[0]}'")
-    make: Callable[..., Execution] = cls
-    try:
-        return make(**{**implied, **options})
-    except TypeError as e:
-        raise ValueError(f"bad option for execution '{strategy}': {e} (see timm_split.execution."
-                         f"{cls.__name__})") from None
+    if strategy == "auto":
+        return make_basic(strategy, AutoExecution, {}, **options)
+    return make_named(strategy, **options)

@@ -9,7 +9,8 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, 
 
 import torch
 
-from .base import Execution, Members, device_of, is_training, needs_graph, sync
+from .base import Execution, Members, is_training, module_device, needs_graph, sync
+from .registry import BASIC, make_named
 
 _logger = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ def _preserved(members: Members) -> Iterator[None]:
     buffers = [(b, b.detach().clone()) for m in members for b in m.buffers()]
     params = [p for m in members for p in m.parameters()]
     grads = [p.grad for p in params]
-    cuda = sorted({device_of(m).index or 0 for m in members if device_of(m).type == "cuda"})
+    cuda = sorted({module_device(m).index or 0 for m in members if module_device(m).type == "cuda"})
     rng = torch.get_rng_state()
     cuda_rng = [torch.cuda.get_rng_state(i) for i in cuda]
     try:
@@ -68,11 +69,9 @@ class AutoExecution(Execution):
 
     def __init__(self, candidates: Union[Sequence[str], Mapping[str, Execution], None] = None, repeats: int = 5,
                  margin: float = 0.03, clock: Callable[[], float] = time.perf_counter) -> None:
-        from . import STRATEGIES  # the registry imports this module
-
         self._given = dict(candidates) if isinstance(candidates, Mapping) else {}
         candidates = tuple(candidates or self.DEFAULT)
-        known = tuple(s for s in STRATEGIES if s != "auto")
+        known = BASIC
         if not candidates or any(c not in known and c not in self._given for c in candidates):
             raise ValueError(f"auto candidates must be among {known}, got {list(candidates)}")
         if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
@@ -85,18 +84,16 @@ class AutoExecution(Execution):
         self.choices: Optional[Dict[Tuple, str]] = None
 
     def _get(self, name: str) -> Execution:
-        from . import make_execution  # the registry imports this module
-
         if self._executions is None:
             self._executions, self.choices = {}, {}
         if name not in self._executions:
-            self._executions[name] = self._given.get(name) or make_execution(name)
+            self._executions[name] = self._given.get(name) or make_named(name)
         return self._executions[name]
 
     @staticmethod
     def key(members: Members, views: List[torch.Tensor]) -> Tuple:
         """The cache key: devices, view shapes/dtype (and whether one batch is shared), training, grad."""
-        return (tuple(str(device_of(m)) for m in members), tuple(views[0].shape), views[0].dtype,
+        return (tuple(str(module_device(m)) for m in members), tuple(views[0].shape), views[0].dtype,
                 all(v is views[0] for v in views), is_training(members[0]), needs_graph(members))
 
     def choose(self, members: Members, views: List[torch.Tensor]) -> str:
@@ -105,7 +102,7 @@ class AutoExecution(Execution):
         key = self.key(members, views)
         if key in self.choices:
             return self.choices[key]
-        if device_of(members[0]).type == "meta":
+        if module_device(members[0]).type == "meta":
             self.choices[key] = "loop"
             return "loop"
         with _preserved(members):
@@ -122,7 +119,7 @@ class AutoExecution(Execution):
 
     def _time(self, members: Members, views: List[torch.Tensor], graph: bool) -> Dict[str, List[float]]:
         """Each runnable candidate's times over the rounds (see the class docstring)."""
-        dev = device_of(members[0])
+        dev = module_device(members[0])
 
         def trial(ex: Execution) -> float:
             t = self._clock()

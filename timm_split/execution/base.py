@@ -2,23 +2,17 @@
 from __future__ import annotations
 
 import abc
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-__all__ = ["Execution", "Members", "Cache", "device_of", "sync", "tensors_of", "is_training", "needs_graph",
-           "version_key", "check_same_device", "check_same_structure", "write_back"]
+from ..trace import module_device
+
+__all__ = ["Execution", "Members", "module_device", "sync", "tensors_of", "is_training", "needs_graph",
+           "version_key", "check_same_device", "check_same_structure"]
 
 Members = Sequence[nn.Module]
-
-
-def device_of(module: nn.Module) -> torch.device:
-    for t in module.parameters():
-        return t.device
-    for t in module.buffers():
-        return t.device
-    return torch.device("cpu")
 
 
 def sync(device: torch.device) -> None:
@@ -50,7 +44,7 @@ def version_key(members: Members) -> Optional[Tuple]:
 
 
 def check_same_device(members: Members, name: str) -> torch.device:
-    devices = {device_of(m) for m in members}
+    devices = {module_device(m) for m in members}
     if len(devices) > 1:
         raise ValueError(f"execution '{name}' needs every member on one device, got {sorted(map(str, devices))}; "
                          "use 'threads' or 'loop' after to_devices()")
@@ -95,33 +89,3 @@ class Execution(abc.ABC):
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in self.__dict__.items() if not k.startswith("_"))
         return f"{type(self).__name__}({opts})"
-
-
-class Cache:
-    """One cached value, valid while the members' tensors are unchanged and no autograd graph is needed."""
-
-    def __init__(self) -> None:
-        self.key: Optional[Tuple] = None
-        self.value: Any = None
-
-    def get(self, members: Members, build: Callable[[], Any]) -> Any:
-        if needs_graph(members):
-            self.key = self.value = None
-            return build()
-        key = version_key(members)
-        if key is None or key != self.key:
-            self.value, self.key = build(), key
-        return self.value
-
-
-Unpack = Callable[[str, torch.Tensor, int], torch.Tensor]
-
-
-def write_back(members: Members, packed: Dict[str, torch.Tensor], unpack: Unpack) -> None:
-    """Copy updated (packed or stacked) buffers back into each member's own buffers."""
-    with torch.no_grad():
-        for i, m in enumerate(members):
-            own = dict(m.named_buffers())
-            for name, t in packed.items():
-                if name in own:
-                    own[name].copy_(unpack(name, t, i))

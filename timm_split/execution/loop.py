@@ -5,7 +5,7 @@ from typing import List
 
 import torch
 
-from .base import Execution, Members, device_of
+from .base import Execution, Members, module_device
 
 __all__ = ["LoopExecution", "run_in_turn"]
 
@@ -16,10 +16,10 @@ class LoopExecution(Execution):
     name = "loop"
 
     def run(self, members: Members, views: List[torch.Tensor]) -> torch.Tensor:
-        dev0 = device_of(members[0])
+        dev0 = module_device(members[0])
         outs = []
         for m, v in zip(members, views):
-            dev = device_of(m)
+            dev = module_device(m)
             outs.append(m(v.to(dev, non_blocking=True)).to(dev0))
         return torch.stack(outs)
 

@@ -9,8 +9,8 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 import torch
 from torch import nn
 
-from .base import Execution, Members, device_of, needs_graph
-from ..packing import PackedExecution
+from .base import Execution, Members, module_device, needs_graph
+from .packed import PackedExecution
 
 __all__ = ["ThreadsExecution"]
 
@@ -93,7 +93,7 @@ class ThreadsExecution(Execution):
 
     def check(self, members: Members) -> None:
         if self.pack:
-            if any(device_of(m).type != "cpu" for m in members):
+            if any(module_device(m).type != "cpu" for m in members):
                 raise ValueError("threads with pack=True packs CPU members per worker; on CUDA use 'packed' or "
                                  "'threads'")
             PackedExecution().check(members)  # names the module that cannot be packed
@@ -139,7 +139,7 @@ class ThreadsExecution(Execution):
                 y = self._run_members(w, [m for _, m, _ in jobs], [v for _, _, v in jobs])
                 return [(i, y[j]) for j, (i, _, _) in enumerate(jobs)]
             for i, m, v in jobs:
-                dev = device_of(m)
+                dev = module_device(m)
                 if dev.type != "cuda":
                     outs.append((i, m(v.to(dev))))
                     continue
@@ -171,7 +171,7 @@ class ThreadsExecution(Execution):
             torch.set_num_threads(calling_threads)
 
     def run(self, members: Members, views: List[torch.Tensor]) -> torch.Tensor:
-        devices = [device_of(m) for m in members]
+        devices = [module_device(m) for m in members]
         cuda_devs = {d for d in devices if d.type == "cuda"}
         n, threads = self._layout(len(members), bool(cuda_devs))
         if self.parallel_backward and n > 1 and not cuda_devs and needs_graph(members):

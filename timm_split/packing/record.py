@@ -8,7 +8,6 @@ decomposition the meta device takes (so the packed network can call the fused ke
 from __future__ import annotations
 
 import logging
-import operator
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -16,9 +15,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
 
-from ..trace import MetaRecurrent, _Recorder, meta_copy
+from ..trace import MetaRecurrent, Recorder, meta_copy
 
 _logger = logging.getLogger(__name__)
 
@@ -36,15 +35,6 @@ class Recording:
         self.graph, self.names, self.constants, self.buffers = graph, names, constants, buffers
 
 
-class _PausableRecorder(_Recorder):
-    paused = False
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if self.paused:
-            return func(*args, **(kwargs or {}))
-        return super().__torch_dispatch__(func, types, args, kwargs)
-
-
 _RECURRENT = (torch.lstm, torch.gru, torch.rnn_tanh, torch.rnn_relu)
 
 
@@ -52,7 +42,7 @@ class _KeepSDPA(TorchFunctionMode):
     """Records ``F.scaled_dot_product_attention`` as one aten node, and whole-sequence recurrent ops as one
     node each (their meta runs are not recorded; the packing runs recurrent ops once per member)."""
 
-    def __init__(self, rec: _PausableRecorder):
+    def __init__(self, rec: Recorder):
         super().__init__()
         self.rec = rec
 
@@ -65,18 +55,8 @@ class _KeepSDPA(TorchFunctionMode):
             out = func(*args, **kwargs)
         finally:
             self.rec.paused = False
-        to_node = lambda a: self.rec._node_for(a) if isinstance(a, torch.Tensor) else a  # noqa: E731
         target = SDPA if func is F.scaled_dot_product_attention else func
-        node = self.rec.graph.call_function(target, tree_map(to_node, args), tree_map(to_node, kwargs))
-        node.meta.update(val=out, nn_module_stack=list(self.rec.stack))
-        self.rec.keep.append(out)
-        if isinstance(out, torch.Tensor):
-            self.rec.env[id(out)] = node
-            return out
-        for i, o in enumerate(out):  # a recurrent op's (output, states)
-            item = self.rec.graph.call_function(operator.getitem, (node, i))
-            item.meta.update(val=o, nn_module_stack=list(self.rec.stack))
-            self.rec.env[id(o)] = item
+        self.rec.add_call(target, args, kwargs, out)
         return out
 
 
@@ -121,7 +101,7 @@ def record(member: nn.Module, input_shape: Tuple[int, ...], dtype: torch.dtype) 
 
     h1 = nn.modules.module.register_module_forward_pre_hook(pre)
     h2 = nn.modules.module.register_module_forward_hook(post)
-    rec = _PausableRecorder(graph, env, keep, stack)
+    rec = Recorder(graph, env, keep, stack)
     try:
         with torch.no_grad(), MetaRecurrent(), rec, _KeepSDPA(rec):
             out = model(x)

@@ -2,8 +2,8 @@
 
     timm-split train --data-dir fmnist_png --model resnet18 --split 2 --img-size 32 --epochs 10 \\
         --aa rand-m9-mstd0.5 --reprob 0.25 --mixup 0.2 --model-ema --amp
-    torchrun --nproc_per_node 2 -m timm_split.train --data-dir DIR --model resnet18 --split 2   # DDP
-    torchrun --nproc_per_node 2 -m timm_split.train --member-parallel --split 2 ...            # a member per rank
+    torchrun --nproc_per_node 2 -m timm_split.commands.train --data-dir DIR --model resnet18 --split 2   # DDP
+    torchrun --nproc_per_node 2 -m timm_split.commands.train --member-parallel --split 2 ...   # a member per rank
 
 Built from timm's parts: ``create_dataset``, ``create_loader``/``create_transform``, ``resolve_data_config``,
 ``Mixup``, ``RandomErasing``, ``create_optimizer_v2``, ``create_scheduler_v2``, ``ModelEmaV3``, ``NativeScaler``
@@ -14,9 +14,9 @@ timm's names and defaults. What differs:
 * Every model is a :class:`~timm_split.ensemble.SplitEnsemble` (S=1 wraps the plain model), fed S views: each
   image gets S independent draws of the whole train transform (crop, flip, colour jitter, AutoAugment/RandAugment)
   and of random erasing, then Mixup/CutMix with one lambda, one pairing and one box shared by the members
-  (:class:`~timm_split.data.MemberBatchAugment`); ``--same-view`` repeats one draw. The loss is
-  :class:`~timm_split.loss.CoTrainingLoss` (the members' CE on the soft targets + a warmed-up JS term).
-* Weight decay is scaled by ``exp(1/S - 1)`` (:func:`~timm_split.optim.param_groups`).
+  (:class:`~timm_split.training.data.MemberBatchAugment`); ``--same-view`` repeats one draw. The loss is
+  :class:`~timm_split.training.loss.CoTrainingLoss` (the members' CE on the soft targets + a warmed-up JS term).
+* Weight decay is scaled by ``exp(1/S - 1)`` (:func:`~timm_split.training.optim.param_groups`).
 * ``--amp`` autocasts to float16 on CUDA (timm's default, with a grad scaler) and bfloat16 on the CPU.
 * Checkpoints are single safetensors files (weights + optimizer/EMA/scaler state, checksummed, written atomically;
   :mod:`timm_split.checkpoint`), not pickles. ``--resume`` replays the run bit for bit: data order and augmentation
@@ -36,143 +36,22 @@ import sys
 import time
 from collections import OrderedDict
 from datetime import datetime
-from functools import partial
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
 
-from .checks import atomic_write
-from .execution import STRATEGIES
+from ..checks import atomic_write
+from .common import autocast_factory, resolve_device, user_error
+from .train_checks import check_channels, check_train_args
+from .train_flags import add_train_args
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["add_train_args", "train_args", "train", "build_model", "run_train", "resolve_device",
-           "autocast_factory", "main"]
+__all__ = ["add_train_args", "train_args", "train", "build_model", "run_train", "main"]
 
 SUMMARY = "summary.csv"
 RESULTS = "results.json"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# flags
-
-def _timm_flags(g: Callable[..., Any]) -> None:
-    """timm train.py's data and model flags, with its names and defaults."""
-    from timm.utils import ParseKwargs
-
-    g("--data-dir", default=None, metavar="DIR", help="dataset root (default: Fashion-MNIST's IDX files)")
-    g("--dataset", default="", metavar="NAME", help="'' = ImageFolder/ImageTar; torch/<name> only if on disk; "
-      "fashion_mnist")
-    g("--train-split", default="train", metavar="NAME")
-    g("--val-split", default="validation", metavar="NAME")
-    g("--class-map", default="", metavar="FILENAME")
-    g("--model", default="resnet50", metavar="MODEL")
-    g("--num-classes", type=int, default=None, metavar="N", help="default: the dataset's class count")
-    g("--in-chans", type=int, default=None, metavar="N")
-    g("--img-size", type=int, default=None, metavar="N")
-    g("--input-size", default=None, nargs=3, type=int, metavar=("C", "H", "W"))
-    g("--crop-pct", default=None, type=float, metavar="N")
-    g("--mean", type=float, nargs="+", default=None, metavar="MEAN")
-    g("--std", type=float, nargs="+", default=None, metavar="STD")
-    g("--interpolation", default="", metavar="NAME")
-    g("-b", "--batch-size", type=int, default=128, metavar="N")
-    g("-vb", "--validation-batch-size", type=int, default=None, metavar="N")
-    g("--channels-last", action="store_true")
-    g("--grad-accum-steps", type=int, default=1, metavar="N")
-    g("--grad-checkpointing", action="store_true")
-    g("--model-kwargs", nargs="*", default={}, action=ParseKwargs)
-    g("--torchcompile", nargs="?", type=str, default=None, const="inductor")
-    g("--resume", default="", metavar="PATH", help="a checkpoint of this run (e.g. <output>/last.safetensors)")
-    g("--no-resume-opt", action="store_true")
-
-
-def _timm_optim_flags(g: Callable[..., Any]) -> None:
-    """timm train.py's optimizer, schedule, augmentation, EMA and misc flags, with its names and defaults."""
-    from timm.utils import ParseKwargs
-
-    g("--opt", default="sgd", metavar="OPTIMIZER")
-    g("--opt-eps", default=None, type=float, metavar="EPSILON")
-    g("--opt-betas", default=None, type=float, nargs="+", metavar="BETA")
-    g("--momentum", type=float, default=0.9, metavar="M")
-    g("--weight-decay", type=float, default=2e-5, help="for S=1; scaled by exp(1/S - 1)")
-    g("--clip-grad", type=float, default=None, metavar="NORM")
-    g("--clip-mode", default="norm")
-    g("--opt-kwargs", nargs="*", default={}, action=ParseKwargs)
-    g("--sched", default="cosine", metavar="SCHEDULER")
-    g("--sched-on-updates", action="store_true")
-    g("--lr", type=float, default=None, metavar="LR", help="default: lr-base * global batch / lr-base-size")
-    g("--lr-base", type=float, default=0.1, metavar="LR")
-    g("--lr-base-size", type=int, default=256, metavar="DIV")
-    g("--lr-base-scale", default="", metavar="SCALE")
-    g("--warmup-lr", type=float, default=1e-5, metavar="LR")
-    g("--min-lr", type=float, default=0, metavar="LR")
-    g("--epochs", type=int, default=300, metavar="N")
-    g("--decay-milestones", default=[90, 180, 270], type=int, nargs="+", metavar="MILESTONES")
-    g("--decay-epochs", type=float, default=90, metavar="N")
-    g("--warmup-epochs", type=int, default=5, metavar="N")
-    g("--warmup-prefix", action="store_true")
-    g("--cooldown-epochs", type=int, default=0, metavar="N")
-    g("--patience-epochs", type=int, default=10, metavar="N")
-    g("--decay-rate", "--dr", type=float, default=0.1, metavar="RATE")
-    g("--no-aug", action="store_true")
-    g("--scale", type=float, nargs="+", default=[0.08, 1.0], metavar="PCT")
-    g("--ratio", type=float, nargs="+", default=[3. / 4., 4. / 3.], metavar="RATIO")
-    g("--hflip", type=float, default=0.5)
-    g("--vflip", type=float, default=0.)
-    g("--color-jitter", type=float, default=0.4, metavar="PCT")
-    g("--aa", default=None, metavar="NAME", help="AutoAugment/RandAugment policy, e.g. rand-m9-mstd0.5")
-    g("--reprob", type=float, default=0., metavar="PCT")
-    g("--remode", default="pixel")
-    g("--recount", type=int, default=1)
-    g("--mixup", type=float, default=0.0)
-    g("--cutmix", type=float, default=0.0)
-    g("--cutmix-minmax", type=float, nargs="+", default=None)
-    g("--mixup-prob", type=float, default=1.0)
-    g("--mixup-switch-prob", type=float, default=0.5)
-    g("--mixup-mode", default="batch")
-    g("--mixup-off-epoch", default=0, type=int, metavar="N")
-    g("--smoothing", type=float, default=0.1)
-    g("--train-interpolation", default="random")
-    g("--drop", type=float, default=0.0, metavar="PCT")
-    g("--drop-path", type=float, default=None, metavar="PCT")
-    g("--drop-block", type=float, default=None, metavar="PCT")
-    g("--dist-bn", default="reduce", help="'broadcast', 'reduce' or '' (DDP only)")
-    g("--model-ema", action="store_true")
-    g("--model-ema-decay", type=float, default=0.9998)
-    g("--model-ema-warmup", action="store_true")
-    g("--seed", type=int, default=42, metavar="S")
-    g("--log-interval", type=int, default=50, metavar="N")
-    g("--checkpoint-hist", type=int, default=10, metavar="N")
-    g("-j", "--workers", type=int, default=4, metavar="N")
-    g("--amp", action="store_true", help="mixed precision: float16 on CUDA (grad scaler), bfloat16 on CPU")
-    g("--amp-dtype", default=None, choices=("float16", "bfloat16"), help="default: float16 on CUDA, bfloat16 on CPU")
-    g("--pin-mem", action="store_true")
-    g("--output", default="", metavar="PATH", help="output folder (default: ./output/train)")
-    g("--experiment", default="", metavar="NAME", help="sub-folder of --output (default: date-model-S-size)")
-    g("--eval-metric", default="top1", metavar="EVAL_METRIC")
-
-
-def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``timm-split train`` flags: timm train.py's (names and defaults) and ours."""
-    _timm_flags(parser.add_argument)
-    _timm_optim_flags(parser.add_argument)
-    a = parser.add_argument
-    a("--split", type=int, default=1, help="S members (1 = the plain model)")
-    a("--cot-weight", type=float, default=0.5, help="weight of the co-training (JS) term; 0 disables it")
-    a("--cot-warmup-epochs", type=float, default=None, help="epochs to ramp it up (default: epochs * 40/300)")
-    a("--cot-mode", choices=("js", "kl", "kl_mixture"), default="js")
-    a("--same-view", action="store_true", help="ablation: every member sees the same augmented view")
-    a("--execution", default="loop", choices=STRATEGIES, help="how the members run (see docs/speed.md)")
-    a("--drop-scale", default="S", choices=("S", "sqrt"),
-      help="divide --drop/--drop-path by S (SplitNet's ResNet rule) or sqrt(S) (its SE/EfficientNet rule)")
-    a("--member-parallel", action="store_true", help="torchrun: one member per rank (world size = --split)")
-    a("--train-subset", type=int, default=None, metavar="N", help="train on a fixed random N images")
-    a("--eval-every", type=int, default=1, metavar="N", help="evaluate every N epochs (0: only after the last)")
-    a("--device", default=None, help="default: cuda if available, else cpu (torchrun: cuda:<local rank>)")
-    a("--threads", type=int, default=None, help="torch.set_num_threads")
-    a("--no-progress", action="store_true", help="no tqdm bar")
-    return parser
 
 
 def train_args(**overrides: Any) -> argparse.Namespace:
@@ -186,60 +65,8 @@ def train_args(**overrides: Any) -> argparse.Namespace:
     return args
 
 
-def _check_args(args: argparse.Namespace, custom_model: bool = False) -> None:
-    """Reject bad values before any data or model is loaded (``custom_model``: the name is only a label)."""
-    import timm
-
-    ints = dict(split=args.split, epochs=args.epochs, batch_size=args.batch_size,
-                grad_accum_steps=args.grad_accum_steps, checkpoint_hist=args.checkpoint_hist,
-                log_interval=args.log_interval)
-    for name, v in ints.items():
-        if v < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1; got {v}.")
-    for name in ("lr", "lr_base", "weight_decay", "momentum", "cot_weight", "drop", "reprob", "mixup", "cutmix",
-                 "smoothing", "model_ema_decay", "clip_grad", "cot_warmup_epochs"):
-        v = getattr(args, name)
-        if v is not None and (not math.isfinite(v) or v < 0):
-            raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0; got {v}.")
-    if args.lr is not None and args.lr == 0:
-        raise ValueError("--lr must be > 0 (e.g. 0.1 for SGD at batch 256).")
-    if args.workers < 0 or args.eval_every < 0 or args.warmup_epochs < 0:
-        raise ValueError("--workers, --eval-every and --warmup-epochs must be >= 0.")
-    if args.resume and os.path.isdir(args.resume):
-        args.resume = os.path.join(args.resume, "last.safetensors")
-    name = args.model
-    if name.startswith("splitnet_"):
-        raise ValueError(f"--model {name}: pass the base model ({name[len('splitnet_'):]}) and --split S.")
-    if not custom_model and not timm.is_model(name):
-        raise ValueError(f"unknown --model {name!r}; list the choices with python -c \"import timm; "
-                         f"print(timm.list_models('{name[:4]}*'))\".")
-    if args.member_parallel and (args.model_ema or args.resume):
-        raise ValueError("--member-parallel does not support --model-ema or --resume yet; drop them or use DDP.")
-
-
 # ----------------------------------------------------------------------------------------------------------
 # device, model, precision
-
-def resolve_device(device: Optional[str]) -> torch.device:
-    """``device`` (default: cuda if available, else cpu); ``ValueError`` if it is a GPU that is not there."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise ValueError(f"--device {device!r} is not a device ({e}); pass cpu or cuda.") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA GPU is available here; pass --device cpu.")
-    return dev
-
-
-def autocast_factory(device: torch.device, amp: bool, amp_dtype: Optional[str] = None) -> Callable[[], Any]:
-    """A context factory: autocast to ``amp_dtype`` (default float16 on CUDA, bfloat16 elsewhere), or a no-op."""
-    if not amp:
-        return contextlib.nullcontext
-    dtype = getattr(torch, amp_dtype or ("float16" if device.type == "cuda" else "bfloat16"))
-    return partial(torch.autocast, device_type=device.type, dtype=dtype)
-
 
 # A model trained from scratch is split at parity with its own head (the dataset's classes); the checkpoint
 # records this so that ``timm-split validate`` rebuilds the same widths.
@@ -262,8 +89,8 @@ def build_model(args: argparse.Namespace, num_classes: int, data_cfg: Dict[str, 
     import timm
     from timm.data import resolve_data_config
 
-    from .core import split
-    from .ensemble import SplitEnsemble
+    from ..core import split
+    from ..ensemble import SplitEnsemble
 
     in_chans = args.in_chans or (args.input_size[0] if args.input_size else data_cfg.get("input_size", (3,))[0])
     kwargs = dict(num_classes=num_classes, in_chans=in_chans, drop_rate=args.drop, **args.model_kwargs)
@@ -410,15 +237,14 @@ def _output_dir(args: argparse.Namespace) -> str:
 
 
 def _data(args: argparse.Namespace):
-    from .data import create_datasets
+    from ..training.data import create_datasets
 
-    if args.resume and not os.path.isfile(args.resume):
-        raise ValueError(f"--resume {args.resume}: no such file; pass <output>/last.safetensors of the run.")
     train_ds, val_ds, classes, data_cfg = create_datasets(args.dataset, args.data_dir, args.train_split,
                                                           args.val_split, args.class_map, args.train_subset)
     if args.num_classes is not None and args.num_classes != classes:
         raise ValueError(f"--num-classes {args.num_classes} but the dataset has {classes} classes; drop "
                          f"--num-classes or pass {classes}.")
+    check_channels(args, data_cfg.get("input_size", (3,))[0])
     if len(train_ds) < args.batch_size:
         raise ValueError(f"the train split has {len(train_ds)} images, fewer than --batch-size {args.batch_size} "
                          "(the last partial batch is dropped); lower --batch-size.")
@@ -426,7 +252,7 @@ def _data(args: argparse.Namespace):
 
 
 def _loaders(args: argparse.Namespace, train_ds, val_ds, ens: nn.Module, device: torch.device):
-    from .data import create_eval_loader, create_member_loader
+    from ..training.data import create_eval_loader, create_member_loader
 
     cfg = {k: ens.pretrained_cfg[k] for k in ("input_size", "mean", "std", "crop_pct", "interpolation")}
     train_interp = cfg["interpolation"] if args.no_aug or not args.train_interpolation else args.train_interpolation
@@ -459,8 +285,8 @@ def _optimisation(args: argparse.Namespace, ens: nn.Module, train_model: nn.Modu
     from timm.optim import create_optimizer_v2, optimizer_kwargs
     from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 
-    from .loss import CoTrainingLoss
-    from .optim import param_groups
+    from ..training.loss import CoTrainingLoss
+    from ..training.optim import param_groups
 
     _resolve_lr(args)
     owned = getattr(train_model, "member", ens)  # --member-parallel: this rank's member only
@@ -482,7 +308,7 @@ def _optimisation(args: argparse.Namespace, ens: nn.Module, train_model: nn.Modu
 def _train_model(args: argparse.Namespace, ens: nn.Module, device: torch.device) -> nn.Module:
     """What the loop calls: the members' forward, DDP-wrapped, member-parallel or compiled as the flags say."""
     if args.member_parallel:
-        from .distributed import MemberParallel
+        from ..training.distributed import MemberParallel
         return MemberParallel(ens, device=device)
     model: nn.Module = _Members(ens)
     if args.distributed:
@@ -497,9 +323,9 @@ def _setup(args: argparse.Namespace, model_fn: Optional[Callable[[], nn.Module]]
     from timm.data.random_erasing import RandomErasing  # noqa: F401 - fail early if timm lacks it
     from timm.utils import ModelEmaV3, NativeScaler, random_seed
 
-    from .data import MemberBatchAugment
+    from ..training.data import MemberBatchAugment, class_names
 
-    _check_args(args, custom_model=model_fn is not None)
+    check_train_args(args, custom_model=model_fn is not None)
     device = _init_distributed(args)
     out = _output_dir(args) if args.rank == 0 else None
     if args.threads:
@@ -517,10 +343,11 @@ def _setup(args: argparse.Namespace, model_fn: Optional[Callable[[], nn.Module]]
     optimizer, scheduler, updates_per_epoch, mixup, loss_fn = _optimisation(args, ens, model, len(train_loader))
     autocast = autocast_factory(device, args.amp, args.amp_dtype)
     float16 = args.amp and device.type == "cuda" and (args.amp_dtype or "float16") == "float16"
-    return _Run(args=args, device=device, out=out, ensemble=ens, model=model, ema=ema, optimizer=optimizer,
+    return _Run(args=args, device=device, out=out, ensemble=ens, class_names=class_names(train_ds), model=model,
+                ema=ema, optimizer=optimizer,
                 scheduler=scheduler, updates_per_epoch=updates_per_epoch, loss_fn=loss_fn, autocast=autocast,
                 scaler=NativeScaler(device="cuda") if float16 else None, train_loader=train_loader,
-                eval_loader=eval_loader, data_config=data_config, rank=args.rank, num_updates=0,
+                eval_loader=eval_loader, data_config=data_config, rank=args.rank, num_updates=0, train_seconds=0.0,
                 augment=MemberBatchAugment(args.reprob, args.remode, args.recount, mixup, device))
 
 
@@ -531,7 +358,8 @@ def _checkpoint_state(run: _Run) -> Dict[str, Any]:
     """The JSON training state saved with the weights (and what ``timm-split validate`` needs to rebuild)."""
     a = run.args
     state = {"step": run.num_updates, "model": a.model, "split_factor": a.split, "num_classes": a.num_classes,
-             "model_kwargs": a.model_kwargs, "data_config": run.data_config, "seed": a.seed, "plan_at": PLAN_AT}
+             "model_kwargs": a.model_kwargs, "data_config": run.data_config, "seed": a.seed, "plan_at": PLAN_AT,
+             "class_names": run.class_names, "train_seconds": run.train_seconds}
     if run.scaler is not None:
         state["scaler"] = run.scaler.state_dict()
     return state
@@ -541,7 +369,7 @@ def _saver(run: _Run):
     """timm's ``CheckpointSaver`` (last, model_best, the best ``--checkpoint-hist``) writing our safetensors."""
     from timm.utils import CheckpointSaver
 
-    from .checkpoint import save_checkpoint
+    from ..checkpoint import save_checkpoint
 
     class _Saver(CheckpointSaver):
         def _replace(self, src: str, dst: str) -> None:
@@ -570,12 +398,13 @@ def _saver(run: _Run):
 
 def _resume(run: _Run, saver) -> int:
     """Load ``--resume`` (weights, optimizer, EMA, scaler, step, saver history); return the start epoch."""
-    from .checkpoint import load_checkpoint
+    from ..checkpoint import load_checkpoint
 
     a = run.args
     ckpt = load_checkpoint(run.ensemble, a.resume, None if a.no_resume_opt else run.optimizer,
                            model_ema=None if run.ema is None else run.ema.module)
     start, run.num_updates = ckpt.epoch, ckpt.step
+    run.train_seconds = float(ckpt.state.get("train_seconds", 0.0))  # the run's total survives a resume
     if "scaler" in ckpt.state and run.scaler is not None and not a.no_resume_opt:
         run.scaler.load_state_dict(ckpt.state["scaler"])
     if saver is not None:
@@ -606,7 +435,7 @@ def _track_pending(saver, state: Dict[str, Any], resumed: str) -> None:
 
 def _repair_best(saver) -> None:
     """A kill before ``model_best`` was updated: copy the best epoch's checkpoint to it now."""
-    from .checkpoint import read_metadata
+    from ..checkpoint import read_metadata
 
     if saver.best_epoch is None:
         return
@@ -705,7 +534,7 @@ def train(args: argparse.Namespace, model_fn: Optional[Callable[[], nn.Module]] 
     if saver is not None:
         _trim_summary(os.path.join(run.out, SUMMARY), start)
     seed_rank = 0 if args.member_parallel else args.rank  # member ranks must draw the same batches
-    results: Dict[str, Any] = {"final": None, "train_seconds": 0.0, "output": run.out}
+    results: Dict[str, Any] = {"final": None, "train_seconds": run.train_seconds, "output": run.out}
     for epoch in range(start, args.epochs):
         random_seed(args.seed * 100_003 + epoch, seed_rank)
         sampler = getattr(run.train_loader, "sampler", None)
@@ -714,7 +543,8 @@ def train(args: argparse.Namespace, model_fn: Optional[Callable[[], nn.Module]] 
         t0 = time.perf_counter()
         train_metrics = train_one_epoch(run, epoch, progress and run.rank == 0)
         seconds = time.perf_counter() - t0
-        results["train_seconds"] += seconds
+        run.train_seconds += seconds  # before _epoch_end, whose checkpoint records it
+        results["train_seconds"] = run.train_seconds
         metrics = _epoch_end(run, saver, epoch, train_metrics)
         results["final"] = metrics or results["final"]
         _log_epoch(run, epoch, train_metrics, metrics, seconds)
@@ -737,7 +567,7 @@ def _trim_summary(path: str, start: int) -> None:
 
 def _cost(run: _Run) -> Dict[str, Any]:
     """Params and GMACs of the ensemble (fvcore: one member counted, :func:`timm_split.count.ensemble_cost`)."""
-    from .count import count, ensemble_cost
+    from ..count import count, ensemble_cost
 
     size = run.data_config["input_size"]
     members = run.ensemble.members
@@ -760,18 +590,12 @@ def _write_json(path: str, obj: Any) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # CLI
 
-def user_error(cmd: str, e: BaseException) -> int:
-    """Print ``timm-split <cmd>: error: <message>`` (one line, no traceback) and return exit status 2."""
-    print(f"timm-split {cmd}: error: {' '.join(str(e).split())}", file=sys.stderr)
-    return 2
-
-
 def run_train(args: argparse.Namespace) -> int:
     """``timm-split train``: train, print the final metrics; user errors exit 2 with one line naming the fix."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("timm_split").setLevel(logging.INFO)
-    from .errors import SplitError
+    from ..errors import SplitError
 
     try:
         results = train(args, progress=not args.no_progress and sys.stderr.isatty())
@@ -788,7 +612,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """``python -m timm_split.train`` (and ``torchrun ... -m timm_split.train``)."""
+    """``python -m timm_split.commands.train`` (and ``torchrun ... -m timm_split.commands.train``)."""
     parser = add_train_args(argparse.ArgumentParser(prog="timm-split train"))
     return run_train(parser.parse_args(argv))
 

@@ -40,7 +40,8 @@ FIELDS = ("arch", "module", "split", "status", "reason", "params_orig", "params_
           "params_ratio", "gmacs_ratio", "cpu_checked", "seconds")
 STATUSES = ("ok", "parity_miss", "split_error", "forward_error", "timeout", "crash")
 PARAMS_TOL, MACS_TOL = 0.02, 0.04
-REFERENCE_CSV = os.path.join(os.path.dirname(__file__), "resources", "timm_benchmark_gmacs.csv")  # package data
+REFERENCE_CSV = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "resources",
+                             "timm_benchmark_gmacs.csv")  # package data
 
 
 def _module(arch: str) -> str:
@@ -58,7 +59,7 @@ def _count_and_shape(model, img_size=None):
     """``count(model, img_size)`` at batch 2, and the shape of the output of that counted forward (no second
     forward). Members are counted at their base model's size: a member's own ``img_size`` attribute may have been
     planned as a width where its value equals one (samvit, maxvit_pico, qwen3_vit)."""
-    from .count import count
+    from ..count import count
 
     shapes = []
     hook = model.register_forward_hook(
@@ -72,7 +73,7 @@ def _count_and_shape(model, img_size=None):
 
 def _ensemble_cost(ens, member):
     """The ensemble's cost from one member's (:func:`timm_split.count.ensemble_cost`)."""
-    from .count import ensemble_cost
+    from ..count import ensemble_cost
 
     return ensemble_cost(member, ens.members)
 
@@ -95,9 +96,9 @@ def sweep_one(arch: str, splits: Sequence[int], device: str = "meta", cpu_max_pa
     import timm
     import torch
 
-    from .core import split
-    from .errors import SplitError
-    from .trace import input_shape_for
+    from ..core import split
+    from ..errors import SplitError
+    from ..trace import input_shape_for
 
     module = _module(arch)
     rows = []
@@ -144,7 +145,7 @@ def _cpu_check(arch, S, kwargs, img_size) -> Dict:
     import timm
     import torch
 
-    from .core import split
+    from ..core import split
 
     try:
         try:
@@ -173,7 +174,7 @@ def _runs_at(model, size: int) -> bool:
     """Whether ``model`` runs at ``size`` x ``size`` (a meta copy, so no memory and no compute)."""
     import torch
 
-    from .trace import MetaRecurrent, input_shape_for, meta_copy
+    from ..trace import MetaRecurrent, input_shape_for, meta_copy
 
     try:
         with torch.no_grad(), MetaRecurrent():
@@ -341,10 +342,9 @@ def default_tier() -> List[str]:
     import timm
 
     params: Dict[str, float] = {}
-    if os.path.exists(REFERENCE_CSV):
-        with open(REFERENCE_CSV, newline="") as f:
-            for r in csv.DictReader(f):
-                params[r["model"]] = min(params.get(r["model"], float("inf")), float(r["param_count"]))
+    with open(REFERENCE_CSV, newline="") as f:  # package data: a missing file is an install error, not a tier
+        for r in csv.DictReader(f):
+            params[r["model"]] = min(params.get(r["model"], float("inf")), float(r["param_count"]))
     by_module: Dict[str, List[str]] = {}
     for arch in timm.list_models():
         if arch.startswith("splitnet_"):
@@ -365,7 +365,7 @@ def select(filters: Iterable[str] = ("*",), excludes: Iterable[str] = (), limit:
 
 def write_markdown(rows: List[Dict], path: str, command: str) -> None:
     """docs/zoo.md from sweep rows: coverage by module, parity statistics, every failure with its reason."""
-    from .checks import atomic_write
+    from ..checks import atomic_write
 
     by_split: Dict[int, List[Dict]] = {}
     for r in rows:
@@ -424,7 +424,7 @@ def _seconds(text: str) -> float:
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    from .checks import int_at_least, split_factor_arg
+    from .common import int_at_least, split_factor_arg
 
     p.add_argument("--filter", nargs="+", default=["*"], help="wildcards of timm names (default: all)")
     p.add_argument("--exclude", nargs="+", default=[], help="wildcards to leave out")
@@ -444,7 +444,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 def _check_paths(args: argparse.Namespace) -> None:
     """Usage errors before any work: a --report that is not there or holds no rows, an unwritable --out or
     --markdown."""
-    from .checks import check_writable
+    from ..checks import check_writable
 
     if args.report:
         if not os.path.isfile(args.report):
@@ -479,7 +479,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m timm_split.sweep", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m timm_split.commands.sweep", description=__doc__.split("\n")[0])
     add_args(p)
     args = p.parse_args(argv)
     try:

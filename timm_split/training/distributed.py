@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .ensemble import SplitEnsemble, Views
+from ..ensemble import SplitEnsemble, Views
 
 _logger = logging.getLogger(__name__)
 

@@ -12,6 +12,7 @@ Two ways to feed ``[S, B, C, H, W]`` member views to a model:
   since the prefetcher's random erasing only accepts 4-d batches.
 """
 import gzip
+import json
 import logging
 import os
 import struct
@@ -23,10 +24,13 @@ from PIL import Image
 from torch.utils.data import Dataset, default_collate
 from timm.data import create_transform
 
+from ..checks import atomic_write
+
 __all__ = [
     "MemberViews", "create_member_transform", "collate_member_views", "MemberViewsDataset",
     "FashionMNIST", "read_idx", "write_idx", "create_datasets", "export_fashion_mnist", "create_member_loader",
-    "create_eval_loader", "MemberBatchAugment", "is_fashion_mnist",
+    "create_eval_loader", "MemberBatchAugment", "is_fashion_mnist", "class_names", "split_folder",
+    "check_same_classes", "create_eval_dataset", "EXPORT_MARKER",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -264,7 +268,8 @@ class FashionMNIST(Dataset):
         raise FileNotFoundError(
             f"Fashion-MNIST file {name}[.gz] not found in {self.root}. Install it with "
             "`apt-get update && apt-get install dataset-fashion-mnist` (files go to "
-            "/usr/share/datasets/fashion-mnist) or pass --data-dir pointing to a directory with the IDX files.")
+            "/usr/share/datasets/fashion-mnist), or name a folder that has the IDX files (train and validate: "
+            "--data-dir; export-fashion-mnist: --idx-dir).")
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -313,17 +318,71 @@ def is_fashion_mnist(dataset: str, data_dir: Optional[str]) -> bool:
     return dataset.lower() in ("fashion_mnist", "fashion-mnist") or (not dataset and not data_dir)
 
 
-def _num_classes(ds: Dataset) -> Optional[int]:
-    """Class count of a timm/torchvision dataset, or None if it does not say."""
+def class_names(ds: Dataset) -> Optional[List[str]]:
+    """The class names of a timm/torchvision dataset, in index order, or None if it does not say."""
+    ds = ds.dataset if isinstance(ds, _SubsetWithTransform) else ds
     reader = getattr(ds, "reader", None)
     for owner in (reader, ds):
         mapping = getattr(owner, "class_to_idx", None)
         if mapping:
-            return len(mapping)
+            return [str(n) for n, _ in sorted(mapping.items(), key=lambda kv: kv[1])]
         classes = getattr(owner, "classes", None)
         if classes:
-            return len(classes)
+            return [str(c) for c in classes]
     return None
+
+
+_EVAL_SYNONYMS = ("val", "valid", "validation", "eval", "evaluation")
+_TRAIN_SYNONYMS = ("train", "training")
+EXPORT_MARKER = ".timm_split_export.json"
+
+
+def split_folder(root: str, split: str) -> str:
+    """The folder of ``split`` under an ImageFolder ``root``, found as timm finds it (the name, else a synonym:
+    validation/val/eval..., train/training); ``ValueError`` where there is none. timm itself would read the whole
+    ``root`` then, scoring the training images as validation."""
+    names = [split] + [s for syn in (_TRAIN_SYNONYMS, _EVAL_SYNONYMS) if split in syn for s in syn if s != split]
+    for name in names:
+        if os.path.isdir(os.path.join(root, name)):
+            return os.path.join(root, name)
+    found = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    flag = "--train-split" if split in _TRAIN_SYNONYMS else "--val-split"
+    raise ValueError(f"no {split!r} folder in {root} (folders there: {', '.join(found) or 'none'}); pass {flag} with "
+                     f"the folder that holds this split's class folders, e.g. {root}/{split}/<class>/*.png.")
+
+
+def _check_export_complete(root: str) -> None:
+    """Refuse a folder that ``export_fashion_mnist`` began but did not finish (its marker says so)."""
+    path = os.path.join(root, EXPORT_MARKER)
+    if os.path.isfile(path):
+        with open(path) as f:
+            done = json.load(f).get("complete")
+        if not done:
+            raise ValueError(f"{root} is a partial export-fashion-mnist (it was stopped before it finished); delete "
+                             "the folder and run timm-split export-fashion-mnist again.")
+
+
+def _check_class_map_covers(folder: str, ds: Dataset, class_map: str) -> None:
+    """With ``--class-map``, every class folder must be in the map: timm drops the others' images silently."""
+    names = set(class_names(ds) or [])
+    dropped = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)) and d not in names)
+    if dropped:
+        raise ValueError(f"--class-map {class_map} leaves out the class folder(s) {dropped[:5]} of {folder}: their "
+                         "images would be dropped; add them to the class map or move the folders out.")
+
+
+def check_same_classes(train: Dataset, val: Dataset, where: str) -> List[str]:
+    """The train classes; ``ValueError`` unless the validation split has the same names at the same indices."""
+    a, b = class_names(train), class_names(val)
+    if a is None:
+        raise ValueError(f"cannot tell the classes of {where}; pass --num-classes.")
+    if b is not None and a != b:
+        only_t, only_v = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+        what = (f"only in train: {only_t[:5]}; only in validation: {only_v[:5]}" if only_t or only_v else
+                "the same names in another order")
+        raise ValueError(f"{where}: the train and validation splits have different classes ({what}); a class is "
+                         "scored by its index, so both splits need the same class folders (or one --class-map).")
+    return a
 
 
 def _timm_dataset(name: str, root: Optional[str], split: str, is_training: bool, class_map: str = "") -> Dataset:
@@ -335,12 +394,19 @@ def _timm_dataset(name: str, root: Optional[str], split: str, is_training: bool,
     if root is not None and not os.path.isdir(root):
         raise ValueError(f"--data-dir {root} does not exist or is not a directory; pass the dataset's root folder "
                          "(for an ImageFolder: DIR/train/<class>/*.png and DIR/validation/<class>/*.png).")
+    folder = None
+    if not name or name.lower() in ("folder", "imagefolder"):
+        _check_export_complete(root)
+        folder = split_folder(root, split)
     try:
-        return create_dataset(name, root=root, split=split, is_training=is_training, download=False,
-                              class_map=class_map)
+        ds = create_dataset(name, root=root, split=split, is_training=is_training, download=False,
+                            class_map=class_map)
     except (RuntimeError, FileNotFoundError) as e:  # timm: "Found 0 images"; torchvision: "Dataset not found"
         raise ValueError(f"cannot read the {split!r} split of {name or 'ImageFolder'} at {root}: {e} "
                          "(nothing is downloaded: put the data on disk and pass --data-dir).") from e
+    if folder and class_map:
+        _check_class_map_covers(folder, ds, class_map)
+    return ds
 
 
 def create_datasets(dataset: str, data_dir: Optional[str], train_split: str = "train",
@@ -369,9 +435,7 @@ def create_datasets(dataset: str, data_dir: Optional[str], train_split: str = "t
     else:
         train = _timm_dataset(dataset, data_dir, train_split, True, class_map)
         val = _timm_dataset(dataset, data_dir, val_split, False, class_map)
-        num_classes, cfg = _num_classes(train), {}
-        if num_classes is None:
-            raise ValueError(f"cannot tell the class count of {dataset}; pass --num-classes.")
+        num_classes, cfg = len(check_same_classes(train, val, data_dir or dataset)), {}
         if len(val) == 0 or len(train) == 0:
             raise ValueError(f"{data_dir}: the train or validation split has no images; check --train-split "
                              f"{train_split!r} and --val-split {val_split!r}.")
@@ -379,6 +443,27 @@ def create_datasets(dataset: str, data_dir: Optional[str], train_split: str = "t
         keep = np.sort(np.random.RandomState(0).permutation(len(train))[:train_subset])
         train = _SubsetWithTransform(train, keep.tolist())
     return train, val, num_classes, cfg
+
+
+def create_eval_dataset(dataset: str, data_dir: Optional[str], split: str = "validation"
+                        ) -> Tuple[Dataset, List[str], Dict[str, Any]]:
+    """One evaluation split (what ``timm-split validate`` reads): ``(dataset, class names, data_cfg)``.
+
+    Args:
+        dataset: As in :func:`create_datasets`.
+        data_dir: The dataset root.
+        split: The split (folder) name; a missing or misspelt one is a ``ValueError``, never the root.
+    """
+    if is_fashion_mnist(dataset, data_dir):
+        return FashionMNIST(data_dir or FASHION_MNIST_DIR, train=False), list(FashionMNIST.classes), dict(
+            FASHION_MNIST_CFG)
+    ds = _timm_dataset(dataset, data_dir, split, False)
+    names = class_names(ds)
+    if names is None:
+        raise ValueError(f"cannot tell the classes of {data_dir or dataset}; pass --num-classes.")
+    if len(ds) == 0:
+        raise ValueError(f"{data_dir}: the {split!r} split has no images; check --val-split.")
+    return ds, names, {}
 
 
 def export_fashion_mnist(out_dir: str, per_class: Optional[int] = None, val_per_class: Optional[int] = None,
@@ -396,14 +481,18 @@ def export_fashion_mnist(out_dir: str, per_class: Optional[int] = None, val_per_
     Returns:
         Images written per split, e.g. ``{'train': 1000, 'validation': 1000}``.
     """
-    counts = {}
-    for split, train, n in (("train", True, per_class), ("validation", False, val_per_class or per_class)):
+    for n in (per_class, val_per_class):
         if n is not None and n < 1:
             raise ValueError(f"images per class must be >= 1; got {n}.")
-        ds = FashionMNIST(idx_dir, train=train)
-        root = os.path.join(out_dir, split)
-        if os.path.exists(root):
-            raise ValueError(f"{root} already exists; pass a new output folder.")
+    for split in ("train", "validation"):
+        if os.path.exists(os.path.join(out_dir, split)):
+            raise ValueError(f"{os.path.join(out_dir, split)} already exists; pass a new output folder.")
+    sources = {"train": FashionMNIST(idx_dir, train=True), "validation": FashionMNIST(idx_dir, train=False)}
+    os.makedirs(out_dir, exist_ok=True)
+    _write_marker(out_dir, {"complete": False})  # a stopped export stays marked partial (create_datasets refuses)
+    counts = {}
+    for split, n in (("train", per_class), ("validation", val_per_class or per_class)):
+        ds, root = sources[split], os.path.join(out_dir, split)
         names = [f"{k}_{c.lower().replace('/', '_').replace(' ', '_').replace('-', '_')}"
                  for k, c in enumerate(ds.classes)]
         for name in names:
@@ -414,7 +503,15 @@ def export_fashion_mnist(out_dir: str, per_class: Optional[int] = None, val_per_
                 Image.fromarray(ds.data[i]).save(os.path.join(root, names[label], f"{i:05d}.png"))
                 taken[label] += 1
         counts[split] = int(taken.sum())
+    _write_marker(out_dir, {"complete": True, "images": counts})  # last: the export is whole
     return counts
+
+
+def _write_marker(out_dir: str, content: Dict[str, Any]) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(content, f)
+    atomic_write(os.path.join(out_dir, EXPORT_MARKER), write)
 
 
 def create_member_loader(dataset: Dataset, split_factor: int, data_config: Dict[str, Any], batch_size: int,

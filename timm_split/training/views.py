@@ -1,8 +1,10 @@
 """Fast tensor-side member views for small images, on whole batches (CPU or GPU).
 
-The SplitNet seed's CIFAR recipe, per member: pad-and-crop, horizontal flip, RandAugment and random erasing;
-then mixup with one lambda and one permutation shared by all members. timm's transforms do the same per PIL
-image in a loader (``timm_split.data``); this module does it on a ``[B, C, H, W]`` batch that already sits on the
+Per member: pad-and-crop, horizontal flip, RandAugment (timm's ``rand-m9-mstd0.5``) and timm-style random
+erasing; then mixup with one lambda and one permutation shared by all members. This is not the SplitNet seed's
+CIFAR recipe, which uses AutoAugment's CIFAR10 policy and a cutout-like erasing (p 0.5, a square of 6.25-10% of
+the area, filled with 0); docs/results.md states the deviation. timm's transforms do the same per PIL image in a
+loader (``timm_split.training.data``); this module does it on a ``[B, C, H, W]`` batch that already sits on the
 device, which is what a 28 px dataset held in memory (Fashion-MNIST) needs to keep a GPU busy::
 
     views = BatchViews(2, num_classes=10, mean=(0.2860,), std=(0.3530,))
@@ -341,7 +343,7 @@ def mixup(views: torch.Tensor, target: torch.Tensor, num_classes: int, alpha: fl
 
 
 class BatchViews:
-    """S independently augmented views of a batch, then mixup shared by the members (the seed's recipe).
+    """S independently augmented views of a batch, then mixup shared by the members.
 
     Per member and image: zero-pad ``pad`` px and random-crop, flip with ``hflip``, RandAugment
     (:func:`rand_augment`), normalise with ``mean``/``std``, random erasing (:func:`random_erase`). Then
@@ -354,7 +356,7 @@ class BatchViews:
         mean: Per-channel mean of the [0, 1] images.
         std: Per-channel std.
         pad: Pad-and-crop padding in px; None: ``H // 8`` at call time (3 at 28 px, 4 at 32 px, as the seed).
-        hflip: Flip probability (the seed flips Fashion-MNIST too).
+        hflip: Flip probability.
         ra_ops: RandAugment ops per image (0 disables RandAugment).
         ra_magnitude: RandAugment magnitude in [0, 10].
         ra_magnitude_std: Per-application magnitude noise.

@@ -6,7 +6,7 @@ import logging
 import sys
 from typing import List, Optional
 
-from timm_split.checks import int_at_least, split_factor_arg
+from timm_split.commands.common import int_at_least, split_factor_arg
 
 __all__ = ["main"]
 
@@ -18,7 +18,7 @@ def _cmd_demo(args) -> int:
     import timm
 
     import timm_split
-    from timm_split.compare import compare_rows, format_rows, resolve_models
+    from timm_split.commands.compare import compare_rows, format_rows, resolve_models
 
     if resolve_models([args.model]) != [args.model]:
         raise ValueError(f"--model takes one timm model name, not a pattern; got {args.model!r}")
@@ -41,7 +41,7 @@ def _cmd_demo(args) -> int:
 def _cmd_compare(args) -> int:
     from tqdm import tqdm
 
-    from timm_split.compare import check_plot_path, compare_rows, format_rows, plot_rows, resolve_models
+    from timm_split.commands.compare import check_plot_path, compare_rows, format_rows, plot_rows, resolve_models
 
     names = resolve_models(args.models)
     if args.plot:  # before the counting, which can take minutes
@@ -52,7 +52,7 @@ def _cmd_compare(args) -> int:
     fmt = args.format or "table"
     print(format_rows(rows, fmt, per_member=args.per_member))
     if args.by_module:
-        from timm_split.compare import by_module_table
+        from timm_split.commands.compare import by_module_table
         for name in names:
             for S in sorted(set(args.split) - {1}):
                 print()
@@ -68,8 +68,8 @@ def _cmd_compare(args) -> int:
 
 
 def _cmd_export_fashion_mnist(args) -> int:
-    from timm_split.data import export_fashion_mnist
-    from timm_split.train import user_error
+    from timm_split.training.data import export_fashion_mnist
+    from timm_split.commands.common import user_error
 
     try:
         counts = export_fashion_mnist(args.out, args.per_class, args.val_per_class, args.idx_dir)
@@ -99,11 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="count the deployed (re-parameterized) form, as timm publishes repvgg/fastvit/mobileone/levit")
     c.add_argument("--no-check", action="store_true", help="skip the FlopCounterMode cross-check")
     c.set_defaults(fn=_cmd_compare)
-    from timm_split.train import add_train_args, run_train
+    from timm_split.commands.train import add_train_args, run_train
     t = sub.add_parser("train", help="co-train a timm model's split ensemble with timm's train.py recipe "
                        "(an ImageFolder, or Fashion-MNIST with no data flags)")
     add_train_args(t).set_defaults(fn=run_train)
-    from timm_split.validate import add_validate_args, run_validate
+    from timm_split.commands.validate import add_validate_args, run_validate
     v = sub.add_parser("validate", help="top-1/top-5, NLL and ECE of a checkpoint's ensemble and members")
     add_validate_args(v).set_defaults(fn=run_validate)
     e = sub.add_parser("export-fashion-mnist", help="write Fashion-MNIST as an ImageFolder of PNGs")
@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="validation images per class (default: --per-class, or all 1000)")
     e.add_argument("--idx-dir", default="/usr/share/datasets/fashion-mnist", help="where the IDX files are")
     e.set_defaults(fn=_cmd_export_fashion_mnist)
-    from timm_split.sweep import add_args as add_sweep_args, run as run_sweep
+    from timm_split.commands.sweep import add_args as add_sweep_args, run as run_sweep
     w = sub.add_parser("sweep", help="split every timm architecture and check shapes and params/FLOPs parity")
     add_sweep_args(w)
     w.set_defaults(fn=run_sweep)

@@ -16,9 +16,9 @@ from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
 
-from .checks import atomic_write, check_writable
-from .core import split
-from .count import count, count_by_module, ensemble_cost
+from ..checks import atomic_write, check_writable
+from ..core import split
+from ..count import count, count_by_module, ensemble_cost
 
 _logger = logging.getLogger(__name__)
 

@@ -12,95 +12,24 @@ A checkpoint written by ``timm-split train`` names its model, S, classes and inp
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import json
 import logging
 import os
 import sys
-from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .checks import atomic_write
+from ..checks import atomic_write, check_writable
+from ..training.metrics import evaluate
+from .common import autocast_factory, resolve_device, user_error
+from .train_checks import MIN_IMG_SIZE
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["expected_calibration_error", "classification_metrics", "evaluate", "add_validate_args", "validate",
-           "run_validate", "write_results"]
-
-
-def expected_calibration_error(probs: torch.Tensor, target: torch.Tensor, n_bins: int = 15) -> float:
-    """Expected calibration error of the top-1 prediction, with ``n_bins`` equal-width confidence bins.
-
-    ``ECE = sum_b |B_b| / N * |acc(B_b) - conf(B_b)|``; bin ``b`` holds confidences in ``(b/n, (b+1)/n]``
-    (a confidence of exactly 0 goes to the first bin).
-
-    Args:
-        probs: Probabilities ``[N, K]``.
-        target: Class indices ``[N]``.
-        n_bins: Number of bins (15 as in Guo et al., 2017).
-
-    Returns:
-        The ECE as a fraction in ``[0, 1]``.
-    """
-    if n_bins < 1:
-        raise ValueError(f"n_bins must be >= 1; got {n_bins}.")
-    conf, pred = probs.float().max(-1)
-    correct = (pred == target).float()
-    bins = (torch.ceil(conf * n_bins).long() - 1).clamp(0, n_bins - 1)
-    gap = torch.zeros(n_bins, device=conf.device).index_add_(0, bins, conf - correct)
-    return float(gap.abs().sum() / max(len(target), 1))
-
-
-def classification_metrics(logits: torch.Tensor, target: torch.Tensor, n_bins: int = 15) -> Dict[str, float]:
-    """Top-1 and top-5 accuracy (%), NLL (``loss``, nats, mean) and ECE (fraction) of ``logits [N, K]``.
-
-    ``logits`` may also be log-probabilities (an ``averaging='probs'`` ensemble): softmax leaves them unchanged.
-    """
-    from timm.utils import accuracy
-
-    logits = logits.float()
-    top1, top5 = accuracy(logits, target, topk=(1, min(5, logits.shape[-1])))
-    return OrderedDict(loss=float(F.cross_entropy(logits, target)), top1=float(top1), top5=float(top5),
-                       ece=expected_calibration_error(logits.softmax(-1), target, n_bins))
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, autocast: Callable[[], Any] = contextlib.nullcontext,
-             channels_last: bool = False, members_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-             ) -> Dict[str, Any]:
-    """Metrics of a :class:`~timm_split.ensemble.SplitEnsemble` and of each member on ``loader``.
-
-    Args:
-        model: The ensemble; evaluated in eval mode, its mode restored after.
-        loader: Batches ``(images [B, C, H, W], targets [B])`` already on the model's device.
-        autocast: A context factory (e.g. bf16 autocast).
-        channels_last: Feed channels-last images.
-        members_fn: Computes ``[S, B, K]`` instead of ``model.forward_members`` (member-parallel ranks).
-
-    Returns:
-        ``{'loss', 'top1', 'top5', 'ece'}`` of the ensemble plus ``'members'``: the same per member.
-    """
-    was_training = model.training
-    model.eval()
-    outs, targets = [], []
-    try:
-        for images, target in loader:
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            with autocast():
-                outs.append((members_fn or model.forward_members)(images).float().cpu())
-            targets.append(target.cpu())
-    finally:
-        model.train(was_training)
-    members, target = torch.cat(outs, 1), torch.cat(targets)
-    result = classification_metrics(model.combine(members), target)
-    result["members"] = [classification_metrics(m, target) for m in members]
-    return result
+__all__ = ["add_validate_args", "validate", "run_validate", "write_results"]
 
 
 def write_results(path: str, rows: List[Dict[str, Any]]) -> None:
@@ -145,8 +74,8 @@ def _model_from(args: argparse.Namespace, meta: Dict[str, str], num_classes: int
     """The ensemble the checkpoint's weights go into (its own metadata first, then the flags)."""
     import timm
 
-    from .core import split
-    from .ensemble import SplitEnsemble
+    from ..core import split
+    from ..ensemble import SplitEnsemble
 
     state = json.loads(meta.get("state", "{}"))
     name = args.model or state.get("model")
@@ -167,23 +96,51 @@ def _model_from(args: argparse.Namespace, meta: Dict[str, str], num_classes: int
     return split(model, S, img_size=data["input_size"][-1], in_chans=in_chans, plan_at=state.get("plan_at", "model"))
 
 
+def _check_flags(args: argparse.Namespace) -> None:
+    """The flags that can be judged before any work (so a bad --results-file does not fail after the run)."""
+    for name, low in (("img_size", MIN_IMG_SIZE), ("batch_size", 1), ("workers", 0), ("split", 1), ("num_classes", 1)):
+        v = getattr(args, name)
+        if v is not None and v < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {low}; got {v}.")
+    if args.crop_pct is not None and not 0 < args.crop_pct:
+        raise ValueError(f"--crop-pct must be > 0; got {args.crop_pct}.")
+    if args.results_file:
+        check_writable(args.results_file, "--results-file")
+
+
+def _check_classes(args: argparse.Namespace, state: Dict[str, Any], names: List[str]) -> int:
+    """The class count to build; ``ValueError`` where the data's classes are not the checkpoint's (by name)."""
+    saved, where = state.get("class_names"), args.data_dir or "the data"
+    if saved is not None and saved != names:
+        only_c, only_d = sorted(set(saved) - set(names)), sorted(set(names) - set(saved))
+        what = f"only in the checkpoint: {only_c[:5]}; only in the data: {only_d[:5]}" if only_c or only_d else \
+            "the same names in another order"
+        raise ValueError(f"{args.checkpoint} was trained on other classes than {where} has ({what}); a class is "
+                         "scored by its index, so evaluate on data with the training's class folders.")
+    if args.num_classes is not None and args.num_classes != len(names):
+        raise ValueError(f"--num-classes {args.num_classes} but {where} has {len(names)} classes; drop --num-classes "
+                         f"or pass {len(names)}.")
+    trained = state.get("num_classes")
+    if trained is not None and trained != len(names):
+        raise ValueError(f"{args.checkpoint} has {trained} classes but {where} has {len(names)}; pass a dataset "
+                         "with the training's classes.")
+    return len(names)
+
+
 def validate(args: argparse.Namespace) -> List[Dict[str, Any]]:
     """Evaluate ``args.checkpoint``; return one result row for the ensemble and one per member."""
     from timm.data import resolve_data_config
 
-    from .checkpoint import load_checkpoint, read_metadata
-    from .data import create_datasets, create_eval_loader
-    from .train import autocast_factory, resolve_device
+    from ..checkpoint import load_checkpoint, read_metadata
+    from ..training.data import create_eval_dataset, create_eval_loader
 
+    _check_flags(args)
     device = resolve_device(args.device)
     meta = read_metadata(args.checkpoint) if args.checkpoint.endswith(".safetensors") else {}
     if not os.path.isfile(args.checkpoint):
         raise ValueError(f"no checkpoint at {args.checkpoint}; pass the file written by timm-split train.")
-    _, dataset, classes, data_cfg = create_datasets(args.dataset, args.data_dir, val_split=args.val_split)
-    num_classes = args.num_classes or json.loads(meta.get("state", "{}")).get("num_classes") or classes
-    if num_classes != classes:
-        raise ValueError(f"the checkpoint has {num_classes} classes but {args.data_dir} has {classes}; pass a "
-                         "dataset with the same classes.")
+    dataset, names, data_cfg = create_eval_dataset(args.dataset, args.data_dir, args.val_split)
+    num_classes = _check_classes(args, json.loads(meta.get("state", "{}")), names)
     model = _model_from(args, meta, num_classes)
     if data_cfg and not json.loads(meta.get("state", "{}")).get("data_config"):
         model.pretrained_cfg = dict(model.pretrained_cfg, **data_cfg)  # Fashion-MNIST's IDX files: 1 channel
@@ -209,8 +166,6 @@ def _row(m: Dict[str, Any]) -> Dict[str, float]:
 
 def run_validate(args: argparse.Namespace) -> int:
     """``timm-split validate``: print the results (and write ``--results-file``); user errors exit 2 in one line."""
-    from .train import user_error
-
     try:
         rows = validate(args)
         if args.results_file:
@@ -224,7 +179,7 @@ def run_validate(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """``python -m timm_split.validate``."""
+    """``python -m timm_split.commands.validate``."""
     parser = add_validate_args(argparse.ArgumentParser(prog="timm-split validate"))
     return run_validate(parser.parse_args(argv))
 

@@ -1,0 +1,308 @@
+"""The ``timm-split train`` flags, documented and grouped as in timm's ``train.py``.
+
+Every flag keeps timm's name, type and default (where it is timm's) and gets a help line, in timm's wording where
+the flag is timm's; the help shows each meaningful default, or says where an unset (``None``) default is computed.
+The groups carry timm ``train.py``'s titles, plus one for our own flags (``SplitNet (timm_split) parameters``).
+What differs from timm is said in the help: ``--num-classes`` defaults to the dataset's class count (timm: the
+model's), ``--weight-decay`` is scaled by ``exp(1/S - 1)``, ``--drop``/``--drop-path`` are divided per
+``--drop-scale``, ``--amp`` is bfloat16 on the CPU.
+
+    parser = add_train_args(argparse.ArgumentParser(prog="timm-split train"))
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any, Callable, Tuple
+
+from ..execution import STRATEGIES
+
+__all__ = ["add_train_args"]
+
+_Add = Callable[..., Any]
+
+
+def _dataset_flags(g: _Add) -> None:
+    """Dataset parameters: where the images come from.
+
+    Args:
+        g: The group's ``add_argument``.
+    """
+    g("--data-dir", default=None, metavar="DIR",
+      help="path to dataset (root dir) (default: Fashion-MNIST's IDX files)")
+    g("--dataset", default="", metavar="NAME",
+      help="dataset type + name: '' = ImageFolder/ImageTar at --data-dir (Fashion-MNIST without --data-dir), "
+      "fashion_mnist, or a timm '<type>/<name>' already on disk, e.g. torch/cifar10 (default: '')")
+    g("--train-split", default="train", metavar="NAME", help="dataset train split (default: %(default)s)")
+    g("--val-split", default="validation", metavar="NAME", help="dataset validation split (default: %(default)s)")
+    g("--class-map", default="", metavar="FILENAME", help="path to class to idx mapping file (default: none)")
+
+
+def _model_flags(g: _Add) -> None:
+    """Model parameters: the model, its input and batch, and resuming.
+
+    Args:
+        g: The group's ``add_argument``.
+    """
+    from timm.utils import ParseKwargs
+
+    g("--model", default="resnet50", metavar="MODEL", help="name of the timm model to train (default: %(default)s)")
+    g("--resume", default="", metavar="PATH",
+      help="resume full model and optimizer state from a checkpoint of this run, e.g. <output>/last.safetensors, "
+      "or its folder (default: none)")
+    g("--no-resume-opt", action="store_true", help="prevent resume of optimizer state when resuming model")
+    g("--num-classes", type=int, default=None, metavar="N",
+      help="number of label classes (default: the dataset's class count; timm's train.py: the model's)")
+    g("--in-chans", type=int, default=None, metavar="N",
+      help="image input channels (default: --input-size's C, else 1 for Fashion-MNIST, else 3)")
+    g("--img-size", type=int, default=None, metavar="N",
+      help="image size (default: 28 for Fashion-MNIST, else the model's)")
+    g("--input-size", default=None, nargs=3, type=int, metavar=("C", "H", "W"),
+      help="input all image dimensions, e.g. --input-size 3 224 224 (default: from --img-size or the model)")
+    g("--crop-pct", default=None, type=float, metavar="N",
+      help="input image center crop percent, for validation only (default: 1.0 for Fashion-MNIST, else "
+      "the model's)")
+    g("--mean", type=float, nargs="+", default=None, metavar="MEAN",
+      help="override mean pixel value of dataset (default: Fashion-MNIST's, else the model's)")
+    g("--std", type=float, nargs="+", default=None, metavar="STD",
+      help="override std deviation of dataset (default: Fashion-MNIST's, else the model's)")
+    g("--interpolation", default="", metavar="NAME",
+      help="image resize interpolation type, overrides the model's (default: bilinear for Fashion-MNIST, "
+      "else the model's)")
+    g("-b", "--batch-size", type=int, default=128, metavar="N",
+      help="input batch size for training, per process (default: %(default)s)")
+    g("-vb", "--validation-batch-size", type=int, default=None, metavar="N",
+      help="validation batch size override (default: --batch-size)")
+    g("--channels-last", action="store_true", help="use channels_last memory layout")
+    g("--grad-accum-steps", type=int, default=1, metavar="N",
+      help="the number of steps to accumulate gradients (default: %(default)s)")
+    g("--grad-checkpointing", action="store_true",
+      help="enable gradient checkpointing through model blocks/stages")
+    g("--model-kwargs", nargs="*", default={}, action=ParseKwargs,
+      help="extra timm.create_model keyword arguments as key=value pairs, e.g. drop_rate=0.1 (default: none)")
+
+
+def _scripting_flags(g: _Add) -> None:
+    """Scripting / codegen: compiling the model.
+
+    Args:
+        g: The group's ``add_argument``.
+    """
+    g("--torchcompile", nargs="?", type=str, default=None, const="inductor",
+      help="enable torch.compile of the members' forward w/ specified backend (bare flag: %(const)s; "
+      "default: off)")
+
+
+def _device_flags(g: _Add) -> None:
+    """Device parameters: mixed precision (``--device`` is with our flags).
+
+    Args:
+        g: The group's ``add_argument``.
+    """
+    g("--amp", action="store_true", help="mixed precision: float16 on CUDA (grad scaler), bfloat16 on CPU")
+    g("--amp-dtype", default=None, choices=("float16", "bfloat16"),
+      help="lower precision AMP dtype (default: float16 on CUDA, bfloat16 on CPU)")
+
+
+def _optimizer_flags(g: _Add) -> None:
+    """Optimizer parameters: timm's ``create_optimizer_v2`` and gradient clipping.
+
+    Args:
+        g: The group's ``add_argument``.
+    """
+    from timm.utils import ParseKwargs
+
+    g("--opt", default="sgd", metavar="OPTIMIZER", help="optimizer (default: %(default)s)")
+    g("--opt-eps", default=None, type=float, metavar="EPSILON", help="optimizer epsilon (default: the opt's)")
+    g("--opt-betas", default=None, type=float, nargs="+", metavar="BETA", help="optimizer betas (default: the opt's)")
+    g("--momentum", type=float, default=0.9, metavar="M", help="optimizer momentum (default: %(default)s)")
+    g("--weight-decay", type=float, default=2e-5,
+      help="weight decay for S=1, scaled by exp(1/S - 1) for S members (default: %(default)s)")
+    g("--clip-grad", type=float, default=None, metavar="NORM", help="clip gradient norm (default: none, no clipping)")
+    g("--clip-mode", default="norm",
+      help="gradient clipping mode, one of 'norm', 'value', 'agc' (default: %(default)s)")
+    g("--opt-kwargs", nargs="*", default={}, action=ParseKwargs,
+      help="extra optimizer keyword arguments as key=value pairs (default: none)")
+
+
+def _schedule_flags(g: _Add) -> None:
+    """Learning rate schedule parameters: timm's ``create_scheduler_v2`` and the lr's batch-size rule.
+
+    Args:
+        g: The group's ``add_argument``.
+    """
+    g("--sched", default="cosine", metavar="SCHEDULER", help="LR scheduler (default: %(default)s)")
+    g("--sched-on-updates", action="store_true", help="apply LR scheduler step on update instead of epoch end")
+    g("--lr", type=float, default=None, metavar="LR",
+      help="learning rate, overrides --lr-base if set (default: lr-base * global batch / lr-base-size, "
+      "see --lr-base-scale)")
+    g("--lr-base", type=float, default=0.1, metavar="LR",
+      help="base learning rate: lr = lr_base * global_batch_size / base_size (default: %(default)s)")
+    g("--lr-base-size", type=int, default=256, metavar="DIV",
+      help="base learning rate batch size (divisor) (default: %(default)s)")
+    g("--lr-base-scale", default="", metavar="SCALE",
+      help="base learning rate vs batch_size scaling, 'linear' or 'sqrt' (default: sqrt for ada*/lamb "
+      "optimizers, else linear)")
+    g("--warmup-lr", type=float, default=1e-5, metavar="LR", help="warmup learning rate (default: %(default)s)")
+    g("--min-lr", type=float, default=0, metavar="LR",
+      help="lower lr bound for cyclic schedulers that hit 0 (default: %(default)s)")
+    g("--epochs", type=int, default=300, metavar="N", help="number of epochs to train (default: %(default)s)")
+    g("--decay-milestones", default=[90, 180, 270], type=int, nargs="+", metavar="MILESTONES",
+      help="list of decay epoch indices for multistep lr, must be increasing (default: 90 180 270)")
+    g("--decay-epochs", type=float, default=90, metavar="N", help="epoch interval to decay LR (default: %(default)s)")
+    g("--warmup-epochs", type=int, default=5, metavar="N",
+      help="epochs to warmup LR, if scheduler supports (default: %(default)s)")
+    g("--warmup-prefix", action="store_true", help="exclude warmup period from decay schedule")
+    g("--cooldown-epochs", type=int, default=0, metavar="N",
+      help="epochs to cooldown LR at min_lr, after cyclic schedule ends (default: %(default)s)")
+    g("--patience-epochs", type=int, default=10, metavar="N",
+      help="patience epochs for Plateau LR scheduler (default: %(default)s)")
+    g("--decay-rate", "--dr", type=float, default=0.1, metavar="RATE", help="LR decay rate (default: %(default)s)")
+
+
+def _augmentation_flags(g: _Add) -> None:
+    """Augmentation and regularization parameters: each member's view, random erasing, mixup, dropout.
+
+    Args:
+        g: The group's ``add_argument``.
+    """
+    g("--no-aug", action="store_true", help="disable all training augmentation, override other train aug args")
+    g("--scale", type=float, nargs="+", default=[0.08, 1.0], metavar="PCT",
+      help="random resize scale (default: 0.08 1.0)")
+    g("--ratio", type=float, nargs="+", default=[3. / 4., 4. / 3.], metavar="RATIO",
+      help="random resize aspect ratio (default: 0.75 1.33)")
+    g("--hflip", type=float, default=0.5, help="horizontal flip training aug probability (default: %(default)s)")
+    g("--vflip", type=float, default=0., help="vertical flip training aug probability (default: %(default)s)")
+    g("--color-jitter", type=float, default=0.4, metavar="PCT", help="color jitter factor (default: %(default)s)")
+    g("--aa", default=None, metavar="NAME",
+      help="AutoAugment/RandAugment policy, e.g. rand-m9-mstd0.5, 'v0' or 'original' (default: none)")
+    g("--reprob", type=float, default=0., metavar="PCT", help="random erase prob (default: %(default)s)")
+    g("--remode", default="pixel", help="random erase mode (default: %(default)s)")
+    g("--recount", type=int, default=1, help="random erase count (default: %(default)s)")
+    g("--mixup", type=float, default=0.0, help="mixup alpha, mixup enabled if > 0 (default: %(default)s)")
+    g("--cutmix", type=float, default=0.0, help="cutmix alpha, cutmix enabled if > 0 (default: %(default)s)")
+    g("--cutmix-minmax", type=float, nargs="+", default=None,
+      help="cutmix min/max ratio, overrides alpha and enables cutmix if set (default: none)")
+    g("--mixup-prob", type=float, default=1.0,
+      help="probability of performing mixup or cutmix when either/both is enabled (default: %(default)s)")
+    g("--mixup-switch-prob", type=float, default=0.5,
+      help="probability of switching to cutmix when both mixup and cutmix enabled (default: %(default)s)")
+    g("--mixup-mode", default="batch",
+      help="how to apply mixup/cutmix params, per 'batch', 'pair' or 'elem' (default: %(default)s)")
+    g("--mixup-off-epoch", default=0, type=int, metavar="N",
+      help="turn off mixup after this epoch, disabled if 0 (default: %(default)s)")
+    g("--smoothing", type=float, default=0.1, help="label smoothing (default: %(default)s)")
+    g("--train-interpolation", default="random",
+      help="training interpolation: random, bilinear, bicubic, or '' for the model's (default: %(default)s)")
+    g("--drop", type=float, default=0.0, metavar="PCT",
+      help="dropout rate, divided per --drop-scale for S > 1 (default: %(default)s)")
+    g("--drop-path", type=float, default=None, metavar="PCT",
+      help="drop path rate, divided per --drop-scale for S > 1 (default: the model's)")
+    g("--drop-block", type=float, default=None, metavar="PCT", help="drop block rate (default: the model's)")
+
+
+def _batch_norm_flags(g: _Add) -> None:
+    """Batch norm parameters: BatchNorm statistics across DDP ranks.
+
+    Args:
+        g: The group's ``add_argument``.
+    """
+    g("--dist-bn", default="reduce",
+      help="distribute BatchNorm stats between nodes after each epoch ('broadcast', 'reduce' or ''; DDP only) "
+      "(default: %(default)s)")
+
+
+def _ema_flags(g: _Add) -> None:
+    """Model exponential moving average parameters: timm's ``ModelEmaV3``.
+
+    Args:
+        g: The group's ``add_argument``.
+    """
+    g("--model-ema", action="store_true",
+      help="enable tracking moving average of model weights (evaluated and checkpointed instead of the model)")
+    g("--model-ema-decay", type=float, default=0.9998,
+      help="decay factor for model weights moving average (default: %(default)s)")
+    g("--model-ema-warmup", action="store_true", help="enable warmup for model EMA decay")
+
+
+def _misc_flags(g: _Add) -> None:
+    """Miscellaneous parameters: seed, logging, checkpoints, loaders, output.
+
+    Args:
+        g: The group's ``add_argument``.
+    """
+    g("--seed", type=int, default=42, metavar="S", help="random seed (default: %(default)s)")
+    g("--log-interval", type=int, default=50, metavar="N",
+      help="how many optimizer updates to wait before logging training status (default: %(default)s)")
+    g("--checkpoint-hist", type=int, default=10, metavar="N",
+      help="number of checkpoints to keep (default: %(default)s)")
+    g("-j", "--workers", type=int, default=4, metavar="N",
+      help="how many data loading worker processes to use, per process (default: %(default)s)")
+    g("--pin-mem", action="store_true",
+      help="pin CPU memory in DataLoader for more efficient (sometimes) transfer to GPU")
+    g("--output", default="", metavar="PATH", help="path to output folder (default: ./output/train)")
+    g("--experiment", default="", metavar="NAME",
+      help="name of train experiment, name of sub-folder for output (default: <date>-<model>-s<S>; "
+      "with --resume and no --output: the checkpoint's folder)")
+    g("--eval-metric", default="top1", metavar="EVAL_METRIC",
+      help="best metric, which picks model_best (e.g. top1, top5, loss) (default: %(default)s)")
+
+
+def _splitnet_flags(g: _Add) -> None:
+    """SplitNet (timm_split) parameters: ours, not timm's.
+
+    Args:
+        g: The group's ``add_argument``.
+    """
+    g("--split", type=int, default=1, help="S, the number of members (1 = the plain model) (default: %(default)s)")
+    g("--cot-weight", type=float, default=0.5,
+      help="weight of the co-training (JS) term; 0 disables it (default: %(default)s)")
+    g("--cot-warmup-epochs", type=float, default=None,
+      help="epochs to ramp the co-training weight up (default: epochs * 40/300)")
+    g("--cot-mode", choices=("js", "kl", "kl_mixture"), default="js",
+      help="co-training divergence: Jensen-Shannon, the seed's pairwise KL, or KL to the other members' mean "
+      "(default: %(default)s)")
+    g("--same-view", action="store_true", help="ablation: every member sees the same augmented view")
+    g("--execution", default="loop", choices=STRATEGIES,
+      help="how the members run (see docs/speed.md) (default: %(default)s)")
+    g("--drop-scale", default="S", choices=("S", "sqrt"),
+      help="divide --drop/--drop-path by S (SplitNet's ResNet rule) or sqrt(S) (its SE/EfficientNet rule) "
+      "(default: %(default)s)")
+    g("--member-parallel", action="store_true", help="torchrun: one member per rank (world size = --split)")
+    g("--train-subset", type=int, default=None, metavar="N",
+      help="train on a fixed random N images (default: the whole train split)")
+    g("--eval-every", type=int, default=1, metavar="N",
+      help="evaluate every N epochs, 0: only after the last (default: %(default)s)")
+    g("--device", default=None,
+      help="device to train on (default: cuda if available, else cpu; torchrun: cuda:<local rank>)")
+    g("--threads", type=int, default=None, help="torch.set_num_threads for each process (default: torch's)")
+    g("--no-progress", action="store_true", help="no tqdm progress bar (it shows only on a terminal)")
+
+
+_GROUPS: Tuple[Tuple[str, Callable[[_Add], None]], ...] = (
+    ("Dataset parameters", _dataset_flags),
+    ("Model parameters", _model_flags),
+    ("Scripting / codegen", _scripting_flags),
+    ("Device parameters", _device_flags),
+    ("Optimizer parameters", _optimizer_flags),
+    ("Learning rate schedule parameters", _schedule_flags),
+    ("Augmentation and regularization parameters", _augmentation_flags),
+    ("Batch norm parameters", _batch_norm_flags),
+    ("Model exponential moving average parameters", _ema_flags),
+    ("Miscellaneous parameters", _misc_flags),
+    ("SplitNet (timm_split) parameters", _splitnet_flags),
+)
+
+
+def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``timm-split train`` flags to ``parser``, in timm ``train.py``'s argument groups plus ours.
+
+    Args:
+        parser: The parser to extend (its own ``-h/--help`` stays where it is).
+
+    Returns:
+        ``parser``, with one argument group per title of timm's ``train.py`` and ``SplitNet (timm_split)
+        parameters``; every flag has a help line that shows its default or says where it is computed.
+    """
+    for title, add_flags in _GROUPS:
+        add_flags(parser.add_argument_group(title).add_argument)
+    return parser
