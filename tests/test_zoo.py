@@ -67,7 +67,7 @@ def test_default_tier_reads_the_shipped_reference():
     installed wheel has it; tests/ is not installed): CaiT's pick is its smallest, not the first name."""
     from timm_split.commands import sweep
 
-    package = os.path.dirname(os.path.abspath(sweep.__file__))
+    package = os.path.dirname(os.path.dirname(os.path.abspath(sweep.__file__)))  # timm_split/
     assert os.path.exists(sweep.REFERENCE_CSV)
     assert os.path.commonpath([os.path.abspath(sweep.REFERENCE_CSV), package]) == package
     assert "cait_xxs24_224" in default_tier() and "cait_m36_384" not in default_tier()

@@ -39,7 +39,7 @@ _RANGES = {
     "reprob": (0, 1, True, True), "hflip": (0, 1, True, True), "vflip": (0, 1, True, True),
     "mixup_prob": (0, 1, True, True), "mixup_switch_prob": (0, 1, True, True), "smoothing": (0, 1, True, False),
     "drop": (0, 1, True, False), "drop_path": (0, 1, True, False), "drop_block": (0, 1, True, False),
-    "model_ema_decay": (0, 1, True, False),
+    "model_ema_decay": (0, 1, True, True),
 }
 
 
@@ -55,7 +55,8 @@ def _in_range(name: str, v: Any, rng: tuple) -> None:
         want = " and ".join(w for w in (
             None if lo is None else f"{'>=' if lo_in else '>'} {lo:g}",
             None if hi is None else f"{'<=' if hi_in else '<'} {hi:g}") if w)
-        raise ValueError(f"{_flag(name)} must be a finite number {want}; got {v}.")
+        kind = "" if isinstance(v, int) else "a finite number "
+        raise ValueError(f"{_flag(name)} must be {kind}{want}; got {v}.")
 
 
 def _check_ranges(args: argparse.Namespace) -> None:
