@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..checks import atomic_write, check_writable
+from ..training.data import class_difference
 from ..training.metrics import evaluate
 from .common import autocast_factory, resolve_device, user_error
 from .train_checks import MIN_IMG_SIZE
@@ -112,9 +113,7 @@ def _check_classes(args: argparse.Namespace, state: Dict[str, Any], names: List[
     """The class count to build; ``ValueError`` where the data's classes are not the checkpoint's (by name)."""
     saved, where = state.get("class_names"), args.data_dir or "the data"
     if saved is not None and saved != names:
-        only_c, only_d = sorted(set(saved) - set(names)), sorted(set(names) - set(saved))
-        what = f"only in the checkpoint: {only_c[:5]}; only in the data: {only_d[:5]}" if only_c or only_d else \
-            "the same names in another order"
+        what = class_difference(saved, names, "the checkpoint", "the data")
         raise ValueError(f"{args.checkpoint} was trained on other classes than {where} has ({what}); a class is "
                          "scored by its index, so evaluate on data with the training's class folders.")
     if args.num_classes is not None and args.num_classes != len(names):

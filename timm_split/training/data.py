@@ -30,7 +30,7 @@ __all__ = [
     "MemberViews", "create_member_transform", "collate_member_views", "MemberViewsDataset",
     "FashionMNIST", "read_idx", "write_idx", "create_datasets", "export_fashion_mnist", "create_member_loader",
     "create_eval_loader", "MemberBatchAugment", "is_fashion_mnist", "class_names", "split_folder",
-    "check_same_classes", "create_eval_dataset", "EXPORT_MARKER",
+    "check_same_classes", "class_difference", "create_eval_dataset", "EXPORT_MARKER",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -371,15 +371,21 @@ def _check_class_map_covers(folder: str, ds: Dataset, class_map: str) -> None:
                          "images would be dropped; add them to the class map or move the folders out.")
 
 
+def class_difference(a: Sequence[str], b: Sequence[str], name_a: str, name_b: str) -> str:
+    """How two class lists differ, for a message: the names only one has, or that the order differs."""
+    only_a, only_b = sorted(set(a) - set(b)), sorted(set(b) - set(a))
+    if only_a or only_b:
+        return f"only in {name_a}: {only_a[:5]}; only in {name_b}: {only_b[:5]}"
+    return "the same names in another order"
+
+
 def check_same_classes(train: Dataset, val: Dataset, where: str) -> List[str]:
     """The train classes; ``ValueError`` unless the validation split has the same names at the same indices."""
     a, b = class_names(train), class_names(val)
     if a is None:
         raise ValueError(f"cannot tell the classes of {where}; pass --num-classes.")
     if b is not None and a != b:
-        only_t, only_v = sorted(set(a) - set(b)), sorted(set(b) - set(a))
-        what = (f"only in train: {only_t[:5]}; only in validation: {only_v[:5]}" if only_t or only_v else
-                "the same names in another order")
+        what = class_difference(a, b, "train", "validation")
         raise ValueError(f"{where}: the train and validation splits have different classes ({what}); a class is "
                          "scored by its index, so both splits need the same class folders (or one --class-map).")
     return a
