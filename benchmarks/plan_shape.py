@@ -17,7 +17,6 @@ import torch
 
 import timm_split
 from science import ARCHS as SCIENCE  # benchmarks/science.py, beside this script
-from timm_split.engine import search
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -42,12 +41,8 @@ def _model(name: str):
 
 
 def _plan(name: str, S: int, refine: bool):
-    search.UNIFORM_REFINE = refine
-    try:
-        model, size, in_chans = _model(name)
-        return timm_split.plan_split(model, S, img_size=size, in_chans=in_chans)
-    finally:
-        search.UNIFORM_REFINE = True
+    model, size, in_chans = _model(name)
+    return timm_split.plan_split(model, S, img_size=size, in_chans=in_chans, refine=refine)
 
 
 def main() -> None:

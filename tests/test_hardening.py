@@ -192,3 +192,43 @@ def test_sweep_usage_errors(capsys, tmp_path, monkeypatch):
                                         str(blocker / "z.md"))
     assert "--timeout must be a number of seconds > 0" in _usage_error(capsys, *base, "--timeout", "nan")
     assert "--workers must be an int >= 1" in _usage_error(capsys, *base, "--workers", "0")
+
+
+# ---- issue 27: library
+def test_users_backward_hooks_are_not_copied_to_members():
+    """Full, old-style and pre backward hooks on the input model fire once on the original, never on members."""
+    model = timm.create_model("test_resnet", num_classes=4)
+    fired = []
+    model.fc.register_full_backward_hook(lambda mod, gin, gout: fired.append("full"))
+    model.layer1.register_full_backward_pre_hook(lambda mod, gout: fired.append("pre"))
+    model.conv1.register_backward_hook(lambda mod, gin, gout: fired.append("old"))
+    for S in (1, 2):
+        ens = timm_split.split(model, S, img_size=32)
+        ens(torch.randn(2, 3, 32, 32)).sum().backward()
+        assert fired == [], f"S={S}: a member carries the user's backward hook"
+        assert all(m._is_full_backward_hook is None for m in ens.modules())
+    with pytest.warns(FutureWarning):  # torch's warning about the old-style hook: it is still there
+        model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert sorted(fired) == ["full", "old", "pre"], "the original keeps its hooks"
+
+
+@pytest.mark.parametrize("factor", ["2", 1.5, 0, True])
+def test_registry_split_factor_is_the_same_value_error_as_split(factor):
+    with pytest.raises(ValueError, match="split_factor must be an int >= 1"):
+        timm.create_model("splitnet_test_resnet", split_factor=factor)
+    with pytest.raises(ValueError, match="split_factor must be an int >= 1"):
+        timm_split.split(timm.create_model("test_resnet"), factor)
+
+
+def test_split_under_inference_mode_gives_the_same_trainable_ensemble():
+    model = timm.create_model("test_resnet", num_classes=4)
+    ref = timm_split.split(model, 2, img_size=32)
+    with torch.inference_mode():
+        plan = timm_split.plan_split(model, 2, img_size=32)
+        ens = timm_split.split(model, 2, img_size=32)
+        for k, v in ref.state_dict().items():  # the same members, seed for seed
+            torch.testing.assert_close(ens.state_dict()[k], v)
+        assert ens.eval()(torch.randn(2, 3, 32, 32)).shape == (2, 4)
+    assert plan == ens.split_plan
+    assert not any(t.is_inference() for t in ens.state_dict().values())
+    assert all(p.requires_grad for p in ens.parameters())

@@ -259,7 +259,7 @@ MODES = ["js", "kl", "kl_mixture"]
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("soft", [False, True])
 def test_minus_inf_logit_is_a_masked_class(mode, soft):
-    """A -inf logit (class masking) gives the loss of the other classes alone, with finite gradients."""
+    """A -inf logit on no target mass (class masking) gives the loss of the other classes, finite gradients."""
     torch.manual_seed(5)
     z = torch.randn(2, 4, 5)
     target = torch.randint(0, 4, (4,))
@@ -274,6 +274,24 @@ def test_minus_inf_logit_is_a_masked_class(mode, soft):
         torch.testing.assert_close(out[k], ref[k])
     out["loss"].backward()
     assert torch.isfinite(masked.grad).all() and (masked.grad[..., -1] == 0).all()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_target_or_smoothing_mass_on_a_minus_inf_class_is_inf_as_in_torch(mode):
+    """torch's cross_entropy is inf when the target, soft mass or smoothing meets a -inf logit; so is the loss."""
+    torch.manual_seed(7)
+    z = torch.randn(1, 4, 5)
+    z[..., 4] = -math.inf
+    index, on_masked = torch.tensor([0, 1, 2, 3]), torch.tensor([4, 1, 2, 3])
+    soft = torch.softmax(torch.randn(4, 5), -1)
+    cases = [(index, 0.0), (index, 0.1), (on_masked, 0.0), (soft, 0.0)]
+    for target, smoothing in cases:
+        zz = z.clone().requires_grad_(True)
+        out = CoTrainingLoss(warmup_epochs=0, mode=mode, smoothing=smoothing)(zz, target, epoch=0)
+        expected = F.cross_entropy(z[0], target, label_smoothing=smoothing)
+        torch.testing.assert_close(out["ce"], expected)  # inf == inf; the finite case to the digit
+        out["loss"].backward()
+        assert torch.isfinite(zz.grad).all()
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -428,7 +446,7 @@ def loss_cases(draw):
     masked = draw(st.lists(st.booleans(), min_size=classes, max_size=classes).filter(lambda m: not all(m)))
     allowed = torch.tensor([not m for m in masked])
     z[..., ~allowed] = -math.inf  # class masking: the same classes for every member
-    smoothing = 0.0 if any(masked) else draw(st.sampled_from([0.0, 0.1]))
+    smoothing = draw(st.sampled_from([0.0, 0.1]))  # with a masked class: inf, as F.cross_entropy
     if draw(st.booleans()):  # soft targets on the allowed classes
         raw = torch.rand(batch, classes, generator=g) * allowed
         target = raw / raw.sum(-1, keepdim=True).clamp(min=1e-12)

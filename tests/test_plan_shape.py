@@ -7,7 +7,6 @@ import timm
 import torch
 
 import timm_split
-from timm_split.engine import search
 from timm_split.engine.search import deviation
 
 
@@ -23,17 +22,16 @@ def test_deviation_counts_only_what_rounding_does_not_force():
     assert np.allclose(deviation(old, old / 2, div / 2, 4), 0.0)  # S=4: exactly half
 
 
-def _plan(arch, S, refine, monkeypatch):
-    monkeypatch.setattr(search, "UNIFORM_REFINE", refine)
+def _plan(arch, S, refine):
     with torch.device("meta"):
         model = timm.create_model(arch)
-    return timm_split.plan_split(model, S)
+    return timm_split.plan_split(model, S, refine=refine)
 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("arch,S", [("resnet50", 4), ("deit_tiny_patch16_224", 2)])
-def test_refine_moves_towards_the_uniform_shrink_within_tolerance(arch, S, monkeypatch):
-    before, after = _plan(arch, S, False, monkeypatch), _plan(arch, S, True, monkeypatch)
+def test_refine_moves_towards_the_uniform_shrink_within_tolerance(arch, S):
+    before, after = _plan(arch, S, False), _plan(arch, S, True)
     assert after.max_deviation < before.max_deviation  # docs/plan_shape.md: 0.125 -> 0.031 and 0.5 -> 0.125
     for p in (before, after):
         assert abs(p.params_ratio - 1) <= 0.02 and abs(p.macs_ratio - 1) <= 0.04

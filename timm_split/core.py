@@ -57,9 +57,10 @@ class _Planned(NamedTuple):
     coupled: Optional[Coupled] = None  # the model's tensors canon lacks -> the dims they take widths from
 
 
+@torch.inference_mode(False)  # callable under inference_mode: version counters, trainable members
 def plan_split(model: nn.Module, split_factor: int, *, img_size: ImgSize = None, in_chans: Optional[int] = None,
                scale_regularization: bool = True, drop_scale: str = "S", plan_at: str = "cfg",
-               params_tol: float = 0.02, macs_tol: float = 0.04) -> SplitPlan:
+               params_tol: float = 0.02, macs_tol: float = 0.04, refine: bool = True) -> SplitPlan:
     """Trace, analyse and plan a split, without building members (cheap: works on a meta copy).
 
     Args:
@@ -73,6 +74,8 @@ def plan_split(model: nn.Module, split_factor: int, *, img_size: ImgSize = None,
         plan_at: ``'cfg'`` or ``'model'``: see :func:`split`.
         params_tol: allowed relative params deviation of the ensemble from the original.
         macs_tol: allowed relative MACs deviation.
+        refine: end the width search with the move towards the uniform ``1/sqrt(S)`` shrink (docs/plan_shape.md);
+            ``False`` gives the plan without it.
 
     Returns:
         The :class:`~timm_split.engine.plan.SplitPlan`.
@@ -80,7 +83,7 @@ def plan_split(model: nn.Module, split_factor: int, *, img_size: ImgSize = None,
     check_split_args(model, split_factor, img_size=img_size, in_chans=in_chans, params_tol=params_tol,
                      macs_tol=macs_tol)
     S = _check_factor(split_factor)
-    plan_kw = _plan_options(S, params_tol, macs_tol, scale_regularization, drop_scale)
+    plan_kw = dict(_plan_options(S, params_tol, macs_tol, scale_regularization, drop_scale), refine=bool(refine))
     return _planned(model, S, img_size, in_chans, _check_plan_at(plan_at), plan_kw).plan
 
 
@@ -181,6 +184,7 @@ def _pretrained_cfg(model: nn.Module, plan: SplitPlan) -> dict:
     return cfg
 
 
+@torch.inference_mode(False)  # members are trainable tensors even when split() is called under inference_mode
 def split(model: nn.Module, split_factor: int, *, seed: int = 0, img_size: ImgSize = None,
           in_chans: Optional[int] = None, scale_regularization: bool = True, drop_scale: str = "S",
           plan_at: str = "cfg", averaging: str = "logits", init: str = "random", params_tol: float = 0.02,

@@ -17,7 +17,7 @@ from .trace import meta_copy
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["SplitEnsemble", "checkpoint_filter_fn", "prefixed"]
+__all__ = ["SplitEnsemble", "checkpoint_filter_fn", "prefixed", "single"]
 
 Views = Union[torch.Tensor, Sequence[torch.Tensor]]
 Device = Union[str, int, torch.device]
@@ -290,17 +290,6 @@ class SplitEnsemble(nn.Module):
     @default_cfg.setter
     def default_cfg(self, cfg: Dict[str, Any]) -> None:
         self.pretrained_cfg = cfg
-
-    def __setstate__(self, state: Dict[str, Any]) -> None:
-        super().__setstate__(state)
-        # ensembles pickled before these attributes existed
-        self.__dict__.setdefault("_probs", self.__dict__.get("averaging") == "probs")
-        self.__dict__.setdefault("output_fmt", "NCHW")
-        self.__dict__.setdefault("_channels_last", False)
-        self.__dict__.setdefault("_input_dim", 4)
-        self.__dict__.setdefault("_input_size", (3, 224, 224))
-        if "_execution" not in self.__dict__:
-            self._execution = make_execution("loop")
 
     def _may_be_missing(self, key: str) -> bool:
         """Whether timm's loader may drop ``key`` from a file: the classifier (for another ``num_classes``) and a
@@ -671,3 +660,18 @@ def _join_levels(per_member: List[List[Any]], channels_last: bool) -> List[Any]:
         else:
             out.append(_cat_members(list(level), channels_last))
     return out
+
+
+def single(model: nn.Module, arch: str) -> SplitEnsemble:
+    """The one-member ensemble around ``model`` itself (not copied, not traced): what ``--split 1`` trains and
+    validates, so that every run, S=1 included, has the same checkpoint layout (``members.0.<name>``).
+
+    Args:
+        model: the timm model (its ``pretrained_cfg`` is kept).
+        arch: its timm architecture name; the cfg's ``architecture`` becomes ``splitnet_<arch>``.
+
+    Returns:
+        A :class:`SplitEnsemble` with ``split_factor=1``.
+    """
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {}, architecture=f"splitnet_{arch}", split_factor=1)
+    return SplitEnsemble([model], pretrained_cfg=cfg)

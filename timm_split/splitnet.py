@@ -6,8 +6,8 @@ After ``import timm_split``::
 
 builds ``resnet50`` with the timm kwargs (``num_classes``, ``in_chans``, ``drop_rate``, ``drop_path_rate``,
 ``img_size`` ...) and splits it. Registration follows timm: ``default_cfgs`` from ``generate_default_cfgs``,
-``@register_model`` entrypoints and ``build_model_with_cfg``. The headline models have short explicit
-entrypoints below; the rest of the zoo is registered by the same function in a loop. No model is built at
+``@register_model`` entrypoints and ``build_model_with_cfg``. Every architecture is registered by one short
+entrypoint factory in a loop (``splitnet_<arch>``, one per timm architecture that splits). No model is built at
 import. There are no hub weights: ``pretrained=True`` needs a local file,
 ``pretrained_cfg_overlay=dict(file='model.safetensors')`` (timm's convention).
 """
@@ -23,6 +23,7 @@ from timm.models._features import FeatureDictNet, FeatureGetterNet, FeatureInfo,
 from timm.models._features_fx import FeatureGraphNet
 from torch import nn
 
+from .checks import check_split_factor
 from .core import split
 from .ensemble import SplitEnsemble, checkpoint_filter_fn, prefixed
 from .trace import meta_copy
@@ -79,7 +80,7 @@ def create_splitnet(arch: str, pretrained: bool = False, **kwargs) -> nn.Module:
     features_only = kwargs.pop("features_only", False)
     feature_cfg = dict(kwargs.pop("feature_cfg", None) or {})
     feature_cfg.update({k: kwargs.pop(k) for k in _FEATURE_KWARGS if k in kwargs})
-    split_factor = kwargs.pop("split_factor", 2)
+    split_factor = check_split_factor(kwargs.pop("split_factor", 2))  # the ValueError split() gives
     split_kwargs = {k: kwargs.pop(k) for k in _SPLIT_KWARGS if k in kwargs}
     overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
     if pretrained and not any(overlay.get(k) for k in ("file", "state_dict", "url", "hf_hub_id")):
@@ -221,31 +222,5 @@ def _entrypoint(arch: str):
     return fn
 
 
-@register_model
-def splitnet_resnet50(pretrained: bool = False, **kwargs) -> SplitEnsemble:
-    """ResNet-50 split into ``split_factor`` (default 2) members."""
-    return create_splitnet("resnet50", pretrained, **kwargs)
-
-
-@register_model
-def splitnet_vit_small_patch16_224(pretrained: bool = False, **kwargs) -> SplitEnsemble:
-    """ViT-S/16 split into ``split_factor`` (default 2) members (heads kept, head_dim shrinks)."""
-    return create_splitnet("vit_small_patch16_224", pretrained, **kwargs)
-
-
-@register_model
-def splitnet_convnext_tiny(pretrained: bool = False, **kwargs) -> SplitEnsemble:
-    """ConvNeXt-T split into ``split_factor`` (default 2) members."""
-    return create_splitnet("convnext_tiny", pretrained, **kwargs)
-
-
-@register_model
-def splitnet_efficientnet_b0(pretrained: bool = False, **kwargs) -> SplitEnsemble:
-    """EfficientNet-B0 split into ``split_factor`` (default 2) members."""
-    return create_splitnet("efficientnet_b0", pretrained, **kwargs)
-
-
-_EXPLICIT = {"resnet50", "vit_small_patch16_224", "convnext_tiny", "efficientnet_b0"}
 for _arch in _ARCHS:
-    if _arch not in _EXPLICIT:
-        register_model(_entrypoint(_arch))
+    register_model(_entrypoint(_arch))

@@ -26,8 +26,13 @@ from .errors import SplitError
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["Trace", "Recorder", "meta_copy", "drop_user_hooks", "trace", "input_shape_for", "size_built_at",
+__all__ = ["Trace", "Recorder", "meta_copy", "norm_dim", "drop_user_hooks", "trace", "input_shape_for", "size_built_at",
            "first_convs", "in_chans_built_at", "MetaRecurrent", "recurrent_meta_output", "module_device"]
+
+
+def norm_dim(d: int, rank: int) -> int:
+    """A dim index made non-negative (``-1`` of a rank-4 tensor is 3)."""
+    return d + rank if d < 0 else d
 
 
 def module_device(module: nn.Module) -> torch.device:
@@ -67,7 +72,7 @@ class Trace:
 
 def meta_copy(model: nn.Module) -> nn.Module:
     """Deep-copy ``model`` with every parameter and buffer on the meta device (no data is copied), without the
-    forward hooks and pre-hooks its user registered.
+    forward and backward hooks and pre-hooks its user registered.
 
     The copy is what gets traced and what every member is built from, so a user's hook would run on meta
     tensors (a hook that calls ``float()`` or logs a value cannot) and would be carried into members whose
@@ -93,7 +98,7 @@ def meta_copy(model: nn.Module) -> nn.Module:
     return copied
 
 
-_HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks")
+_HOOK_TABLES = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 _HOOK_FLAGS = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
 
 
@@ -104,7 +109,9 @@ def _is_library_hook(hook: Any) -> bool:
 
 
 def drop_user_hooks(mod: nn.Module) -> None:
-    """Remove ``mod``'s own forward hooks and pre-hooks (not its children's), except torch's and timm's.
+    """Remove ``mod``'s own forward and backward hooks and pre-hooks (not its children's), except torch's and
+    timm's (``register_full_backward_hook``, ``register_backward_hook`` and ``register_full_backward_pre_hook``
+    would otherwise fire once per member on one backward).
 
     Args:
         mod: a module, changed in place (a copy: the user's model is never passed here).
@@ -115,6 +122,8 @@ def drop_user_hooks(mod: nn.Module) -> None:
             del hooks[key]
             for flags in _HOOK_FLAGS:
                 getattr(mod, flags, {}).pop(key, None)
+    if not getattr(mod, "_backward_hooks", None):
+        mod._is_full_backward_hook = None  # no backward hook left of either kind
 
 
 def size_built_at(model: nn.Module) -> Optional[Tuple[int, int]]:

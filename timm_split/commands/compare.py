@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import sys
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
@@ -22,7 +23,8 @@ from ..count import count, count_by_module, ensemble_cost
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["resolve_models", "compare_rows", "format_rows", "plot_rows", "check_plot_path", "by_module_table"]
+__all__ = ["resolve_models", "compare_rows", "compare_models", "format_rows", "plot_rows", "check_plot_path",
+           "by_module_table"]
 
 COLUMNS = ("model", "split", "img_size", "params_M", "gmacs", "params_ratio", "gmacs_ratio", "width_factor",
            "member_params_M", "member_gmacs")
@@ -84,6 +86,36 @@ def compare_rows(name: str, split_factors: Iterable[int], img_size: Optional[int
         member = count(ens.members[0], size, check=check, reparam=reparam)  # members share one architecture
         rows.append(_row(name, S, size, ensemble_cost(member, ens.members), member, base,
                          ens.split_plan.width_factor))
+    return rows
+
+
+def compare_models(names: Sequence[str], split_factors: Iterable[int], img_size: Optional[int] = None, *,
+                   reparam: bool = False, check: bool = True, progress: Optional[bool] = None) -> List[Dict]:
+    """:func:`compare_rows` of every model in ``names``, one after another, showing progress over two or more.
+
+    Args:
+        names: timm model names.
+        split_factors, img_size, reparam, check: as in :func:`compare_rows`.
+        progress: a tqdm bar (default: when stderr is a terminal); else one INFO line per model done with
+            done/total, elapsed and the time left.
+
+    Returns:
+        The rows of every model, in order.
+    """
+    from tqdm import tqdm
+
+    from ..training.metrics import Throughput, format_seconds
+
+    split_factors = list(split_factors)
+    bar = sys.stderr.isatty() if progress is None else progress
+    pace = Throughput(len(names))
+    rows: List[Dict] = []
+    for name in tqdm(names, desc="counting", disable=len(names) < 2 or not bar, file=sys.stderr):
+        rows.extend(compare_rows(name, split_factors, img_size, reparam=reparam, check=check))
+        pace.update(1)
+        if len(names) > 1 and not bar:
+            _logger.info("compare: %d/%d models (%s), elapsed %s, ETA %s", pace.steps, pace.total, name,
+                         format_seconds(pace.elapsed()), format_seconds(pace.eta()))
     return rows
 
 

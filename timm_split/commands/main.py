@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import List, Optional
 
@@ -39,16 +40,13 @@ def _cmd_demo(args) -> int:
 
 
 def _cmd_compare(args) -> int:
-    from tqdm import tqdm
-
-    from timm_split.commands.compare import check_plot_path, compare_rows, format_rows, plot_rows, resolve_models
+    from timm_split.commands.compare import check_plot_path, compare_models, format_rows, plot_rows, resolve_models
 
     names = resolve_models(args.models)
     if args.plot:  # before the counting, which can take minutes
         check_plot_path(args.plot)
-    rows = []
-    for name in tqdm(names, desc="counting", disable=len(names) < 2 or not sys.stderr.isatty(), file=sys.stderr):
-        rows.extend(compare_rows(name, args.split, args.img_size, reparam=args.reparam, check=not args.no_check))
+    logging.getLogger(compare_models.__module__).setLevel(logging.INFO)  # its progress lines, without a terminal
+    rows = compare_models(names, args.split, args.img_size, reparam=args.reparam, check=not args.no_check)
     fmt = args.format or "table"
     print(format_rows(rows, fmt, per_member=args.per_member))
     if args.by_module:
@@ -71,6 +69,11 @@ def _cmd_export_fashion_mnist(args) -> int:
     from timm_split.training.data import export_fashion_mnist
     from timm_split.commands.common import user_error
 
+    if not os.path.isdir(args.idx_dir):
+        return user_error("export-fashion-mnist", ValueError(
+            f"--idx-dir {args.idx_dir}: no such folder; pass the folder that holds Fashion-MNIST's IDX files "
+            "(train-images-idx3-ubyte.gz ...), or install them: apt-get install dataset-fashion-mnist "
+            "(/usr/share/datasets/fashion-mnist, the default)."))
     try:
         counts = export_fashion_mnist(args.out, args.per_class, args.val_per_class, args.idx_dir)
     except (ValueError, FileNotFoundError, OSError) as e:

@@ -224,10 +224,14 @@ def run_sweep(archs: Sequence[str], splits: Sequence[int], out: str, *, device: 
               progress: bool = True) -> List[Dict]:
     """Sweep ``archs``, appending rows to the CSV ``out`` (resuming: pairs already there are skipped).
 
+    ``progress``: a tqdm bar; else one INFO line per architecture done: done/total, elapsed, time left.
+
     Returns:
         All rows of the CSV after the sweep.
     """
     from tqdm import tqdm
+
+    from ..training.metrics import Throughput, format_seconds
 
     done = {(r["arch"], int(r["split"])) for r in _read(out)}
     todo = [a for a in archs if any((a, S) not in done for S in splits)]
@@ -236,6 +240,7 @@ def run_sweep(archs: Sequence[str], splits: Sequence[int], out: str, *, device: 
     slots = [_Slot(ctx, args) for _ in range(max(1, workers))]
     queue = list(todo)
     bar = tqdm(total=len(todo), desc=f"sweep S={','.join(map(str, splits))}", disable=not progress, file=sys.stderr)
+    pace = Throughput(len(todo))
     with _open_for_append(out) as f:
         try:
             while queue or any(s.arch for s in slots):
@@ -262,6 +267,11 @@ def run_sweep(archs: Sequence[str], splits: Sequence[int], out: str, *, device: 
                     if rows is not None:
                         _append(f, [r for r in rows if (r["arch"], int(r["split"])) not in done])
                         bar.update(1)
+                        pace.update(1)
+                        if not progress:
+                            _logger.info("sweep: %d/%d models (%s: %s), elapsed %s, ETA %s", pace.steps, pace.total,
+                                         s.arch, ",".join(sorted({r["status"] for r in rows})),
+                                         format_seconds(pace.elapsed()), format_seconds(pace.eta()))
                         s.arch = None
         finally:
             for s in slots:
@@ -466,8 +476,13 @@ def run(args: argparse.Namespace) -> int:
         archs = default_tier() if args.tier == "default" else select(args.filter, args.exclude, args.limit)
         if args.tier == "default":
             archs = [a for a in archs if any(fnmatch.fnmatch(a, f) for f in args.filter)][:args.limit]
+        progress = sys.stderr.isatty()
+        if not progress:  # a log file gets a line per architecture instead of a bar
+            if not logging.getLogger().handlers:
+                logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+            _logger.setLevel(logging.INFO)
         rows = run_sweep(archs, args.split, args.out, device=args.device, timeout=args.timeout,
-                         workers=args.workers, cpu_max_params=args.cpu_max_params)
+                         workers=args.workers, cpu_max_params=args.cpu_max_params, progress=progress)
         counts: Dict[str, int] = {}
         for r in rows:
             counts[r["status"]] = counts.get(r["status"], 0) + 1

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -43,12 +44,12 @@ from torch import nn
 
 from ..checks import atomic_write
 from .common import autocast_factory, resolve_device, user_error
-from .train_checks import check_channels, check_train_args
+from .train_checks import SEED_SPACE, check_channels, check_train_args
 from .train_flags import add_train_args
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["add_train_args", "train_args", "train", "build_model", "run_train", "main"]
+__all__ = ["add_train_args", "train_args", "train", "build_model", "setup_run", "train_one_epoch", "run_train", "main"]
 
 SUMMARY = "summary.csv"
 RESULTS = "results.json"
@@ -90,7 +91,7 @@ def build_model(args: argparse.Namespace, num_classes: int, data_cfg: Dict[str, 
     from timm.data import resolve_data_config
 
     from ..core import split
-    from ..ensemble import SplitEnsemble
+    from ..ensemble import single
 
     in_chans = args.in_chans or (args.input_size[0] if args.input_size else data_cfg.get("input_size", (3,))[0])
     kwargs = dict(num_classes=num_classes, in_chans=in_chans, drop_rate=args.drop, **args.model_kwargs)
@@ -109,8 +110,7 @@ def build_model(args: argparse.Namespace, num_classes: int, data_cfg: Dict[str, 
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     if args.split == 1:
-        cfg1 = dict(model.pretrained_cfg, architecture=f"splitnet_{args.model}", split_factor=1)
-        return SplitEnsemble([model], pretrained_cfg=cfg1)
+        return single(model, args.model)
     return split(model, args.split, seed=args.seed * args.split, img_size=cfg["input_size"][-1], in_chans=in_chans,
                  drop_scale=getattr(args, "drop_scale", "S"), plan_at=PLAN_AT)
 
@@ -130,7 +130,7 @@ class _Members(nn.Module):
 # one epoch
 
 class _Run:
-    """What one training run holds: model, data, optimisation and bookkeeping (built by :func:`_setup`)."""
+    """What one training run holds: model, data, optimisation and bookkeeping (built by :func:`setup_run`)."""
 
     def __init__(self, **kw: Any) -> None:
         self.__dict__.update(kw)
@@ -144,10 +144,21 @@ def _views_for_model(views: torch.Tensor, channels_last: bool) -> Any:
 
 
 def _backward_step(run: _Run, loss: torch.Tensor, need_update: bool) -> None:
-    """timm's backward: the grad scaler (float16) or ``backward`` + clipping + ``step`` on an update."""
+    """timm's backward: the grad scaler (float16) or ``backward`` + clipping + ``step`` on an update.
+
+    A NaN or infinite loss is a ``ValueError`` before its gradients reach the weights (one host sync, which the
+    epoch's loss sums take anyway); the checkpoints already written are kept.
+    """
     from timm.utils import dispatch_clip_grad
 
     args = run.args
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        epoch, update = divmod(run.num_updates, run.updates_per_epoch)
+        lr = run.optimizer.param_groups[0]["lr"]
+        raise ValueError(f"loss is {value} at epoch {epoch + 1}/{args.epochs}, update {update + 1}/"
+                         f"{run.updates_per_epoch}: training diverged; lower --lr (now {lr:.3g}), or add --clip-grad "
+                         "1 or more --warmup-epochs. The checkpoints already written are kept.")
     if run.scaler is not None:
         run.scaler(loss, run.optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
                    parameters=run.model.parameters(), need_update=need_update)
@@ -160,8 +171,14 @@ def _backward_step(run: _Run, loss: torch.Tensor, need_update: bool) -> None:
 
 
 def train_one_epoch(run: _Run, epoch: int, progress: bool) -> Dict[str, float]:
-    """One epoch of co-training with gradient accumulation; returns the mean ``loss``, ``ce`` and ``cot``."""
+    """One epoch of co-training with gradient accumulation; returns the mean ``loss``, ``ce`` and ``cot``.
+
+    Without a progress bar, every ``--log-interval`` updates (and at the last batch) it logs the loss, lr, images/s
+    and the epoch's time left; with or without, one line at the end: the epoch's images/s and the run's time left.
+    """
     from tqdm import tqdm
+
+    from ..training.metrics import Throughput, format_seconds
 
     args, loader = run.args, run.train_loader
     if args.mixup_off_epoch and epoch >= args.mixup_off_epoch and run.augment.mixup is not None:
@@ -173,6 +190,10 @@ def train_one_epoch(run: _Run, epoch: int, progress: bool) -> Dict[str, float]:
     run.optimizer.zero_grad()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not progress, leave=False,
                file=sys.stderr, dynamic_ncols=True)
+    if getattr(run, "progress_start", None) is None:  # the first epoch this process trains, and when it began
+        run.progress_start = (epoch, time.perf_counter())
+    pace = Throughput(n)  # images of every data-parallel replica, as timm counts them
+    replicas = args.world_size // args.split if args.member_parallel else args.world_size
     for i, (views, target) in enumerate(bar):
         need_update = i == n - 1 or (i + 1) % accum == 0
         divisor = last_accum if i >= n - last_accum else accum
@@ -185,8 +206,7 @@ def train_one_epoch(run: _Run, epoch: int, progress: bool) -> Dict[str, float]:
             _backward_step(run, losses["loss"] / divisor, need_update)
         for k in sums:
             sums[k] += losses[k].detach().item()
-        if not math.isfinite(sums["loss"]):
-            raise FloatingPointError(f"loss is {sums['loss']} at epoch {epoch}, batch {i}: lower --lr.")
+        pace.update(target.shape[0] * replicas)
         if not need_update:
             continue
         run.num_updates += 1
@@ -194,13 +214,19 @@ def train_one_epoch(run: _Run, epoch: int, progress: bool) -> Dict[str, float]:
         if run.ema is not None:
             run.ema.update(run.ensemble, step=run.num_updates)
         run.scheduler.step_update(num_updates=run.num_updates, metric=sums["loss"] / (i + 1))
-        if (i // accum) % args.log_interval == 0:
+        if (i // accum) % args.log_interval == 0 or i == n - 1:
             lr = run.optimizer.param_groups[0]["lr"]
             if progress:
-                bar.set_postfix(loss=f"{sums['loss'] / (i + 1):.3f}", lr=f"{lr:.3g}")
+                bar.set_postfix(loss=f"{sums['loss'] / (i + 1):.3f}", lr=f"{lr:.3g}", img_s=f"{pace.rate():.0f}")
             elif run.rank == 0:
-                _logger.info("Train: %d [%d/%d] loss %.4f lr %.3e", epoch, i // accum, math.ceil(n / accum),
-                             sums["loss"] / (i + 1), lr)
+                _logger.info("Train: %d [%d/%d] loss %.4f lr %.3e, %.1f img/s, epoch ETA %s", epoch, i // accum,
+                             math.ceil(n / accum), sums["loss"] / (i + 1), lr, pace.rate(), format_seconds(pace.eta()))
+    if run.rank == 0:  # the run's time left at the mean wall time of the epochs this process ran (evals included)
+        first, since = run.progress_start
+        left = max(args.epochs - epoch - 1, 0)
+        eta = (time.perf_counter() - since) / max(epoch + 1 - first, 1) * left
+        _logger.info("Train: %d done, %d images in %s, %.1f img/s; run ETA %s (%d epoch%s left)", epoch, pace.items,
+                     format_seconds(pace.elapsed()), pace.rate(), format_seconds(eta), left, "" if left == 1 else "s")
     return OrderedDict((k, v / n) for k, v in sums.items())
 
 
@@ -319,7 +345,16 @@ def _train_model(args: argparse.Namespace, ens: nn.Module, device: torch.device)
     return model
 
 
-def _setup(args: argparse.Namespace, model_fn: Optional[Callable[[], nn.Module]]) -> _Run:
+def setup_run(args: argparse.Namespace, model_fn: Optional[Callable[[], nn.Module]] = None) -> _Run:
+    """Everything a run needs before its first epoch (checked flags, data, model, loaders, optimisation).
+
+    Args:
+        args: The flags (:func:`train_args`).
+        model_fn: Builds the base model instead of ``timm.create_model``.
+
+    Returns:
+        The run that :func:`train_one_epoch` steps (``benchmarks/train_speed.py`` times it).
+    """
     from timm.data.random_erasing import RandomErasing  # noqa: F401 - fail early if timm lacks it
     from timm.utils import ModelEmaV3, NativeScaler, random_seed
 
@@ -376,19 +411,26 @@ def _saver(run: _Run):
             os.replace(src, dst)  # timm unlinks dst first (for Windows): a kill there would lose last.*
 
         def _duplicate(self, src: str, dst: str) -> None:
-            tmp = dst + ".tmp"
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            tmp = f"{dst}.{os.getpid()}.tmp"  # the pid: a later run removes it if a kill leaves it
             try:
-                os.link(src, tmp)  # a hard link where the filesystem allows, as timm does
-            except OSError:
-                shutil.copy2(src, tmp)
-            os.replace(tmp, dst)
+                try:
+                    os.link(src, tmp)  # a hard link where the filesystem allows, as timm does
+                except OSError:
+                    shutil.copy2(src, tmp)
+                os.replace(tmp, dst)
+            except OSError as e:
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+                raise OSError(e.errno, e.strerror or str(e), dst) from e
 
         def _save(self, save_path: str, epoch: int, metric: Optional[float] = None) -> None:
             state = dict(_checkpoint_state(run), epoch=epoch + 1, metric=metric, saver=self.state_dict(epoch, metric))
-            save_checkpoint(run.ensemble, save_path, None if run.args.member_parallel else run.optimizer,
-                            model_ema=None if run.ema is None else run.ema.module, state=state)
+            try:
+                save_checkpoint(run.ensemble, save_path, None if run.args.member_parallel else run.optimizer,
+                                model_ema=None if run.ema is None else run.ema.module, state=state)
+            except OSError as e:  # save_path is the saver's tmp.safetensors: name what it was to become
+                raise OSError(e.errno, f"{e.strerror}; the checkpoints already written are intact",
+                              os.path.join(self.checkpoint_dir, "last" + self.extension)) from e
 
     saver = _Saver(model=run.ensemble, optimizer=run.optimizer, checkpoint_dir=run.out, recovery_dir=run.out,
                    decreasing=run.args.eval_metric == "loss", max_history=run.args.checkpoint_hist)
@@ -441,8 +483,13 @@ def _repair_best(saver) -> None:
         return
     best, src = os.path.join(saver.checkpoint_dir, "model_best" + saver.extension), saver._checkpoint_path(
         saver.best_epoch)
-    if os.path.exists(src) and (not os.path.exists(best) or json.loads(
-            read_metadata(best).get("state", "{}")).get("epoch") != saver.best_epoch + 1):
+    if not os.path.exists(src):
+        return
+    try:
+        epoch = json.loads(read_metadata(best).get("state", "{}")).get("epoch") if os.path.exists(best) else None
+    except ValueError:  # a damaged model_best: replace it too
+        epoch = None
+    if epoch != saver.best_epoch + 1:
         saver._duplicate(src, best)
 
 
@@ -520,12 +567,52 @@ def train(args: argparse.Namespace, model_fn: Optional[Callable[[], nn.Module]] 
     Raises:
         ValueError: a bad flag, dataset or checkpoint, with the fix in the message.
     """
+    run = setup_run(args, model_fn)
+    lock = _claim_output(run) if run.rank == 0 else None
+    try:
+        return _train_epochs(run, progress)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _claim_output(run: _Run):
+    """Create and lock the run folder (sets ``run.out``; returns the held :class:`~.run_folder.RunLock`).
+
+    A fresh run into a folder that holds a run goes to ``<folder>-<n>`` (timm's ``get_outdir(..., inc=True)``);
+    the temp files a killed run left there are removed.
+    """
+    from timm.utils import get_outdir
+
+    from .run_folder import RunLock, holds_run, remove_stale_temp_files
+
+    os.makedirs(run.out, exist_ok=True)
+    lock = RunLock(run.out).acquire()
+    if not run.args.resume and holds_run(run.out):
+        lock.release()
+        taken = os.path.normpath(run.out)
+        try:
+            run.out = get_outdir(os.path.dirname(taken), os.path.basename(taken), inc=True)
+        except AssertionError:
+            raise ValueError(f"{taken} and {taken}-1 to -99 exist; pass another --experiment or --output.") from None
+        _logger.warning("%s holds a run; this fresh run writes to %s (--resume %s continues that run)", taken,
+                        run.out, os.path.join(taken, "last.safetensors"))
+        lock = RunLock(run.out).acquire()
+    try:
+        remove_stale_temp_files(run.out)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def _train_epochs(run: _Run, progress: bool) -> Dict[str, Any]:
+    """:func:`train` in its claimed run folder: ``args.json``, the resume, the epochs, ``results.json``."""
     from timm.utils import random_seed
 
-    run = _setup(args, model_fn)
+    args = run.args
     saver = None
     if run.rank == 0:
-        os.makedirs(run.out, exist_ok=True)
         saver = _saver(run)
         _write_json(os.path.join(run.out, "args.json"), _jsonable(vars(args)))
     start = _resume(run, saver) if args.resume else 0
@@ -536,7 +623,7 @@ def train(args: argparse.Namespace, model_fn: Optional[Callable[[], nn.Module]] 
     seed_rank = 0 if args.member_parallel else args.rank  # member ranks must draw the same batches
     results: Dict[str, Any] = {"final": None, "train_seconds": run.train_seconds, "output": run.out}
     for epoch in range(start, args.epochs):
-        random_seed(args.seed * 100_003 + epoch, seed_rank)
+        random_seed((args.seed * 100_003 + epoch) % SEED_SPACE, seed_rank)  # the same for seeds < 42947 as before
         sampler = getattr(run.train_loader, "sampler", None)
         if hasattr(sampler, "set_epoch"):
             sampler.set_epoch(epoch)
@@ -581,10 +668,14 @@ def _jsonable(d: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _write_json(path: str, obj: Any) -> None:
+    """``atomic_write`` of ``obj`` as JSON; an I/O error (disk full, read-only) names ``path``, not the temp file."""
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=1)
-    atomic_write(path, write)
+    try:
+        atomic_write(path, write)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), path) from e
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -601,6 +692,11 @@ def run_train(args: argparse.Namespace) -> int:
         results = train(args, progress=not args.no_progress and sys.stderr.isatty())
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, SplitError) as e:
         return user_error("train", e)
+    except OSError as e:  # a full disk or a read-only filesystem: one line naming the file
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        return user_error("train", ValueError(f"cannot write {e.filename or 'the run folder'}: {e.strerror}; free "
+                                              "disk space or pass another --output (files written before are intact)"))
     final = results["final"]
     if final is not None and getattr(args, "rank", 0) == 0:
         members = ", ".join(f"{m['top1']:.2f}" for m in final["members"])

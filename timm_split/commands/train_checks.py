@@ -21,6 +21,10 @@ __all__ = ["check_train_args", "EVAL_METRICS", "MIN_IMG_SIZE"]
 
 EVAL_METRICS = ("top1", "top5", "loss")  # what evaluate() returns that a best checkpoint can be chosen by
 MIN_IMG_SIZE = 8
+# numpy takes seeds below 2**32, and timm's random_seed adds the rank: seeds stay below 2**32 - 2**16, the epochs'
+# reseeding (commands/train.py) wraps around in that range
+SEED_SPACE = 2 ** 32 - 2 ** 16
+MAX_SEED = SEED_SPACE - 1
 
 # flag -> (low, high, low inclusive, high inclusive); None: unbounded
 _RANGES = {
@@ -30,7 +34,7 @@ _RANGES = {
     "warmup_epochs": (0, None, True, True), "cooldown_epochs": (0, None, True, True),
     "validation_batch_size": (1, None, True, True), "in_chans": (1, None, True, True),
     "img_size": (MIN_IMG_SIZE, None, True, True), "train_subset": (1, None, True, True),
-    "threads": (1, None, True, True), "seed": (0, None, True, True), "recount": (1, None, True, True),
+    "threads": (1, None, True, True), "seed": (0, MAX_SEED, True, True), "recount": (1, None, True, True),
     "lr": (0, None, False, True), "lr_base": (0, None, False, True), "warmup_lr": (0, None, True, True),
     "min_lr": (0, None, True, True), "weight_decay": (0, None, True, True), "momentum": (0, 1, True, False),
     "cot_weight": (0, None, True, True), "cot_warmup_epochs": (0, None, True, True),
@@ -47,14 +51,19 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _num(x: float) -> str:
+    """A bound as the flag takes it: ints whole, floats short (``%g``)."""
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
 def _in_range(name: str, v: Any, rng: tuple) -> None:
     lo, hi, lo_in, hi_in = rng
     ok = math.isfinite(v) and (lo is None or (v >= lo if lo_in else v > lo)) and (
         hi is None or (v <= hi if hi_in else v < hi))
     if not ok:
         want = " and ".join(w for w in (
-            None if lo is None else f"{'>=' if lo_in else '>'} {lo:g}",
-            None if hi is None else f"{'<=' if hi_in else '<'} {hi:g}") if w)
+            None if lo is None else f"{'>=' if lo_in else '>'} {_num(lo)}",
+            None if hi is None else f"{'<=' if hi_in else '<'} {_num(hi)}") if w)
         kind = "" if isinstance(v, int) else "a finite number "
         raise ValueError(f"{_flag(name)} must be {kind}{want}; got {v}.")
 

@@ -68,6 +68,8 @@ def add_validate_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     a("--channels-last", action="store_true")
     a("--device", default=None, help="default: cuda if available, else cpu")
     a("--results-file", default="", metavar="FILE", help="write the results as .csv or .json")
+    a("--log-freq", type=int, default=10, metavar="N", help="log images/s and the time left every N batches (timm's "
+      "flag; 0: never)")
     return parser
 
 
@@ -76,7 +78,7 @@ def _model_from(args: argparse.Namespace, meta: Dict[str, str], num_classes: int
     import timm
 
     from ..core import split
-    from ..ensemble import SplitEnsemble
+    from ..ensemble import single
 
     state = json.loads(meta.get("state", "{}"))
     name = args.model or state.get("model")
@@ -93,13 +95,14 @@ def _model_from(args: argparse.Namespace, meta: Dict[str, str], num_classes: int
     model = timm.create_model(base, num_classes=num_classes, in_chans=in_chans, **state.get("model_kwargs", {}))
     model.pretrained_cfg = dict(model.pretrained_cfg, **data)
     if S == 1:
-        return SplitEnsemble([model], pretrained_cfg=dict(model.pretrained_cfg, architecture=f"splitnet_{base}"))
+        return single(model, base)
     return split(model, S, img_size=data["input_size"][-1], in_chans=in_chans, plan_at=state.get("plan_at", "model"))
 
 
 def _check_flags(args: argparse.Namespace) -> None:
     """The flags that can be judged before any work (so a bad --results-file does not fail after the run)."""
-    for name, low in (("img_size", MIN_IMG_SIZE), ("batch_size", 1), ("workers", 0), ("split", 1), ("num_classes", 1)):
+    for name, low in (("img_size", MIN_IMG_SIZE), ("batch_size", 1), ("workers", 0), ("split", 1), ("num_classes", 1),
+                      ("log_freq", 0)):
         v = getattr(args, name)
         if v is not None and v < low:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {low}; got {v}.")
@@ -149,7 +152,8 @@ def validate(args: argparse.Namespace) -> List[Dict[str, Any]]:
         model.to(memory_format=torch.channels_last)
     cfg = resolve_data_config({"img_size": args.img_size, "crop_pct": args.crop_pct}, model=model)
     loader = create_eval_loader(dataset, cfg, args.batch_size, device, args.workers, args.pin_mem)
-    m = evaluate(model, loader, autocast_factory(device, args.amp, args.amp_dtype), args.channels_last)
+    m = evaluate(model, loader, autocast_factory(device, args.amp, args.amp_dtype), args.channels_last,
+                 log_interval=args.log_freq)
     name = model.pretrained_cfg.get("architecture", args.model)
     common = {"model": name, "split": model.split_factor, "checkpoint": args.checkpoint,
               "img_size": cfg["input_size"][-1], "crop_pct": cfg["crop_pct"], "ema": bool(args.use_ema)}
@@ -165,6 +169,9 @@ def _row(m: Dict[str, Any]) -> Dict[str, float]:
 
 def run_validate(args: argparse.Namespace) -> int:
     """``timm-split validate``: print the results (and write ``--results-file``); user errors exit 2 in one line."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger(evaluate.__module__).setLevel(logging.INFO)  # its progress lines (--log-freq)
     try:
         rows = validate(args)
         if args.results_file:

@@ -160,7 +160,7 @@ class PlanDraft:
 
 def plan(cg: ChannelGraph, split_factor: int, *, arch: str = "", params_tol: float = 0.02,
          macs_tol: float = 0.04, max_steps: int = 400, scale_regularization: bool = True,
-         drop_scale: str = "S") -> PlanDraft:
+         drop_scale: str = "S", refine: bool = True) -> PlanDraft:
     """Choose the new width of every channel group.
 
     Args:
@@ -172,6 +172,7 @@ def plan(cg: ChannelGraph, split_factor: int, *, arch: str = "", params_tol: flo
         max_steps: cap on single-group calibration steps.
         scale_regularization: divide dropout and drop-path rates (by S, or sqrt(S): ``drop_scale``).
         drop_scale: ``'S'`` or ``'sqrt'`` (:func:`~timm_split.engine.attributes.drop_divisor`).
+        refine: end the search by moving towards the uniform shrink (:meth:`WidthSearch.refine`).
 
     Returns:
         The :class:`PlanDraft` (its ``plan`` is the :class:`SplitPlan`).
@@ -183,7 +184,7 @@ def plan(cg: ChannelGraph, split_factor: int, *, arch: str = "", params_tol: flo
     uses = channel_variables(cg)
     variables = sorted(uses)
     _check_not_too_large(cg, uses, variables, S)
-    search = WidthSearch(cg, variables, S, params_tol, macs_tol, max_steps)
+    search = WidthSearch(cg, variables, S, params_tol, macs_tol, max_steps, refine)
     x, (_, pr, mr), div = search.run()
     if S > 1 and (abs(pr - 1) > params_tol or abs(mr - 1) > macs_tol):
         _logger.warning(

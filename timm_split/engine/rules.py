@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 
 from ..count import FVCORE_PER_INPUT, FVCORE_PER_OUTPUT, fvcore_norm_macs
+from ..trace import norm_dim
 
 aten = torch.ops.aten
 
@@ -24,10 +25,6 @@ __all__ = ["RULES", "EQUAL_SPLITS", "rule_for", "module_of", "shape_of", "norm_d
 def shape_of(v) -> Tuple[int, ...]:
     """The shape of a tensor value, ``()`` for anything else."""
     return tuple(v.shape) if isinstance(v, torch.Tensor) else ()
-
-
-def norm_dim(d: int, rank: int) -> int:
-    return d + rank if d < 0 else d
 
 
 def module_of(node: fx.Node) -> str:

@@ -58,9 +58,6 @@ TRIO_GRID = np.exp(np.linspace(-1.6, 1.6, 17))  # three families at once, from t
 REFINE_MARGIN = 0.5
 # the other group's moves tried with it: none, then 1..4 divisor steps either way
 REFINE_STEPS = (0.0, 1.0, -1.0, 2.0, -2.0, 3.0, -3.0, 4.0, -4.0)
-# whether the search ends with that refinement (benchmarks/plan_shape.py turns it off for the "before" column)
-UNIFORM_REFINE = True
-
 Score = Tuple[float, float, float]  # (objective, params ratio, MACs ratio)
 
 
@@ -175,13 +172,15 @@ class WidthSearch:
         params_tol: allowed relative deviation of the ensemble's params.
         macs_tol: allowed relative deviation of the ensemble's MACs.
         max_steps: cap on single-group steps per pass.
+        refine: end with :meth:`refine` (``plan_split(refine=False)`` gives the plan before it, for
+            benchmarks/plan_shape.py's "before" column).
     """
 
     def __init__(self, cg: ChannelGraph, variables: List[int], split_factor: int, params_tol: float,
-                 macs_tol: float, max_steps: int):
+                 macs_tol: float, max_steps: int, refine: bool = True):
         A = cg.atoms
         self.S, self.f0 = split_factor, 1.0 / math.sqrt(split_factor)
-        self.params_tol, self.macs_tol, self.max_steps = params_tol, macs_tol, max_steps
+        self.params_tol, self.macs_tol, self.max_steps, self.uniform_refine = params_tol, macs_tol, max_steps, refine
         self.nvars = len(variables)
         self.old = np.array([A.size[v] for v in variables], dtype=np.float64)
         self.cost = CostModel(cg, variables)
@@ -364,7 +363,7 @@ class WidthSearch:
             x_c, best_c, div_c = found
             x_c, best_c = self.trios(*self.pairs(x_c, best_c, div_c), div_c)
             found = (*self.steps(x_c, best_c, div_c), div_c)
-        if UNIFORM_REFINE:
+        if self.uniform_refine:
             x_c = self.refine(found[0], found[2])
             found = (x_c, self.score(x_c), found[2])
         return found

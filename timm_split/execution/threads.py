@@ -111,6 +111,10 @@ class ThreadsExecution(Execution):
             self._pool.shutdown(wait=False)
         super().reset()
 
+    def workers_for(self, members: Members) -> int:
+        """How many workers would run ``members`` now (1: the loop's work on one other thread)."""
+        return self._layout(len(members), any(module_device(m).type == "cuda" for m in members))[0]
+
     def _layout(self, num_members: int, cuda: bool) -> Tuple[int, List[int]]:
         total = torch.get_num_threads()
         default = num_members if cuda else max(1, min(num_members, total))  # GPU members: a thread each

@@ -17,7 +17,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from ..trace import MetaRecurrent, Recorder, meta_copy
+from ..trace import MetaRecurrent, Recorder, meta_copy, module_device
 
 _logger = logging.getLogger(__name__)
 
@@ -132,6 +132,5 @@ def _constants(graph: fx.Graph, member: nn.Module) -> Dict[str, torch.Tensor]:
             if t.is_meta:
                 raise ValueError(f"packing: the forward reads a tensor '{node.name}' created on the meta device "
                                  "that is neither a parameter nor a buffer; use the 'loop' execution")
-            dev = next(iter(member.parameters()), t).device
-            out[node.name] = t.to(dev)
+            out[node.name] = t.to(module_device(member))
     return out

@@ -29,6 +29,8 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_map
 
+from ..trace import norm_dim
+
 _logger = logging.getLogger(__name__)
 
 __all__ = ["PackingError", "PV", "Packer"]
@@ -98,10 +100,6 @@ def _is_elementwise(func: Any) -> bool:
         (name.endswith("_") and name[:-1] in _ELEMENTWISE)
 
 
-def _norm_dim(d: int, rank: int) -> int:
-    return d + rank if d < 0 else d
-
-
 class Packer:
     """Builds the packed graph from a member graph (see the module docstring).
 
@@ -118,19 +116,6 @@ class Packer:
         self.graph = fx.Graph()
         self.looped: List[str] = []
         self._where = ""
-        self._rules: Dict[str, Callable] = {
-            "convolution": self._conv, "native_batch_norm": self._batch_norm,
-            "_native_batch_norm_legit": self._batch_norm, "_native_batch_norm_legit_no_training": self._batch_norm,
-            "native_group_norm": self._group_norm, "native_layer_norm": self._layer_norm,
-            "mm": self._mm, "addmm": self._mm, "bmm": self._batched, "baddbmm": self._batched,
-            "scaled_dot_product_attention": self._sdpa, "grid_sampler_2d": self._batched,
-            "view": self._view, "_unsafe_view": self._view, "reshape": self._view, "expand": self._expand,
-            "permute": self._permute, "transpose": self._permute, "t": self._permute, "repeat": self._repeat,
-            "new_empty": self._new, "new_zeros": self._new, "new_ones": self._new, "new_full": self._new,
-            "new_empty_strided": self._new, "index": self._index, "_unsafe_index": self._index,
-            "squeeze": self._squeeze, "constant_pad_nd": self._pad, "as_strided": self._restride,
-            "as_strided_": self._restride, "unfold": self._unfold,
-        }
 
     # ------------------------------------------------------------------ emitting
     def emit(self, func: Any, *args: Any, **kwargs: Any) -> fx.Node:
@@ -195,7 +180,7 @@ class Packer:
         self._where = where
         flat, _ = tree_flatten((args, kwargs))
         if not any(isinstance(a, PV) and a.fold is not None for a in flat):
-            node = self.emit(func, *self._nodes(args), **self._nodes(kwargs))
+            node = self.emit(func, *self.nodes(args), **self.nodes(kwargs))
             return self.wrap(node, None, member_out)
         try:
             return self._dispatch(func, args, kwargs, member_out)
@@ -213,18 +198,19 @@ class Packer:
         name = _name(func)
         if name in _FULL_REDUCTIONS and func.__name__.endswith("default") and len(args) == 1:
             dims = list(range(len(args[0].shape)))
-            return self._dim_op(_FULL_REDUCTIONS[name], (args[0], dims), kwargs, member_out)
-        if name in self._rules:
-            return self._rules[name](func, args, kwargs, member_out)
+            return _dim_op(self, _FULL_REDUCTIONS[name], (args[0], dims), kwargs, member_out)
+        if name in RULES:
+            return RULES[name](self, func, args, kwargs, member_out)
         if _is_elementwise(func):
-            return self._elementwise(func, args, kwargs, member_out)
+            return _elementwise(self, func, args, kwargs, member_out)
         if name in _PLANE:
-            return self._plane(func, args, kwargs, member_out, _PLANE[name])
+            return _plane(self, func, args, kwargs, member_out, _PLANE[name])
         if any(a.name in _DIM_ARGS for a in func._schema.arguments):
-            return self._dim_op(func, args, kwargs, member_out)
+            return _dim_op(self, func, args, kwargs, member_out)
         return self.loop(func, args, kwargs, member_out)
 
-    def _nodes(self, tree: Any) -> Any:
+    def nodes(self, tree: Any) -> Any:
+        """``tree`` with every packed value replaced by its graph node."""
         return tree_map(lambda a: a.node if isinstance(a, PV) else a, tree)
 
     def loop(self, func: Any, args: tuple, kwargs: dict, member_out: Any) -> Any:
@@ -255,284 +241,324 @@ class Packer:
         raise PackingError(f"packing: op {func} in module '{self._where}' returns {type(val).__name__}, which "
                            "differs per member; use the 'loop' execution")
 
-    # ------------------------------------------------------------------ elementwise
-    def _elementwise(self, func: Any, args: tuple, kwargs: dict, member_out: Any) -> Any:
-        flat = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, PV)]
-        packed = [a for a in flat if a.fold is not None]
-        rank = max(len(a.shape) for a in flat)
-        out_shape = tuple(torch.broadcast_shapes(*[a.shape for a in flat]))
-        inplace = _is_inplace(func)
-        main = args[0] if inplace and isinstance(args[0], PV) else max(packed, key=lambda a: math.prod(a.shape))
-        if inplace and main.fold is None:  # a shared tensor updated from packed ones becomes packed
-            main = PV(self.to_fold(main, rank - len(main.shape)), rank - len(main.shape), main.shape)
-            args = (main,) + tuple(args[1:])
-        fold = main.fold + rank - len(main.shape)
-        direct = all(a.fold is None or (a.shape == out_shape and a.fold == fold) for a in flat) and all(
-            a.fold is not None or fold < rank - len(a.shape) or a.shape[fold - rank + len(a.shape)] == 1
-            for a in flat)
-        if direct:
-            node = self.emit(func, *self._nodes(args), **self._nodes(kwargs))
-            return main if inplace else self.wrap(node, fold, member_out)
 
-        def view(a: Any) -> Any:
-            if not isinstance(a, PV):
-                return a
-            if a.fold is None:
-                return a.node
-            s = self.stacked(a)
-            pad = rank - len(a.shape)
-            return self.emit(aten.view.default, s, [self.S] + [1] * pad + list(a.shape)) if pad else s
+# The packing rules: one function per kind of op, each ``rule(packer, func, args, kwargs, member_out)``.
 
-        node = self.emit(func, *tree_map(view, args), **tree_map(view, kwargs))
-        return main if inplace else self.wrap(node, fold, member_out, stacked=True)
 
-    # ------------------------------------------------------------------ layers
-    def _conv(self, func: Any, args: tuple, kwargs: dict, member_out: Any) -> PV:
-        x, w, b, *rest = args
-        groups = rest[-1] * self.S
-        xs, ws = self.to_fold(x, 1), self.to_fold(w, 0)
-        if self.channels_last and len(x.shape) == 4:
-            xs, ws = self._channels_last(xs), self._channels_last(ws)
-        node = self.emit(func, xs, ws, self.to_fold(b, 0), *rest[:-1], groups)
-        return PV(node, 1, member_out.shape)
+# ------------------------------------------------------------------ elementwise
+def _elementwise(pk: Packer, func: Any, args: tuple, kwargs: dict, member_out: Any) -> Any:
+    flat = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, PV)]
+    packed = [a for a in flat if a.fold is not None]
+    rank = max(len(a.shape) for a in flat)
+    out_shape = tuple(torch.broadcast_shapes(*[a.shape for a in flat]))
+    inplace = _is_inplace(func)
+    main = args[0] if inplace and isinstance(args[0], PV) else max(packed, key=lambda a: math.prod(a.shape))
+    if inplace and main.fold is None:  # a shared tensor updated from packed ones becomes packed
+        main = PV(pk.to_fold(main, rank - len(main.shape)), rank - len(main.shape), main.shape)
+        args = (main,) + tuple(args[1:])
+    fold = main.fold + rank - len(main.shape)
+    direct = all(a.fold is None or (a.shape == out_shape and a.fold == fold) for a in flat) and all(
+        a.fold is not None or fold < rank - len(a.shape) or a.shape[fold - rank + len(a.shape)] == 1
+        for a in flat)
+    if direct:
+        node = pk.emit(func, *pk.nodes(args), **pk.nodes(kwargs))
+        return main if inplace else pk.wrap(node, fold, member_out)
 
-    def _channels_last(self, node: fx.Node) -> fx.Node:
-        if node.meta["val"].is_contiguous(memory_format=torch.channels_last):
-            return node
-        return self.emit(aten.clone.default, node, memory_format=torch.channels_last)
+    def view(a: Any) -> Any:
+        if not isinstance(a, PV):
+            return a
+        if a.fold is None:
+            return a.node
+        s = pk.stacked(a)
+        pad = rank - len(a.shape)
+        return pk.emit(aten.view.default, s, [pk.S] + [1] * pad + list(a.shape)) if pad else s
 
-    def _batch_norm(self, func: Any, args: tuple, kwargs: dict, member_out: Any) -> Any:
-        n = next((i for i, a in enumerate(args) if not (a is None or isinstance(a, PV))), len(args))
-        x, params = args[0], args[1:n]
-        node = self.emit(func, self.to_fold(x, 1), *[self.to_fold(p, 0) for p in params], *args[n:])
-        outs = [self.item(node, i) for i in range(len(node.meta["val"]))]
-        return [PV(outs[0], 1, member_out[0].shape)] + [PV(o, 0, m.shape) for o, m in zip(outs[1:], member_out[1:])]
+    node = pk.emit(func, *tree_map(view, args), **tree_map(view, kwargs))
+    return main if inplace else pk.wrap(node, fold, member_out, stacked=True)
 
-    def _group_norm(self, func: Any, args: tuple, kwargs: dict, member_out: Any) -> Any:
-        x, w, b, n, c, hw, groups, eps = args
-        node = self.emit(func, self.to_fold(x, 1), self.to_fold(w, 0), self.to_fold(b, 0), n, c * self.S, hw,
-                         groups * self.S, eps)
-        return self.wrap(node, 1, member_out)
 
-    def _layer_norm(self, func: Any, args: tuple, kwargs: dict, member_out: Any) -> Any:
-        x, normalized, w, b, eps = args
-        rank, first = len(x.shape), len(x.shape) - len(normalized)
-        fold = x.fold if x.fold is not None and x.fold <= first else (0 if first > 0 else first)
-        u = self.emit(aten.unflatten.int, self.to_fold(x, fold), fold, [self.S, x.shape[fold]])
-        node = self.emit(func, u, normalized, None, None, eps)
-        y, mean, rstd = (self.item(node, i) for i in range(3))
-        affine = [self.S] + [1] * (rank - fold - len(normalized)) + list(normalized)
-        for p, op in ((w, aten.mul.Tensor), (b, aten.add.Tensor)):
-            if p is not None:
-                y = self.emit(op, y, self.emit(aten.view.default, self.stacked(p), affine))
-        flat = lambda n: self.emit(aten.flatten.using_ints, n, fold, fold + 1)  # noqa: E731
-        return [PV(flat(n), fold, m.shape) for n, m in zip((y, mean, rstd), member_out)]
+# ------------------------------------------------------------------ layers
+def _conv(pk: Packer, func: Any, args: tuple, kwargs: dict, member_out: Any) -> PV:
+    x, w, b, *rest = args
+    groups = rest[-1] * pk.S
+    xs, ws = pk.to_fold(x, 1), pk.to_fold(w, 0)
+    if pk.channels_last and len(x.shape) == 4:
+        xs, ws = _channels_last(pk, xs), _channels_last(pk, ws)
+    node = pk.emit(func, xs, ws, pk.to_fold(b, 0), *rest[:-1], groups)
+    return PV(node, 1, member_out.shape)
 
-    def _mm(self, func: Any, args: tuple, kwargs: dict, member_out: Any) -> PV:
-        if _name(func) == "mm":
-            node = self.emit(aten.bmm.default, self.stacked(args[0]), self.stacked(args[1]))
-            return self.from_stacked(node)
-        bias, a, b = args[:3]
-        bias_node = bias.node if bias.fold is None else self.stacked(bias)
-        if bias.fold is not None and len(bias.shape) == 1:
-            bias_node = self.emit(aten.unsqueeze.default, bias_node, 1)
-        node = self.emit(aten.baddbmm.default, bias_node, self.stacked(a), self.stacked(b), **kwargs)
-        return self.from_stacked(node)
 
-    def _batched(self, func: Any, args: tuple, kwargs: dict, member_out: Any) -> Any:
-        """Ops that treat dim 0 as independent samples (bmm, baddbmm, grid_sample): fold the members there."""
-        def batch(a: Any) -> Any:
-            if not isinstance(a, PV):
-                return a
-            if a.fold is None and (len(a.shape) < len(member_out.shape) or a.shape[0] == 1):
-                return a.node  # broadcasts (baddbmm's bias)
-            return self.to_fold(a, 0)
+def _channels_last(pk: Packer, node: fx.Node) -> fx.Node:
+    if node.meta["val"].is_contiguous(memory_format=torch.channels_last):
+        return node
+    return pk.emit(aten.clone.default, node, memory_format=torch.channels_last)
 
-        node = self.emit(func, *tree_map(batch, args), **tree_map(batch, kwargs))
-        return self.wrap(node, 0, member_out)
 
-    def _sdpa(self, func: Any, args: tuple, kwargs: dict, member_out: Any) -> Any:
-        """Attention with the members side by side in a batch dim of q/k/v: the batch, or the heads when a
-        per-member mask (a relative position bias ``[heads, N, N]``) is folded there."""
-        q, rank = args[0], len(args[0].shape)
-        fold = q.fold if q.fold is not None and q.fold < rank - 2 else 0
-        args, kwargs = list(args), dict(kwargs)
-        where = (args, 3) if len(args) > 3 else (kwargs, "attn_mask")
-        mask = where[0][where[1]] if len(args) > 3 or "attn_mask" in kwargs else None
-        if isinstance(mask, PV):
-            lead = rank - len(mask.shape)
-            if mask.fold is not None:  # fold where the mask has q's size: its heads or batch dim
-                dims = [f for f in range(lead, rank - 2) if mask.shape[f - lead] == q.shape[f]]
-                if not dims:
-                    return self.loop(func, tuple(args), kwargs, member_out)
-                fold = mask.fold + lead if mask.fold + lead in dims else dims[-1]
-                where[0][where[1]] = PV(self.to_fold(mask, fold - lead), fold - lead, mask.shape)
-            elif fold >= lead and mask.shape[fold - lead] != 1:  # a shared mask that does not broadcast
-                if lead:
-                    return self.loop(func, tuple(args), kwargs, member_out)
-                where[0][where[1]] = PV(self.to_fold(mask, fold), fold, mask.shape)
-        qkv = [self.to_fold(a, fold) for a in args[:3]]
-        node = self.emit(func, *qkv, *self._nodes(args[3:]), **self._nodes(kwargs))
-        return PV(node, fold, member_out.shape)
+def _batch_norm(pk: Packer, func: Any, args: tuple, kwargs: dict, member_out: Any) -> Any:
+    n = next((i for i, a in enumerate(args) if not (a is None or isinstance(a, PV))), len(args))
+    x, params = args[0], args[1:n]
+    node = pk.emit(func, pk.to_fold(x, 1), *[pk.to_fold(p, 0) for p in params], *args[n:])
+    outs = [pk.item(node, i) for i in range(len(node.meta["val"]))]
+    return [PV(outs[0], 1, member_out[0].shape)] + [PV(o, 0, m.shape) for o, m in zip(outs[1:], member_out[1:])]
 
-    def _plane(self, func: Any, args: tuple, kwargs: dict, member_out: Any, spatial: int) -> Any:
-        x = args[0]
-        lead = len(x.shape) - spatial
-        if lead <= 0 or any(isinstance(a, PV) for a in tree_flatten((args[1:], kwargs))[0]):
-            return self.loop(func, args, kwargs, member_out)
-        fold = x.fold if x.fold < lead else 0
-        node = self.emit(func, self.to_fold(x, fold), *args[1:], **kwargs)
-        return self.wrap(node, fold, member_out)
 
-    def _pad(self, func: Any, args: tuple, kwargs: dict, member_out: Any) -> PV:
-        x, pad = args[0], args[1]
-        if x.fold < len(x.shape) - len(pad) // 2:
-            return PV(self.emit(func, x.node, *args[1:], **kwargs), x.fold, member_out.shape)
-        return self.from_stacked(self.emit(func, self.stacked(x), *args[1:], **kwargs))
+def _group_norm(pk: Packer, func: Any, args: tuple, kwargs: dict, member_out: Any) -> Any:
+    x, w, b, n, c, hw, groups, eps = args
+    node = pk.emit(func, pk.to_fold(x, 1), pk.to_fold(w, 0), pk.to_fold(b, 0), n, c * pk.S, hw,
+                   groups * pk.S, eps)
+    return pk.wrap(node, 1, member_out)
 
-    # ------------------------------------------------------------------ layout
-    def _view(self, func: Any, args: tuple, kwargs: dict, member_out: Any) -> PV:
-        x, new = args[0], tuple(member_out.shape)
-        for old_dims, new_dims in _groups(x.shape, new):
-            if x.fold in old_dims:
-                if old_dims[0] == x.fold and new_dims:
-                    size = list(new)
-                    size[new_dims[0]] *= self.S
-                    # the packed layout may not be viewable where the member's was: reshape copies then
-                    return PV(self.emit(aten.reshape.default, x.node, size), new_dims[0], new)
-                break
-        return self.from_stacked(self.emit(aten.reshape.default, self.stacked(x), [self.S, *new]))
 
-    def _expand(self, func: Any, args: tuple, kwargs: dict, member_out: Any) -> PV:
-        x, new = args[0], tuple(member_out.shape)
-        fold = x.fold + len(new) - len(x.shape)
-        if x.shape and x.shape[x.fold] == new[fold]:
-            size = list(new)
-            size[fold] *= self.S
-            return PV(self.emit(func, x.node, size), fold, new)
-        s = self.emit(aten.view.default, self.stacked(x), [self.S] + [1] * (len(new) - len(x.shape)) + list(x.shape))
-        return self.from_stacked(self.emit(func, s, [self.S, *new]))
+def _layer_norm(pk: Packer, func: Any, args: tuple, kwargs: dict, member_out: Any) -> Any:
+    x, normalized, w, b, eps = args
+    rank, first = len(x.shape), len(x.shape) - len(normalized)
+    fold = x.fold if x.fold is not None and x.fold <= first else (0 if first > 0 else first)
+    u = pk.emit(aten.unflatten.int, pk.to_fold(x, fold), fold, [pk.S, x.shape[fold]])
+    node = pk.emit(func, u, normalized, None, None, eps)
+    y, mean, rstd = (pk.item(node, i) for i in range(3))
+    affine = [pk.S] + [1] * (rank - fold - len(normalized)) + list(normalized)
+    for p, op in ((w, aten.mul.Tensor), (b, aten.add.Tensor)):
+        if p is not None:
+            y = pk.emit(op, y, pk.emit(aten.view.default, pk.stacked(p), affine))
+    flat = lambda n: pk.emit(aten.flatten.using_ints, n, fold, fold + 1)  # noqa: E731
+    return [PV(flat(n), fold, m.shape) for n, m in zip((y, mean, rstd), member_out)]
 
-    def _permute(self, func: Any, args: tuple, kwargs: dict, member_out: Any) -> PV:
-        x, rank = args[0], len(args[0].shape)
-        if _name(func) == "permute":
-            perm = [_norm_dim(d, rank) for d in args[1]]
-        else:
-            perm = list(range(rank))
-            if _name(func) == "transpose":
-                d0, d1 = _norm_dim(args[1], rank), _norm_dim(args[2], rank)
-                perm[d0], perm[d1] = perm[d1], perm[d0]
-            elif rank == 2:
-                perm = [1, 0]
-        return PV(self.emit(func, x.node, *args[1:]), perm.index(x.fold) if rank else 0, member_out.shape)
 
-    def _repeat(self, func: Any, args: tuple, kwargs: dict, member_out: Any) -> PV:
-        x, reps = args[0], list(args[1])
-        pad = len(reps) - len(x.shape)
-        if x.shape and reps[x.fold + pad] == 1:
-            return PV(self.emit(func, x.node, reps), x.fold + pad, member_out.shape)
-        s = self.emit(aten.view.default, self.stacked(x), [self.S] + [1] * pad + list(x.shape))
-        return self.from_stacked(self.emit(func, s, [1] + reps))
+def _mm(pk: Packer, func: Any, args: tuple, kwargs: dict, member_out: Any) -> PV:
+    if _name(func) == "mm":
+        node = pk.emit(aten.bmm.default, pk.stacked(args[0]), pk.stacked(args[1]))
+        return pk.from_stacked(node)
+    bias, a, b = args[:3]
+    bias_node = bias.node if bias.fold is None else pk.stacked(bias)
+    if bias.fold is not None and len(bias.shape) == 1:
+        bias_node = pk.emit(aten.unsqueeze.default, bias_node, 1)
+    node = pk.emit(aten.baddbmm.default, bias_node, pk.stacked(a), pk.stacked(b), **kwargs)
+    return pk.from_stacked(node)
 
-    def _new(self, func: Any, args: tuple, kwargs: dict, member_out: Any) -> PV:
-        """``x.new_empty(size)`` and friends of a packed ``x``: one fresh tensor per member (independent draws
-        when filled randomly, as DropPath does)."""
-        size = list(member_out.shape)
-        packed = [size[0] * self.S] + size[1:] if size else [self.S]
-        rest = list(args[2:])
-        if _name(func) == "new_empty_strided":
-            return self.loop(func, args, kwargs, member_out)
-        return PV(self.emit(func, args[0].node, packed, *self._nodes(rest), **kwargs), 0, size)
 
-    def _restride(self, func: Any, args: tuple, kwargs: dict, member_out: Any) -> PV:
-        """``as_strided`` that only restrides size-1 dims of a row-major tensor (what ``mean`` over a permuted
-        input records): the same values, so the packed value passes through. Any other use reads the storage
-        layout, which packing changes: not packable."""
-        x, size, stride = args[0], list(args[1]), list(args[2])
-        offset = args[3] if len(args) > 3 else kwargs.get("storage_offset")
-        row_major = [math.prod(size[i + 1:]) for i in range(len(size))]
-        if size == list(x.shape) and not offset and all(a == b for a, b, n in zip(stride, row_major, size) if n > 1):
-            return x
-        raise PackingError(f"packing: {func} in module '{self._where}' reads the storage layout, which packing "
-                           "changes; use the 'loop' execution")
+def _batched(pk: Packer, func: Any, args: tuple, kwargs: dict, member_out: Any) -> Any:
+    """Ops that treat dim 0 as independent samples (bmm, baddbmm, grid_sample): fold the members there."""
+    def batch(a: Any) -> Any:
+        if not isinstance(a, PV):
+            return a
+        if a.fold is None and (len(a.shape) < len(member_out.shape) or a.shape[0] == 1):
+            return a.node  # broadcasts (baddbmm's bias)
+        return pk.to_fold(a, 0)
 
-    def _unfold(self, func: Any, args: tuple, kwargs: dict, member_out: Any) -> PV:
-        """``x.unfold(dim, size, step)``: windows along ``dim`` in a new last dim."""
-        x, dim, size, step = args
-        dim = _norm_dim(dim, len(x.shape))
-        if x.fold != dim:
-            return PV(self.emit(func, x.node, dim, size, step), x.fold, member_out.shape)
-        return self.from_stacked(self.emit(func, self.stacked(x), dim + 1, size, step))
+    node = pk.emit(func, *tree_map(batch, args), **tree_map(batch, kwargs))
+    return pk.wrap(node, 0, member_out)
 
-    def _squeeze(self, func: Any, args: tuple, kwargs: dict, member_out: Any) -> PV:
-        x = args[0]
-        dims = args[1] if len(args) > 1 else [i for i, d in enumerate(x.shape) if d == 1]
-        dims = [dims] if isinstance(dims, int) else list(dims)
-        return self._dim_op(aten.squeeze.dims, (x, dims), {}, member_out)
 
-    def _index(self, func: Any, args: tuple, kwargs: dict, member_out: Any) -> Any:
-        x, indices = args
-        used = [i for i, t in enumerate(indices) if t is not None]
-        if x.fold is None or any(indices[i].fold is not None for i in used) or \
-                used != list(range(used[0], used[-1] + 1)):
-            return self.loop(func, args, kwargs, member_out)
-        idx = [None] + [None if t is None else t.node for t in indices]
-        return self.from_stacked(self.emit(func, self.stacked(x), idx))
+def _sdpa(pk: Packer, func: Any, args: tuple, kwargs: dict, member_out: Any) -> Any:
+    """Attention with the members side by side in a batch dim of q/k/v: the batch, or the heads when a
+    per-member mask (a relative position bias ``[heads, N, N]``) is folded there."""
+    q, rank = args[0], len(args[0].shape)
+    fold = q.fold if q.fold is not None and q.fold < rank - 2 else 0
+    args, kwargs = list(args), dict(kwargs)
+    where = (args, 3) if len(args) > 3 else (kwargs, "attn_mask")
+    mask = where[0][where[1]] if len(args) > 3 or "attn_mask" in kwargs else None
+    if isinstance(mask, PV):
+        lead = rank - len(mask.shape)
+        if mask.fold is not None:  # fold where the mask has q's size: its heads or batch dim
+            dims = [f for f in range(lead, rank - 2) if mask.shape[f - lead] == q.shape[f]]
+            if not dims:
+                return pk.loop(func, tuple(args), kwargs, member_out)
+            fold = mask.fold + lead if mask.fold + lead in dims else dims[-1]
+            where[0][where[1]] = PV(pk.to_fold(mask, fold - lead), fold - lead, mask.shape)
+        elif fold >= lead and mask.shape[fold - lead] != 1:  # a shared mask that does not broadcast
+            if lead:
+                return pk.loop(func, tuple(args), kwargs, member_out)
+            where[0][where[1]] = PV(pk.to_fold(mask, fold), fold, mask.shape)
+    qkv = [pk.to_fold(a, fold) for a in args[:3]]
+    node = pk.emit(func, *qkv, *pk.nodes(args[3:]), **pk.nodes(kwargs))
+    return PV(node, fold, member_out.shape)
 
-    # ------------------------------------------------------------------ ops along dims
-    def _dim_op(self, func: Any, args: tuple, kwargs: dict, member_out: Any) -> Any:
-        """Ops with ``dim`` arguments: keep the fold where it is if the op does not touch it, else run the op
-        on the stacked members with every dim shifted by one."""
-        schema = [a.name for a in func._schema.arguments]
-        bound = {a.name: a.default_value for a in func._schema.arguments
-                 if a.name in _DIM_ARGS and a.has_default_value()}
-        bound.update(zip(schema, args))
-        bound.update(kwargs)
-        main = next(a for a in tree_flatten((args, kwargs))[0] if isinstance(a, PV) and a.fold is not None)
-        rank = len(main.shape)
-        outs = [t for t in tree_flatten(member_out)[0] if isinstance(t, torch.Tensor)]
-        grow = bool(outs) and len(outs[0].shape) == rank + 1
-        dims = self._dims(bound, rank + grow, _name(func))
-        if dims is None:
-            return self.loop(func, args, kwargs, member_out)
-        k = main.fold
-        if k not in dims and not (grow and len(dims) != 1):
-            out_rank = len(outs[0].shape) if outs else rank
-            new_k = k + (dims[0] <= k) if grow else (k if out_rank == rank else k - sum(d < k for d in dims))
-            if all(len(t.shape) == len(outs[0].shape) for t in outs):
-                same_rank = lambda a: a.node if a.fold is None and len(a.shape) != rank else self.to_fold(a, k)  # noqa
-                new_args = tree_map(lambda a: same_rank(a) if isinstance(a, PV) else a, (args, kwargs))
-                node = self.emit(func, *new_args[0], **new_args[1])
-                return self.wrap(node, new_k, member_out)
-        shifted = {n: self._shift(bound[n], dims) for n in _DIM_ARGS if n in bound}
-        stack = lambda a: a.node if a.fold is None and len(a.shape) != rank else self.stacked(a)  # noqa: E731
-        new = tree_map(lambda a: stack(a) if isinstance(a, PV) else a, bound)
-        new.update(shifted)
-        pos = [new[n] for n in schema[:len(args)]]
-        kw = {n: new[n] for n in new if n not in schema[:len(args)]}
-        node = self.emit(func, *pos, **kw)
-        return self.wrap(node, 0, member_out, stacked=True)
 
-    @staticmethod
-    def _dims(bound: Dict[str, Any], rank: int, name: str) -> Optional[List[int]]:
-        dims: List[int] = []
-        for n in _DIM_ARGS:
-            if n not in bound:
-                continue
-            d = bound[n]
-            if d is None or (isinstance(d, (list, tuple)) and not d):
-                if name not in _REDUCE_ALL:
-                    return None
-                d = list(range(rank))
-                bound[n] = d
-            dims += [_norm_dim(int(i), rank) for i in (d if isinstance(d, (list, tuple)) else [d])]
-        return dims
+def _plane(pk: Packer, func: Any, args: tuple, kwargs: dict, member_out: Any, spatial: int) -> Any:
+    x = args[0]
+    lead = len(x.shape) - spatial
+    if lead <= 0 or any(isinstance(a, PV) for a in tree_flatten((args[1:], kwargs))[0]):
+        return pk.loop(func, args, kwargs, member_out)
+    fold = x.fold if x.fold < lead else 0
+    node = pk.emit(func, pk.to_fold(x, fold), *args[1:], **kwargs)
+    return pk.wrap(node, fold, member_out)
 
-    @staticmethod
-    def _shift(d: Any, dims: List[int]) -> Any:
-        if isinstance(d, (list, tuple)):
-            return [int(i) + 1 if i >= 0 else int(i) for i in d]
-        return d + 1 if d >= 0 else d
+
+def _pad(pk: Packer, func: Any, args: tuple, kwargs: dict, member_out: Any) -> PV:
+    x, pad = args[0], args[1]
+    if x.fold < len(x.shape) - len(pad) // 2:
+        return PV(pk.emit(func, x.node, *args[1:], **kwargs), x.fold, member_out.shape)
+    return pk.from_stacked(pk.emit(func, pk.stacked(x), *args[1:], **kwargs))
+
+
+# ------------------------------------------------------------------ layout
+def _view(pk: Packer, func: Any, args: tuple, kwargs: dict, member_out: Any) -> PV:
+    x, new = args[0], tuple(member_out.shape)
+    for old_dims, new_dims in _groups(x.shape, new):
+        if x.fold in old_dims:
+            if old_dims[0] == x.fold and new_dims:
+                size = list(new)
+                size[new_dims[0]] *= pk.S
+                # the packed layout may not be viewable where the member's was: reshape copies then
+                return PV(pk.emit(aten.reshape.default, x.node, size), new_dims[0], new)
+            break
+    return pk.from_stacked(pk.emit(aten.reshape.default, pk.stacked(x), [pk.S, *new]))
+
+
+def _expand(pk: Packer, func: Any, args: tuple, kwargs: dict, member_out: Any) -> PV:
+    x, new = args[0], tuple(member_out.shape)
+    fold = x.fold + len(new) - len(x.shape)
+    if x.shape and x.shape[x.fold] == new[fold]:
+        size = list(new)
+        size[fold] *= pk.S
+        return PV(pk.emit(func, x.node, size), fold, new)
+    s = pk.emit(aten.view.default, pk.stacked(x), [pk.S] + [1] * (len(new) - len(x.shape)) + list(x.shape))
+    return pk.from_stacked(pk.emit(func, s, [pk.S, *new]))
+
+
+def _permute(pk: Packer, func: Any, args: tuple, kwargs: dict, member_out: Any) -> PV:
+    x, rank = args[0], len(args[0].shape)
+    if _name(func) == "permute":
+        perm = [norm_dim(d, rank) for d in args[1]]
+    else:
+        perm = list(range(rank))
+        if _name(func) == "transpose":
+            d0, d1 = norm_dim(args[1], rank), norm_dim(args[2], rank)
+            perm[d0], perm[d1] = perm[d1], perm[d0]
+        elif rank == 2:
+            perm = [1, 0]
+    return PV(pk.emit(func, x.node, *args[1:]), perm.index(x.fold) if rank else 0, member_out.shape)
+
+
+def _repeat(pk: Packer, func: Any, args: tuple, kwargs: dict, member_out: Any) -> PV:
+    x, reps = args[0], list(args[1])
+    pad = len(reps) - len(x.shape)
+    if x.shape and reps[x.fold + pad] == 1:
+        return PV(pk.emit(func, x.node, reps), x.fold + pad, member_out.shape)
+    s = pk.emit(aten.view.default, pk.stacked(x), [pk.S] + [1] * pad + list(x.shape))
+    return pk.from_stacked(pk.emit(func, s, [1] + reps))
+
+
+def _new(pk: Packer, func: Any, args: tuple, kwargs: dict, member_out: Any) -> PV:
+    """``x.new_empty(size)`` and friends of a packed ``x``: one fresh tensor per member (independent draws
+    when filled randomly, as DropPath does)."""
+    size = list(member_out.shape)
+    packed = [size[0] * pk.S] + size[1:] if size else [pk.S]
+    rest = list(args[2:])
+    if _name(func) == "new_empty_strided":
+        return pk.loop(func, args, kwargs, member_out)
+    return PV(pk.emit(func, args[0].node, packed, *pk.nodes(rest), **kwargs), 0, size)
+
+
+def _restride(pk: Packer, func: Any, args: tuple, kwargs: dict, member_out: Any) -> PV:
+    """``as_strided`` that only restrides size-1 dims of a row-major tensor (what ``mean`` over a permuted
+    input records): the same values, so the packed value passes through. Any other use reads the storage
+    layout, which packing changes: not packable."""
+    x, size, stride = args[0], list(args[1]), list(args[2])
+    offset = args[3] if len(args) > 3 else kwargs.get("storage_offset")
+    row_major = [math.prod(size[i + 1:]) for i in range(len(size))]
+    if size == list(x.shape) and not offset and all(a == b for a, b, n in zip(stride, row_major, size) if n > 1):
+        return x
+    raise PackingError(f"packing: {func} in module '{pk._where}' reads the storage layout, which packing "
+                       "changes; use the 'loop' execution")
+
+
+def _unfold(pk: Packer, func: Any, args: tuple, kwargs: dict, member_out: Any) -> PV:
+    """``x.unfold(dim, size, step)``: windows along ``dim`` in a new last dim."""
+    x, dim, size, step = args
+    dim = norm_dim(dim, len(x.shape))
+    if x.fold != dim:
+        return PV(pk.emit(func, x.node, dim, size, step), x.fold, member_out.shape)
+    return pk.from_stacked(pk.emit(func, pk.stacked(x), dim + 1, size, step))
+
+
+def _squeeze(pk: Packer, func: Any, args: tuple, kwargs: dict, member_out: Any) -> PV:
+    x = args[0]
+    dims = args[1] if len(args) > 1 else [i for i, d in enumerate(x.shape) if d == 1]
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    return _dim_op(pk, aten.squeeze.dims, (x, dims), {}, member_out)
+
+
+def _index(pk: Packer, func: Any, args: tuple, kwargs: dict, member_out: Any) -> Any:
+    x, indices = args
+    used = [i for i, t in enumerate(indices) if t is not None]
+    if x.fold is None or any(indices[i].fold is not None for i in used) or \
+            used != list(range(used[0], used[-1] + 1)):
+        return pk.loop(func, args, kwargs, member_out)
+    idx = [None] + [None if t is None else t.node for t in indices]
+    return pk.from_stacked(pk.emit(func, pk.stacked(x), idx))
+
+
+# ------------------------------------------------------------------ ops along dims
+def _dim_op(pk: Packer, func: Any, args: tuple, kwargs: dict, member_out: Any) -> Any:
+    """Ops with ``dim`` arguments: keep the fold where it is if the op does not touch it, else run the op
+    on the stacked members with every dim shifted by one."""
+    schema = [a.name for a in func._schema.arguments]
+    bound = {a.name: a.default_value for a in func._schema.arguments
+             if a.name in _DIM_ARGS and a.has_default_value()}
+    bound.update(zip(schema, args))
+    bound.update(kwargs)
+    main = next(a for a in tree_flatten((args, kwargs))[0] if isinstance(a, PV) and a.fold is not None)
+    rank = len(main.shape)
+    outs = [t for t in tree_flatten(member_out)[0] if isinstance(t, torch.Tensor)]
+    grow = bool(outs) and len(outs[0].shape) == rank + 1
+    dims = _dims(bound, rank + grow, _name(func))
+    if dims is None:
+        return pk.loop(func, args, kwargs, member_out)
+    k = main.fold
+    if k not in dims and not (grow and len(dims) != 1):
+        out_rank = len(outs[0].shape) if outs else rank
+        new_k = k + (dims[0] <= k) if grow else (k if out_rank == rank else k - sum(d < k for d in dims))
+        if all(len(t.shape) == len(outs[0].shape) for t in outs):
+            same_rank = lambda a: a.node if a.fold is None and len(a.shape) != rank else pk.to_fold(a, k)  # noqa
+            new_args = tree_map(lambda a: same_rank(a) if isinstance(a, PV) else a, (args, kwargs))
+            node = pk.emit(func, *new_args[0], **new_args[1])
+            return pk.wrap(node, new_k, member_out)
+    shifted = {n: _shift(bound[n], dims) for n in _DIM_ARGS if n in bound}
+    stack = lambda a: a.node if a.fold is None and len(a.shape) != rank else pk.stacked(a)  # noqa: E731
+    new = tree_map(lambda a: stack(a) if isinstance(a, PV) else a, bound)
+    new.update(shifted)
+    pos = [new[n] for n in schema[:len(args)]]
+    kw = {n: new[n] for n in new if n not in schema[:len(args)]}
+    node = pk.emit(func, *pos, **kw)
+    return pk.wrap(node, 0, member_out, stacked=True)
+
+
+def _dims(bound: Dict[str, Any], rank: int, name: str) -> Optional[List[int]]:
+    dims: List[int] = []
+    for n in _DIM_ARGS:
+        if n not in bound:
+            continue
+        d = bound[n]
+        if d is None or (isinstance(d, (list, tuple)) and not d):
+            if name not in _REDUCE_ALL:
+                return None
+            d = list(range(rank))
+            bound[n] = d
+        dims += [norm_dim(int(i), rank) for i in (d if isinstance(d, (list, tuple)) else [d])]
+    return dims
+
+
+def _shift(d: Any, dims: List[int]) -> Any:
+    if isinstance(d, (list, tuple)):
+        return [int(i) + 1 if i >= 0 else int(i) for i in d]
+    return d + 1 if d >= 0 else d
+
+
+# op name -> rule (ops not named here: elementwise ops, pooling planes, ops with dim arguments, else the loop)
+RULES: Dict[str, Callable[..., Any]] = {
+        "convolution": _conv, "native_batch_norm": _batch_norm,
+        "_native_batch_norm_legit": _batch_norm, "_native_batch_norm_legit_no_training": _batch_norm,
+        "native_group_norm": _group_norm, "native_layer_norm": _layer_norm,
+        "mm": _mm, "addmm": _mm, "bmm": _batched, "baddbmm": _batched,
+        "scaled_dot_product_attention": _sdpa, "grid_sampler_2d": _batched,
+        "view": _view, "_unsafe_view": _view, "reshape": _view, "expand": _expand,
+        "permute": _permute, "transpose": _permute, "t": _permute, "repeat": _repeat,
+        "new_empty": _new, "new_zeros": _new, "new_ones": _new, "new_full": _new,
+        "new_empty_strided": _new, "index": _index, "_unsafe_index": _index,
+        "squeeze": _squeeze, "constant_pad_nd": _pad, "as_strided": _restride,
+        "as_strided_": _restride, "unfold": _unfold,
+}
 
 
 def _groups(old: Sequence[int], new: Sequence[int]) -> List[Tuple[List[int], List[int]]]:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
-from timm.data import create_transform
+from timm.data import ImageDataset, create_transform
 
 from ..checks import atomic_write
 
@@ -313,6 +313,23 @@ class _SubsetWithTransform(Dataset):
         return self.dataset[self.indices[index]]
 
 
+class _ImageFiles(ImageDataset):
+    """timm's ``ImageDataset`` whose images over PIL's size limit fail in one line naming the file.
+
+    PIL refuses an image of more than ``2 * Image.MAX_IMAGE_PIXELS`` pixels (``DecompressionBombError``, which
+    timm's retry on ``OSError`` does not catch); the error alone does not say which file it was.
+    """
+
+    def __getitem__(self, index: int) -> Any:
+        try:
+            return super().__getitem__(index)
+        except Image.DecompressionBombError as e:
+            raise ValueError(f"{self.filename(index, absolute=True)}: PIL refused it as a possible decompression "
+                             f"bomb ({e}); shrink or remove the image, or raise PIL.Image.MAX_IMAGE_PIXELS (now "
+                             f"{Image.MAX_IMAGE_PIXELS}; None: no limit, for trusted files only) in the Python that "
+                             "reads the data.") from None
+
+
 def is_fashion_mnist(dataset: str, data_dir: Optional[str]) -> bool:
     """Whether ``--dataset``/``--data-dir`` select the embedded Fashion-MNIST (no args, or ``fashion_mnist``)."""
     return dataset.lower() in ("fashion_mnist", "fashion-mnist") or (not dataset and not data_dir)
@@ -346,6 +363,9 @@ def split_folder(root: str, split: str) -> str:
         if os.path.isdir(os.path.join(root, name)):
             return os.path.join(root, name)
     found = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if not found:
+        raise ValueError(f"no {split!r} folder in {root}: it holds no folders; pass the --data-dir whose {split} "
+                         f"folder holds the class folders (DIR/{split}/<class>/*.png).")
     flag = "--train-split" if split in _TRAIN_SYNONYMS else "--val-split"
     raise ValueError(f"no {split!r} folder in {root} (folders there: {', '.join(found) or 'none'}); pass {flag} with "
                      f"the folder that holds this split's class folders, e.g. {root}/{split}/<class>/*.png.")
@@ -398,8 +418,10 @@ def _timm_dataset(name: str, root: Optional[str], split: str, is_training: bool,
     if not name and not root:
         raise ValueError("pass --data-dir DIR (an ImageFolder) or no data flags at all (Fashion-MNIST).")
     if root is not None and not os.path.isdir(root):
+        layout = "DIR/train/<class>/*.png and DIR/validation/<class>/*.png" if is_training else \
+            f"DIR/{split}/<class>/*.png"
         raise ValueError(f"--data-dir {root} does not exist or is not a directory; pass the dataset's root folder "
-                         "(for an ImageFolder: DIR/train/<class>/*.png and DIR/validation/<class>/*.png).")
+                         f"(for an ImageFolder: {layout}).")
     folder = None
     if not name or name.lower() in ("folder", "imagefolder"):
         _check_export_complete(root)
@@ -408,10 +430,14 @@ def _timm_dataset(name: str, root: Optional[str], split: str, is_training: bool,
         ds = create_dataset(name, root=root, split=split, is_training=is_training, download=False,
                             class_map=class_map)
     except (RuntimeError, FileNotFoundError) as e:  # timm: "Found 0 images"; torchvision: "Dataset not found"
-        raise ValueError(f"cannot read the {split!r} split of {name or 'ImageFolder'} at {root}: {e} "
-                         "(nothing is downloaded: put the data on disk and pass --data-dir).") from e
+        fix = f"put the images in {folder}/<class>/, or pass the --data-dir that holds them" if folder else \
+            "nothing is downloaded: put the data on disk and pass --data-dir"
+        raise ValueError(f"cannot read the {split!r} split of {name or 'ImageFolder'} at {root}: {e} ({fix}).") from e
     if folder and class_map:
         _check_class_map_covers(folder, ds, class_map)
+    if type(ds) is ImageDataset:  # the same reader (its files and classes), with the size error named
+        ds = _ImageFiles(root, reader=ds.reader, load_bytes=ds.load_bytes, input_img_mode=ds.input_img_mode,
+                         transform=ds.transform, target_transform=ds.target_transform)
     return ds
 
 

@@ -14,7 +14,10 @@ where ``p_i = softmax(z_i)`` and ``D`` is one of (per sample, then averaged over
 
 A class whose probability is 0 (a ``-inf`` logit, e.g. class masking) contributes 0 to every divergence,
 as ``xlogy`` does: log-probabilities are clamped to the dtype's lowest finite value before they meet another
-distribution, so no ``0 * inf`` arises in the forward or the backward pass.
+distribution, so no ``0 * inf`` arises in the forward or the backward pass. The cross-entropy follows
+``F.cross_entropy``: it is the loss over the other classes while no target mass falls on such a class, and
+``inf`` when the target, a soft target's positive mass or label smoothing's mass does (a soft target's 0 on
+a ``-inf`` class adds 0, where ``F.cross_entropy`` gives NaN). The gradients stay finite either way.
 """
 import logging
 import math
@@ -310,19 +313,22 @@ class CoTrainingLoss(nn.Module):
             _check_target_values(target, classes, self.ignore_index)
         dtype = torch.promote_types(logits.dtype, torch.float32)
         with torch.autocast(device_type=logits.device.type, enabled=False):
-            # finite log-probabilities: a p=0 class adds 0 (xlogy's convention) and no 0 * inf reaches autograd
-            log_probs = torch.log_softmax(logits.to(dtype), dim=-1).clamp(min=torch.finfo(dtype).min)
+            # the CE reads the exact log-probabilities (inf where target mass meets a -inf logit, as torch's);
+            # the divergences read finite ones: a p=0 class adds 0 (xlogy's convention), no 0 * inf in autograd
+            exact = torch.log_softmax(logits.to(dtype), dim=-1)
+            log_probs = exact.clamp(min=torch.finfo(dtype).min)
             if target.ndim == 1:
                 keep = torch.ones_like(target, dtype=torch.bool)
                 if self.ignore_index is not None:
                     keep = target != self.ignore_index
                 index = torch.where(keep, target, 0).long()
-                nll = -log_probs.gather(-1, index.view(1, batch, 1).expand(num, batch, 1)).squeeze(-1)  # [S, B]
+                nll = -exact.gather(-1, index.view(1, batch, 1).expand(num, batch, 1)).squeeze(-1)  # [S, B]
             else:
                 keep = torch.ones(batch, dtype=torch.bool, device=logits.device)
-                nll = -(target.to(dtype) * log_probs).sum(-1)
+                soft = target.to(dtype)
+                nll = -torch.where(soft > 0, soft * exact, 0).sum(-1)
             if self.smoothing:
-                nll = (1 - self.smoothing) * nll - self.smoothing * log_probs.mean(-1)
+                nll = (1 - self.smoothing) * nll - self.smoothing * exact.mean(-1)
             weights = keep.to(dtype) / keep.sum().clamp(min=1)  # mean over the kept samples
             ce = (torch.where(keep, nll, 0) * weights).sum()  # sum over members of each one's mean
             if num == 1 or w == 0.0:

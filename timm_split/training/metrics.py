@@ -1,7 +1,11 @@
-"""Classification metrics of an ensemble and its members: top-1/top-5, NLL and ECE (``evaluate``)."""
+"""Classification metrics of an ensemble and its members: top-1/top-5, NLL and ECE (``evaluate``); images/s and
+time left of a long loop, for progress lines in a log (``Throughput``)."""
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
+import time
 from collections import OrderedDict
 from typing import Any, Callable, Dict, Optional
 
@@ -9,7 +13,53 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["expected_calibration_error", "classification_metrics", "evaluate"]
+_logger = logging.getLogger(__name__)
+
+__all__ = ["expected_calibration_error", "classification_metrics", "evaluate", "Throughput", "format_seconds"]
+
+
+def format_seconds(seconds: float) -> str:
+    """``'4.2s'`` under a minute, else tqdm's ``'12:05'`` / ``'1:02:05'``."""
+    from tqdm import tqdm
+
+    if not math.isfinite(seconds):
+        return "?"
+    return f"{seconds:.1f}s" if seconds < 59.95 else tqdm.format_interval(round(seconds))
+
+
+class Throughput:
+    """Items per second and the time left of a loop of ``total`` steps, at the mean pace so far: progress lines
+    for a log (a file has no progress bar).
+
+    Args:
+        total: The steps the loop takes.
+        clock: Seconds (default ``time.perf_counter``); the loop starts when this object is made.
+    """
+
+    def __init__(self, total: int, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.total, self.steps, self.items = total, 0, 0
+        self._clock = clock
+        self.start = clock()
+
+    def update(self, items: int = 0, steps: int = 1) -> None:
+        """Count ``steps`` more steps done, of ``items`` items (images, models) in all."""
+        self.steps += steps
+        self.items += items
+
+    def elapsed(self) -> float:
+        """Seconds since the start."""
+        return self._clock() - self.start
+
+    def rate(self) -> float:
+        """Items per second so far."""
+        return self.items / max(self.elapsed(), 1e-9)
+
+    def eta(self) -> float:
+        """Seconds left at the mean pace so far; 0 once ``total`` steps are done."""
+        left = max(self.total - self.steps, 0)
+        if not left:
+            return 0.0
+        return self.elapsed() / self.steps * left if self.steps else math.inf
 
 
 def expected_calibration_error(probs: torch.Tensor, target: torch.Tensor, n_bins: int = 15) -> float:
@@ -51,7 +101,7 @@ def classification_metrics(logits: torch.Tensor, target: torch.Tensor, n_bins: i
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, autocast: Callable[[], Any] = contextlib.nullcontext,
              channels_last: bool = False, members_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-             ) -> Dict[str, Any]:
+             log_interval: int = 0) -> Dict[str, Any]:
     """Metrics of a :class:`~timm_split.ensemble.SplitEnsemble` and of each member on ``loader``.
 
     Args:
@@ -60,6 +110,8 @@ def evaluate(model: nn.Module, loader, autocast: Callable[[], Any] = contextlib.
         autocast: A context factory (e.g. bf16 autocast).
         channels_last: Feed channels-last images.
         members_fn: Computes ``[S, B, K]`` instead of ``model.forward_members`` (member-parallel ranks).
+        log_interval: Log ``Eval: [i/N] <images/s>, ETA <time left>`` (INFO) every this many batches and at the
+            last; 0: never.
 
     Returns:
         ``{'loss', 'top1', 'top5', 'ece'}`` of the ensemble plus ``'members'``: the same per member.
@@ -67,13 +119,18 @@ def evaluate(model: nn.Module, loader, autocast: Callable[[], Any] = contextlib.
     was_training = model.training
     model.eval()
     outs, targets = [], []
+    n = len(loader) if log_interval else 0
+    pace = Throughput(n)
     try:
-        for images, target in loader:
+        for i, (images, target) in enumerate(loader):
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with autocast():
                 outs.append((members_fn or model.forward_members)(images).float().cpu())
             targets.append(target.cpu())
+            pace.update(len(target))
+            if log_interval and (i % log_interval == 0 or i == n - 1):
+                _logger.info("Eval: [%d/%d] %.1f img/s, ETA %s", i + 1, n, pace.rate(), format_seconds(pace.eta()))
     finally:
         model.train(was_training)
     members, target = torch.cat(outs, 1), torch.cat(targets)

@@ -1,0 +1,148 @@
+"""The run folder of ``timm-split train``: one trainer at a time, never a finished run overwritten, no stale temps.
+
+* :class:`RunLock`: ``train.lock`` in the folder, held with ``fcntl.flock`` for the whole run and holding the pid.
+  The kernel drops the lock when its process dies, so the file a killed run leaves is taken over (with a
+  warning); a second trainer on a live run's folder gets an error naming the pid.
+* :func:`holds_run`: the folder has a checkpoint or ``results.json``; a fresh run then goes to ``<name>-1``
+  (timm's ``get_outdir(..., inc=True)``) instead.
+* :func:`remove_stale_temp_files`: the temporary files our writes use (``args.json.<pid>.tmp``,
+  ``<checkpoint>.<pid>.tmp``, ...) that a kill left behind, once the folder is locked.
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import logging
+import os
+import re
+from typing import List, Optional
+
+_logger = logging.getLogger(__name__)
+
+__all__ = ["RunLock", "holds_run", "remove_stale_temp_files", "LOCK_FILE"]
+
+LOCK_FILE = "train.lock"
+RUN_FILES = ("last.safetensors", "model_best.safetensors", "results.json")
+# temp files of our writes: atomic_write's and save_checkpoint's "<name>.<pid>.tmp" (pid checked), the saver's
+# "tmp.safetensors" and "<name>.safetensors.tmp" of earlier versions, and safetensors' own ".tmpXXXXXX"
+_PID_TEMP = re.compile(r"^(?:args\.json|results\.json|.+\.safetensors)\.(\d+)\.tmp$")
+_OTHER_TEMP = re.compile(r"^(?:tmp\.safetensors|.+\.safetensors\.tmp|\.tmp[A-Za-z0-9]{6})$")
+
+
+def holds_run(folder: str) -> bool:
+    """Whether ``folder`` holds a run a fresh run would overwrite: a checkpoint or ``results.json``.
+
+    A ``summary.csv`` without a checkpoint (a run killed before its first checkpoint) does not count: rerunning
+    the same command continues there, as a kill before the first save always allowed.
+
+    Args:
+        folder: the run folder.
+
+    Returns:
+        True if it has ``last``/``model_best``/``checkpoint-<n>.safetensors`` or ``results.json``.
+    """
+    return any(os.path.exists(os.path.join(folder, f)) for f in RUN_FILES) or bool(
+        glob.glob(os.path.join(glob.escape(folder), "checkpoint-*.safetensors")))
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    except (OverflowError, ValueError, OSError):
+        return False
+    return True
+
+
+def remove_stale_temp_files(folder: str) -> List[str]:
+    """Remove the temp files a killed run left in ``folder`` (call with the folder locked); return their names.
+
+    A ``<name>.<pid>.tmp`` is removed only when that pid is not a live process; the pid-less names can only be
+    a dead run's, since the caller holds the folder's lock.
+
+    Args:
+        folder: the run folder.
+
+    Returns:
+        The names removed.
+    """
+    removed = []
+    for name in sorted(os.listdir(folder)):
+        m = _PID_TEMP.match(name)
+        if (m and not _alive(int(m.group(1)))) or (not m and _OTHER_TEMP.match(name)):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(folder, name))
+                removed.append(name)
+    if removed:
+        _logger.info("removed temp files a killed run left in %s: %s", folder, ", ".join(removed))
+    return removed
+
+
+class RunLock:
+    """``<folder>/train.lock``: held (``fcntl.flock``) by one process; the file holds that process's pid.
+
+    Args:
+        folder: the run folder (must exist).
+    """
+
+    def __init__(self, folder: str) -> None:
+        self.folder = folder
+        self.path = os.path.join(folder, LOCK_FILE)
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> "RunLock":
+        """Take the lock, or raise ``ValueError`` naming the pid that holds it; a dead run's file is taken over.
+
+        Returns:
+            self.
+        """
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            _logger.warning("no run-folder lock on this platform: run one trainer per folder")
+            return self
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = _read_pid(fd)
+                os.close(fd)
+                raise ValueError(f"{self.folder} is in use by another trainer (pid {holder or 'unknown'}, "
+                                 f"{self.path}); wait for it to end, or pass another --experiment or --output.")
+            with contextlib.suppress(OSError):
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break  # the file is still the one at the path (its holder did not just remove it)
+            os.close(fd)
+        previous = _read_pid(fd)
+        if previous and previous != os.getpid():
+            _logger.warning("took over %s from pid %d, which is no longer training here (a killed run)",
+                            self.path, previous)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        """Remove the lock file and drop the lock (a no-op when not held)."""
+        if self._fd is None:
+            return
+        try:
+            with contextlib.suppress(OSError):
+                os.remove(self.path)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _read_pid(fd: int) -> Optional[int]:
+    try:
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
