@@ -52,7 +52,8 @@ def build_runs(args: argparse.Namespace, model: str, img: int, kwargs: Dict, dat
         flags = train_args(data_dir=data_dir, model=model, split=s, img_size=img, batch_size=args.batch,
                            workers=args.workers, epochs=100, warmup_epochs=0, device="cpu", model_kwargs=kwargs,
                            mixup=args.mixup, aa=args.aa, reprob=args.reprob, model_ema=args.model_ema,
-                           execution=args.execution, opt=args.opt, log_interval=10 ** 6, seed=0)
+                           execution=args.execution if s > 1 else "loop", opt=args.opt, log_interval=10 ** 6,
+                           seed=0)
         runs[s] = setup_run(flags)
     return runs
 
@@ -140,7 +141,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--execution", default="loop")
+    p.add_argument("--execution", default="loop", help="the trainer's --execution for S > 1 (S=1 is the original "
+                   "model, run as it is)")
     p.add_argument("--opt", default="sgd")
     p.add_argument("--mixup", type=float, default=0.2)
     p.add_argument("--aa", default="rand-m9-mstd0.5")

@@ -259,3 +259,9 @@ def test_a_seed_past_42947_trains(tmp_path, capsys):
     data = _folder(tmp_path, {"train": ["a", "b"], "validation": ["a", "b"]})
     assert cli(["train", "--data-dir", data, "--split", "1", "--epochs", "1", "--seed", "50000", "--output",
                 str(tmp_path / "o"), *FAST]) == 0
+
+
+def test_model_kwargs_check_runs_the_model_at_the_size_it_was_built_for():
+    """``--model-kwargs img_size=64`` on a ViT: the up-front meta forward uses 64 px, not the cfg's 224 (it refused
+    a good flag)."""
+    check_train_args(train_args(model="vit_tiny_patch16_224", model_kwargs={"img_size": 64}, img_size=64))

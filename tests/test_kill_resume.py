@@ -36,7 +36,8 @@ def _train(folder, out, kill_at, *extra):
                COUNT_FILE=os.path.join(str(out), "count"))
     flags = ["--data-dir", folder, "--model", "test_resnet", "--split", "2", "--img-size", "28", "--epochs", "2",
              "-b", "8", "-j", "0", "--lr", "0.05", "--warmup-epochs", "0", "--model-ema", "--mixup", "0.2",
-             "--checkpoint-hist", "1", "--output", str(out), "--experiment", "r", "--device", "cpu", "--no-progress"]
+             "--checkpoint-hist", "1", "--output", str(out), "--experiment", "r", "--device", "cpu", "--no-progress",
+             "--execution", "loop"]  # a fresh rerun (a kill before the first checkpoint) must not re-time auto
     return subprocess.run([sys.executable, "-c", CHILD, *flags, *extra], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
 

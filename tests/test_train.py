@@ -1,6 +1,7 @@
 """`timm-split train` / `validate` end to end on a tiny ImageFolder of PNGs the tests write themselves."""
 import csv
 import json
+import logging
 import os
 
 import numpy as np
@@ -34,7 +35,7 @@ def folder(idx_dir, tmp_path_factory):
 def _args(folder, out, **kw):
     base = dict(data_dir=folder, model="test_resnet", img_size=28, epochs=1, batch_size=BATCH, workers=0,
                 lr=0.05, warmup_epochs=0, output=str(out), experiment="run", device="cpu", seed=0,
-                log_interval=1000)
+                log_interval=1000, execution="loop")  # the default 'auto' has its own test (it times trial calls)
     base.update(kw)
     return train_args(**base)
 
@@ -191,12 +192,27 @@ def test_split1_is_the_plain_model(folder, tmp_path):
 @pytest.mark.timeout(600)
 def test_execution_threads_trains_as_the_loop(folder, tmp_path):
     """--execution threads (forward and backward on worker threads) gives the loop's run, to float tolerance."""
-    loop, _ = _run(folder, tmp_path / "loop", split=2, lr=1e-3)
+    loop, _ = _run(folder, tmp_path / "loop", split=2, lr=1e-3, execution="loop")
     threads, run = _run(folder, tmp_path / "threads", split=2, lr=1e-3, execution="threads", model_ema=True)
     assert json.load(open(os.path.join(run, "args.json")))["execution"] == "threads"
     assert threads["final"] is not None and len(threads["final"]["members"]) == 2  # EMA (a deepcopy) evaluated
     assert float(_summary(run)[0]["train_loss"]) == pytest.approx(
         float(_summary(os.path.join(tmp_path, "loop", "run"))[0]["train_loss"]), rel=1e-4)
+
+
+@pytest.mark.timeout(600)
+def test_auto_execution_is_recorded_and_reused_on_resume(folder, tmp_path, caplog):
+    """The default --execution auto decides on the first step; the checkpoint records the choice and --resume
+    runs it (so the resumed steps compute as the first run's did)."""
+    from timm_split.checkpoint import read_metadata
+    from timm_split.execution import STRATEGIES
+
+    _, run = _run(folder, tmp_path, split=2, execution="auto")
+    chosen = json.loads(read_metadata(os.path.join(run, "last.safetensors"))["state"])["execution"]
+    assert chosen in STRATEGIES and chosen != "auto"
+    with caplog.at_level(logging.INFO, logger="timm_split"):
+        _run(folder, tmp_path, split=2, epochs=2, resume=os.path.join(run, "last.safetensors"), execution="auto")
+    assert f"--execution auto: {chosen}, as chosen when this run started" in caplog.text
 
 
 def test_mixup_is_shared_by_the_members():

@@ -62,7 +62,7 @@ def test_every_flag_documented_in_a_named_group() -> None:
         assert f"{title}:" in text, title
     flat = " ".join(text.split())  # undo the help formatter's line wrapping
     for shown in ("(default: 300)", "(default: sgd)", "(default: 128)", "(default: cosine)", "(default: 0.9998)",
-                  "(default: loop)", "(default: epochs * 40/300)", "(default: the dataset's class count",
+                  "(default: auto)", "(default: epochs * 40/300)", "(default: the dataset's class count",
                   "(default: lr-base * global batch / lr-base-size", "(bare flag: inductor"):
         assert shown in flat, shown
 

@@ -389,6 +389,12 @@ class SplitEnsemble(nn.Module):
         """The name of the execution strategy (see :meth:`set_execution`)."""
         return self._execution.name
 
+    def chosen_execution(self, training: bool = True) -> str:
+        """The strategy that runs the members in training (or evaluation): the execution's name, or for
+        ``'auto'`` what it decided on its first such call (``'auto'`` before it)."""
+        chosen = getattr(self._execution, "chosen", None)
+        return (chosen(training) if chosen is not None else None) or self.execution
+
     def set_execution(self, strategy: str = "auto", **options: Any) -> "SplitEnsemble":
         """Choose how ``forward_members`` (and so ``forward``) runs the members.
 

@@ -394,7 +394,8 @@ def _checkpoint_state(run: _Run) -> Dict[str, Any]:
     a = run.args
     state = {"step": run.num_updates, "model": a.model, "split_factor": a.split, "num_classes": a.num_classes,
              "model_kwargs": a.model_kwargs, "data_config": run.data_config, "seed": a.seed, "plan_at": PLAN_AT,
-             "class_names": run.class_names, "train_seconds": run.train_seconds}
+             "class_names": run.class_names, "train_seconds": run.train_seconds,
+             "execution": run.ensemble.chosen_execution(training=True)}
     if run.scaler is not None:
         state["scaler"] = run.scaler.state_dict()
     return state
@@ -447,6 +448,10 @@ def _resume(run: _Run, saver) -> int:
                            model_ema=None if run.ema is None else run.ema.module)
     start, run.num_updates = ckpt.epoch, ckpt.step
     run.train_seconds = float(ckpt.state.get("train_seconds", 0.0))  # the run's total survives a resume
+    chosen = ckpt.state.get("execution")
+    if a.execution == "auto" and chosen not in (None, "auto") and not a.member_parallel:
+        run.ensemble.set_execution(chosen)  # what 'auto' chose for this run: the resumed steps compute as before
+        _logger.info("--execution auto: %s, as chosen when this run started", chosen)
     if "scaler" in ckpt.state and run.scaler is not None and not a.no_resume_opt:
         run.scaler.load_state_dict(ckpt.state["scaler"])
     if saver is not None:

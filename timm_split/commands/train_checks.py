@@ -127,6 +127,8 @@ def _check_model(args: argparse.Namespace, custom_model: bool) -> None:
     """The model name and ``--model-kwargs``: the model is created on the meta device (no memory, no weights)."""
     import timm
 
+    from ..trace import input_shape_for
+
     name = args.model
     if name.startswith("splitnet_"):
         raise ValueError(f"--model {name}: pass the base model ({name[len('splitnet_'):]}) and --split S.")
@@ -139,8 +141,7 @@ def _check_model(args: argparse.Namespace, custom_model: bool) -> None:
         with torch.device("meta"):
             model = timm.create_model(name, **args.model_kwargs)
             if args.model_kwargs:  # a value the constructor keeps unchecked (drop_rate='abc') fails in forward
-                c, h, w = model.pretrained_cfg.get("input_size", (3, 224, 224))
-                model.train()(torch.empty(2, c, h, w))
+                model.train()(torch.empty(input_shape_for(model)))  # the size it was built at (img_size=64)
     except Exception as e:  # noqa: BLE001 - a kwarg the model does not take, or a value it refuses
         raise ValueError(f"--model {name} refuses --model-kwargs {args.model_kwargs}: {type(e).__name__}: {e}"
                          ) from None

@@ -262,8 +262,9 @@ def _splitnet_flags(g: _Add) -> None:
       help="co-training divergence: Jensen-Shannon, the seed's pairwise KL, or KL to the other members' mean "
       "(default: %(default)s)")
     g("--same-view", action="store_true", help="ablation: every member sees the same augmented view")
-    g("--execution", default="loop", choices=STRATEGIES,
-      help="how the members run (see docs/speed.md) (default: %(default)s)")
+    g("--execution", default="auto", choices=STRATEGIES,
+      help="how the members run each step (docs/speed.md): 'auto' times the candidates on the first step (8 calls) "
+      "and keeps the fastest; a checkpoint records the choice and --resume reuses it (default: %(default)s)")
     g("--drop-scale", default="S", choices=("S", "sqrt"),
       help="divide --drop/--drop-path by S (SplitNet's ResNet rule) or sqrt(S) (its SE/EfficientNet rule) "
       "(default: %(default)s)")

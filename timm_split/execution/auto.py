@@ -276,6 +276,14 @@ class AutoExecution(Execution):
     def run(self, members: Members, views: List[torch.Tensor]) -> torch.Tensor:
         return self._get(self.choose(members, views)).run(members, views)
 
+    def chosen(self, training: bool = True) -> Optional[str]:
+        """The strategy decided for the first input seen in training (``training=True``: train mode with a graph)
+        or evaluation mode; None before such a call."""
+        for key, name in (self.choices or {}).items():
+            if key[4] == training and key[5] == training:
+                return name
+        return None
+
     def reset(self) -> None:
         for ex in (self._executions or {}).values():
             ex.reset()
