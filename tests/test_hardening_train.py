@@ -10,7 +10,7 @@ from PIL import Image
 from conftest import tiny_png_folder
 from timm_split.commands.main import main as cli
 from timm_split.commands.train import train_args
-from timm_split.commands.train_checks import check_channels, check_train_args, warmup_warning
+from timm_split.commands.train_checks import check_channels, check_train_args, ema_warning, warmup_warning
 from timm_split.training.data import EXPORT_MARKER, create_datasets, create_eval_dataset
 
 
@@ -83,7 +83,8 @@ BAD_FLAGS = [
     (dict(train_subset=-3), "--train-subset must be"), (dict(train_subset=0), "--train-subset must be"),
     (dict(model_ema_decay=2.0), "--model-ema-decay must be"), (dict(validation_batch_size=0), "--validation-batch"),
     (dict(in_chans=0), "--in-chans must be"), (dict(crop_pct=0.0), "--crop-pct must be"),
-    (dict(seed=-1), "--seed must be >= 0"), (dict(seed=2 ** 32), f"--seed must be >= 0 and <= {2 ** 32 - 2 ** 16 - 1}; got {2 ** 32}"),
+    (dict(seed=-1), "--seed must be >= 0"),
+    (dict(seed=2 ** 32), f"--seed must be >= 0 and <= {2 ** 32 - 2 ** 16 - 1}; got {2 ** 32}"),
     (dict(threads=-1), "--threads must be"), (dict(std=[0.0]), "--std must be"),
     (dict(eval_metric="top7"), "--eval-metric must be one of"), (dict(aa="bogus-policy"), "--aa 'bogus-policy'"),
     (dict(opt="adamw", opt_betas=[0.9]), "--opt adamw"), (dict(opt="nosuchopt"), "--opt nosuchopt"),
@@ -120,6 +121,15 @@ def test_cli_bad_flag_exits_2_in_one_line_and_writes_nothing(tmp_path, capsys):
 def test_warmup_covering_the_whole_run_warns():
     assert "covers all --epochs 1" in warmup_warning(train_args(epochs=1, warmup_epochs=5))
     assert warmup_warning(train_args(epochs=5, warmup_epochs=1)) is None
+
+
+def test_an_ema_that_cannot_move_in_the_run_is_warned():
+    """The README's example once ran 35 updates with --model-ema (decay 0.9998): the evaluated EMA kept 99% of
+    its initial weights and scored 10% (chance) while the model learnt."""
+    assert "keeps 99% of the EMA's initial weights" in ema_warning(train_args(model_ema=True), 35)
+    assert ema_warning(train_args(model_ema=True, model_ema_warmup=True), 35) is None
+    assert ema_warning(train_args(model_ema=True), 100_000) is None
+    assert ema_warning(train_args(), 35) is None
 
 
 # ---------------------------------------------------------------------------------------------------------

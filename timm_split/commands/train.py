@@ -44,7 +44,7 @@ from torch import nn
 
 from ..checks import atomic_write
 from .common import autocast_factory, resolve_device, user_error
-from .train_checks import SEED_SPACE, check_channels, check_train_args
+from .train_checks import SEED_SPACE, check_channels, check_train_args, ema_warning
 from .train_flags import add_train_args
 
 _logger = logging.getLogger(__name__)
@@ -376,6 +376,7 @@ def setup_run(args: argparse.Namespace, model_fn: Optional[Callable[[], nn.Modul
     train_loader, eval_loader, data_config = _loaders(args, train_ds, val_ds, ens, device)
     model = _train_model(args, ens, device)
     optimizer, scheduler, updates_per_epoch, mixup, loss_fn = _optimisation(args, ens, model, len(train_loader))
+    ema_warning(args, updates_per_epoch * args.epochs)
     autocast = autocast_factory(device, args.amp, args.amp_dtype)
     float16 = args.amp and device.type == "cuda" and (args.amp_dtype or "float16") == "float16"
     return _Run(args=args, device=device, out=out, ensemble=ens, class_names=class_names(train_ds), model=model,

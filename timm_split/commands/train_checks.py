@@ -175,6 +175,19 @@ def check_train_args(args: argparse.Namespace, custom_model: bool = False) -> No
     warmup_warning(args)
 
 
+def ema_warning(args: argparse.Namespace, updates: int) -> Optional[str]:
+    """Warn (and return the message) when ``--model-ema`` without warm-up would still be mostly its initial
+    weights after the run's ``updates`` (decay**updates > 0.5): it is what timm evaluates, so a short run would
+    score near chance whatever the model learnt."""
+    if args.model_ema and not args.model_ema_warmup and args.model_ema_decay ** updates > 0.5:
+        msg = (f"--model-ema-decay {args.model_ema_decay:g} over this run's {updates} updates keeps "
+               f"{args.model_ema_decay ** updates:.0%} of the EMA's initial weights, and the EMA is what is "
+               "evaluated: add --model-ema-warmup (its decay ramps up from 0), or lower --model-ema-decay.")
+        _logger.warning(msg)
+        return msg
+    return None
+
+
 def warmup_warning(args: argparse.Namespace) -> Optional[str]:
     """Warn (and return the message) when the LR warm-up covers the whole run: it then never leaves --warmup-lr."""
     if args.sched and args.warmup_epochs >= args.epochs and args.warmup_lr < (args.lr or args.lr_base):
