@@ -171,10 +171,11 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
             times = time_epochs(runs, args.rounds)
             parts = {s: breakdown(r) for s, r in runs.items()} if args.breakdown else None
             rec = cell_record(model, img, times, parts)
+            rec["chosen"] = {s: r.ensemble.chosen_execution(training=True) for s, r in runs.items()}
             records.append(rec)
             print(f"{model} @{img}px b{args.batch} {args.execution}: " + "  ".join(
                 f"S={s} {rec['median'][s]:.2f}s x{rec['ratio'][s]:.3f} [{q[0]:.2f}-{q[1]:.2f}]"
-                for s, q in rec["ratio_iqr"].items()), flush=True)
+                for s, q in rec["ratio_iqr"].items()) + f"  (ran: {rec['chosen']})", flush=True)
             if parts:
                 for s, p in parts.items():
                     print(f"    S={s} step parts (s): " + " ".join(f"{k} {v:.3f}" for k, v in p.items()))
