@@ -16,6 +16,7 @@ Each case runs ``timm-split ...`` (or a short Python snippet) in a subprocess, i
 The cases are the issue's, grouped as there, plus new ones of the same kinds (marked ``new``).
 """
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -193,6 +194,40 @@ def second_trainer(d: str) -> List[str]:
     return ["train", "--data-dir", "data", *T, "--epochs", "2", "--resume", ck, "--experiment", "base"]
 
 
+MOUNTS: List[str] = []  # tmpfs mounts a case made (unmounted after it)
+
+
+def _small_disk(d: str) -> str:
+    """A copy of the base run on its own 64 MB tmpfs (needs root; ``mount``), returned as a relative path."""
+    base_run(d)
+    mnt = os.path.join(d, "disk")
+    os.makedirs(mnt)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64M", "tmpfs", mnt], check=True)
+    MOUNTS.append(mnt)
+    shutil.copytree(os.path.join(d, "runs"), os.path.join(mnt, "runs"))
+    return "disk"
+
+
+def disk_full(d: str) -> List[str]:
+    """Resume a run whose folder's disk is full (a filler file takes the rest of the tmpfs)."""
+    mnt = _small_disk(d)
+    with open(os.path.join(d, mnt, "filler"), "wb") as f:
+        with contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+    return ["train", "--data-dir", "data", *T, "--epochs", "2", "--resume", f"{mnt}/runs/base/last.safetensors",
+            "--output", f"{mnt}/runs", "--experiment", "base"]
+
+
+def read_only(d: str) -> List[str]:
+    """Resume a run whose folder's filesystem was remounted read-only."""
+    mnt = _small_disk(d)
+    subprocess.run(["mount", "-o", "remount,ro", os.path.join(d, mnt)], check=True)
+    return ["train", "--data-dir", "data", *T, "--epochs", "2", "--resume", f"{mnt}/runs/base/last.safetensors",
+            "--output", f"{mnt}/runs", "--experiment", "base"]
+
+
 def fresh_into_finished(d: str) -> List[str]:
     base_run(d)
     return ["train", "--data-dir", "data", *T, "--experiment", "base"]
@@ -263,6 +298,10 @@ def cases() -> List[Case]:
         c(damaged, "fresh run into a finished run's folder", fresh_into_finished, expect="ok",
           check=old_run_intact, keep=("runs/base/last.safetensors", "runs/base/summary.csv")),
         c(damaged, "two trainers on one --experiment", second_trainer, pattern="pid|lock|running"),
+        c(damaged, "disk full on resume (a real tmpfs)", disk_full, pattern="cannot write disk/.*No space left",
+          keep=("disk/runs/base/last.safetensors", "disk/runs/base/summary.csv")),
+        c(damaged, "read-only filesystem on resume", read_only, pattern="cannot write disk/.*Read-only",
+          keep=("disk/runs/base/last.safetensors",)),
         c(damaged, "load_checkpoint with a foreign optimizer", py(FOREIGN_OPT), expect="ok",
           check=lambda d, out, err: None if out.startswith("OK") else f"got: {out[:200]}"),
         c(damaged, "stale temp files after a kill", stale_tmp, expect="ok", check=no_tmp_left),
@@ -364,6 +403,8 @@ def run_case(case: Case, timeout: float) -> Dict[str, str]:
     finally:
         while HOLDERS:
             HOLDERS.pop().kill()
+        while MOUNTS:
+            subprocess.run(["umount", MOUNTS.pop()], check=False)
         shutil.rmtree(d, ignore_errors=True)
 
 

@@ -184,3 +184,14 @@ def test_resume_sgd_run_with_adamw_is_one_line_and_changes_nothing(folder, tmp_p
     assert main(_flags(folder, tmp_path, "--opt", "adamw", "--epochs", "2", "--resume", str(last),
                        "--no-resume-opt")) == 0
     assert _epoch(last) == 2
+
+
+def test_a_full_disk_when_taking_the_lock_names_the_lock_file(tmp_path, monkeypatch):
+    """os.write's ENOSPC carries no file name: the lock names its file (found by the campaign on a real tmpfs,
+    where the message said 'cannot write the run folder')."""
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(OSError) as info:
+        RunLock(str(tmp_path)).acquire()
+    assert info.value.errno == errno.ENOSPC and info.value.filename == os.path.join(str(tmp_path), LOCK_FILE)

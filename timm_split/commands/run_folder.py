@@ -123,8 +123,12 @@ class RunLock:
         if previous and previous != os.getpid():
             _logger.warning("took over %s from pid %d, which is no longer training here (a killed run)",
                             self.path, previous)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as e:  # a full disk: name the file (os.write's error has no filename)
+            os.close(fd)
+            raise OSError(e.errno, e.strerror, self.path) from e
         self._fd = fd
         return self
 
