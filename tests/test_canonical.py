@@ -203,8 +203,9 @@ def test_model_created_at_another_size_has_the_default_widths():
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("name,kw", [
     ("swin_tiny_patch4_window7_224", dict(img_size=(232, 248))),  # resized to 224: 6 px windows
-    ("swinv2_tiny_window8_256", dict(img_size=384, drop_path_rate=0.3)),  # resized to 256: other windows
-    ("swinv2_cr_tiny_224", dict(img_size=(232, 248), drop_path_rate=0.2)),
+    pytest.param("swinv2_tiny_window8_256", dict(img_size=384, drop_path_rate=0.3),  # resized to 256: other windows
+                 marks=pytest.mark.tier),
+    pytest.param("swinv2_cr_tiny_224", dict(img_size=(232, 248), drop_path_rate=0.2), marks=pytest.mark.tier),
 ])
 def test_size_scaled_choices_are_planned_as_registered(name, kw):
     """Resizing a model created at another size scales its windows with the grid, so a resized copy is not the

@@ -148,8 +148,8 @@ _FINE_TUNE_BASE_FAILS = {
 def _fine_tune_params():
     for p in tier_params():
         arch = p.values[0]
-        for case in _FINE_TUNE:
-            marks = list(p.marks)
+        for i, case in enumerate(_FINE_TUNE):
+            marks = list(p.marks) + ([pytest.mark.tier] if i else [])  # the default run: the first case per arch
             cases, reason = _FINE_TUNE_BASE_FAILS.get(arch, ((), ""))
             if case in cases:
                 marks.append(pytest.mark.skip(reason=reason))
