@@ -101,8 +101,8 @@ def breakdown(run, repeats: int = 5) -> Dict[str, float]:
     return {k: statistics.median(v) for k, v in parts.items()}
 
 
-def profile(run, steps: int = 3, rows: int = 15) -> str:
-    """torch.profiler's top ops (self CPU time) over ``steps`` training steps of ``run`` on its own loader."""
+def profile(run, rows: int = 15) -> str:
+    """torch.profiler's top ops (self CPU time) over one epoch of ``run`` (after a warm-up epoch)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
@@ -161,8 +161,9 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     print(json.dumps(header()))
     with tempfile.TemporaryDirectory() as tmp:
         for model, img, kwargs in cells:
-            data = make_folder(os.path.join(tmp, str(img)), args.images, img) if not os.path.isdir(
-                os.path.join(tmp, str(img))) else os.path.join(tmp, str(img))
+            data = os.path.join(tmp, str(img))
+            if not os.path.isdir(data):
+                make_folder(data, args.images, img)
             if args.profile:
                 args.splits = [args.profile]
                 print(profile(build_runs(args, model, img, kwargs, data)[args.profile]))

@@ -200,11 +200,16 @@ def atomic_write(path: str, write: Callable[[str], None]) -> None:
     Args:
         path: the file to write.
         write: writes the content to the path it is given.
+
+    Raises:
+        OSError: a full disk, a read-only filesystem...: with ``path`` as its file name, not the temporary file's.
     """
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), path) from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import sys
 from functools import partial
 from typing import Any, Callable, Optional
@@ -33,6 +34,17 @@ def autocast_factory(device: torch.device, amp: bool, amp_dtype: Optional[str] =
         return contextlib.nullcontext
     dtype = getattr(torch, amp_dtype or ("float16" if device.type == "cuda" else "bfloat16"))
     return partial(torch.autocast, device_type=device.type, dtype=dtype)
+
+
+def cli_logging(logger: str) -> None:
+    """A command's logging: warnings from everything (when the program set up no handler), ``logger`` at INFO.
+
+    Args:
+        logger: the logger whose progress lines the command shows, e.g. ``'timm_split'``.
+    """
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger(logger).setLevel(logging.INFO)
 
 
 def user_error(cmd: str, e: BaseException) -> int:

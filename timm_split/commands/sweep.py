@@ -468,6 +468,8 @@ def _check_paths(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .common import cli_logging
+
     command = "timm-split sweep " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["sweep"] else sys.argv[1:])
     _check_paths(args)
     if args.report:
@@ -478,9 +480,7 @@ def run(args: argparse.Namespace) -> int:
             archs = [a for a in archs if any(fnmatch.fnmatch(a, f) for f in args.filter)][:args.limit]
         progress = sys.stderr.isatty()
         if not progress:  # a log file gets a line per architecture instead of a bar
-            if not logging.getLogger().handlers:
-                logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-            _logger.setLevel(logging.INFO)
+            cli_logging(_logger.name)
         rows = run_sweep(archs, args.split, args.out, device=args.device, timeout=args.timeout,
                          workers=args.workers, cpu_max_params=args.cpu_max_params, progress=progress)
         counts: Dict[str, int] = {}

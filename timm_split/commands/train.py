@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ..checks import atomic_write
-from .common import autocast_factory, resolve_device, user_error
+from .common import autocast_factory, cli_logging, resolve_device, user_error
 from .train_checks import SEED_SPACE, check_channels, check_train_args, ema_warning
 from .train_flags import add_train_args
 
@@ -143,22 +143,26 @@ def _views_for_model(views: torch.Tensor, channels_last: bool) -> Any:
     return [v.contiguous(memory_format=torch.channels_last) for v in views.unbind(0)]
 
 
-def _backward_step(run: _Run, loss: torch.Tensor, need_update: bool) -> None:
-    """timm's backward: the grad scaler (float16) or ``backward`` + clipping + ``step`` on an update.
-
-    A NaN or infinite loss is a ``ValueError`` before its gradients reach the weights (one host sync, which the
-    epoch's loss sums take anyway); the checkpoints already written are kept.
-    """
-    from timm.utils import dispatch_clip_grad
-
-    args = run.args
-    value = float(loss.detach())
+def _check_finite(run: _Run, value: float) -> None:
+    """A NaN or infinite loss is a ``ValueError`` before its backward (the checkpoints already written are kept)."""
     if not math.isfinite(value):
         epoch, update = divmod(run.num_updates, run.updates_per_epoch)
         lr = run.optimizer.param_groups[0]["lr"]
-        raise ValueError(f"loss is {value} at epoch {epoch + 1}/{args.epochs}, update {update + 1}/"
+        raise ValueError(f"loss is {value} at epoch {epoch + 1}/{run.args.epochs}, update {update + 1}/"
                          f"{run.updates_per_epoch}: training diverged; lower --lr (now {lr:.3g}), or add --clip-grad "
                          "1 or more --warmup-epochs. The checkpoints already written are kept.")
+
+
+def _replicas(args: argparse.Namespace) -> int:
+    """Data-parallel replicas (``--member-parallel`` ranks of one replica share its batch)."""
+    return args.world_size // args.split if args.member_parallel else args.world_size
+
+
+def _backward_step(run: _Run, loss: torch.Tensor, need_update: bool) -> None:
+    """timm's backward: the grad scaler (float16) or ``backward`` + clipping + ``step`` on an update."""
+    from timm.utils import dispatch_clip_grad
+
+    args = run.args
     if run.scaler is not None:
         run.scaler(loss, run.optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
                    parameters=run.model.parameters(), need_update=need_update)
@@ -193,7 +197,7 @@ def train_one_epoch(run: _Run, epoch: int, progress: bool) -> Dict[str, float]:
     if getattr(run, "progress_start", None) is None:  # the first epoch this process trains, and when it began
         run.progress_start = (epoch, time.perf_counter())
     pace = Throughput(n)  # images of every data-parallel replica, as timm counts them
-    replicas = args.world_size // args.split if args.member_parallel else args.world_size
+    replicas = _replicas(args)
     for i, (views, target) in enumerate(bar):
         need_update = i == n - 1 or (i + 1) % accum == 0
         divisor = last_accum if i >= n - last_accum else accum
@@ -203,9 +207,11 @@ def train_one_epoch(run: _Run, epoch: int, progress: bool) -> Dict[str, float]:
             with run.autocast():
                 logits = run.model(_views_for_model(views, args.channels_last))
             losses = run.loss_fn(logits, target, epoch=epoch + i / n)
+            values = torch.stack([losses[k].detach().float() for k in sums]).tolist()  # one host sync a step
+            _check_finite(run, values[0])
             _backward_step(run, losses["loss"] / divisor, need_update)
-        for k in sums:
-            sums[k] += losses[k].detach().item()
+        for k, v in zip(sums, values):
+            sums[k] += v
         pace.update(target.shape[0] * replicas)
         if not need_update:
             continue
@@ -296,7 +302,7 @@ def _resolve_lr(args: argparse.Namespace) -> None:
     """timm's rule: ``lr = lr_base * global_batch / lr_base_size`` (sqrt for adaptive optimizers) if not given."""
     if args.lr:
         return
-    replicas = args.world_size // args.split if args.member_parallel else args.world_size
+    replicas = _replicas(args)
     batch_ratio = args.batch_size * replicas * args.grad_accum_steps / args.lr_base_size
     if not args.lr_base_scale:
         args.lr_base_scale = "sqrt" if any(o in args.opt.lower() for o in ("ada", "lamb")) else "linear"
@@ -674,14 +680,11 @@ def _jsonable(d: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def _write_json(path: str, obj: Any) -> None:
-    """``atomic_write`` of ``obj`` as JSON; an I/O error (disk full, read-only) names ``path``, not the temp file."""
+    """``atomic_write`` of ``obj`` as JSON (an I/O error names ``path``)."""
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=1)
-    try:
-        atomic_write(path, write)
-    except OSError as e:
-        raise OSError(e.errno, e.strerror or str(e), path) from e
+    atomic_write(path, write)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -689,9 +692,7 @@ def _write_json(path: str, obj: Any) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     """``timm-split train``: train, print the final metrics; user errors exit 2 with one line naming the fix."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("timm_split").setLevel(logging.INFO)
+    cli_logging("timm_split")
     from ..errors import SplitError
 
     try:

@@ -25,7 +25,7 @@ from torch import nn
 from ..checks import atomic_write, check_writable
 from ..training.data import class_difference
 from ..training.metrics import evaluate
-from .common import autocast_factory, resolve_device, user_error
+from .common import autocast_factory, cli_logging, resolve_device, user_error
 from .train_checks import MIN_IMG_SIZE
 
 _logger = logging.getLogger(__name__)
@@ -169,9 +169,7 @@ def _row(m: Dict[str, Any]) -> Dict[str, float]:
 
 def run_validate(args: argparse.Namespace) -> int:
     """``timm-split validate``: print the results (and write ``--results-file``); user errors exit 2 in one line."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger(evaluate.__module__).setLevel(logging.INFO)  # its progress lines (--log-freq)
+    cli_logging(evaluate.__module__)  # its progress lines (--log-freq)
     try:
         rows = validate(args)
         if args.results_file:
