@@ -12,7 +12,7 @@ import hashlib
 import logging
 import statistics
 import time
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -22,7 +22,7 @@ from .threads import ThreadsExecution
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["AutoExecution"]
+__all__ = ["AutoExecution", "Key"]
 
 # decisions shared by every AutoExecution(cache=True) of this process: (architecture digest, key, options) -> name
 _DECISIONS: Dict[Tuple, str] = {}
@@ -79,6 +79,20 @@ def _preserved(members: Members) -> Iterator[None]:
         torch.set_rng_state(rng)
         for i, s in zip(cuda, cuda_rng):
             torch.cuda.set_rng_state(s, i)
+
+
+class Key(NamedTuple):
+    """What a decision is kept for: the members' devices, the view's shape and dtype, whether one batch is shared,
+    train mode, grad, autocast (on, dtype) and a channels-last input."""
+
+    devices: Tuple[str, ...]
+    shape: Tuple[int, ...]
+    dtype: torch.dtype
+    shared: bool
+    training: bool
+    grad: bool
+    autocast: Tuple[bool, Optional[torch.dtype]]
+    channels_last: bool
 
 
 class AutoExecution(Execution):
@@ -158,16 +172,16 @@ class AutoExecution(Execution):
             ex.reset()
 
     @staticmethod
-    def key(members: Members, views: List[torch.Tensor]) -> Tuple:
+    def key(members: Members, views: List[torch.Tensor]) -> Key:
         """The cache key: devices, view shape and dtype, whether one batch is shared, training, grad, autocast
         (on, dtype) on the first member's device type, and whether the input is channels-last."""
         dev = module_device(members[0]).type
         autocast = torch.is_autocast_enabled(dev) if dev in ("cpu", "cuda") else False
         x = views[0]
-        return (tuple(str(module_device(m)) for m in members), tuple(x.shape), x.dtype,
-                all(v is x for v in views), is_training(members[0]), needs_graph(members),
-                (autocast, torch.get_autocast_dtype(dev) if autocast else None),
-                x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last))
+        return Key(tuple(str(module_device(m)) for m in members), tuple(x.shape), x.dtype,
+                   all(v is x for v in views), is_training(members[0]), needs_graph(members),
+                   (autocast, torch.get_autocast_dtype(dev) if autocast else None),
+                   x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last))
 
     def choose(self, members: Members, views: List[torch.Tensor]) -> str:
         """The winner for this call's key: remembered, decided earlier in this process, or timed now."""
@@ -181,7 +195,7 @@ class AutoExecution(Execution):
             winner = self.choices[key] = _DECISIONS[shared]
             self.trials[key] = {}
             _logger.info("auto: '%s' for devices %s, input %s (decided earlier in this process for these members; "
-                         "no trials)", winner, key[0], list(key[1]))
+                         "no trials)", winner, key.devices, list(key.shape))
             return winner
         winner = self.choices[key] = self._decide(members, views, key)
         if shared is not None:
@@ -195,7 +209,7 @@ class AutoExecution(Execution):
             return "loop"
         start = self._clock()
         with _preserved(members):
-            times, calls = self._time(members, views, graph=key[5])
+            times, calls = self._time(members, views, graph=key.grad)
         self.trials[key] = calls
         score = self._score(times) if "loop" in times else {}
         winner = min(score, key=score.get) if score else "loop"
@@ -206,8 +220,8 @@ class AutoExecution(Execution):
                 self._drop(name)
         _release_freed_memory()
         _logger.info("auto: '%s' for devices %s, input %s %s, training=%s, grad=%s (loop %.1f ms; time / loop: %s; "
-                     "%d trial calls in %.1f s)", winner, key[0], list(key[1]),
-                     "shared" if key[3] else "per-member views", key[4], key[5],
+                     "%d trial calls in %.1f s)", winner, key.devices, list(key.shape),
+                     "shared" if key.shared else "per-member views", key.training, key.grad,
                      1e3 * statistics.median(times.get("loop") or [0]), {n: round(v, 3) for n, v in score.items()},
                      sum(calls.values()), self._clock() - start)
         return winner
@@ -280,7 +294,7 @@ class AutoExecution(Execution):
         """The strategy decided for the first input seen in training (``training=True``: train mode with a graph)
         or evaluation mode; None before such a call."""
         for key, name in (self.choices or {}).items():
-            if key[4] == training and key[5] == training:
+            if key.training == training and key.grad == training:
                 return name
         return None
 
