@@ -17,7 +17,7 @@ from .trace import meta_copy
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["SplitEnsemble", "checkpoint_filter_fn", "prefixed", "single"]
+__all__ = ["SplitEnsemble", "checkpoint_filter_fn", "checked_state_dict", "member_views", "prefixed", "single"]
 
 Views = Union[torch.Tensor, Sequence[torch.Tensor]]
 Device = Union[str, int, torch.device]
@@ -201,6 +201,37 @@ def _fit_new_linears(member: nn.Module, before: set, input_size: Tuple[int, ...]
             _logger.debug("reset_classifier: %s resized to %d inputs (the member's width)", n, seen[n])
 
 
+def member_views(x: Views, S: int, input_dim: int, first: nn.Module) -> List[torch.Tensor]:
+    """Validated per-member inputs: one batch for all S members, or S views of one batch size (on the device
+    the members' parameters say: a meta input for meta members and the other way round is refused)."""
+    if isinstance(x, (list, tuple)):
+        if len(x) != S:
+            raise ValueError(f"got {len(x)} views for {S} members; pass one tensor or exactly {S} views")
+        views = list(x)
+    elif not isinstance(x, torch.Tensor):
+        raise ValueError(f"input must be a tensor or a list of {S} views, got {type(x).__name__}")
+    elif x.dim() == input_dim + 1:
+        if x.shape[0] != S:
+            raise ValueError(f"views of shape {tuple(x.shape)} have {x.shape[0]} views for {S} members; "
+                             f"pass [S={S}, B, ...] views or one [B, ...] batch")
+        views = list(x.unbind(0))
+    else:
+        views = [x] * S
+    for v in views:
+        if not isinstance(v, torch.Tensor) or v.dim() != input_dim:
+            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise ValueError(f"each view must be a {input_dim}-d batch [B, C, H, W], got {got}")
+    # (under torch.jit.trace a shape is a traced tensor: a set of them is never one element)
+    if not torch.jit.is_tracing() and len({int(v.shape[0]) for v in views}) > 1:
+        raise ValueError(f"views have unequal batch sizes {[v.shape[0] for v in views]}; every member needs "
+                         "the same samples (one view of each per member)")
+    p = next(first.parameters(), None)
+    if p is not None and p.is_meta != views[0].is_meta:
+        raise RuntimeError(f"Tensor on device {views[0].device} is not on the expected device {p.device}! "
+                           f"(the ensemble's members are on {p.device}; move the input or the model)")
+    return views
+
+
 class SplitEnsemble(nn.Module):
     """S thinner members of one architecture that together cost what the original did.
 
@@ -291,85 +322,17 @@ class SplitEnsemble(nn.Module):
     def default_cfg(self, cfg: Dict[str, Any]) -> None:
         self.pretrained_cfg = cfg
 
-    def _may_be_missing(self, key: str) -> bool:
-        """Whether timm's loader may drop ``key`` from a file: the classifier (for another ``num_classes``) and a
-        first conv's weight it cannot adapt to another ``in_chans`` (NaFlexViT's linear patch embedding)."""
-        cfg = self.pretrained_cfg
-        heads = tuple(f"{n}." for n in prefixed(cfg.get("classifier"), self.split_factor) or ())
-        stems = {f"{n}.weight" for n in prefixed(cfg.get("first_conv"), self.split_factor) or ()}
-        return key.startswith(heads) or key in stems
-
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """``nn.Module.load_state_dict`` that checks everything before it changes anything.
-
-        A split-factor mismatch or a shape mismatch is a ``ValueError`` naming the cause (with ``strict=False``
-        too: nothing is loaded then). With ``strict=False`` only what timm's loader drops may be missing: the
-        classifier (``pretrained_cfg['classifier']``) for another ``num_classes``, and a first conv's weight it
-        cannot adapt to another ``in_chans``; a missing backbone tensor is refused.
-        """
-        ids = {int(k.split(".")[1]) for k in state_dict if k.startswith("members.") and k.split(".")[1].isdigit()}
-        arch = self.pretrained_cfg.get("architecture", type(self.members[0]).__name__)
-        if ids and len(ids) != self.split_factor:
-            raise ValueError(f"checkpoint has {len(ids)} members but this {arch} has split_factor="
-                             f"{self.split_factor}; create the model with split_factor={len(ids)}")
-        own = self.state_dict()
-        # a file holds tied tensors once (safetensors; timm's loader does not restore the other names)
-        tied = {k: a for k, a in tied_names(own).items() if k not in state_dict and a in state_dict}
-        if tied:
-            state_dict = {**state_dict, **{k: state_dict[a] for k, a in tied.items()}}
-        missing = [k for k in own if k not in state_dict]
-        if not strict:
-            missing = [k for k in missing if not self._may_be_missing(k)]
-        unexpected = [k for k in state_dict if k not in own] if strict else []
-        shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
-                  for k, v in own.items() if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
-        if missing or unexpected or shapes:
-            raise ValueError(
-                f"checkpoint does not match {arch} (split_factor={self.split_factor}): "
-                f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}, "
-                f"{len(shapes)} shape mismatches {shapes[:3]}; nothing was loaded. Was it saved from another "
-                "architecture, split factor, num_classes or in_chans? (only the classifier and an unadaptable "
-                "first conv may be missing)")
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        """``nn.Module.load_state_dict`` that checks everything before it changes anything
+        (:func:`checked_state_dict`: split factor, keys and shapes; with ``strict=False`` only the classifier and
+        an unadaptable first conv may be missing)."""
+        return super().load_state_dict(checked_state_dict(self, state_dict, strict), strict=strict, assign=assign)
 
     # ---- inputs
-    def _views(self, x: Views) -> List[torch.Tensor]:
-        """Validated per-member inputs: one batch for all, or S views of one batch size."""
-        S = self.split_factor
-        if isinstance(x, (list, tuple)):
-            if len(x) != S:
-                raise ValueError(f"got {len(x)} views for {S} members; pass one tensor or exactly {S} views")
-            views = list(x)
-        elif not isinstance(x, torch.Tensor):
-            raise ValueError(f"input must be a tensor or a list of {S} views, got {type(x).__name__}")
-        elif x.dim() == self._input_dim + 1:
-            if x.shape[0] != S:
-                raise ValueError(f"views of shape {tuple(x.shape)} have {x.shape[0]} views for {S} members; "
-                                 f"pass [S={S}, B, ...] views or one [B, ...] batch")
-            views = list(x.unbind(0))
-        else:
-            views = [x] * S
-        for v in views:
-            if not isinstance(v, torch.Tensor) or v.dim() != self._input_dim:
-                got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-                raise ValueError(f"each view must be a {self._input_dim}-d batch [B, C, H, W], got {got}")
-        # (under torch.jit.trace a shape is a traced tensor: a set of them is never one element)
-        if not torch.jit.is_tracing() and len({int(v.shape[0]) for v in views}) > 1:
-            raise ValueError(f"views have unequal batch sizes {[v.shape[0] for v in views]}; every member needs "
-                             "the same samples (one view of each per member)")
-        self._check_device(views[0])
-        return views
-
-    def _check_device(self, x: torch.Tensor) -> None:
-        p = next(self.members[0].parameters(), None)
-        if p is not None and p.is_meta != x.is_meta:
-            raise RuntimeError(f"Tensor on device {x.device} is not on the expected device {p.device}! "
-                               f"(the ensemble's members are on {p.device}; move the input or the model)")
-
     def _member_inputs(self, x: Views) -> List[torch.Tensor]:
         if is_fx_tracing():
             return [_member_view(x, i, self.split_factor, self._input_dim) for i in range(self.split_factor)]
-        return self._views(x)
+        return member_views(x, self.split_factor, self._input_dim, self.members[0])
 
     def forward_members(self, x: Views) -> torch.Tensor:
         """Every member's output, stacked: ``[S, B, ...]``.
@@ -681,3 +644,47 @@ def single(model: nn.Module, arch: str) -> SplitEnsemble:
     """
     cfg = dict(getattr(model, "pretrained_cfg", None) or {}, architecture=f"splitnet_{arch}", split_factor=1)
     return SplitEnsemble([model], pretrained_cfg=cfg)
+
+
+def _may_be_missing(ens: "SplitEnsemble", key: str) -> bool:
+    """Whether timm's loader may drop ``key`` from a file: the classifier (for another ``num_classes``) and a
+    first conv's weight it cannot adapt to another ``in_chans`` (NaFlexViT's linear patch embedding)."""
+    cfg = ens.pretrained_cfg
+    heads = tuple(f"{n}." for n in prefixed(cfg.get("classifier"), ens.split_factor) or ())
+    stems = {f"{n}.weight" for n in prefixed(cfg.get("first_conv"), ens.split_factor) or ()}
+    return key.startswith(heads) or key in stems
+
+
+def checked_state_dict(ens: "SplitEnsemble", state_dict: Dict[str, torch.Tensor], strict: bool = True
+                       ) -> Dict[str, torch.Tensor]:
+    """``state_dict`` checked against the ensemble before anything is loaded, with tied names filled in.
+
+    A split-factor mismatch or a shape mismatch is a ``ValueError`` naming the cause (with ``strict=False`` too:
+    nothing is loaded then). With ``strict=False`` only what timm's loader drops may be missing: the classifier
+    (``pretrained_cfg['classifier']``) for another ``num_classes``, and a first conv's weight it cannot adapt to
+    another ``in_chans``; a missing backbone tensor is refused.
+    """
+    ids = {int(k.split(".")[1]) for k in state_dict if k.startswith("members.") and k.split(".")[1].isdigit()}
+    arch = ens.pretrained_cfg.get("architecture", type(ens.members[0]).__name__)
+    if ids and len(ids) != ens.split_factor:
+        raise ValueError(f"checkpoint has {len(ids)} members but this {arch} has split_factor="
+                         f"{ens.split_factor}; create the model with split_factor={len(ids)}")
+    own = ens.state_dict()
+    # a file holds tied tensors once (safetensors; timm's loader does not restore the other names)
+    tied = {k: a for k, a in tied_names(own).items() if k not in state_dict and a in state_dict}
+    if tied:
+        state_dict = {**state_dict, **{k: state_dict[a] for k, a in tied.items()}}
+    missing = [k for k in own if k not in state_dict]
+    if not strict:
+        missing = [k for k in missing if not _may_be_missing(ens, k)]
+    unexpected = [k for k in state_dict if k not in own] if strict else []
+    shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in own.items() if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        raise ValueError(
+            f"checkpoint does not match {arch} (split_factor={ens.split_factor}): "
+            f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}, "
+            f"{len(shapes)} shape mismatches {shapes[:3]}; nothing was loaded. Was it saved from another "
+            "architecture, split factor, num_classes or in_chans? (only the classifier and an unadaptable "
+            "first conv may be missing)")
+    return state_dict
