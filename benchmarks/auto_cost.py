@@ -25,12 +25,13 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
 import time
 from typing import Any, Dict, List, Optional
+
+from common import run_header, write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CASES = ["resnet50:224", "resnet18:64"]
@@ -162,14 +163,11 @@ def _table(rows: List[Dict[str, Any]]) -> str:
 
 
 def _header(args: argparse.Namespace) -> Dict[str, Any]:
-    import timm
-    import torch
-    rev = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    return dict(torch=torch.__version__, timm=timm.__version__, machine=platform.processor() or platform.machine(),
-                cpus=len(os.sched_getaffinity(0)), threads=args.threads or torch.get_num_threads(),
-                load_average=[round(x, 2) for x in os.getloadavg()], git=rev.stdout.strip() or None,
-                mode=args.mode, split=args.split, batch=args.batch, repeats=args.repeats, cache=not args.no_cache,
-                before_rev=args.before_rev, memory="resource.getrusage ru_maxrss (peak RSS) and /proc/self/statm")
+    """``common.run_header`` with this run's options (``threads``: the variants' own when ``--threads`` set it)."""
+    threads = {"threads": args.threads} if args.threads else {}
+    return run_header(**threads, mode=args.mode, split=args.split, batch=args.batch, repeats=args.repeats,
+                      cache=not args.no_cache, before_rev=args.before_rev,
+                      memory="resource.getrusage ru_maxrss (peak RSS) and /proc/self/statm")
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -204,8 +202,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             rows.append(rec)
             print(json.dumps(rec), flush=True)
     print(_table(rows))
-    with open(args.json, "w") as f:
-        json.dump(dict(header=_header(args), rows=rows), f, indent=1)
+    write_json(args.json, dict(header=_header(args), rows=rows))
     print(f"wrote {args.json}")
 
 

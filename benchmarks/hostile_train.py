@@ -27,23 +27,13 @@ import tempfile
 import time
 from typing import Callable, Dict, List, Optional
 
-import numpy as np
 from PIL import Image
+
+from common import image_folder, write_json
 
 T = ["--model", "test_resnet", "--split", "2", "--img-size", "32", "--epochs", "1", "-b", "4", "-j", "0",
      "--device", "cpu", "--output", "runs", "--no-progress"]
 CLI = [sys.executable, "-m", "timm_split.commands.main"]
-
-
-def folder(root: str, splits: Dict[str, List[str]], n: int = 8, size: int = 32) -> str:
-    rng = np.random.default_rng(0)
-    for split, classes in splits.items():
-        for c in classes:
-            os.makedirs(os.path.join(root, split, c), exist_ok=True)
-            for i in range(n):
-                Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(
-                    os.path.join(root, split, c, f"{i}.png"))
-    return root
 
 
 AB = {"train": ["a", "b"], "validation": ["a", "b"]}
@@ -66,7 +56,7 @@ class Case:
 
 def train_cmd(*extra: str, splits=AB) -> Callable[[str], List[str]]:
     def setup(d: str) -> List[str]:
-        folder(os.path.join(d, "data"), splits)
+        image_folder(os.path.join(d, "data"), splits)
         return ["train", "--data-dir", "data", *T, *extra]
     return setup
 
@@ -80,7 +70,7 @@ def base_run(d: str, *extra: str) -> str:
     key = " ".join(extra)
     if key not in BASE:
         src = tempfile.mkdtemp(prefix="hostile-base-")
-        folder(os.path.join(src, "data"), AB)
+        image_folder(os.path.join(src, "data"), AB)
         subprocess.run(CLI + ["train", "--data-dir", "data", *T, "--experiment", "base", *extra], cwd=src,
                        check=True, capture_output=True)
         BASE[key] = src
@@ -134,7 +124,7 @@ def _optim_lr(meta):
 
 
 def bomb_png(d: str) -> List[str]:
-    folder(os.path.join(d, "data"), AB)
+    image_folder(os.path.join(d, "data"), AB)
     Image.new("1", (14000, 14000)).save(os.path.join(d, "data", "train", "a", "big.png"))
     return ["train", "--data-dir", "data", *T]
 
@@ -159,7 +149,7 @@ def validate_cmd(*extra: str, splits=AB, base_extra: tuple = ()) -> Callable[[st
         ck = base_run(d, *base_extra)
         if splits is not AB:
             shutil.rmtree(os.path.join(d, "data"))
-            folder(os.path.join(d, "data"), splits)
+            image_folder(os.path.join(d, "data"), splits)
         return ["validate", "--checkpoint", ck, "--data-dir", "data", "-j", "0", "--device", "cpu", *extra]
     return setup
 
@@ -282,7 +272,7 @@ def cases() -> List[Case]:
         c(wrong, "validation classes {a, b, c}",
           train_cmd(splits={"train": ["a", "b"], "validation": ["a", "b", "c"]}), pattern="class"),
         c(wrong, "--class-map leaves out a class", class_map_case, pattern="leaves out|class"),
-        c(wrong, "partial export", lambda d: (folder(os.path.join(d, "data"), AB), open(os.path.join(
+        c(wrong, "partial export", lambda d: (image_folder(os.path.join(d, "data"), AB), open(os.path.join(
             d, "data", ".timm_split_export.json"), "w").write('{"complete": false}'), [
             "train", "--data-dir", "data", *T])[2], pattern="export|incomplete|partial"),
         c(wrong, "validate on other class names", validate_cmd(splits={"validation": ["a", "c"]}), pattern="class"),
@@ -322,7 +312,7 @@ def cases() -> List[Case]:
         c(tb, "a 196-Mpx PNG", bomb_png, pattern="big.png|MAX_IMAGE_PIXELS"),
         c(tb, "resume an SGD checkpoint with --opt adamw", resume_case(lambda p: None, "--opt", "adamw"),
           pattern="opt"),
-        c(tb, "a corrupt PNG", lambda d: (folder(os.path.join(d, "data"), AB), open(os.path.join(
+        c(tb, "a corrupt PNG", lambda d: (image_folder(os.path.join(d, "data"), AB), open(os.path.join(
             d, "data", "train", "a", "0.png"), "wb").write(b"not a png"), ["train", "--data-dir", "data", *T])[2],
           expect="ok", check=lambda d, out, err: None if "0.png" in err else "the skipped file is not named",
           new=True),  # timm's ImageDataset skips an unreadable image with a warning naming it; kept as timm does
@@ -422,9 +412,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, str]]:
     for d in BASE.values():
         shutil.rmtree(d, ignore_errors=True)
     if args.json:
-        with open(args.json + ".tmp", "w") as f:
-            json.dump({"counts": counts, "rows": rows}, f, indent=1)
-        os.replace(args.json + ".tmp", args.json)
+        write_json(args.json, {"counts": counts, "rows": rows})
     return rows
 
 

@@ -11,16 +11,15 @@ one sample, whatever S). Part 2 trains ``--model`` for one epoch of ``--epoch-im
 ``--json``, to a file.
 """
 import argparse
-import json
-import os
 import tempfile
 import time
 
 import torch
 
-
 from timm_split.training.data import MemberBatchAugment, create_datasets, create_member_loader
 from timm_split.commands.train import train, train_args
+
+from common import run_header, write_json
 
 
 def loader_images_per_second(args: argparse.Namespace, split_factor: int) -> float:
@@ -75,9 +74,10 @@ def main() -> None:
     args = p.parse_args()
     if args.tiny:
         args.batches, args.warmup, args.batch_size, args.epoch_images, args.model = 2, 1, 16, 64, "test_resnet"
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cores; "
+    header = run_header()
+    print(f"torch {header['torch']}, {header['threads']} threads, {header['cpus']} cores; "
           f"--workers {args.workers}, batch {args.batch_size}, {args.img_size} px, --aa {args.aa}", flush=True)
-    results = {"loader_images_per_s": {}, "epoch_seconds": {}, "config": vars(args)}
+    results = {"loader_images_per_s": {}, "epoch_seconds": {}, "config": vars(args), "header": header}
     for S in args.splits:
         ips = loader_images_per_second(args, S)
         results["loader_images_per_s"][S] = ips
@@ -88,8 +88,7 @@ def main() -> None:
             results["epoch_seconds"][S] = sec
             print(f"epoch S={S}: {sec:.1f} s ({args.epoch_images} images, {args.model})", flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":

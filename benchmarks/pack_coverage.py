@@ -42,7 +42,7 @@ def _build(arch: str, img_size: int):
     """The model at ``img_size`` where it takes and runs at it, else at its own size (as the sweep's CPU check)."""
     import timm
 
-    from timm_split.commands.sweep import _runs_at
+    from timm_split.commands.sweep import runs_at
 
     cfg = timm.models.get_pretrained_cfg(arch)
     kwargs = {"num_classes": 10} if cfg is None or cfg.num_classes else {}
@@ -51,7 +51,7 @@ def _build(arch: str, img_size: int):
             model = timm.create_model(arch, **kwargs, **extra)
         except Exception:  # noqa: BLE001 - no img_size argument, or not buildable at it
             continue
-        size = img_size if _runs_at(model, img_size) else None
+        size = img_size if runs_at(model, img_size) else None
         return model, size
     return timm.create_model(arch, **kwargs), None
 
@@ -136,10 +136,10 @@ def check_one(arch: str, split: int = 2, img_size: int = 64, max_params: float =
     import torch
 
     import timm_split
-    from timm_split.commands.sweep import _module, _one_line
+    from timm_split.commands.sweep import module_of, one_line
 
     t0 = time.perf_counter()
-    row = dict(arch=arch, module=_module(arch), split=split)
+    row = dict(arch=arch, module=module_of(arch), split=split)
     try:
         with torch.device("meta"):
             params = sum(p.numel() for p in timm.create_model(arch).parameters())
@@ -152,7 +152,7 @@ def check_one(arch: str, split: int = 2, img_size: int = 64, max_params: float =
         try:
             ens = timm_split.split(model, split, img_size=size)
         except Exception as e:  # noqa: BLE001 - not splittable: outside the coverage denominator
-            return dict(row, status="split_error", failing_op=_one_line(e), seconds=round(time.perf_counter() - t0, 2))
+            return dict(row, status="split_error", failing_op=one_line(e), seconds=round(time.perf_counter() - t0, 2))
         torch.manual_seed(0)
         for p in ens.parameters():  # zero-initialised heads would make every comparison trivially equal
             p.data.add_(torch.randn_like(p) * 0.02)
@@ -161,13 +161,13 @@ def check_one(arch: str, split: int = 2, img_size: int = 64, max_params: float =
         try:
             errs, note, looped = _compare(ens, x, tol)
         except Exception as e:  # noqa: BLE001
-            return dict(row, status="pack_error", packed_ok=False, failing_op=f"{type(e).__name__}: {_one_line(e)}",
+            return dict(row, status="pack_error", packed_ok=False, failing_op=f"{type(e).__name__}: {one_line(e)}",
                         seconds=round(time.perf_counter() - t0, 2))
         ok = all(v <= tol for v in errs.values())
         row.update(errs, status="ok" if ok else "mismatch", packed_ok=ok, fully_packed=ok and not looped,
                    looped_ops=len(looped), failing_op=looped[0] if looped else "", fp64=note)
     except Exception as e:  # noqa: BLE001
-        row.update(status="crash", failing_op=f"{type(e).__name__}: {_one_line(e)}")
+        row.update(status="crash", failing_op=f"{type(e).__name__}: {one_line(e)}")
     row["seconds"] = round(time.perf_counter() - t0, 2)
     return row
 
@@ -202,7 +202,7 @@ def _write(path: str, rows: List[Dict]) -> None:
 
 def run(archs: Sequence[str], out: str, workers: int = 1, timeout: float = 300, **options) -> List[Dict]:
     """Check ``archs`` (``workers`` processes at a time, one per model), rewriting ``out`` after each."""
-    from timm_split.commands.sweep import _module
+    from timm_split.commands.sweep import module_of
 
     rows = _read(out)
     done = {r["arch"] for r in rows}
@@ -222,10 +222,10 @@ def run(archs: Sequence[str], out: str, workers: int = 1, timeout: float = 300, 
             if conn.poll():
                 row = conn.recv()
             elif time.monotonic() - since > timeout:
-                row = dict(arch=arch, module=_module(arch), split=options.get("split", 2), status="timeout",
+                row = dict(arch=arch, module=module_of(arch), split=options.get("split", 2), status="timeout",
                            failing_op=f"over {timeout:.0f}s", seconds=timeout)
             elif not proc.is_alive():
-                row = dict(arch=arch, module=_module(arch), split=options.get("split", 2), status="crash",
+                row = dict(arch=arch, module=module_of(arch), split=options.get("split", 2), status="crash",
                            failing_op=f"worker died (exit code {proc.exitcode})")
             if row is not None:
                 proc.kill()

@@ -25,7 +25,6 @@ import contextlib
 import json
 import logging
 import os
-import platform
 import statistics
 import time
 from typing import Callable, Dict, List, Optional, Tuple
@@ -37,6 +36,8 @@ import torch.nn.functional as F
 import timm_split
 from timm_split import CoTrainingLoss
 from timm_split.execution.packed import CudaGraphed
+
+from common import run_header, write_json
 
 STRATEGIES = ["loop", "threads", "packed", "threads+packed", "auto"]
 
@@ -284,13 +285,13 @@ def markdown(records: List[dict]) -> str:
 
 
 def _header() -> str:
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"torch {torch.__version__}, timm {timm.__version__}, {platform.processor() or platform.machine()}, "
-            f"cores {len(os.sched_getaffinity(0))}, intra-op threads {torch.get_num_threads()}, "
-            f"mkldnn {torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled}, "
-            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '')!r}, "
-            f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}, load average {load}"
-            + (f", GPU {torch.cuda.get_device_name()}, CUDA {torch.version.cuda}" if torch.cuda.is_available() else ""))
+    """``common.run_header()`` as the one line this benchmark prints and records."""
+    h = run_header()
+    load = ", ".join(f"{x:.2f}" for x in h["load_average"])
+    return (f"torch {h['torch']}, timm {h['timm']}, {h['machine']}, cores {h['cpus']}, intra-op threads "
+            f"{h['threads']}, mkldnn {h['mkldnn']}, OMP_WAIT_POLICY={h['OMP_WAIT_POLICY']!r}, "
+            f"GLIBC_TUNABLES={h['GLIBC_TUNABLES']!r}, load average {load}"
+            + (f", GPU {h['gpu']}, CUDA {h['cuda']}" if h["gpu"] else ""))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -384,7 +385,7 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
                   f"{r['strategy']:16s} {r['ratio']:6.3f} {r['spread']:6.3f} {r['ms']:9.1f} "
                   f"{r['original_ms']:9.1f} {r['load']:5.2f}{extra}", flush=True)
         if args.json:
-            _write(args.json, json.dumps({"header": _header(), "args": vars(args), "records": records}, indent=1))
+            write_json(args.json, {"header": _header(), "args": vars(args), "records": records})
     if args.markdown_out:
         _write(args.markdown_out, markdown(records) + "\n")
     if args.markdown is not None:

@@ -18,31 +18,17 @@ attributed. ``--profile S`` prints torch.profiler's top ops of a few steps at th
 import argparse
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
 from typing import Dict, List, Optional
 
-import numpy as np
-import timm
-import torch
-from PIL import Image
-
 from timm_split.commands.train import setup_run, train_args, train_one_epoch
 
+from common import image_folder, run_header, write_json
+
+CLASSES = [f"c{k}" for k in range(10)]
 GRID = [("resnet18", 32, {}), ("efficientnet_b0", 64, {}), ("vit_tiny_patch16_224", 64, {"img_size": 64})]
-
-
-def make_folder(root: str, images: int, size: int, classes: int = 10) -> str:
-    """A train/validation ImageFolder of random RGB images (``images`` in train, a tenth in validation)."""
-    rng = np.random.default_rng(0)
-    for split, n in (("train", images), ("validation", max(classes, images // 10))):
-        for i in range(n):
-            d = os.path.join(root, split, f"c{i % classes}")
-            os.makedirs(d, exist_ok=True)
-            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(os.path.join(d, f"{i}.png"))
-    return root
 
 
 def build_runs(args: argparse.Namespace, model: str, img: int, kwargs: Dict, data_dir: str) -> Dict[int, object]:
@@ -113,8 +99,9 @@ def profile(run, rows: int = 15) -> str:
 
 
 def header() -> Dict[str, object]:
-    return {"machine": platform.node(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-            "load": os.getloadavg(), "torch": torch.__version__, "timm": timm.__version__}
+    """``common.run_header()``, plus ``load``: the load average under the name this benchmark's records used."""
+    h = run_header()
+    return dict(h, load=h["load_average"])
 
 
 def cell_record(model: str, img: int, times: Dict[int, List[float]], parts: Optional[Dict]) -> Dict:
@@ -137,7 +124,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--img-size", type=int, default=32)
     p.add_argument("--model-kwargs", type=json.loads, default={}, help="JSON, e.g. '{\"img_size\": 64}'")
     p.add_argument("--splits", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--images", type=int, default=640, help="train images per epoch (10 classes)")
+    p.add_argument("--images", type=int, default=640, help="train images per epoch (10 classes; rounded down to a "
+                   "multiple of 10)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--rounds", type=int, default=5)
@@ -162,8 +150,9 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
     with tempfile.TemporaryDirectory() as tmp:
         for model, img, kwargs in cells:
             data = os.path.join(tmp, str(img))
-            if not os.path.isdir(data):
-                make_folder(data, args.images, img)
+            if not os.path.isdir(data):  # a tenth as many validation images
+                image_folder(data, {"train": CLASSES}, max(1, args.images // len(CLASSES)), img)
+                image_folder(data, {"validation": CLASSES}, max(1, args.images // 10 // len(CLASSES)), img, seed=1)
             if args.profile:
                 args.splits = [args.profile]
                 print(profile(build_runs(args, model, img, kwargs, data)[args.profile]))
@@ -181,10 +170,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict]:
                 for s, p in parts.items():
                     print(f"    S={s} step parts (s): " + " ".join(f"{k} {v:.3f}" for k, v in p.items()))
     if args.json:
-        tmp_path = args.json + ".tmp"
-        with open(tmp_path, "w") as f:
-            json.dump({"header": header(), "args": vars(args), "records": records}, f, indent=1)
-        os.replace(tmp_path, args.json)
+        write_json(args.json, {"header": header(), "args": vars(args), "records": records})
     return records
 
 

@@ -136,12 +136,12 @@ def test_an_ema_that_cannot_move_in_the_run_is_warned():
 # validate
 
 def test_validate_refuses_data_with_other_class_names(tmp_path):
-    from timm_split.commands.validate import _check_classes  # noqa: PLC2701 - the module's own step, tested alone
+    from timm_split.commands.validate import check_class_names
 
     args = type("A", (), {"checkpoint": "c.safetensors", "data_dir": "d", "num_classes": None})()
     with pytest.raises(ValueError, match=r"other classes .*only in the checkpoint: \['b'\]; only in the data: \['c'\]"):
-        _check_classes(args, {"class_names": ["a", "b"], "num_classes": 2}, ["a", "c"])
-    assert _check_classes(args, {"class_names": ["a", "b"], "num_classes": 2}, ["a", "b"]) == 2
+        check_class_names(args, {"class_names": ["a", "b"], "num_classes": 2}, ["a", "c"])
+    assert check_class_names(args, {"class_names": ["a", "b"], "num_classes": 2}, ["a", "b"]) == 2
 
 
 def test_validate_checks_results_file_and_img_size_before_any_work(tmp_path, capsys):

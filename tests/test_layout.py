@@ -1,5 +1,6 @@
-"""The package's layers (docs/design.md): no import cycle, no private name across modules, commands are leaves,
-no test imports a test module, no benchmark edits sys.path. Every import counts, including those in functions."""
+"""The package's layers (docs/design.md): no import cycle, no private name across modules (in the package, tests
+and benchmarks), commands are leaves, no test imports a test module, no benchmark edits sys.path. Every import
+counts, including those in functions."""
 import ast
 import os
 from typing import Dict, List, Set, Tuple
@@ -104,7 +105,7 @@ def test_commands_are_leaves_and_training_is_above_the_library():
 
 
 @pytest.mark.parametrize("folder", ["tests", "benchmarks"])
-def test_no_test_module_imports_and_no_sys_path_edits(folder):
+def test_no_test_module_imports_no_private_names_and_no_sys_path_edits(folder):
     bad = []
     for dirpath, _, files in os.walk(os.path.join(ROOT, folder)):
         for f in files:
@@ -116,6 +117,8 @@ def test_no_test_module_imports_and_no_sys_path_edits(folder):
                     bad.append((f, node.module))
                 if isinstance(node, ast.Import) and any(a.name.startswith("tests.") for a in node.names):
                     bad.append((f, "import tests"))
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("timm_split"):
+                    bad += [(f, f"{node.module}.{a.name}") for a in node.names if a.name.startswith("_")]
                 if isinstance(node, ast.Attribute) and node.attr == "path" and getattr(node.value, "id", "") == "sys" \
                         and folder == "benchmarks":
                     bad.append((f, "sys.path"))

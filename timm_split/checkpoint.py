@@ -20,7 +20,6 @@ optimizer and EMA are as they were. It also reads any safetensors or ``.pth`` st
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -32,6 +31,8 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
+
+from .checks import atomic_write
 
 _logger = logging.getLogger(__name__)
 
@@ -182,24 +183,23 @@ def save_checkpoint(model: nn.Module, path: PathLike, optimizer: Optional[torch.
 
 
 def _write_atomic(tensors: Dict[str, torch.Tensor], meta: Dict[str, str], path: str) -> None:
-    """``save_file`` to ``<path>.<pid>.tmp``, then rename; on any error the temp file is removed and an I/O error
-    is raised as an ``OSError`` naming ``path`` (safetensors reports its own error type)."""
+    """``save_file`` through :func:`~timm_split.checks.atomic_write`; safetensors' own I/O error type is raised as
+    an ``OSError`` naming ``path``."""
     from safetensors.torch import save_file
 
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        save_file(tensors, tmp, metadata=meta)
+    def write(tmp: str) -> None:
+        try:
+            save_file(tensors, tmp, metadata=meta)
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own type for an I/O error
+            if not isinstance(e, OSError) and "os error" not in str(e):
+                raise
+            code = getattr(e, "errno", None) or int((re.findall(r"os error (\d+)", str(e)) or [errno.EIO])[0])
+            raise OSError(code, f"{os.strerror(code)} (writing a checkpoint)", tmp) from e
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600; match the run's other files
-        os.replace(tmp, path)
-    except BaseException as e:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        if isinstance(e, OSError) or "os error" in str(e):
-            code = getattr(e, "errno", None) or int((re.findall(r"os error (\d+)", str(e)) or [errno.EIO])[0])
-            raise OSError(code, f"{os.strerror(code)} (writing a checkpoint)", path) from e
-        raise
+
+    atomic_write(path, write)
 
 
 def read_metadata(path: PathLike) -> Dict[str, str]:
@@ -347,23 +347,26 @@ def load_checkpoint(model: nn.Module, path: PathLike, optimizer: Optional[torch.
             raise ValueError(f"{path} holds no EMA weights (it was saved without an EMA); {fix}.")
         if use_ema:
             weights = ema
-    weights = _plain_into_member(model, weights, path)
-    missing, unexpected = _check_weights(model, weights, strict, path)
+    own = model.state_dict()  # walked once: checked, then loaded
+    weights = _plain_into_member(model, own, weights, path)
+    missing, unexpected = _check_weights(model, own, weights, strict, path)
+    own_ema = model_ema.state_dict() if model_ema is not None else {}
     if model_ema is not None:
-        _check_weights(model_ema, ema, True, path)
+        _check_weights(model_ema, own_ema, ema, True, path)
     if optimizer is not None:
         _load_optimizer(optimizer, tensors, meta, path)  # checked; on an error the optimizer is restored
     if model_ema is not None:
-        _copy_weights(model_ema, ema)
-    _copy_weights(model, weights)
+        _copy_weights(model_ema, own_ema, ema)
+    _copy_weights(model, own, weights)
     state = json.loads(meta.get("state", "{}")) if verify and _ours(meta) else {}
     return LoadedCheckpoint(path, meta, state, missing, unexpected)
 
 
-def _plain_into_member(model: nn.Module, weights: Dict[str, torch.Tensor], path: str) -> Dict[str, torch.Tensor]:
+def _plain_into_member(model: nn.Module, own: Dict[str, torch.Tensor], weights: Dict[str, torch.Tensor],
+                       path: str) -> Dict[str, torch.Tensor]:
     """One model's own state dict (a timm model's ``.pth``: keys without ``members.<i>.``) given to a split: member
-    0's keys at S=1; at S>1 a ``ValueError`` naming the missing prefix. Any other file is returned as it is."""
-    own = model.state_dict()
+    0's keys at S=1; at S>1 a ``ValueError`` naming the missing prefix. Any other file is returned as it is.
+    ``own`` is the model's state dict."""
     if not own or not all(k.startswith("members.") for k in own) or any(k.startswith("members.") for k in weights):
         return weights
     prefixed = {f"members.0.{k}": v for k, v in weights.items()}
@@ -377,16 +380,16 @@ def _plain_into_member(model: nn.Module, weights: Dict[str, torch.Tensor], path:
                      "and train the members.")
 
 
-def _check_weights(model: nn.Module, weights: Dict[str, torch.Tensor], strict: bool, path: str
-                   ) -> Tuple[List[str], List[str]]:
-    """The missing and unexpected keys; ``ValueError`` for a shape mismatch or (``strict``) any key mismatch."""
-    own = model.state_dict()
+def _check_weights(model: nn.Module, own: Dict[str, torch.Tensor], weights: Dict[str, torch.Tensor], strict: bool,
+                   path: str) -> Tuple[List[str], List[str]]:
+    """The missing and unexpected keys of ``weights`` against ``own`` (``model``'s state dict); ``ValueError``
+    for a shape mismatch or (``strict``) any key mismatch."""
     shapes = [f"{k}: file {tuple(weights[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items()
               if k in weights and tuple(weights[k].shape) != tuple(v.shape)]
     missing = [k for k in own if k not in weights]
     unexpected = [k for k in weights if k not in own]
     if shapes and not missing and not unexpected:
-        _check_classes(model, weights, path)
+        _check_classes(model, own, weights, path)
     if shapes or (strict and (missing or unexpected)):
         raise ValueError(f"{path} does not match the model: {len(missing)} missing keys {missing[:3]}, "
                          f"{len(unexpected)} unexpected keys {unexpected[:3]}, {len(shapes)} shape mismatches "
@@ -394,11 +397,11 @@ def _check_weights(model: nn.Module, weights: Dict[str, torch.Tensor], strict: b
     return missing, unexpected
 
 
-def _check_classes(model: nn.Module, weights: Dict[str, torch.Tensor], path: str) -> None:
+def _check_classes(model: nn.Module, own: Dict[str, torch.Tensor], weights: Dict[str, torch.Tensor],
+                   path: str) -> None:
     """Where only the classifier's shapes differ, a ``ValueError`` naming the file's class count."""
     heads = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
     heads = (heads,) if isinstance(heads, str) else tuple(heads)
-    own = model.state_dict()
     bad = [k for k, v in own.items() if tuple(weights[k].shape) != tuple(v.shape)]
     if not heads or not all(any(k.startswith(h + ".") for h in heads) for k in bad):
         return
@@ -409,8 +412,7 @@ def _check_classes(model: nn.Module, weights: Dict[str, torch.Tensor], path: str
                      f"it on data with its {have} class folders).")
 
 
-def _copy_weights(model: nn.Module, weights: Dict[str, torch.Tensor]) -> None:
-    own = model.state_dict()
+def _copy_weights(model: nn.Module, own: Dict[str, torch.Tensor], weights: Dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         model.load_state_dict({k: v for k, v in weights.items() if k in own}, strict=False)
 

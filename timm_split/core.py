@@ -17,7 +17,7 @@ from .checks import check_split_args
 from .engine.analyse import RETRY_LADDER, ChannelGraph, analyse
 from .engine.attributes import attribute_ties, drop_divisor, regularization_updates, settle_attributes
 from .engine.atoms import NewWidths
-from .engine.canonical import Coupled, canonical_copy, coupled_dims, recount_macs, transfer, transfer_selection
+from .engine.canonical import CfgAt, Coupled, canonical_copy, coupled_dims, recount_macs, transfer, transfer_selection
 from .engine.plan import SplitPlan, plan as _plan
 from .engine.rebuild import (build_member, channel_selection, check_member, inherit_member, init_member,
                              reference_stats)
@@ -87,15 +87,6 @@ def plan_split(model: nn.Module, split_factor: int, *, img_size: ImgSize = None,
     return _planned(model, S, img_size, in_chans, _check_plan_at(plan_at), plan_kw).plan
 
 
-def _traced(model: nn.Module, shape: Tuple[int, ...]) -> Tuple[Trace, Tuple[int, ...], bool]:
-    """The trace of a meta copy, its output shape, and whether it is headless (its output is features, whose
-    width may change)."""
-    tr = trace(meta_copy(model), shape)
-    out = [n for n in tr.graph.nodes if n.op == "output"][0].args[0]
-    out_shape = tuple((out[0] if isinstance(out, tuple) else out).meta["val"].shape)
-    return tr, out_shape, getattr(model, "num_classes", None) == 0
-
-
 def _plan_options(S: int, params_tol: float, macs_tol: float, scale_regularization: bool, drop_scale: str) -> dict:
     """The planner's keyword options, with ``drop_scale``'s name checked."""
     drop_divisor(S, drop_scale)  # raises ValueError for an unknown name
@@ -110,34 +101,57 @@ def _check_plan_at(plan_at: str) -> str:
     return plan_at
 
 
+class _Traced(NamedTuple):
+    """The user's model traced once: its trace, input and output shapes, and whether it is headless (its output
+    is features, whose width may change)."""
+
+    trace: Trace
+    in_shape: Tuple[int, ...]
+    out_shape: Tuple[int, ...]
+    headless: bool
+
+
+def _traced(model: nn.Module, shape: Tuple[int, ...]) -> _Traced:
+    """The trace of a meta copy of ``model`` at ``shape``."""
+    tr = trace(meta_copy(model), shape)
+    out = [n for n in tr.graph.nodes if n.op == "output"][0].args[0]
+    out_shape = tuple((out[0] if isinstance(out, tuple) else out).meta["val"].shape)
+    return _Traced(tr, tuple(shape), out_shape, getattr(model, "num_classes", None) == 0)
+
+
 def _planned(model, S, img_size, in_chans, plan_at, plan_kw) -> _Planned:
     """The plan of the backbone at the cfg's head, input and size (engine.canonical) where the model has another,
-    carried over to the model; else (or where that fails) the plan of the model itself."""
+    carried over to the model; else (or where that fails) the plan of the model itself. The model is traced once."""
     shape = input_shape_for(model, img_size, in_chans=in_chans)
+    own = _traced(model, shape)
     found = canonical_copy(model, shape) if S > 1 and plan_at == "cfg" else None
-    if found is None:
-        return _plan_and_template(model, S, img_size, in_chans, plan_kw)
+    if found is not None:
+        try:
+            return _carried_over(model, own, found, S, plan_kw)
+        except SplitError as e:
+            _logger.warning("%s: the plan at the cfg's %s does not carry over (%s); planning at this model's own, "
+                            "so its backbone widths differ from the default's", _arch(model), found[1], e)
+    return _ladder(own, S, _arch(model), plan_kw)
+
+
+def _carried_over(model: nn.Module, own: _Traced, found: Tuple[nn.Module, CfgAt], S: int, plan_kw: dict) -> _Planned:
+    """The plan made on the copy at the cfg (``found``), transferred to the model and checked on its member."""
     canon, at = found
-    try:
-        made = _plan_and_template(canon, S, at.img_size, at.in_chans, plan_kw)
-        tr, out_shape, headless = _traced(model, shape)
-        coupled = _coupled(tr, canon, headless)
-        p = transfer(made.plan, canon, tr.model, at, shape[1:], coupled)
-        if plan_kw["scale_regularization"]:  # the model's own rates (a registered copy has the default's)
-            p = dataclasses.replace(p, regularization=regularization_updates(tr.model, S, plan_kw["drop_scale"]))
-        member = build_member(tr.model, p, torch.device("meta"), {}, tr.aliases)
-        check_member(member, shape, out_shape, headless)
-        if at.img_size != tuple(shape[2:]):
-            p = recount_macs(p, tr.model, member, shape)
-            if abs(p.macs_ratio - 1) > plan_kw["macs_tol"]:
-                _logger.warning("%s: planned at the cfg's size %s so that its checkpoints load at any size; at %s "
-                                "the MACs ratio is %.4f. For MACs parity at this size, split with plan_at='model'",
-                                _arch(model), at.img_size, tuple(shape[2:]), p.macs_ratio)
-        return _Planned(p, tr, out_shape, shape, made.graph, made.sizes, canon, coupled)
-    except SplitError as e:
-        _logger.warning("%s: the plan at the cfg's %s does not carry over (%s); planning at this model's own, so "
-                        "its backbone widths differ from the default's", _arch(model), at, e)
-        return _plan_and_template(model, S, img_size, in_chans, plan_kw)
+    made = _ladder(_traced(canon, (own.in_shape[0], at.in_chans, *at.img_size)), S, _arch(model), plan_kw)
+    tr = own.trace
+    coupled = _coupled(tr, canon, own.headless)
+    p = transfer(made.plan, canon, tr.model, at, own.in_shape[1:], coupled)
+    if plan_kw["scale_regularization"]:  # the model's own rates (a registered copy has the default's)
+        p = dataclasses.replace(p, regularization=regularization_updates(tr.model, S, plan_kw["drop_scale"]))
+    member = build_member(tr.model, p, torch.device("meta"), {}, tr.aliases)
+    check_member(member, own.in_shape, own.out_shape, own.headless)
+    if at.img_size != tuple(own.in_shape[2:]):
+        p = recount_macs(p, tr.model, member, own.in_shape)
+        if abs(p.macs_ratio - 1) > plan_kw["macs_tol"]:
+            _logger.warning("%s: planned at the cfg's size %s so that its checkpoints load at any size; at %s "
+                            "the MACs ratio is %.4f. For MACs parity at this size, split with plan_at='model'",
+                            _arch(model), at.img_size, tuple(own.in_shape[2:]), p.macs_ratio)
+    return _Planned(p, tr, own.out_shape, own.in_shape, made.graph, made.sizes, canon, coupled)
 
 
 def _coupled(tr: Trace, canon: nn.Module, headless: bool) -> Optional[Coupled]:
@@ -149,17 +163,16 @@ def _coupled(tr: Trace, canon: nn.Module, headless: bool) -> Optional[Coupled]:
     return coupled_dims(analyse(tr, dataclasses.replace(RETRY_LADDER[0], free_output=headless)), canon)
 
 
-def _plan_and_template(model, S, img_size, in_chans, plan_kw) -> _Planned:
-    """trace -> (analyse -> plan -> meta member) up the retry ladder until a meta member runs."""
-    shape = input_shape_for(model, img_size, in_chans=in_chans)
-    tr, out_shape, headless = _traced(model, shape)
+def _ladder(traced: _Traced, S: int, arch: str, plan_kw: dict) -> _Planned:
+    """(analyse -> plan -> meta member) on a trace, up the retry ladder until a meta member runs."""
+    tr, shape, out_shape, headless = traced
     error: Optional[SplitError] = None
     ambiguous: tuple = ()
     for i, options in enumerate(RETRY_LADDER):
         cg = analyse(tr, dataclasses.replace(options, free_output=headless))
         if options.tie_attributes and not attribute_ties(cg, ambiguous):
             continue  # no groups to tie: nothing new to try here
-        draft = _plan(cg, S, arch=_arch(model), **plan_kw)
+        draft = _plan(cg, S, arch=arch, **plan_kw)
         member = build_member(tr.model, draft.plan, torch.device("meta"), {}, tr.aliases)
         ambiguous = draft.ambiguous
         p = settle_attributes(member, draft.plan, draft.ambiguous, draft.module_io)

@@ -30,7 +30,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 _logger = logging.getLogger(__name__)
 
@@ -44,7 +44,8 @@ REFERENCE_CSV = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__f
                              "timm_benchmark_gmacs.csv")  # package data
 
 
-def _module(arch: str) -> str:
+def module_of(arch: str) -> str:
+    """The timm module that registers ``arch`` (``''`` if none)."""
     import timm
     return timm.models._registry._model_to_module.get(arch, "")
 
@@ -52,7 +53,7 @@ def _module(arch: str) -> str:
 def _failed(arch: str, splits: Sequence[int], status: str, reason: str, **extra) -> List[Dict]:
     """Rows for an architecture that gave no rows of its own (its base model fails, its worker died or ran
     out of time)."""
-    return [dict(arch=arch, module=_module(arch), split=S, status=status, reason=reason, **extra) for S in splits]
+    return [dict(arch=arch, module=module_of(arch), split=S, status=status, reason=reason, **extra) for S in splits]
 
 
 def _count_and_shape(model, img_size=None):
@@ -100,7 +101,7 @@ def sweep_one(arch: str, splits: Sequence[int], device: str = "meta", cpu_max_pa
     from ..errors import SplitError
     from ..trace import input_shape_for
 
-    module = _module(arch)
+    module = module_of(arch)
     rows = []
     t0 = time.perf_counter()
     try:
@@ -122,11 +123,11 @@ def sweep_one(arch: str, splits: Sequence[int], device: str = "meta", cpu_max_pa
             if got != want:
                 raise RuntimeError(f"output {got}, expected {want}")
         except (SplitError, ValueError) as e:
-            row.update(status="split_error", reason=_one_line(e))
+            row.update(status="split_error", reason=one_line(e))
         except RuntimeError as e:
-            row.update(status="forward_error", reason=_one_line(e))
+            row.update(status="forward_error", reason=one_line(e))
         except Exception as e:  # noqa: BLE001
-            row.update(status="crash", reason=f"{type(e).__name__}: {_one_line(e)}")
+            row.update(status="crash", reason=f"{type(e).__name__}: {one_line(e)}")
         else:
             pr, mr = total.params / base.params, total.gmacs / base.gmacs if base.gmacs else 1.0
             row.update(params_split=total.params, gmacs_split=round(total.gmacs, 6),
@@ -155,7 +156,7 @@ def _cpu_check(arch, S, kwargs, img_size) -> Dict:
             size = img_size if not model.pretrained_cfg.get("fixed_input_size") else None
         except Exception:  # noqa: BLE001 - img_size is accepted but this architecture cannot be built at it
             model, size = None, None
-        if model is None or (size is not None and not _runs_at(model, size)):  # too small: its own size
+        if model is None or (size is not None and not runs_at(model, size)):  # too small: its own size
             model, size = timm.create_model(arch, **kwargs), None
         ens = split(model, S, img_size=size)
         c, h, w = ens.split_plan.input_size
@@ -167,10 +168,10 @@ def _cpu_check(arch, S, kwargs, img_size) -> Dict:
                         cpu_checked=True)
         return dict(cpu_checked=True)
     except Exception as e:  # noqa: BLE001
-        return dict(status="forward_error", reason=f"cpu: {type(e).__name__}: {_one_line(e)}", cpu_checked=True)
+        return dict(status="forward_error", reason=f"cpu: {type(e).__name__}: {one_line(e)}", cpu_checked=True)
 
 
-def _runs_at(model, size: int) -> bool:
+def runs_at(model: Any, size: int) -> bool:
     """Whether ``model`` runs at ``size`` x ``size`` (a meta copy, so no memory and no compute)."""
     import torch
 
@@ -184,7 +185,8 @@ def _runs_at(model, size: int) -> bool:
         return False
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
+    """An error's message on one line, at most 300 characters (a sweep row's reason)."""
     return " ".join(str(e).split())[:300]
 
 

@@ -112,7 +112,7 @@ def _check_flags(args: argparse.Namespace) -> None:
         check_writable(args.results_file, "--results-file")
 
 
-def _check_classes(args: argparse.Namespace, state: Dict[str, Any], names: List[str]) -> int:
+def check_class_names(args: argparse.Namespace, state: Dict[str, Any], names: List[str]) -> int:
     """The class count to build; ``ValueError`` where the data's classes are not the checkpoint's (by name)."""
     saved, where = state.get("class_names"), args.data_dir or "the data"
     if saved is not None and saved != names:
@@ -142,7 +142,7 @@ def validate(args: argparse.Namespace) -> List[Dict[str, Any]]:
     if not os.path.isfile(args.checkpoint):
         raise ValueError(f"no checkpoint at {args.checkpoint}; pass the file written by timm-split train.")
     dataset, names, data_cfg = create_eval_dataset(args.dataset, args.data_dir, args.val_split)
-    num_classes = _check_classes(args, json.loads(meta.get("state", "{}")), names)
+    num_classes = check_class_names(args, json.loads(meta.get("state", "{}")), names)
     model = _model_from(args, meta, num_classes)
     if data_cfg and not json.loads(meta.get("state", "{}")).get("data_config"):
         model.pretrained_cfg = dict(model.pretrained_cfg, **data_cfg)  # Fashion-MNIST's IDX files: 1 channel

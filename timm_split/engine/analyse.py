@@ -48,10 +48,6 @@ class AnalysisOptions:
         tie_attributes: after the analysis, make the channel groups behind each width attribute the previous
             plan found ambiguous one group (:func:`~timm_split.engine.attributes.attribute_ties`).
         free_output: the width of a ``[B, C]`` model output may change (a headless model, ``num_classes=0``).
-        keep_value_tuples: a tuple attribute that matches widths only by value keeps its value (geometry its
-            own module does not read, so running the module cannot tell; a patch embedding's ``grid_size``,
-            such as CoaT's ``(16, 16)`` at 128 px beside a head_dim of 16, is never matched: its name is
-            skipped, see ``attributes._SKIP_ATTRS``).
         adds: what this step of :data:`RETRY_LADDER` adds, for the log.
     """
 
@@ -60,7 +56,6 @@ class AnalysisOptions:
     couple_partial: bool = False
     tie_attributes: bool = False
     free_output: bool = False
-    keep_value_tuples: bool = False
     adds: str = "nothing"
 
 
@@ -74,8 +69,6 @@ RETRY_LADDER: Tuple[AnalysisOptions, ...] = (
     AnalysisOptions(couple_inputs=True, couple_products=True, tie_attributes=True,
                     adds="the groups of ambiguous attributes tied"),
     AnalysisOptions(couple_inputs=True, couple_partial=True, adds="input-shape couplings of sizes with a fixed factor"),
-    AnalysisOptions(couple_inputs=True, keep_value_tuples=True,
-                    adds="input-shape couplings, tuple attributes matched by value kept (geometry)"),
 )
 
 

@@ -134,13 +134,10 @@ def _conv_groups(cg: ChannelGraph, sizes: NewWidths) -> Dict[str, int]:
 class _Scope:
     """What one module's attributes are matched against: ``local`` old width -> new widths, ``mapping`` the
     unique ones, ``sections`` its split sizes, ``own`` the widths of its own tensors, ``called`` whether the
-    trace recorded a call of it (so it can be run alone to settle a candidate), ``keep_value_tuples`` the
-    analysis option (:class:`~timm_split.engine.analyse.AnalysisOptions`)."""
+    trace recorded a call of it (so it can be run alone to settle a candidate)."""
 
-    def __init__(self, local: Dict[int, set], sections: Dict[tuple, set], own: Dict[int, set], called: bool,
-                 keep_value_tuples: bool = False):
+    def __init__(self, local: Dict[int, set], sections: Dict[tuple, set], own: Dict[int, set], called: bool):
         self.local, self.sections, self.own, self.called = local, sections, own, called
-        self.keep_value_tuples = keep_value_tuples
         self.mapping = {o: next(iter(n)) for o, n in local.items() if len(n) == 1}
 
 
@@ -167,8 +164,6 @@ def _attribute_update(attr: str, v, sc: _Scope) -> Optional[Tuple[str, object]]:
             return decided
     ints = isinstance(v, (tuple, list)) and all(type(e) is int for e in v)
     cut = sc.sections.get(tuple(v), ()) if ints else ()
-    if ints and not cut and sc.keep_value_tuples:
-        return None
     if ints and not cut and v and any(e > 1 and len(m.get(e, ())) > 1 for e in v):
         # a shape tuple with an ambiguous width (RmsNorm's normalized_shape where 1,024 is both the width and
         # the token count): try each combination
@@ -209,8 +204,7 @@ def width_attributes(cg: ChannelGraph, sizes: NewWidths) -> Tuple[tuple, Ambiguo
         out.extend(a for a in derived if a[2] != a[3])
         if not local.get(path):
             continue
-        sc = _Scope(local[path], sections.get(path, {}), own.get(path, {}), path in cg.trace.calls,
-                    cg.options.keep_value_tuples)
+        sc = _Scope(local[path], sections.get(path, {}), own.get(path, {}), path in cg.trace.calls)
         skip = (_EXACT_ATTRS.get(type(mod), ()) if exact is not None else ()) + tuple(a[1] for a in derived)
         for attr, v in list(vars(mod).items()):
             if attr.startswith("_") or attr in _SKIP_ATTRS or attr in skip:

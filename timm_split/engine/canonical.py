@@ -8,19 +8,18 @@ where the default has 272. So a timm model whose head, input channels or (where 
 with ``set_input_size``) image size differ from its ``pretrained_cfg`` is planned on a meta copy at the cfg's
 (:func:`canonical_copy`); :func:`transfer` then gives every tensor the planned width except the dims where the
 model differs from that copy (the classes, the input channels, the position table's length), which keep the
-model's own. A model that is its registered architecture created with another head, input or size is planned on
-that architecture's default (:func:`_registered_default`): a ``reset_classifier`` need not build the constructor's
-head. Tensors the copy lacks take the widths of the dims they are coupled to (:func:`coupled_dims`). Resizing
-scales what a model chose for its size (Swin's windows follow the grid), so where the registered architecture is
-the model resized, that registered model at its cfg is the copy (:func:`_registered`). The plan records where it
-was made (``SplitPlan.planned_at``) and the parity there (``SplitPlan.planned_params``), so a user sees how much
-the head moves it; its MACs are counted at the model's own size.
+model's own. The copy is the registered architecture at its defaults where that is the model up to the declared
+differences (head, stem input, size, dropout rates), else the model reset to its cfg; one comparator
+(:func:`changes`) decides. Tensors the copy lacks take the widths of the dims they are coupled to
+(:func:`coupled_dims`). The plan records where it was made (``SplitPlan.planned_at``) and the parity there
+(``SplitPlan.planned_params``), so a user sees how much the head moves it; its MACs are counted at the model's own
+size.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Set, Tuple
 
 import timm
 import torch
@@ -34,7 +33,8 @@ from .plan import SplitPlan
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["CfgAt", "cfg_at", "canonical_copy", "coupled_dims", "recount_macs", "transfer", "transfer_selection"]
+__all__ = ["CfgAt", "cfg_at", "canonical_copy", "changes", "coupled_dims", "recount_macs", "reset_to_cfg", "transfer",
+           "transfer_selection"]
 
 # per tensor the copy lacks, per dim: a (tensor, dim) both have, in the same channel class; or None
 Coupled = Dict[str, Tuple[Optional[Tuple[str, int]], ...]]
@@ -60,37 +60,40 @@ def cfg_at(model: nn.Module) -> Optional[CfgAt]:
 def canonical_copy(model: nn.Module, input_shape: Sequence[int]) -> Optional[Tuple[nn.Module, CfgAt]]:
     """A meta copy of ``model`` at its cfg's head, input channels and image size, where they differ from the model's.
 
+    One principle: two candidates, the registered architecture at its defaults and the model reset to the cfg
+    (:func:`reset_to_cfg`), and the first that runs at the cfg's input and equals the model up to the declared
+    differences (:func:`changes`: what moving either between the model's place and the cfg's changes, which is
+    the head, the stem's input and what depends on the size; dropout rates never count) is the copy. The
+    registered default comes first: it is the model a timm user fine-tunes from, and ``reset_classifier`` need not
+    rebuild the head the constructor builds (RepViT's distillation head has a BatchNorm only when made with the
+    model), nor ``set_input_size`` the windows the registered model has (Swin).
+
     The image size is the cfg's only for a model that keeps the size it was created at (``patch_embed.img_size``)
-    and has timm's ``set_input_size``; other models keep the size they are traced at. A model created without
-    pooling (``num_classes=0, global_pool=''``) gets the first of timm's pool types that makes the copy run with a
-    classifier.
+    and has timm's ``set_input_size``; other models keep the size they are traced at.
 
     Args:
         model: a timm model (not modified).
         input_shape: ``(B, C, H, W)`` the model takes.
 
     Returns:
-        ``(copy, where)`` with the cfg's values, or None where the model already has them (or has no cfg, or its
-        head, first conv or size cannot be reset).
+        ``(copy, where)`` with the cfg's values, or None where the model already has them (or has no cfg, or no
+        candidate qualifies).
     """
     at = cfg_at(model)
     if at is None:
         return None
-    own = tuple(input_shape[2:])
-    if own != at.img_size and not (size_built_at(model) and callable(getattr(model, "set_input_size", None))):
-        at = at._replace(img_size=own)
-    if (getattr(model, "num_classes", None), input_shape[1], own) == tuple(at):
+    own = (int(input_shape[1]), *(int(s) for s in input_shape[2:]))
+    if own[1:] != at.img_size and not (size_built_at(model) and callable(getattr(model, "set_input_size", None))):
+        at = at._replace(img_size=own[1:])
+    if (getattr(model, "num_classes", None), *own) == (at.num_classes, at.in_chans, *at.img_size):
         return None
     shape = (input_shape[0], at.in_chans, *at.img_size)
-    ref = _registered_default(model, at, (int(input_shape[1]), *own), shape)
-    if ref is not None:
-        return ref, at
-    for pool in (None, *POOLS):
-        canon = _reset(model, at, own, int(input_shape[1]), pool)
-        if canon is not None and _runs(canon, shape):
-            if at.img_size != own:
-                canon = _registered(canon, model, shape, own) or canon
-            return canon, at
+    ref, same = _registered(model, at, own)
+    canon = reset_to_cfg(model, at, own, shape)
+    declared = changes(model, canon) | changes(ref, same)
+    for candidate in (ref, canon):
+        if candidate is not None and not (changes(candidate, model) - declared) and _runs(candidate, shape):
+            return candidate.train(model.training), at
     _logger.info("%s: no copy at the cfg's head and size runs; planning at the model's own", type(model).__name__)
     return None
 
@@ -99,111 +102,77 @@ def canonical_copy(model: nn.Module, input_shape: Sequence[int]) -> Optional[Tup
 POOLS = ("avg", "token", "fast", "max")
 
 
-def _reset(model: nn.Module, at: CfgAt, own_size: Tuple[int, int], own_chans: int,
-           pool: Optional[str]) -> Optional[nn.Module]:
-    canon = meta_copy(model)
-    try:
-        with torch.device("meta"):
-            if canon.num_classes != at.num_classes or pool is not None:
-                n = at.num_classes
-                canon.reset_classifier(n) if pool is None else canon.reset_classifier(n, pool)
-            if own_chans != at.in_chans and not _set_in_chans(canon, own_chans, at.in_chans):
-                return None
-            if at.img_size != own_size:
-                canon.set_input_size(img_size=at.img_size)
-    except Exception as e:  # noqa: BLE001 - a model's own reset_classifier / set_input_size
-        _logger.debug("resetting to %s (pool %s) failed: %s", at, pool, e)
-        return None
-    return canon
+def reset_to_cfg(model: nn.Module, at: CfgAt, own: Tuple[int, ...], shape: Sequence[int]) -> Optional[nn.Module]:
+    """A meta copy of ``model`` with the cfg's head (``reset_classifier``), input channels (:func:`_set_in_chans`)
+    and size (``set_input_size``) that runs at ``shape``, or None. A model created without pooling
+    (``num_classes=0, global_pool=''``) gets the first of timm's pool types that makes the copy run."""
+    for pool in (None, *POOLS):
+        canon = meta_copy(model)
+        try:
+            with torch.device("meta"):
+                if canon.num_classes != at.num_classes or pool is not None:
+                    n = at.num_classes
+                    canon.reset_classifier(n) if pool is None else canon.reset_classifier(n, pool)
+                if own[0] != at.in_chans and not _set_in_chans(canon, own[0], at.in_chans):
+                    return None
+                if at.img_size != own[1:]:
+                    canon.set_input_size(img_size=at.img_size)
+        except Exception as e:  # noqa: BLE001 - a model's own reset_classifier / set_input_size
+            _logger.debug("resetting to %s (pool %s) failed: %s", at, pool, e)
+            continue
+        if _runs(canon, shape):
+            return canon
+    return None
 
 
-def _registered_default(model: nn.Module, at: CfgAt, own: Tuple[int, int, int],
-                        shape: Sequence[int]) -> Optional[nn.Module]:
-    """The registered architecture at its defaults, on meta, where ``model`` is that architecture created with
-    only another ``num_classes``, ``in_chans`` or ``img_size`` (and dropout rates); else None.
-
-    This is the model a timm user fine-tunes from: ``reset_classifier`` need not rebuild the head the constructor
-    builds (RepViT's distillation head has a BatchNorm only when made with the model), so the model reset to the
-    cfg's head is not always the default.
-    """
+def _registered(model: nn.Module, at: CfgAt, own: Tuple[int, ...]) -> Tuple[Optional[nn.Module], Optional[nn.Module]]:
+    """The registered architecture of ``model`` on meta at its defaults (where its cfg is ``at``), and built at
+    the model's head, input channels and size; ``(None, None)`` where there is none."""
     arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
     if not arch or not timm.is_model(arch):
-        return None
+        return None, None
     kw = dict(num_classes=model.num_classes, in_chans=own[0])
     if own[1:] != at.img_size:
         kw["img_size"] = own[1:]
-    try:
-        with torch.device("meta"):
-            same, ref = (timm.create_model(arch, pretrained=False, **k) for k in (kw, {}))
-    except Exception as e:  # noqa: BLE001 - the registry's own entrypoint
-        _logger.debug("%s: no registered copy with %s (%s)", arch, kw, e)
-        return None
-    if cfg_at(ref) != at or getattr(ref, "num_classes", None) != at.num_classes or not _same_build(same, model):
-        return None
-    ref.train(model.training)
-    return ref if _runs(ref, shape) else None
+    with torch.device("meta"):
+        try:
+            ref = timm.create_model(arch, pretrained=False)
+        except Exception as e:  # noqa: BLE001 - the registry's own entrypoint
+            _logger.debug("%s: no registered copy (%s)", arch, e)
+            return None, None
+        try:
+            same = timm.create_model(arch, pretrained=False, **kw)
+        except Exception as e:  # noqa: BLE001 - the registry's own entrypoint
+            _logger.debug("%s: no registered copy with %s (%s)", arch, kw, e)
+            same = None
+    if cfg_at(ref) != at or getattr(ref, "num_classes", None) != at.num_classes:
+        return None, None
+    return ref, same
 
 
-def _same_build(a: nn.Module, b: nn.Module) -> bool:
-    """Whether two models have the same modules, tensor shapes and plain attributes (dropout rates aside)."""
+def changes(a: Optional[nn.Module], b: Optional[nn.Module]) -> Set[Tuple[str, str]]:
+    """What differs between two models: ``(module, '')`` for a module one lacks or of another kind,
+    ``(tensor, 'shape')`` for a tensor one lacks or of another shape, ``(module, attr)`` for a plain attribute
+    (a number, string or tuple of them) of another value. Dropout and drop-path layers are one kind, whatever
+    their rates (nor do the rates count). Empty where either is None.
+
+    This is the one comparator of :func:`canonical_copy`: a candidate qualifies where ``changes(candidate,
+    model)`` lies within the declared differences."""
+    if a is None or b is None:
+        return set()
+    out: Set[Tuple[str, str]] = set()
     ma, mb = dict(a.named_modules()), dict(b.named_modules())
-    if list(ma) != list(mb) or any(_kind(ma[n]) is not _kind(m) for n, m in mb.items()) or _shapes(a) != _shapes(b):
-        return False
-    for n, m in mb.items():
-        if _kind(m) is not _Drop:
-            pa, pb = _plain(ma[n]), _plain(m)
-            if any(pa.get(k) != v for k, v in pb.items() if k not in DROP_ATTRS and k != "training"):
-                return False
-    return True
-
-
-def _registered(canon: nn.Module, model: nn.Module, shape: Sequence[int],
-                own: Tuple[int, int]) -> Optional[nn.Module]:
-    """The registered architecture at its cfg, on meta, where it is ``model`` but for the size (``canon`` is
-    ``model`` resized); else None.
-
-    ``set_input_size`` scales what the model chose for its size: Swin created at 232 x 248 px with 7 px windows,
-    resized to 224, gets 6 px windows, and SwinV2 at 448 px gets windows the registered model does not have at
-    256, so the widths planned on the resized copy are not the default's and a default checkpoint does not load.
-    The registered model has the default's windows. It stands in for ``canon`` only where it has the same modules,
-    tensors and plain attributes, apart from what resizing changed (and dropout rates, which the plan takes from
-    the model itself).
-    """
-    arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
-    if not arch or not timm.is_model(arch):
-        return None
-    try:
-        with torch.device("meta"):
-            ref = timm.create_model(arch, pretrained=False).train(canon.training)
-    except Exception as e:  # noqa: BLE001 - the registry's own entrypoint
-        _logger.debug("%s: no registered copy (%s)", arch, e)
-        return None
-    if not _same_but_size(ref, canon, model, own) or not _runs(ref, shape):
-        return None
-    return ref
-
-
-def _same_but_size(ref: nn.Module, canon: nn.Module, model: nn.Module, own: Tuple[int, int]) -> bool:
-    """Whether ``ref`` has ``canon``'s modules, parameter shapes and plain attributes, apart from what depends on
-    the size (what resizing changes in ``model`` or in ``ref``; computed buffers such as attention masks) and
-    dropout rates."""
-    ref_sized = meta_copy(ref)
-    try:
-        ref_sized.set_input_size(img_size=own)
-    except Exception:  # noqa: BLE001 - the model's own set_input_size
-        return False
-    mods, base_mods, ref_mods, resized = (dict(m.named_modules()) for m in (canon, model, ref, ref_sized))
-    if list(ref_mods) != list(mods) or any(_kind(ref_mods[n]) is not _kind(m) for n, m in mods.items()):
-        return False
-    r, c, o = (dict((n, tuple(p.shape)) for n, p in m.named_parameters()) for m in (ref, canon, model))
-    if set(r) != set(c) or any(r[n] != c[n] for n in c if c[n] == o.get(n)):
-        return False
-    for path, m in mods.items():
-        a, b, base, a2 = (_plain(x) for x in (ref_mods[path], m, base_mods.get(path, m), resized[path]))
-        if _kind(m) is not _Drop and any(a.get(k) != v for k, v in b.items()
-                                         if v == base.get(k) and a.get(k) == a2.get(k) and k not in DROP_ATTRS):
-            return False
-    return True
+    for path in ma.keys() | mb.keys():
+        x, y = ma.get(path), mb.get(path)
+        if x is None or y is None or _kind(x) is not _kind(y):
+            out.add((path, ""))
+        elif _kind(x) is not _Drop:
+            pa, pb = _plain(x), _plain(y)
+            out |= {(path, k) for k in pa.keys() | pb.keys()
+                    if k not in DROP_ATTRS and k != "training" and pa.get(k) != pb.get(k)}
+    sa, sb = _shapes(a), _shapes(b)
+    out |= {(n, "shape") for n in sa.keys() | sb.keys() if sa.get(n) != sb.get(n)}
+    return out
 
 
 class _Drop:
