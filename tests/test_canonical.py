@@ -128,6 +128,19 @@ def test_head_reset_unlike_the_constructors_is_planned_at_the_default(registered
 
 
 @pytest.mark.timeout(120)
+def test_feature_extractor_without_pooling_has_the_default_backbone():
+    """RepViT created as a feature extractor (``num_classes=0, global_pool=''``) is planned at the registered
+    default, as at any other head: the copy reset to the cfg's head lacks the distillation head's BatchNorm and
+    gave 102 backbone tensors other widths than the default split's, so its checkpoints did not load."""
+    with torch.device("meta"):
+        ref = timm_split.plan_split(timm.create_model("repvit_m0_9"), 2)
+        plan = timm_split.plan_split(timm.create_model("repvit_m0_9", num_classes=0, global_pool=""), 2)
+    backbone = [k for k in ref.param_shapes if not k.startswith("head.")]
+    assert len(backbone) > 100 and dict(plan.planned_at)["num_classes"] == 1000
+    assert {k: plan.param_shapes[k] for k in backbone} == {k: ref.param_shapes[k] for k in backbone}
+
+
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("init", ["random", "inherit"])
 def test_head_the_cfg_lacks_takes_the_width_of_its_features(init):
     """A cfg without a head (Hiera's: num_classes 0) and a model with one: the classifier, which the copy at the
