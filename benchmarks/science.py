@@ -9,7 +9,7 @@
     bash benchmarks/science_gpu.sh                                 # WRN-16-8, single x5 and S=2 x5 on one GPU
 
 Every run trains on a class-balanced Fashion-MNIST subset held as one uint8 tensor on the device, with the seed's
-views made on whole batches (``timm_split.training.views.BatchViews``: per-member pad-crop, flip, RandAugment, random
+views made on whole batches (``science_views.BatchViews``: per-member pad-crop, flip, RandAugment, random
 erasing, then mixup shared by the members), ``timm_split.split`` / ``CoTrainingLoss`` / ``param_groups`` and timm's
 ``create_optimizer_v2`` / ``create_scheduler_v2``. Each finished run writes ``<records>/<stage>/<id>.json`` (config,
 costs, test and clean-train metrics, last-epoch train loss, wall time) and ``<id>.npz`` (the ensemble's test logits
@@ -35,7 +35,7 @@ from torch import nn
 
 from timm_split import CoTrainingLoss, SplitEnsemble, param_groups, split
 from timm_split.training.data import read_idx
-from timm_split.training.views import BatchViews
+from science_views import BatchViews  # benchmarks/: the folder of this script
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 

@@ -111,3 +111,19 @@ def tiny_png_folder(tmp_path_factory, per_class: int = 4, val_per_class: int = 2
     out = tmp_path_factory.mktemp("png") / "f"
     export_fashion_mnist(str(out), idx_dir=idx)
     return str(out)
+
+
+def load_benchmark(name: str):
+    """The script ``benchmarks/<name>.py`` loaded as a module, registered in ``sys.modules`` under ``name`` (so a
+    script that imports a sibling, as science.py imports science_views, finds it loaded first)."""
+    import importlib.util
+    import sys
+
+    if name in sys.modules:
+        return sys.modules[name]
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", name + ".py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -1,11 +1,15 @@
-"""timm_split.training.views: batched member views (pad-crop, flip, RandAugment, erasing) and shared mixup."""
+"""benchmarks/science_views.py (the science benchmark's views): batched member views (pad-crop, flip,
+RandAugment, erasing) and shared mixup."""
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageOps
 
-from timm_split.training.views import (RAND_AUGMENT_OPS, BatchViews, hflip, mixup, pad_crop, rand_augment,
-                                       random_erase)
+from conftest import load_benchmark
+
+_views = load_benchmark("science_views")
+RAND_AUGMENT_OPS, BatchViews, hflip, mixup = _views.RAND_AUGMENT_OPS, _views.BatchViews, _views.hflip, _views.mixup
+pad_crop, rand_augment, random_erase = _views.pad_crop, _views.rand_augment, _views.random_erase
 
 MEAN, STD = (0.2860,), (0.3530,)
 

@@ -1,7 +1,6 @@
 """benchmarks/science.py's analysis: the Student t quantile and Welch interval without scipy, and amendment 1's
 report (a verdict per budget, the statement over budgets, the budget plot) on fake run records."""
 import functools
-import importlib.util
 import json
 import math
 import os
@@ -9,12 +8,10 @@ from typing import Any, Dict, List
 
 import numpy as np
 import pytest
+from conftest import load_benchmark
 
-_SPEC = importlib.util.spec_from_file_location(
-    "science_report_under_test", os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks",
-                                              "science.py"))
-sci = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(sci)
+load_benchmark("science_views")
+sci = load_benchmark("science")
 
 N = 10_000  # test images
 LABELS = np.random.default_rng(0).integers(0, 10, N)

@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from collections import OrderedDict
@@ -409,41 +408,19 @@ def _checkpoint_state(run: _Run) -> Dict[str, Any]:
 
 
 def _saver(run: _Run):
-    """timm's ``CheckpointSaver`` (last, model_best, the best ``--checkpoint-hist``) writing our safetensors."""
-    from timm.utils import CheckpointSaver
-
+    """timm's ``CheckpointSaver`` bookkeeping (last, model_best, the best ``--checkpoint-hist``), kill-safe, writing
+    our safetensors (:class:`~timm_split.training.saver.KillSafeSaver`)."""
     from ..checkpoint import save_checkpoint
+    from ..training.saver import KillSafeSaver
 
-    class _Saver(CheckpointSaver):
-        def _replace(self, src: str, dst: str) -> None:
-            os.replace(src, dst)  # timm unlinks dst first (for Windows): a kill there would lose last.*
+    def save(path: str, epoch: int, metric: Optional[float], saver_state: Dict[str, Any]) -> None:
+        state = dict(_checkpoint_state(run), epoch=epoch + 1, metric=metric, saver=saver_state)
+        save_checkpoint(run.ensemble, path, None if run.args.member_parallel else run.optimizer,
+                        model_ema=None if run.ema is None else run.ema.module, state=state)
 
-        def _duplicate(self, src: str, dst: str) -> None:
-            tmp = f"{dst}.{os.getpid()}.tmp"  # the pid: a later run removes it if a kill leaves it
-            try:
-                try:
-                    os.link(src, tmp)  # a hard link where the filesystem allows, as timm does
-                except OSError:
-                    shutil.copy2(src, tmp)
-                os.replace(tmp, dst)
-            except OSError as e:
-                with contextlib.suppress(OSError):
-                    os.remove(tmp)
-                raise OSError(e.errno, e.strerror or str(e), dst) from e
-
-        def _save(self, save_path: str, epoch: int, metric: Optional[float] = None) -> None:
-            state = dict(_checkpoint_state(run), epoch=epoch + 1, metric=metric, saver=self.state_dict(epoch, metric))
-            try:
-                save_checkpoint(run.ensemble, save_path, None if run.args.member_parallel else run.optimizer,
-                                model_ema=None if run.ema is None else run.ema.module, state=state)
-            except OSError as e:  # save_path is the saver's tmp.safetensors: name what it was to become
-                raise OSError(e.errno, f"{e.strerror}; the checkpoints already written are intact",
-                              os.path.join(self.checkpoint_dir, "last" + self.extension)) from e
-
-    saver = _Saver(model=run.ensemble, optimizer=run.optimizer, checkpoint_dir=run.out, recovery_dir=run.out,
-                   decreasing=run.args.eval_metric == "loss", max_history=run.args.checkpoint_hist)
-    saver.extension = ".safetensors"
-    return saver
+    return KillSafeSaver(save, model=run.ensemble, optimizer=run.optimizer, checkpoint_dir=run.out,
+                         recovery_dir=run.out, decreasing=run.args.eval_metric == "loss",
+                         max_history=run.args.checkpoint_hist)
 
 
 def _resume(run: _Run, saver) -> int:
@@ -464,45 +441,13 @@ def _resume(run: _Run, saver) -> int:
     if saver is not None:
         if "saver" in ckpt.state:
             saver.load_state_dict(ckpt.state["saver"])
-        _track_pending(saver, ckpt.state, a.resume)
+        saver.repair(ckpt.state, a.resume)
     if a.sched_on_updates:
         run.scheduler.step_update(start * run.updates_per_epoch)
     elif start > 0:
         run.scheduler.step(start)
     _logger.info("resumed %s at epoch %d, update %d", a.resume, start, run.num_updates)
     return start
-
-
-def _track_pending(saver, state: Dict[str, Any], resumed: str) -> None:
-    """A kill between writing ``last`` and copying it to ``checkpoint-<epoch>``: make that copy now."""
-    epoch, metric = (state.get("saver") or {}).get("pending", (None, None))
-    last = os.path.join(saver.checkpoint_dir, "last" + saver.extension)
-    if epoch is None or os.path.abspath(resumed) != os.path.abspath(last):
-        return
-    path = saver._checkpoint_path(epoch)
-    if path not in [f for f, _ in saver.checkpoint_files]:
-        saver._duplicate(last, path)
-        saver._track_checkpoint(path, epoch, metric)
-        saver._cleanup_checkpoints(0)
-    _repair_best(saver)
-
-
-def _repair_best(saver) -> None:
-    """A kill before ``model_best`` was updated: copy the best epoch's checkpoint to it now."""
-    from ..checkpoint import read_metadata
-
-    if saver.best_epoch is None:
-        return
-    best, src = os.path.join(saver.checkpoint_dir, "model_best" + saver.extension), saver._checkpoint_path(
-        saver.best_epoch)
-    if not os.path.exists(src):
-        return
-    try:
-        epoch = json.loads(read_metadata(best).get("state", "{}")).get("epoch") if os.path.exists(best) else None
-    except ValueError:  # a damaged model_best: replace it too
-        epoch = None
-    if epoch != saver.best_epoch + 1:
-        saver._duplicate(src, best)
 
 
 # ----------------------------------------------------------------------------------------------------------

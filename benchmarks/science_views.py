@@ -1,4 +1,6 @@
-"""Fast tensor-side member views for small images, on whole batches (CPU or GPU).
+"""Fast tensor-side member views for small images, on whole batches (CPU or GPU); benchmarks/science.py's
+(it moved here from ``timm_split.training.views``, the name docs/results.md's pre-registration uses, since only the
+science benchmark uses it).
 
 Per member: pad-and-crop, horizontal flip, RandAugment (timm's ``rand-m9-mstd0.5``) and timm-style random
 erasing; then mixup with one lambda and one permutation shared by all members. This is not the SplitNet seed's
