@@ -33,10 +33,11 @@ ACCEPTANCE = {
     "fastvit_t8": ({}, 64),
 }
 
-# The default tier (one small architecture per timm module); FAST runs by default, the rest is marked slow.
+# The default tier (one small architecture per timm module): FAST runs by default, TIER (two real models whose
+# fx/TorchScript/fine-tune tests cost ~50 s) under the `tier` marker, which CI runs; the rest is marked slow.
 # TIMM_SPLIT_FILTER narrows it (an fnmatch pattern), as timm's tests take a filter.
-FAST = ["test_resnet", "test_convnext", "test_efficientnet", "test_byobnet", "test_vit", "mobilenetv3_small_050",
-        "edgenext_xx_small", "levit_128s"]
+FAST = ["test_resnet", "test_convnext", "test_efficientnet", "test_byobnet", "test_vit", "mobilenetv3_small_050"]
+TIER = ["edgenext_xx_small", "levit_128s"]
 FILTER = os.environ.get("TIMM_SPLIT_FILTER", "*")
 
 
@@ -45,13 +46,15 @@ def matches(arch: str, patterns) -> bool:
 
 
 def tier_params(patterns=("*",), exclude=()):
-    """pytest params of the default tier matching ``patterns`` and not ``exclude``: FAST first, the rest slow."""
+    """pytest params of the default tier matching ``patterns`` and not ``exclude``: FAST first, then TIER (marked
+    tier), the rest slow."""
     from timm_split.commands.sweep import default_tier
 
     archs = [a for a in default_tier() if fnmatch.fnmatch(a, FILTER) and matches(a, patterns)
              and not matches(a, exclude)]
-    return [pytest.param(a, marks=[] if a in FAST else [pytest.mark.slow])
-            for a in [a for a in FAST if a in archs] + [a for a in archs if a not in FAST]]
+    first = [a for a in FAST + TIER if a in archs]
+    return [pytest.param(a, marks=[] if a in FAST else [pytest.mark.tier] if a in TIER else [pytest.mark.slow])
+            for a in first + [a for a in archs if a not in first]]
 
 
 # oneDNN builds a kernel per new conv shape on its first call (about 3 s for a resnet50 at 64 px on this
