@@ -445,3 +445,19 @@ def test_jit_trace_runs_at_another_batch_size():
     x = torch.randn(3, 3, TARGET, TARGET)
     with torch.no_grad():
         torch.testing.assert_close(traced(x), model(x))
+
+
+def test_head_hidden_size_of_an_unpooled_model_is_its_channels():
+    """A model created with ``global_pool=''`` has pre-logits ``[B, C, H, W]``: the ensemble's ``head_hidden_size``
+    is S x a member's C, and ``forward_head(pre_logits=True)`` puts the members side by side on C (it concatenated
+    on the last dim, the width). The width probe read the last dim (the feature map's width: 5 for test_resnet at its
+    size), so a classifier made after a prune or ``reset_classifier`` took that many inputs (ghostnet_050 in
+    timm's ``test_head_hidden_size``: ``mat1 and mat2 shapes cannot be multiplied (2x24 and 14x7)``)."""
+    ens = timm_split.split(timm.create_model("test_resnet", num_classes=0, global_pool=""), 2).eval()
+    member = ens.members[0]
+    assert member.head_hidden_size == member.num_features < 96 and ens.head_hidden_size == 2 * member.num_features
+    with torch.no_grad():
+        pre = ens.forward_head(ens.forward_features(torch.randn(2, 3, 64, 64)), pre_logits=True)
+        assert pre.shape[1] == ens.head_hidden_size
+        ens.reset_classifier(7, "avg")
+        assert ens(torch.randn(2, 3, 64, 64)).shape == (2, 7)

@@ -101,9 +101,11 @@ def _probe_widths(member: nn.Module, input_size: Tuple[int, ...]) -> Dict[str, A
     try:
         with torch.no_grad():
             f = meta.forward_features(x)
+            nhwc = str(fmt) == "NHWC"
             if isinstance(f, torch.Tensor):  # several outputs (CrossViT, CoaT): num_features is the model's own
-                out["num_features"] = f.shape[_feature_dim(f, str(fmt) == "NHWC")]
-            out["head_hidden_size"] = meta.forward_head(f, pre_logits=True).shape[-1]
+                out["num_features"] = f.shape[_feature_dim(f, nhwc)]
+            pre = meta.forward_head(f, pre_logits=True)  # unpooled [B, C, H, W] where global_pool is ''
+            out["head_hidden_size"] = pre.shape[_feature_dim(pre, nhwc)]
             info = getattr(member, "feature_info", None)
             if isinstance(info, (list, tuple)) and info and hasattr(meta, "forward_intermediates"):
                 levels = meta.forward_intermediates(x, intermediates_only=True)
@@ -191,7 +193,8 @@ class FeatureSurface:
         Args:
             x: ``[B, num_features, ...]`` from :meth:`forward_features` (each member gets its channel chunk), or
                 ``[S, B, ...]`` with ``stacked=True``.
-            pre_logits: return the members' pre-logits concatenated, ``[B, head_hidden_size]``.
+            pre_logits: return the members' pre-logits concatenated on their channel dim, ``[B, head_hidden_size]``
+                (``[B, head_hidden_size, H, W]`` for a model without pooling).
             stacked: ``x`` is the per-member view ``[S, B, ...]``.
 
         Raises:
@@ -203,8 +206,8 @@ class FeatureSurface:
         else:
             parts = [_member_chunk(x, i, S, self.num_features, last, stacked) for i in range(S)]
         outs = [m.forward_head(p, pre_logits=pre_logits) for m, p in zip(self.members, parts)]
-        if pre_logits:
-            return torch.cat(outs, dim=-1)
+        if pre_logits:  # side by side on the channel dim (pooled [B, C], or unpooled where global_pool is '')
+            return cat_members(outs, last)
         return self.combine(torch.stack(outs))
 
     # ---- features
