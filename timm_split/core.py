@@ -48,9 +48,7 @@ class _Planned(NamedTuple):
     """What the pipeline hands from planning to the rebuild."""
 
     plan: SplitPlan
-    trace: Trace
-    out_shape: Tuple[int, ...]
-    in_shape: Tuple[int, ...]
+    trace: Trace  # the user's model's (a _Traced holds its shapes; the rebuild needs only the trace)
     graph: ChannelGraph
     sizes: NewWidths
     canon: Optional[nn.Module] = None  # the copy at the cfg's head it was planned on (engine.canonical)
@@ -151,7 +149,7 @@ def _carried_over(model: nn.Module, own: _Traced, found: Tuple[nn.Module, CfgAt]
             _logger.warning("%s: planned at the cfg's size %s so that its checkpoints load at any size; at %s "
                             "the MACs ratio is %.4f. For MACs parity at this size, split with plan_at='model'",
                             _arch(model), at.img_size, tuple(own.in_shape[2:]), p.macs_ratio)
-    return _Planned(p, tr, own.out_shape, own.in_shape, made.graph, made.sizes, canon, coupled)
+    return _Planned(p, tr, made.graph, made.sizes, canon, coupled)
 
 
 def _coupled(tr: Trace, canon: nn.Module, headless: bool) -> Optional[Coupled]:
@@ -178,7 +176,7 @@ def _ladder(traced: _Traced, S: int, arch: str, plan_kw: dict) -> _Planned:
         p = settle_attributes(member, draft.plan, draft.ambiguous, draft.module_io)
         try:
             check_member(member, shape, out_shape, headless)
-            return _Planned(p, tr, out_shape, shape, cg, draft.sizes)
+            return _Planned(p, tr, cg, draft.sizes)
         except SplitError as e:
             error = e
             if i + 1 < len(RETRY_LADDER):

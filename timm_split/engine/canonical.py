@@ -140,13 +140,13 @@ def _registered(model: nn.Module, at: CfgAt, own: Tuple[int, ...]) -> Tuple[Opti
         except Exception as e:  # noqa: BLE001 - the registry's own entrypoint
             _logger.debug("%s: no registered copy (%s)", arch, e)
             return None, None
+        if cfg_at(ref) != at or getattr(ref, "num_classes", None) != at.num_classes:
+            return None, None
         try:
             same = timm.create_model(arch, pretrained=False, **kw)
         except Exception as e:  # noqa: BLE001 - the registry's own entrypoint
             _logger.debug("%s: no registered copy with %s (%s)", arch, kw, e)
             same = None
-    if cfg_at(ref) != at or getattr(ref, "num_classes", None) != at.num_classes:
-        return None, None
     return ref, same
 
 
