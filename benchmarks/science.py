@@ -828,7 +828,28 @@ def amendment_report(recs: Records, labels: np.ndarray) -> List[str]:
             (t1 if stage == "t1" else t2).append(budget)
     t1 += [(k, None, f"incomplete: 0 of {SEEDS_PER_ARM} seeds") for k in T1_WIDTHS if k not in {b[0] for b in t1}]
     t2 = [b for b in t2 if not b[2].startswith("incomplete")]
-    return lines + [budget_statement(sorted(t1) + sorted(t2)), ""]
+    return lines + [budget_statement(sorted(t1) + sorted(t2)), ""] + power_law_lines(_budget_points(recs))
+
+
+def power_law_lines(points: Dict[str, List[Tuple[int, float, float, int]]]) -> List[str]:
+    """Amendment 1's descriptive power-law fits (after Lobacheva et al. 2020): per arm with two or more budgets of
+    ``SEEDS_PER_ARM`` seeds, the least-squares line of log10(mean test error) on log10(params), i.e.
+    ``error = a * params**b``. They decide nothing; with two budgets the line passes through both."""
+    out = []
+    for arm, pts in points.items():
+        full = [(p, e) for p, e, _, n in pts if n >= SEEDS_PER_ARM]
+        if len(full) < 2:
+            continue
+        x, y = np.log10([p for p, _ in full]), np.log10([e for _, e in full])
+        b, log_a = np.polyfit(x, y, 1)
+        worst = float(np.max(np.abs(10 ** (log_a + b * x) / 10 ** y - 1)) * 100)
+        fit = "the line passes through both" if len(full) == 2 else f"largest residual {worst:.1f}% of the error"
+        out.append(f"* {arm}: error = {10 ** log_a:.3g} x params^{b:.3f} ({len(full)} budgets, "
+                   f"{full[0][0]:,}-{full[-1][0]:,} params; {fit})")
+    if not out:
+        return []
+    return ["**Power-law fits** of mean test error (%) against params (descriptive only; they decide nothing):",
+            ""] + out + [""]
 
 
 def budget_statement(budgets: Sequence[Budget]) -> str:

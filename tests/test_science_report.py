@@ -65,6 +65,16 @@ def test_budget_statement() -> None:
     assert "Statement: pending" in text
 
 
+def test_power_law_fits_recover_the_exponent() -> None:
+    law = [(p, 1e3 * p ** -0.25, 0.1, 20) for p in (78_270, 310_226, 1_235_226)]  # error = 1000 * params^-0.25
+    lines = sci.power_law_lines({"single": law, "s2": law[1:], "s4": [(p, e, h, 3) for p, e, h, _ in law]})
+    text = "\n".join(lines)
+    assert "* single: error = 1e+03 x params^-0.250 (3 budgets, 78,270-1,235,226 params; largest residual 0.0%" in text
+    assert "* s2: error = 1e+03 x params^-0.250 (2 budgets, 310,226-1,235,226 params; the line passes" in text
+    assert "s4" not in text  # incomplete cells (3 of 20 seeds) are not fitted
+    assert sci.power_law_lines({"single": law[:1]}) == []
+
+
 # ----------------------------------------------------------------------------------------------------------
 # fake records (the keys run_one writes) and the report
 
@@ -127,7 +137,8 @@ def test_amendment_verdicts_no_then_yes(tmp_path) -> None:
     assert "**Verdict (amendment 1 rule): yes.**" in _block_of(lines, "### t1: resnet10 k=2,")
     assert "(20 paired seeds)" in _block_of(lines, "### t1: resnet10 k=2,")
     assert ("k=1 (310,226 params): no; k=2 (1,235,226 params): yes. **Statement: the crossover lies between "
-            "310,226 and 1,235,226 params.**") in lines[-2]
+            "310,226 and 1,235,226 params.**") in "\n".join(lines)
+    assert lines[-5].startswith("**Power-law fits**") and lines[-3].startswith("* single: error = ")
 
 
 def test_report_incomplete_t3_grid_and_plot(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
