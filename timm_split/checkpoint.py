@@ -36,7 +36,7 @@ from .checks import atomic_write
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["save_checkpoint", "load_checkpoint", "LoadedCheckpoint", "read_metadata"]
+__all__ = ["save_checkpoint", "load_checkpoint", "LoadedCheckpoint", "read_metadata", "training_state"]
 
 FORMAT = "timm_split/3"
 _FORMATS = (FORMAT, "timm_split/2")  # timm_split/2: the checksum covers the tensors only (still read)
@@ -228,6 +228,12 @@ def read_metadata(path: PathLike) -> Dict[str, str]:
     return meta
 
 
+def training_state(meta: Dict[str, str]) -> Dict[str, Any]:
+    """The training state (epoch, model, data config, ...) stored in the metadata of a timm_split checkpoint, as
+    :func:`read_metadata` returns it (checked there to be a JSON object); ``{}`` for any other file."""
+    return json.loads(meta.get("state", "{}")) if _ours(meta) else {}
+
+
 def _ours(meta: Dict[str, str]) -> bool:
     """A file written by :func:`save_checkpoint` (any version): its ``format`` is ``timm_split/<n>``."""
     return str(meta.get("format", "")).startswith("timm_split/")
@@ -358,7 +364,7 @@ def load_checkpoint(model: nn.Module, path: PathLike, optimizer: Optional[torch.
     if model_ema is not None:
         _copy_weights(model_ema, own_ema, ema)
     _copy_weights(model, own, weights)
-    state = json.loads(meta.get("state", "{}")) if verify and _ours(meta) else {}
+    state = training_state(meta) if verify else {}
     return LoadedCheckpoint(path, meta, state, missing, unexpected)
 
 

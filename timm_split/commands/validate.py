@@ -77,10 +77,11 @@ def _model_from(args: argparse.Namespace, meta: Dict[str, str], num_classes: int
     """The ensemble the checkpoint's weights go into (its own metadata first, then the flags)."""
     import timm
 
+    from ..checkpoint import training_state
     from ..core import split
     from ..ensemble import single
 
-    state = json.loads(meta.get("state", "{}"))
+    state = training_state(meta)
     name = args.model or state.get("model")
     if not name:
         raise ValueError(f"{args.checkpoint} does not name its model; pass --model (e.g. splitnet_resnet18).")
@@ -133,7 +134,7 @@ def validate(args: argparse.Namespace) -> List[Dict[str, Any]]:
     """Evaluate ``args.checkpoint``; return one result row for the ensemble and one per member."""
     from timm.data import resolve_data_config
 
-    from ..checkpoint import load_checkpoint, read_metadata
+    from ..checkpoint import load_checkpoint, read_metadata, training_state
     from ..training.data import create_eval_dataset, create_eval_loader
 
     _check_flags(args)
@@ -142,9 +143,10 @@ def validate(args: argparse.Namespace) -> List[Dict[str, Any]]:
     if not os.path.isfile(args.checkpoint):
         raise ValueError(f"no checkpoint at {args.checkpoint}; pass the file written by timm-split train.")
     dataset, names, data_cfg = create_eval_dataset(args.dataset, args.data_dir, args.val_split)
-    num_classes = check_class_names(args, json.loads(meta.get("state", "{}")), names)
+    state = training_state(meta)
+    num_classes = check_class_names(args, state, names)
     model = _model_from(args, meta, num_classes)
-    if data_cfg and not json.loads(meta.get("state", "{}")).get("data_config"):
+    if data_cfg and not state.get("data_config"):
         model.pretrained_cfg = dict(model.pretrained_cfg, **data_cfg)  # Fashion-MNIST's IDX files: 1 channel
     load_checkpoint(model, args.checkpoint, use_ema=args.use_ema)
     model.to(device)

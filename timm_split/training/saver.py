@@ -14,14 +14,13 @@ class overrides those three and nothing else of its logic:
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from typing import Any, Callable, Dict, Optional
 
 from timm.utils import CheckpointSaver
 
-from ..checkpoint import read_metadata
+from ..checkpoint import read_metadata, training_state
 from ..checks import atomic_write
 
 __all__ = ["KillSafeSaver"]
@@ -88,7 +87,7 @@ class KillSafeSaver(CheckpointSaver):
         if not os.path.exists(src):
             return
         try:
-            epoch = json.loads(read_metadata(best).get("state", "{}")).get("epoch") if os.path.exists(best) else None
+            epoch = training_state(read_metadata(best)).get("epoch") if os.path.exists(best) else None
         except ValueError:  # a damaged model_best: replace it too
             epoch = None
         if epoch != self.best_epoch + 1:
