@@ -13,8 +13,10 @@ views made on whole batches (``science_views.BatchViews``: per-member pad-crop, 
 erasing, then mixup shared by the members), ``timm_split.split`` / ``CoTrainingLoss`` / ``param_groups`` and timm's
 ``create_optimizer_v2`` / ``create_scheduler_v2``. Each finished run writes ``<records>/<stage>/<id>.json`` (config,
 costs, test and clean-train metrics, last-epoch train loss, wall time) and ``<id>.npz`` (the ensemble's test logits
-as float16, the members' test predictions), both atomically; a rerun skips runs whose record exists with the same
-config, so a grid may span sessions. Independent runs go to ``--jobs`` single-thread worker processes.
+as float16, the members' test predictions; from amendment 2 on also every member's test logits and the logits on
+the declared out-of-distribution set, ``ood_images``), both atomically; records from amendment 2 on carry their
+``provenance`` (git revision, dirty flag, a hash of the code that ran); a rerun skips runs whose record
+exists with the same config, so a grid may span sessions. Independent runs go to ``--jobs`` single-thread worker processes.
 """
 import argparse
 import concurrent.futures as cf
@@ -202,6 +204,49 @@ def _idx(data_dir: str, name: str) -> np.ndarray:
                             "(Debian: apt-get install dataset-fashion-mnist).")
 
 
+def ood_images() -> torch.Tensor:
+    """The declared out-of-distribution set of amendment 2: scikit-learn's bundled 8x8 handwritten digits (all
+    1,797), grey levels 0-16 scaled to 0-255, resized to 20 x 20 (bilinear, antialiased) and centred on a 28 x 28
+    black canvas as MNIST centres its digits: ``uint8 [1797, 1, 28, 28]``. No class of Fashion-MNIST holds a digit."""
+    from sklearn.datasets import load_digits  # bundled with scikit-learn: nothing downloads
+
+    d = torch.from_numpy(load_digits().images.astype(np.float32) * (255.0 / 16.0))[:, None]
+    small = torch.nn.functional.interpolate(d, size=(20, 20), mode="bilinear", antialias=True, align_corners=False)
+    out = torch.zeros(len(d), 1, 28, 28)
+    out[:, :, 4:24, 4:24] = small
+    return out.round().clamp(0, 255).to(torch.uint8)
+
+
+SCIENCE_CODE = ("benchmarks/science.py", "benchmarks/science_views.py")
+
+
+def provenance() -> Dict[str, Any]:
+    """What code made a record (amendment 2): the git revision of the tree this script runs from, whether its
+    tracked files differ from that revision, and a SHA-256 over the science scripts and every ``timm_split/*.py``
+    file the run imports (sorted paths and contents), so the report can refuse to pool runs of different code."""
+    import hashlib
+    import subprocess
+    import timm_split
+
+    def git(*argv: str) -> str:
+        try:
+            return subprocess.run(["git", "-C", ROOT, *argv], capture_output=True, text=True, timeout=30,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    pkg = os.path.dirname(os.path.abspath(timm_split.__file__))
+    files = [os.path.join(ROOT, f) for f in SCIENCE_CODE]
+    files += sorted(os.path.join(d, f) for d, _, fs in os.walk(pkg) for f in fs if f.endswith(".py"))
+    h = hashlib.sha256()
+    for f in files:
+        rel = os.path.relpath(f, os.path.dirname(pkg)) if f.startswith(pkg) else os.path.relpath(f, ROOT)
+        with open(f, "rb") as fh:
+            h.update(rel.encode() + b"\0" + fh.read() + b"\0")
+    return {"git_rev": git("rev-parse", "HEAD") or None, "git_dirty": bool(git("status", "--porcelain",
+            "--untracked-files=no")), "code_sha256": h.hexdigest(), "timm_split_dir": pkg}
+
+
 def load_data(st: Setting) -> Tuple[torch.Tensor, ...]:
     """``(train_x uint8 [N, 1, 28, 28], train_y, test_x, test_y)`` on ``st.device`` (cached per process)."""
     key = (st.data_dir, st.per_class, st.device)
@@ -362,13 +407,16 @@ def run_one(spec: Spec, st: Setting, records: str) -> Dict[str, Any]:
     train_x, train_y, test_x, test_y = load_data(st)
     test_logits = member_logits(ens, test_x, views, st)
     train_logits = member_logits(ens, train_x, views, st)
+    ood_logits = member_logits(ens, ood_images().to(test_x.device), views, st)
     ens_test = ens.combine(test_logits)
     rid = spec.run_id(st)
     folder = os.path.join(records, spec.stage)
     os.makedirs(folder, exist_ok=True)
+    f16 = lambda t: t.numpy().astype(np.float16)  # noqa: E731
     _atomic_write(os.path.join(folder, rid + ".npz"), lambda f: np.savez_compressed(
-        f, ensemble_logits=ens_test.numpy().astype(np.float16),
-        member_pred=test_logits.argmax(-1).numpy().astype(np.uint8)))
+        f, ensemble_logits=f16(ens_test), member_pred=test_logits.argmax(-1).numpy().astype(np.uint8),
+        member_logits=f16(test_logits), ood_member_logits=f16(ood_logits),
+        ood_ensemble_logits=f16(ens.combine(ood_logits))))
     plan = ens.split_plan
     rec = {
         "id": rid, "stage": spec.stage, "kind": spec.kind, "arm": spec.arm, "arch": st.arch, "width": spec.width,
@@ -378,7 +426,8 @@ def run_one(spec: Spec, st: Setting, records: str) -> Dict[str, Any]:
         "train_last_epoch": last, "train_images": len(train_x), "train_seconds": train_seconds,
         "wall_seconds": time.perf_counter() - t0, "device": st.device, "amp": st.amp,
         "channels_last": st.channels_last, "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "provenance": provenance(),
+        "ood": {"set": "sklearn digits 8x8 -> 20 px in 28 px", "images": int(ood_logits.shape[1])},
     }
     _atomic_write(os.path.join(folder, rid + ".json"), lambda f: f.write(json.dumps(rec, indent=1).encode()))
     return rec
@@ -737,6 +786,26 @@ def _arms(group: Records) -> Dict[str, Records]:
     return arms
 
 
+def code_line(group: Records) -> str:
+    """The code a setting's records ran (amendment 2): one line naming the revisions and the code hash. Records
+    of different code (hash), or records with and without provenance, in one setting are never pooled: a
+    ``SystemExit`` names them."""
+    shas = {(r.get("provenance") or {}).get("code_sha256") for r in group}
+    if len(shas) > 1:
+        by = {}
+        for r in group:
+            by.setdefault((r.get("provenance") or {}).get("code_sha256"), []).append(r["id"])
+        raise SystemExit(f"{group[0]['stage']} k={group[0]['config']['width']:g}: records of different code in one "
+                         "setting (" + "; ".join(f"{k[:12] if k else 'no provenance'}: {len(v)} e.g. {v[0]}"
+                                                  for k, v in by.items()) + "). The report does not pool them: "
+                         "rerun the odd ones from one revision (amendment 2), or move them to their own --tag.")
+    if shas == {None}:
+        return "Code: recorded before amendment 2, without a revision or code hash."
+    revs = sorted({(r["provenance"]["git_rev"] or "?")[:10]
+                   + (" (dirty)" if r["provenance"]["git_dirty"] else " (clean)") for r in group})
+    return f"Code: revision {', '.join(revs)}; code hash {shas.pop()[:16]} (all {len(group)} records)."
+
+
 def _block(group: Records, labels: np.ndarray, what: str, rule_arm: str = "s2", need: int = 0,
            single: Optional[Records] = None) -> Tuple[List[str], Dict[str, str]]:
     """One setting's table (every arm, the two-singles ceiling) and tests (``_tests``). ``single``: another
@@ -747,7 +816,7 @@ def _block(group: Records, labels: np.ndarray, what: str, rule_arm: str = "s2", 
     if borrowed:
         arms = {"single": sorted(single, key=lambda r: r["seed"]), **arms}
     sp = arms["single"][0]["params"] if "single" in arms else None
-    lines = [f"### {group[0]['stage']}: {_setting_line(group[0])}", "",
+    lines = [f"### {group[0]['stage']}: {_setting_line(group[0])}", "", code_line(group), "",
              "| arm | S | seeds | params (vs single) | MMACs (vs unsplit) | test top-1 (%) | member top-1 (%) "
              "| NLL | ECE (%) | clean train top-1 (%) | clean train loss | last-epoch train CE per member "
              "| min/run |",

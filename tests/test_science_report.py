@@ -167,3 +167,28 @@ def test_report_incomplete_t3_grid_and_plot(tmp_path, monkeypatch: pytest.Monkey
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert not [n for n in os.listdir(tmp_path) if ".tmp" in n]
+
+
+def test_report_refuses_to_pool_records_of_different_code(tmp_path) -> None:
+    """Amendment 2: records of one setting made by different code (hash), or with and without provenance, are
+    never pooled; one code gives one line naming its revision."""
+    records = str(tmp_path / "records")
+    _runs(records, "t2", 2.0, {"single": 80.0, "s2": 81.0}, 2)
+    folder = os.path.join(records, "t2")
+    names = sorted(n for n in os.listdir(folder) if n.endswith(".json"))
+    for n in names:
+        path = os.path.join(folder, n)
+        rec = json.load(open(path))
+        rec["provenance"] = {"git_rev": "abcdef0123456789", "git_dirty": False, "code_sha256": "a" * 64}
+        json.dump(rec, open(path, "w"))
+    line = sci.code_line(sci.load_records(records))
+    assert line == "Code: revision abcdef0123 (clean); code hash aaaaaaaaaaaaaaaa (all 4 records)."
+    rec = json.load(open(os.path.join(folder, names[0])))
+    rec["provenance"]["code_sha256"] = "b" * 64
+    json.dump(rec, open(os.path.join(folder, names[0]), "w"))
+    with pytest.raises(SystemExit, match="records of different code in one setting"):
+        sci.code_line(sci.load_records(records))
+    rec.pop("provenance")
+    json.dump(rec, open(os.path.join(folder, names[0]), "w"))
+    with pytest.raises(SystemExit, match="no provenance"):
+        sci.code_line(sci.load_records(records))
