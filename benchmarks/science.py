@@ -897,7 +897,8 @@ def amendment_report(recs: Records, labels: np.ndarray) -> List[str]:
             (t1 if stage == "t1" else t2).append(budget)
     t1 += [(k, None, f"incomplete: 0 of {SEEDS_PER_ARM} seeds") for k in T1_WIDTHS if k not in {b[0] for b in t1}]
     t2 = [b for b in t2 if not b[2].startswith("incomplete")]
-    return lines + [budget_statement(sorted(t1) + sorted(t2)), ""] + power_law_lines(_budget_points(recs))
+    return (lines + [budget_statement(sorted(t1) + sorted(t2)), ""] + power_law_lines(_budget_points(recs))
+            + crossover_lines(recs))
 
 
 def power_law_lines(points: Dict[str, List[Tuple[int, float, float, int]]]) -> List[str]:
@@ -910,7 +911,7 @@ def power_law_lines(points: Dict[str, List[Tuple[int, float, float, int]]]) -> L
         if len(full) < 2:
             continue
         x, y = np.log10([p for p, _ in full]), np.log10([e for _, e in full])
-        b, log_a = np.polyfit(x, y, 1)
+        log_a, b = power_fit([p for p, _ in full], [e for _, e in full])
         worst = float(np.max(np.abs(10 ** (log_a + b * x) / 10 ** y - 1)) * 100)
         fit = "the line passes through both" if len(full) == 2 else f"largest residual {worst:.1f}% of the error"
         out.append(f"* {arm}: error = {10 ** log_a:.3g} x params^{b:.3f} ({len(full)} budgets, "
@@ -919,6 +920,50 @@ def power_law_lines(points: Dict[str, List[Tuple[int, float, float, int]]]) -> L
         return []
     return ["**Power-law fits** of mean test error (%) against params (descriptive only; they decide nothing):",
             ""] + out + [""]
+
+
+def power_fit(params: Sequence[float], errors: Sequence[float]) -> Tuple[float, float]:
+    """``(log10 a, b)`` of the least-squares line log10(error) = log10(a) + b log10(params)."""
+    b, log_a = np.polyfit(np.log10(params), np.log10(errors), 1)
+    return float(log_a), float(b)
+
+
+def crossover(fits: Dict[str, Tuple[float, float]], arm: str = "s2", ref: str = "single") -> float:
+    """The params where the power laws of ``arm`` and ``ref`` meet, ``10 ** ((la_ref - la_arm) / (b_arm - b_ref))``;
+    NaN for parallel lines or a crossing that does not exist (both lines identical)."""
+    (la, ba), (lr, br) = fits[arm], fits[ref]
+    return float(10 ** ((lr - la) / (ba - br))) if ba != br else float("nan")
+
+
+def crossover_lines(recs: Records, arm: str = "s2", reps: int = 2000, seed: int = 0) -> List[str]:
+    """Amendment 2's descriptive extrapolation: where the power laws of ``arm`` and single (fitted over the
+    budgets where both have ``SEEDS_PER_ARM`` seeds, stage t1/t2 only) cross, with a percentile 95% interval from
+    ``reps`` bootstrap resamples of seeds within each (arm, budget). Decides nothing."""
+    cells: Dict[Tuple[str, float], List[float]] = {}
+    for r in recs:
+        if r["stage"] in ("t1", "t2") and r["arm"] in (arm, "single"):
+            cells.setdefault((r["arm"], r["config"]["width"]), []).append(100 - r["test"]["ensemble"]["top1"])
+    ks = sorted(k for k in {k for _, k in cells} if all(len(cells.get((a, k), [])) >= SEEDS_PER_ARM
+                                                          for a in (arm, "single")))
+    if len(ks) < 2:
+        return []
+    params = {a: [next(r["params"] for r in recs if r["arm"] == a and r["config"]["width"] == k and
+                       r["stage"] in ("t1", "t2")) for k in ks] for a in (arm, "single")}
+
+    def est(sample) -> float:
+        return crossover({a: power_fit(params[a], [float(np.mean(sample(cells[(a, k)]))) for k in ks])
+                          for a in (arm, "single")}, arm)
+
+    rng = np.random.default_rng(seed)
+    point = est(lambda v: v)
+    boot = np.array([est(lambda v: rng.choice(v, len(v))) for _ in range(reps)])
+    ok = boot[np.isfinite(boot) & (boot > 0)]
+    lo, hi = (np.percentile(ok, [2.5, 97.5]) if len(ok) else (float("nan"),) * 2)
+    span = f"{params['single'][0]:,}-{params['single'][-1]:,}"
+    return [f"**Crossover (extrapolation, decides nothing):** the power laws of {arm} and single (fitted over "
+            f"{len(ks)} budgets, {span} params) meet at {point:,.3g} params; bootstrap 95% interval "
+            f"[{lo:,.3g}, {hi:,.3g}] ({reps} resamples of seeds within each arm and budget; {len(ok)} crossed). "
+            f"A line through {len(ks)} budgets says nothing about curvature beyond them.", ""]
 
 
 def budget_statement(budgets: Sequence[Budget]) -> str:
@@ -953,6 +998,37 @@ def _budget_points(recs: Records) -> Dict[str, List[Tuple[int, float, float, int
     return points
 
 
+def gap_panel(ax, recs: Records) -> None:
+    """Amendment 2's panel: per budget of T1/T2, the difference s2 - single of mean test top-1 with its Welch 95%
+    interval, the margin +0.3 of the decision rule and 0 drawn; n per arm annotated."""
+    gaps = []
+    for k in sorted({r["config"]["width"] for r in recs if r["stage"] in ("t1", "t2")}):
+        arms = {a: [r for r in recs if r["stage"] in ("t1", "t2") and r["config"]["width"] == k and r["arm"] == a]
+                for a in PRIMARY}
+        if all(len(v) >= 2 for v in arms.values()):
+            d, lo, hi = welch_ci(_top1(arms["s2"]), _top1(arms["single"]))
+            gaps.append((arms["single"][0]["base_params"], d, lo, hi, min(len(v) for v in arms.values())))
+    from matplotlib.ticker import NullFormatter
+
+    ax.axhline(0, color="black", lw=1)
+    ax.axhline(0.3, color="tab:red", ls="--", lw=1, label="+0.3: the rule's margin (no needs upper bound < +0.3)")
+    if gaps:
+        x, d, lo, hi, n = zip(*gaps)
+        ax.errorbar(x, d, yerr=[np.subtract(d, lo), np.subtract(hi, d)], marker="o", capsize=3, color="tab:orange",
+                    label="s2 - single, Welch 95% interval")
+        for xi, di, ni in zip(x, d, n):
+            ax.annotate(f"n={ni}/arm", (xi, di), textcoords="offset points", xytext=(5, 4), fontsize=7)
+        ax.set_xscale("log")
+        ax.set_xticks(x, [f"{p / 1e6:.2g}M" for p in x])
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlim(min(x) / 1.5, max(x) * 1.5)
+    ax.set_title("paired difference in test top-1 (points), split S=2 minus single, per budget", fontsize=9)
+    ax.set_xlabel("parameters of the single network (log scale)")
+    ax.set_ylabel("s2 - single, test top-1 (points)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+
+
 def budget_plot(recs: Records, path: str) -> Optional[str]:
     """Test error against params (log x) per arm, mean over seeds with 95% t intervals, from amendment 1's
     records; written atomically to ``path`` (Agg backend). Returns the path, or None when skipped."""
@@ -967,9 +1043,9 @@ def budget_plot(recs: Records, path: str) -> Optional[str]:
     if not points:
         print(f"no t1/t2/t3 records: skipped the plot {path}", flush=True)
         return None
-    fig = Figure(figsize=(7, 4.8))
+    fig = Figure(figsize=(12, 4.8))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    ax, gap_ax = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
     names = {"single": "single network (S=1)", "s2": "split, S=2, co-trained", "s4": "split, S=4, co-trained"}
     for arm, pts in points.items():
         x, y, half, n = zip(*pts)
@@ -990,6 +1066,7 @@ def budget_plot(recs: Records, path: str) -> Optional[str]:
     ax.set_ylabel("test error (100 - top-1), % (10,000 test images)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
+    gap_panel(gap_ax, recs)
     fig.tight_layout()
     _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
     print(f"wrote the budget plot {path}", flush=True)

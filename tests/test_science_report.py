@@ -138,7 +138,9 @@ def test_amendment_verdicts_no_then_yes(tmp_path) -> None:
     assert "(20 paired seeds)" in _block_of(lines, "### t1: resnet10 k=2,")
     assert ("k=1 (310,226 params): no; k=2 (1,235,226 params): yes. **Statement: the crossover lies between "
             "310,226 and 1,235,226 params.**") in "\n".join(lines)
-    assert lines[-5].startswith("**Power-law fits**") and lines[-3].startswith("* single: error = ")
+    i = next(i for i, line in enumerate(lines) if line.startswith("**Power-law fits**"))
+    assert lines[i + 2].startswith("* single: error = ")
+    assert lines[-2].startswith("**Crossover (extrapolation, decides nothing):** the power laws of s2 and single")
 
 
 def test_report_incomplete_t3_grid_and_plot(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -192,3 +194,12 @@ def test_report_refuses_to_pool_records_of_different_code(tmp_path) -> None:
     json.dump(rec, open(os.path.join(folder, names[0]), "w"))
     with pytest.raises(SystemExit, match="no provenance"):
         sci.code_line(sci.load_records(records))
+
+
+def test_crossover_of_two_power_laws() -> None:
+    """error = 100 p^-0.1 (single) and 1000 p^-0.3 (s2) meet where p^0.2 = 10: p = 10^5."""
+    fits = {"single": (2.0, -0.1), "s2": (3.0, -0.3)}
+    assert math.isclose(sci.crossover(fits), 1e5, rel_tol=1e-9)
+    assert math.isnan(sci.crossover({"single": (2.0, -0.1), "s2": (3.0, -0.1)}))
+    la, b = sci.power_fit([1e3, 1e4, 1e5], [100 * p ** -0.1 for p in (1e3, 1e4, 1e5)])
+    assert math.isclose(la, 2.0, abs_tol=1e-9) and math.isclose(b, -0.1, abs_tol=1e-9)
