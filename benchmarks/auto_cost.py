@@ -9,8 +9,11 @@ Every variant runs in its own Python process (so each peak memory is its own): i
 ``timm.create_model('splitnet_<model>', split_factor=S)`` (1000 classes), then times its first call (train mode:
 forward of per-member views ``[S, B, 3, H, W]``, cross-entropy, backward; ``--mode infer``: eval, ``torch.no_grad``,
 one shared batch), then a second call (steady state), then, for ``auto``, builds the same model again and times
-that model's first call (the decision remembered for the process: no trials). Trial calls are counted by wrapping
-each candidate strategy's ``run``; the winner's real call is not counted.
+that model's first call (the decision remembered for the process: no trials). ``auto-cached`` is a second
+process with the ``auto`` variant's ``TIMM_SPLIT_CACHE_DIR``: its first call reads the decision from disk (issue 41's
+goal: at most 15 loop calls). Every case starts with an empty cache folder of its own (a temporary one), so ``auto``
+decides afresh whatever the user's cache holds. Trial calls are counted by wrapping each candidate strategy's
+``run``; the winner's real call is not counted.
 
 Memory: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` (the process's peak resident set, Linux: KiB) after the first
 call, and the resident set just before it (``/proc/self/statm``); ``call MB`` is their difference, the memory the
@@ -28,6 +31,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Dict, List, Optional
 
@@ -91,7 +95,7 @@ def child(opts: Dict[str, Any]) -> Dict[str, Any]:
 
     def build() -> Any:
         ens = timm.create_model(f"splitnet_{opts['model']}", split_factor=S).train(train)
-        if opts["variant"] == "auto":
+        if opts["variant"] in ("auto", "auto-cached"):
             ens.set_execution("auto", cache=opts["cache"], **repeats)
         elif opts["variant"] == "auto-before":
             ens._execution = _old_auto(opts["before_rev"])(**repeats)
@@ -130,11 +134,13 @@ def child(opts: Dict[str, Any]) -> Dict[str, Any]:
     return rec
 
 
-def run_variant(opts: Dict[str, Any], timeout: float) -> Dict[str, Any]:
-    """``child(opts)`` in a fresh Python process (its own peak memory); ``error`` on failure or timeout."""
+def run_variant(opts: Dict[str, Any], timeout: float, cache_dir: str) -> Dict[str, Any]:
+    """``child(opts)`` in a fresh Python process (its own peak memory) with ``TIMM_SPLIT_CACHE_DIR=cache_dir``;
+    ``error`` on failure or timeout."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(opts)]
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env=dict(os.environ, TIMM_SPLIT_CACHE_DIR=cache_dir))
     except subprocess.TimeoutExpired:
         return dict(error=f"timed out after {timeout:.0f} s")
     if done.returncode != 0:
@@ -188,19 +194,22 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
-    variants = ["loop", "auto"] + (["auto-before"] if args.before_rev else [])
+    variants = ["loop", "auto"] + ([] if args.no_cache else ["auto-cached"]) + (["auto-before"] if args.before_rev
+                                                                                 else [])
     rows = []
     for case in args.case or DEFAULT_CASES:
         model, _, size = case.partition(":")
+        cache = tempfile.TemporaryDirectory(prefix="auto_cost_cache_")  # this case's own: auto decides afresh
         for variant in variants:
             opts = dict(model=model, img_size=int(size or 224), split=args.split, batch=args.batch, mode=args.mode,
                         threads=args.threads, repeats=args.repeats, cache=not args.no_cache, variant=variant,
                         before_rev=args.before_rev)
             rec = dict(case=f"{model} {size}px b{args.batch} S{args.split}", variant=variant,
                        load=round(os.getloadavg()[0], 2))
-            rec.update(run_variant(opts, args.timeout))
+            rec.update(run_variant(opts, args.timeout, cache.name))
             rows.append(rec)
             print(json.dumps(rec), flush=True)
+        cache.cleanup()
     print(_table(rows))
     write_json(args.json, dict(header=_header(args), rows=rows))
     print(f"wrote {args.json}")

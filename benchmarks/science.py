@@ -922,6 +922,101 @@ def power_law_lines(points: Dict[str, List[Tuple[int, float, float, int]]]) -> L
             ""] + out + [""]
 
 
+# amendment 2's secondary endpoints: (key, name, better) in the table's order; better +1 higher, -1 lower, 0 untested
+SECONDARY = (("nll", "NLL", -1), ("brier", "Brier", -1), ("ece", "ECE (%)", -1), ("nll_ts", "NLL-TS", -1),
+             ("ece_ts", "ECE-TS (%)", -1), ("temperature", "temperature (mean of the two halves)", 0),
+             ("aurc", "AURC (%)", -1), ("disagreement", "disagreement (%)", 0), ("mutual_info", "mutual info (nats)", 0),
+             ("ood_auroc_msp", "OOD AUROC, max-softmax (%)", 1), ("ood_fpr95_msp", "OOD FPR95, max-softmax (%)", -1),
+             ("ood_auroc_entropy", "OOD AUROC, entropy (%)", 1), ("ood_fpr95_entropy", "OOD FPR95, entropy (%)", -1),
+             ("ood_auroc_mi", "OOD AUROC, mutual info (%)", 1), ("ood_fpr95_mi", "OOD FPR95, mutual info (%)", -1))
+_SECONDARY_CACHE: Dict[str, Dict[str, float]] = {}
+
+
+def secondary_metrics(rec: Dict[str, Any], labels: np.ndarray) -> Dict[str, float]:
+    """Amendment 2's secondary endpoints of one run, from its stored logits, with ``timm_split.training.uncertainty``
+    (the code ``timm-split validate`` reports with). Fractions are given in % where the table says so. The
+    temperature is 2-fold cross-fitted on the halves the amendment declares (``RandomState(0).permutation``, first
+    and last half); disagreement is the members' pairwise disagreement (for S = 2: the share of images where the
+    two disagree); mutual information and OOD need the members' logits (amendment 2's records only)."""
+    from timm_split.training import uncertainty as U
+
+    if rec["npz"] in _SECONDARY_CACHE:
+        return _SECONDARY_CACHE[rec["npz"]]
+    y = torch.from_numpy(labels)
+    with np.load(rec["npz"]) as z:
+        arrays = {k: torch.from_numpy(z[k].astype(np.float32)) for k in z.files}
+    logits = arrays["ensemble_logits"]
+    perm = torch.from_numpy(np.random.RandomState(0).permutation(len(y)))
+    a, b = perm[: len(y) // 2], perm[len(y) // 2:]
+    t_a, t_b = U.fit_temperature(logits[a], y[a]), U.fit_temperature(logits[b], y[b])
+    scaled = logits.clone()
+    scaled[b], scaled[a] = logits[b] / t_a, logits[a] / t_b
+    out = {"nll": U.nll(logits, y), "brier": U.brier_score(logits, y), "ece": 100 * U.ece(logits, y),
+           "nll_ts": U.nll(scaled, y), "ece_ts": 100 * U.ece(scaled, y), "temperature": (t_a + t_b) / 2,
+           "aurc": 100 * U.aurc(logits, y)}
+    if rec["split"] > 1:
+        pred = arrays["member_pred"].long()  # one-hot logits: the members' argmaxes, all pairwise_disagreement reads
+        out["disagreement"] = 100 * U.pairwise_disagreement(one_hot_logits(pred, logits.shape[-1]))
+    if "ood_member_logits" in arrays:
+        members, ood_members = arrays["member_logits"], arrays["ood_member_logits"]
+        if rec["split"] > 1:
+            out["mutual_info"] = float(U.mutual_information(members).mean())
+        ind, ood = U.ood_scores(logits, members), U.ood_scores(arrays["ood_ensemble_logits"], ood_members)
+        for score in ind:
+            auroc, fpr = U.ood_detection(ind[score], ood[score])
+            out[f"ood_auroc_{score}"], out[f"ood_fpr95_{score}"] = 100 * auroc, 100 * fpr
+    _SECONDARY_CACHE[rec["npz"]] = out
+    return out
+
+
+def one_hot_logits(pred: torch.Tensor, k: int) -> torch.Tensor:
+    """``[S, N]`` class indices as ``[S, N, K]`` one-hot float logits (their argmax is the index)."""
+    return torch.nn.functional.one_hot(pred, k).float()
+
+
+def secondary_lines(recs: Records, labels: np.ndarray) -> List[str]:
+    """Amendment 2's secondary endpoints: one table per budget (T1 and T2 at each k: s2 against single; T3: s4
+    against T1's single at k = 2), each endpoint with the arms' means ± std, Δ, its Welch 95% interval and the
+    rule's outcome (s2 better / s2 worse / no difference shown; untested rows say "descriptive")."""
+    out = ["## Amendment 2: secondary endpoints", "",
+           "From the stored test logits with `timm_split.training.uncertainty`; Δ = mean(split) - mean(single) over "
+           "seeds, Welch 95% interval; rule: better / worse where the interval excludes 0, else no difference shown "
+           "(no margin, no multiplicity correction; secondary: they change no verdict). OOD (T2 only): the 10,000 "
+           "test images against the 1,797 declared digits.", ""]
+    for stage, k, arm in sorted({(r["stage"], r["config"]["width"], r["arm"]) for r in recs
+                                 if r["arm"] != "single" and r["stage"] in AMENDMENT}):
+        ref_stage = "t1" if stage == "t3" else stage
+        split_rs = sorted((r for r in recs if (r["stage"], r["config"]["width"], r["arm"]) == (stage, k, arm)),
+                          key=lambda r: r["seed"])
+        single_rs = sorted((r for r in recs if (r["stage"], r["config"]["width"], r["arm"])
+                            == (ref_stage, k, "single")), key=lambda r: r["seed"])
+        if len(split_rs) < 2 or len(single_rs) < 2:
+            continue
+        ms, mx = [secondary_metrics(r, labels) for r in single_rs], [secondary_metrics(r, labels) for r in split_rs]
+        out += [f"### {stage}: {arm} vs single ({ref_stage}), k={k:g} ({len(split_rs)} and {len(single_rs)} seeds)",
+                "",
+                "| endpoint | single | " + arm + " | Δ | Welch 95% CI | rule |", "|---|---|---|---|---|---|"]
+        for key, name, better in SECONDARY:
+            a, b = [m[key] for m in ms if key in m], [m[key] for m in mx if key in m]
+            if not b:
+                continue
+            if not a:
+                out.append(f"| {name} | - | {_ms(b, 3)} | - | - | descriptive |")
+                continue
+            d, lo, hi = welch_ci(b, a)
+            if better == 0 or math.isnan(lo):
+                rule = "descriptive"
+            elif (lo > 0) == (better > 0) and (lo > 0 or hi < 0):
+                rule = f"**{arm} better**"
+            elif lo > 0 or hi < 0:
+                rule = f"**{arm} worse**"
+            else:
+                rule = "no difference shown"
+            out.append(f"| {name} | {_ms(a, 3)} | {_ms(b, 3)} | {d:+.3f} | [{lo:+.3f}, {hi:+.3f}] | {rule} |")
+        out.append("")
+    return out
+
+
 def power_fit(params: Sequence[float], errors: Sequence[float]) -> Tuple[float, float]:
     """``(log10 a, b)`` of the least-squares line log10(error) = log10(a) + b log10(params)."""
     b, log_a = np.polyfit(np.log10(params), np.log10(errors), 1)
@@ -1087,7 +1182,7 @@ def write_report(records: str, results_md: str, data_dir: str, plot: Optional[st
              "Mean ± std over seeds; test = the 10,000 test images; the last-epoch train CE is on the augmented, "
              "mixed batches.", ""]
     if amended:
-        lines += amendment_report(amended, labels)
+        lines += amendment_report(amended, labels) + secondary_lines(amended, labels)
     if gate:
         lines += ["## Stage 1: the regime gate", ""] + gate_report(gate, labels)
     if grid:

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 import timm_split
 from timm_split import CoTrainingLoss
 from timm_split.execution.packed import CudaGraphed
+from timm_split.generated import write_generated
 
 from common import run_header, write_json
 
@@ -344,13 +345,6 @@ def _cells(args: argparse.Namespace):
                     yield model_name, split, mode, batch, img
 
 
-def _write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def main(argv: Optional[List[str]] = None) -> List[dict]:
     args = _parser().parse_args(argv)
     if args.markdown:
@@ -387,7 +381,9 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
         if args.json:
             write_json(args.json, {"header": _header(), "args": vars(args), "records": records})
     if args.markdown_out:
-        _write(args.markdown_out, markdown(records) + "\n")
+        # only its generated section: a hand-written document (docs/speed.md) keeps everything else
+        write_generated(args.markdown_out, {"table": markdown(records)}, title="Speed",
+                        source="python benchmarks/speed.py --markdown-out")
     if args.markdown is not None:
         print(markdown(records))
     return records

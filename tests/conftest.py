@@ -62,6 +62,19 @@ def tier_params(patterns=("*",), exclude=()):
 torch.backends.mkldnn.enabled = False
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _auto_cache_in_a_temporary_folder(tmp_path_factory):
+    """``set_execution('auto')`` caches its decisions on disk (``TIMM_SPLIT_CACHE_DIR``): the tests (and the
+    processes they start) use a folder of their own, so they neither read the user's decisions nor leave any."""
+    before = os.environ.get("TIMM_SPLIT_CACHE_DIR")
+    os.environ["TIMM_SPLIT_CACHE_DIR"] = str(tmp_path_factory.mktemp("timm_split_cache"))
+    yield
+    if before is None:
+        os.environ.pop("TIMM_SPLIT_CACHE_DIR", None)
+    else:
+        os.environ["TIMM_SPLIT_CACHE_DIR"] = before
+
+
 @pytest.fixture(autouse=True)
 def _deterministic():
     torch.manual_seed(0)

@@ -1,6 +1,5 @@
 """Execution strategies and multi-device placement (issue 7): every strategy gives the loop's results."""
 import copy
-import logging
 import os
 import pickle
 import threading
@@ -177,104 +176,7 @@ def _reset(m: nn.Module) -> None:
         m.reset_parameters()
 
 
-def test_auto_caches_per_key_and_logs(resnet, caplog):
-    ens = copy.deepcopy(resnet).eval().set_execution("auto", candidates=["loop", "threads"], repeats=1)
-    x = _data()[0][0]
-    with caplog.at_level(logging.INFO, logger="timm_split"), torch.no_grad():
-        ens(x)
-        ens(x)
-        ens(x[:2])
-    chosen = [r.getMessage() for r in caplog.records if r.getMessage().startswith("auto: '")]
-    assert len(chosen) == 2, chosen  # once per input shape, not per call
-    assert "input [4, 3, 32, 32]" in chosen[0] and "input [2, 3, 32, 32]" in chosen[1]
-    assert all("auto: 'loop'" in c or "auto: 'threads'" in c for c in chosen), chosen
-
-
-class _Clock:
-    """A fake clock: stand-in strategies advance it by their duration, so auto's timing is exact."""
-
-    def __init__(self):
-        self.now = 0.0
-
-    def __call__(self):
-        return self.now
-
-
-class _Timed(timm_split.execution.Execution):
-    """A stand-in strategy that takes a known time on the fake clock and counts its calls."""
-
-    def __init__(self, clock, seconds):
-        self.clock, self.seconds, self.calls = clock, seconds, 0
-
-    def run(self, members, views):
-        self.calls += 1
-        self.clock.now += self.seconds
-        return torch.zeros(len(members), views[0].shape[0], 1)  # [S, B, K], as combine expects
-
-
-def _fakes(clock, close):
-    return {"loop": _Timed(clock, 0.04), "threads": _Timed(clock, 0.02),
-            "packed": _Timed(clock, 0.021 if close else 0.03), "compile": _Timed(clock, 0.06)}
-
-
-@pytest.mark.parametrize("close", [True, False])
-def test_auto_times_a_close_call_again(resnet, close):
-    """Issue 28, the cost of a decision in calls (default repeats): one warm-up and one timed round each; a
-    decisive round (the best 10% ahead of the rest) ends it; on a close call the loop and the two best get at
-    most repeats - 1 more rounds; a candidate over 1.3x the loop in a round is not timed again. Before: 5
-    rounds always, 5 more on a close call (39 calls for four candidates; 14 now, 8 when the first round decides)."""
-    clock = _Clock()
-    fakes = _fakes(clock, close)
-    ens = copy.deepcopy(resnet).eval().set_execution("auto", candidates=fakes, clock=clock)
-    with torch.no_grad():
-        ens(_data()[0][0])
-    assert ens.execution == "auto"
-    calls = {n: f.calls for n, f in fakes.items()}
-    calls["threads"] -= 1  # the real call, by the winner
-    rounds = 3 if close else 1
-    assert calls == {"loop": 1 + rounds, "threads": 1 + rounds, "packed": 1 + rounds, "compile": 2}
-    assert sum(calls.values()) <= 2 * len(fakes) + 3 * (3 - 1)
-    assert list(ens._execution.trials.values()) == [calls]
-
-
-def test_auto_decides_once_per_process_for_the_same_architecture(resnet, monkeypatch):
-    """Issue 28: a rebuilt model with the same members, input and mode takes the earlier decision (no trial
-    call); another input shape, other members or cache=False time again."""
-    from timm_split.execution import auto
-    clock = _Clock()
-    fakes = _fakes(clock, close=False)
-    monkeypatch.setattr(auto, "make_named", lambda name: fakes[name])
-    auto.AutoExecution.forget()
-    x = _data()[0][0]
-
-    def trial_calls(ens, inp):
-        before = sum(f.calls for f in fakes.values())
-        with torch.no_grad():
-            ens(inp)
-        return sum(f.calls for f in fakes.values()) - before - 1  # less the real call
-
-    def auto_ens(model, **options):
-        return copy.deepcopy(model).eval().set_execution("auto", candidates=list(fakes), clock=clock, **options)
-
-    try:
-        assert trial_calls(auto_ens(resnet), x) == 8
-        assert trial_calls(auto_ens(resnet), x) == 0, "the same architecture and input: decided already"
-        assert trial_calls(auto_ens(resnet), x[:2]) == 8, "another input shape"
-        assert trial_calls(auto_ens(resnet, cache=False), x) == 8
-        other = timm_split.split(nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                                               nn.Linear(8, CLASSES)), 2, img_size=32)
-        assert trial_calls(auto_ens(other), x) == 8, "other members"
-    finally:
-        auto.AutoExecution.forget()
-
-
-def test_auto_skips_one_worker_threads(resnet):
-    """With one intra-op thread 'threads' has one worker (the loop on another thread) and 'threads+packed' is
-    'packed' on another thread: neither costs a trial."""
-    ens = copy.deepcopy(resnet).train().set_execution("auto", cache=False)
-    ens.forward_members(_data()[0]).sum().backward()
-    (calls,) = ens._execution.trials.values()
-    assert set(calls) == {"loop", "packed"} and all(2 <= c <= 4 for c in calls.values()), calls
+# auto's decision rule, its caches and its cost: tests/test_auto.py
 
 
 def test_to_devices_cpu_cpu(resnet):
@@ -369,7 +271,7 @@ def test_threads_backward_twice_names_the_fix(resnet):
     ("threads", {"parallel_backward": 1}, "parallel_backward must be"),
     ("threads", {"workers": 0}, "workers must be an int"),
     ("threads", {"cores": [[]]}, "cores must be"),
-    ("threads", {"speed": 1}, "bad option for execution 'threads'"),
+    ("threads", {"speed": 1}, "execution 'threads' has no option 'speed'; its options: cores"),
     ("auto", {"candidates": ["loop", "auto"]}, "auto candidates"),
     ("auto", {"candidates": ["loop", "vmap"]}, "auto candidates"),
     ("threads+packed", {"pack": False}, "implies"),

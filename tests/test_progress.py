@@ -66,7 +66,8 @@ def trained(tmp_path_factory):
 @pytest.mark.timeout(120)
 def test_train_log_has_images_per_second_and_eta(trained):
     _, _, records = trained
-    steps = _lines(records, r"Train: (\d) \[(\d)/(\d)\] loss \S+ lr \S+, " + NUM + r" img/s, epoch ETA " + ETA)
+    steps = _lines(records, r"Train: (\d) \[(\d)/(\d)\] loss \S+ \(ce per member \S+, summed over the 2 members\) lr \S+, "
+                   + NUM + r" img/s, epoch ETA " + ETA)
     # updates 0, 2 and the last (4) of each epoch
     assert [(int(e), int(i), int(n)) for e, i, n, _, _ in steps] == [(e, i, 5) for e in (0, 1) for i in (0, 2, 4)]
     assert all(float(rate) > 0 for *_, rate, _ in steps)

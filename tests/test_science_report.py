@@ -203,3 +203,53 @@ def test_crossover_of_two_power_laws() -> None:
     assert math.isnan(sci.crossover({"single": (2.0, -0.1), "s2": (3.0, -0.1)}))
     la, b = sci.power_fit([1e3, 1e4, 1e5], [100 * p ** -0.1 for p in (1e3, 1e4, 1e5)])
     assert math.isclose(la, 2.0, abs_tol=1e-9) and math.isclose(b, -0.1, abs_tol=1e-9)
+
+
+def _add_member_logits(records: str, stage: str, scale: float, arm: str) -> None:
+    """Give the ``arm`` records of ``stage`` amendment 2's arrays: member logits (the ensemble's times ``scale``,
+    plus noise per member) and OOD logits (flat: low confidence)."""
+    folder = os.path.join(records, stage)
+    for name in sorted(n for n in os.listdir(folder) if n.endswith(".npz") and n.startswith(arm + "-")):
+        path = os.path.join(folder, name)
+        with np.load(path) as z:
+            ens, pred = z["ensemble_logits"].astype(np.float32) * scale, z["member_pred"]
+        rng = np.random.default_rng(len(name))
+        members = np.stack([ens + rng.normal(0, 0.5, ens.shape) for _ in range(len(pred))]).astype(np.float32)
+        ood = rng.normal(0, 1, (len(pred), 300, 10)).astype(np.float32)
+        np.savez_compressed(path, ensemble_logits=members.mean(0).astype(np.float16), member_pred=members.argmax(-1)
+                            .astype(np.uint8), member_logits=members.astype(np.float16),
+                            ood_member_logits=ood.astype(np.float16), ood_ensemble_logits=ood.mean(0).astype(np.float16))
+
+
+def test_secondary_endpoints_from_stored_logits(tmp_path) -> None:
+    """Amendment 2's table: each endpoint equals an independent computation on the stored logits, and the rule
+    calls an over-confident arm worse in NLL and better nowhere it is not."""
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    records = str(tmp_path / "records")
+    _runs(records, "t2", 2.0, {"single": 80.0, "s2": 80.0}, 3)
+    _add_member_logits(records, "t2", 0.35, "single")  # about calibrated
+    _add_member_logits(records, "t2", 3.0, "s2")  # far over-confident: worse NLL, Brier, ECE
+    recs = sci.load_records(records)
+    rec = next(r for r in recs if r["arm"] == "s2")
+    m = sci.secondary_metrics(rec, LABELS)
+    with np.load(rec["npz"]) as z:
+        logits, ood = z["ensemble_logits"].astype(np.float64), z["ood_ensemble_logits"].astype(np.float64)
+        members = z["member_logits"].astype(np.float64)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    shifted = logits - logits.max(1, keepdims=True)  # log-softmax without sklearn's clipping of p at eps
+    log_p = shifted - np.log(np.exp(shifted).sum(1, keepdims=True))
+    assert math.isclose(m["nll"], float(-log_p[np.arange(N), LABELS].mean()), rel_tol=1e-6)
+    assert math.isclose(m["brier"], float(((p - np.eye(10)[LABELS]) ** 2).sum(1).mean()), rel_tol=1e-5)
+    q = np.exp(ood - ood.max(1, keepdims=True))
+    q /= q.sum(1, keepdims=True)
+    msp = np.concatenate([p.max(1), q.max(1)])
+    auroc = sklearn_metrics.roc_auc_score(np.r_[np.ones(len(p)), np.zeros(len(q))], msp)
+    assert math.isclose(m["ood_auroc_msp"], 100 * auroc, abs_tol=1e-3)
+    assert m["disagreement"] == pytest.approx(100 * float((members[0].argmax(1) != members[1].argmax(1)).mean()))
+    assert m["temperature"] > 1.5 and m["nll_ts"] < m["nll"]  # scaling undoes the over-confidence
+    text = "\n".join(sci.secondary_lines(recs, LABELS))
+    assert "### t2: s2 vs single (t2), k=2 (3 and 3 seeds)" in text
+    row = next(line for line in text.splitlines() if line.startswith("| NLL |"))
+    assert row.endswith("| **s2 worse** |")
+    assert "| OOD AUROC, mutual info (%) | - |" in text and "descriptive |" in text

@@ -9,7 +9,7 @@ from timm_split.commands.train_flags import add_train_args
 TITLES = ("Dataset parameters", "Model parameters", "Scripting / codegen", "Device parameters",
           "Optimizer parameters", "Learning rate schedule parameters", "Augmentation and regularization parameters",
           "Batch norm parameters", "Model exponential moving average parameters", "Miscellaneous parameters",
-          "SplitNet (timm_split) parameters")
+          "Knowledge distillation parameters", "SplitNet (timm_split) parameters")
 
 ARGVS = [
     [],

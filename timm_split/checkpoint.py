@@ -7,7 +7,8 @@ Nothing is ever unpickled. A checkpoint written by :func:`save_checkpoint` is on
 * with ``optimizer``: its tensors under ``_train.optim.<param id>.<name>``, the rest (its type, param groups,
   numbers) as JSON in the metadata; with ``model_ema``: the EMA weights under ``_train.ema.<name>``;
 * metadata: ``format``, ``architecture``, ``split_factor``, ``state`` (JSON: epoch, step, anything the trainer
-  passes) and ``sha256``, a checksum of every tensor (name, dtype, shape, bytes) and of every other metadata
+  passes, within :func:`check_training_state`'s domain) and ``sha256``, a checksum of every tensor (name, dtype,
+  shape, bytes) and of every other metadata
   entry, verified on load. A file with our ``format`` but no ``sha256`` is refused (``verify=False`` reads its
   weights alone, on purpose). Files of the previous format (``timm_split/2``, whose checksum covers the tensors
   only) are still read and verified by that rule.
@@ -27,16 +28,17 @@ import json
 import logging
 import os
 import re
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-from .checks import atomic_write
+from .checks import atomic_write, check_bool, unwrap_model
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["save_checkpoint", "load_checkpoint", "LoadedCheckpoint", "read_metadata", "training_state"]
+__all__ = ["save_checkpoint", "load_checkpoint", "LoadedCheckpoint", "read_metadata", "training_state", "as_state_dict",
+           "check_state_dict", "check_training_state"]
 
 FORMAT = "timm_split/3"
 _FORMATS = (FORMAT, "timm_split/2")  # timm_split/2: the checksum covers the tensors only (still read)
@@ -138,6 +140,153 @@ def _optimizer_state(tensors: Dict[str, torch.Tensor], rest: Dict[str, Any]) -> 
     return {"state": state, "param_groups": rest["param_groups"]}
 
 
+def as_state_dict(given: Any, where: str = "the state dict") -> Dict[str, Any]:
+    """``given`` as a ``dict`` of string keys, or a ``ValueError``: the container check every load starts with.
+
+    Args:
+        given: what was passed as a state dict.
+        where: how the message names it (e.g. a file's path).
+
+    Returns:
+        ``given`` itself when it is a ``dict``, else a ``dict`` of its items.
+
+    Raises:
+        ValueError: not a mapping, or a key that is not a string.
+    """
+    if not isinstance(given, Mapping):
+        raise ValueError(f"{where} must be a mapping of names to tensors (model.state_dict()), got "
+                         f"{type(given).__name__}; nothing was loaded.")
+    bad = [k for k in given if not isinstance(k, str)]
+    if bad:
+        raise ValueError(f"{where} has {len(bad)} key(s) that are not strings ({bad[:3]!r}); keys are parameter "
+                         "names such as 'members.0.conv1.weight'; nothing was loaded.")
+    return given if isinstance(given, dict) else dict(given.items())
+
+
+def _kind(t: torch.Tensor) -> str:
+    """A dtype's kind: a value of another kind is refused (copy_ would convert it silently)."""
+    return "complex" if t.is_complex() else "floating" if t.is_floating_point() else "integer or bool"
+
+
+def check_state_dict(own: Mapping[str, torch.Tensor], given: Any, *, strict: bool = True,
+                     optional: Callable[[str], bool] = lambda key: False, unexpected_ok: bool = False,
+                     assign: bool = False, where: str = "the state dict", target: str = "the model",
+                     hint: str = "") -> Tuple[List[str], List[str]]:
+    """The one validation of a state dict, run before anything is loaded (model, EMA, ``load_state_dict``).
+
+    Every value the load would copy is checked: its key (missing, unexpected), its type (a ``torch.Tensor``, not a
+    numpy array, list or number), its shape (exactly the model's), its dtype's kind (floating, complex, integer or
+    bool: ``copy_`` would convert another kind silently; with ``assign`` the dtype itself) and its device (a
+    ``meta`` tensor has no values to copy). All problems are named in one ``ValueError``, so a failed load has
+    changed nothing.
+
+    Args:
+        own: the target's state dict (``model.state_dict()``).
+        given: the state dict to load.
+        strict: missing and unexpected keys are errors (else they are returned).
+        optional: keys that may be missing even when ``strict`` (timm's loader drops a classifier).
+        unexpected_ok: keys the target lacks are ignored even when ``strict`` (``load_state_dict(strict=False)``).
+        assign: the load assigns the tensors (``load_state_dict(assign=True)``): the dtype must match exactly.
+        where: how the message names ``given`` (a file's path, "checkpoint").
+        target: how the message names the target.
+        hint: the end of the message (what to do).
+
+    Returns:
+        ``(missing, unexpected)``: the key mismatches ``strict=False`` allows.
+
+    Raises:
+        ValueError: naming every problem by kind, with up to three examples each.
+    """
+    given = as_state_dict(given, where)
+    missing = [k for k in own if k not in given and not optional(k)]
+    unexpected = [k for k in given if k not in own] if not unexpected_ok else []
+    shapes, types = [], []
+    for k, mine in own.items():
+        if k not in given:
+            continue
+        v = given[k]
+        if not isinstance(v, torch.Tensor):
+            types.append(f"{k}: a {type(v).__module__}.{type(v).__name__}, not a torch.Tensor (torch.as_tensor it)")
+        elif tuple(v.shape) != tuple(mine.shape):
+            shapes.append(f"{k}: given {tuple(v.shape)} vs model {tuple(mine.shape)}")
+        elif _kind(v) != _kind(mine) or (assign and v.dtype != mine.dtype):
+            types.append(f"{k}: dtype {v.dtype} where the model has {mine.dtype}")
+        elif v.is_meta and not mine.is_meta:
+            types.append(f"{k}: a meta tensor (no values)")
+    if shapes or types or (strict and (missing or unexpected)):
+        wrong = f", {len(types)} values of a wrong type or dtype {types[:3]}" if types else ""
+        raise ValueError(f"{where} does not match {target}: {len(missing)} missing keys {missing[:3]}, "
+                         f"{len(unexpected)} unexpected keys {unexpected[:3]}, {len(shapes)} shape mismatches "
+                         f"{shapes[:3]}{wrong}; nothing was loaded. {hint}".rstrip())
+    return missing, unexpected
+
+
+# the training state's entries that save_checkpoint, load_checkpoint and the trainer read: name -> (types, what)
+_STATE_TYPES = {"epoch": ((int,), "an int >= 0"), "step": ((int,), "an int >= 0"),
+                "train_seconds": ((int, float), "a number >= 0"),
+                "scaler": ((dict,), "a dict (GradScaler.state_dict())"),
+                "saver": ((dict,), "a dict (KillSafeSaver.state_dict())")}
+
+
+def check_training_state(state: Any, where: str = "state") -> Dict[str, Any]:
+    """The training state's domain, checked where it enters (``save_checkpoint(state=)``) and before a load
+    changes anything (``load_checkpoint``): a dict of string keys, JSON-able (no numpy or tensor values, no
+    non-string keys that JSON would turn into strings; tuples come back as lists), ``epoch``/``step`` ints >= 0,
+    ``train_seconds`` a number >= 0, ``scaler``/``saver`` dicts.
+
+    Args:
+        state: the training state (None: empty).
+        where: how the message names it.
+
+    Returns:
+        The state as a dict (``{}`` for None).
+
+    Raises:
+        ValueError: naming the entry and its allowed values.
+    """
+    if state is None:
+        return {}
+    if not isinstance(state, dict):
+        raise ValueError(f"{where} must be a dict of JSON values (e.g. {{'epoch': 3, 'step': 700}}), got "
+                         f"{type(state).__name__}")
+    try:
+        json.dumps(state)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where} must hold JSON values only (str, int, float, bool, None, lists or tuples, dicts "
+                         f"of str keys): {e}; convert numpy/tensor values with .item() or .tolist()") from None
+    key = _non_str_key(state)
+    if key is not None:
+        raise ValueError(f"{where} has the key {key!r} ({type(key).__name__}), which JSON would turn into "
+                         f"{str(key)!r}; use string keys")
+    for key, (types, what) in _STATE_TYPES.items():
+        if key in state:
+            v = state[key]
+            if isinstance(v, bool) or not isinstance(v, types) or (isinstance(v, (int, float)) and not v >= 0):
+                raise ValueError(f"{where}[{key!r}] must be {what}, got {v!r} ({type(v).__name__})")
+    scaler = state.get("scaler") or {}
+    bad = [k for k, v in scaler.items() if isinstance(v, bool) or not isinstance(v, (int, float))]
+    if bad or (scaler and not (isinstance(scaler.get("scale"), (int, float)) and scaler["scale"] > 0)):
+        raise ValueError(f"{where}['scaler'] must be a GradScaler.state_dict() (numbers, 'scale' > 0), got {scaler!r}")
+    return state
+
+
+def _non_str_key(value: Any) -> Any:
+    """The first dict key anywhere in ``value`` that is not a string (JSON would write it as one), else None."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                return k
+            found = _non_str_key(v)
+            if found is not None:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            found = _non_str_key(v)
+            if found is not None:
+                return found
+    return None
+
+
 def save_checkpoint(model: nn.Module, path: PathLike, optimizer: Optional[torch.optim.Optimizer] = None, *,
                     model_ema: Optional[nn.Module] = None, state: Optional[Dict[str, Any]] = None) -> str:
     """Write ``model``'s weights, and optionally the training state, to one safetensors file, atomically.
@@ -152,11 +301,24 @@ def save_checkpoint(model: nn.Module, path: PathLike, optimizer: Optional[torch.
     Returns:
         The path written.
 
+    ``model`` (and ``model_ema``) wrapped in ``DataParallel``, ``DistributedDataParallel`` or ``torch.compile`` is
+    saved as the module inside (its keys and architecture, not the wrapper's); a model with
+    ``torch.nn.utils.prune`` reparametrisations is refused (``prune.remove`` first).
+
     Raises:
-        ValueError: not a ``.safetensors`` path, or its folder does not exist.
+        ValueError: not a ``.safetensors`` path, or its folder does not exist; a ``state`` outside its domain
+            (:func:`check_training_state`); a pruned model.
         OSError: the write failed (disk full, read-only folder), naming ``path``; a file already at ``path`` is
             left as it was and no temporary file stays behind.
     """
+    model = unwrap_model(model, "save_checkpoint")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+    if model_ema is not None:
+        model_ema = unwrap_model(model_ema, "save_checkpoint(model_ema=)")
+    state = check_training_state(state, "save_checkpoint(state=)")
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"path must be a str or os.PathLike ending in .safetensors, got {type(path).__name__}")
     path = os.fspath(path)
     if not path.endswith(".safetensors"):
         raise ValueError(f"save to a .safetensors file, got {path!r}")
@@ -170,6 +332,10 @@ def save_checkpoint(model: nn.Module, path: PathLike, optimizer: Optional[torch.
             "split_factor": str(getattr(model, "split_factor", 1)), "state": json.dumps(state or {})}
     if model_ema is not None:
         ema, ema_tied = _untie(model_ema.state_dict())
+        shared = {v.untyped_storage().data_ptr() for v in tensors.values() if v.device.type != "meta"}
+        # the EMA may be the model itself (or share its tensors): safetensors stores no shared memory, so copy
+        ema = {k: v.clone() if v.device.type != "meta" and v.untyped_storage().data_ptr() in shared else v
+               for k, v in ema.items()}
         tensors.update({_EMA + k: v for k, v in ema.items()})
         tied.update({_EMA + k: _EMA + v for k, v in ema_tied.items()})  # the EMA's ties too
     meta["tied"] = json.dumps(tied)
@@ -317,8 +483,11 @@ def load_checkpoint(model: nn.Module, path: PathLike, optimizer: Optional[torch.
     """Load weights (and optionally the optimizer and EMA state) written by :func:`save_checkpoint`.
 
     Also reads any safetensors or ``.pth`` state dict (timm's ``load_state_dict`` with ``weights_only=True``).
-    All or nothing: the file, the model's keys and shapes, the EMA's and the optimizer's type, groups and state are
-    checked before anything is changed; on an error ``model``, ``optimizer`` and ``model_ema`` are as they were.
+    All or nothing: the file, the model's and the EMA's keys, value types, shapes and dtype kinds
+    (:func:`check_state_dict`), the optimizer's type, groups, options and state, and the training state the
+    scheduler and scaler resume from (:func:`check_training_state`) are checked before anything is changed; on an
+    error ``model``, ``optimizer`` and ``model_ema`` are as they were. A model (or EMA) inside ``DataParallel``,
+    ``DistributedDataParallel`` or ``torch.compile`` is loaded as the module inside.
 
     Args:
         model: the model to load into (same architecture and split factor).
@@ -338,11 +507,21 @@ def load_checkpoint(model: nn.Module, path: PathLike, optimizer: Optional[torch.
         ValueError: a missing, truncated, damaged or foreign file, one of another architecture or split factor, or
             an optimizer or EMA the file's state does not fit.
     """
+    model = unwrap_model(model, "load_checkpoint", refuse_pruned=False)
+    if model_ema is not None:
+        model_ema = unwrap_model(model_ema, "load_checkpoint(model_ema=)", refuse_pruned=False)
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise ValueError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+    for name, flag in (("strict", strict), ("use_ema", use_ema), ("verify", verify)):
+        check_bool(name, flag)
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     path = os.fspath(path)
     if not verify and (optimizer is not None or model_ema is not None or use_ema):
         raise ValueError("verify=False reads the weights alone: drop optimizer, model_ema and use_ema.")
     tensors, meta = _read(path, verify)
     _check_identity(model, meta, path)
+    state = check_training_state(training_state(meta) if verify else {}, f"{path}: its training state")
     weights = {k: v for k, v in tensors.items() if not k.startswith(_STATE)}
     ema: Dict[str, torch.Tensor] = {}
     if use_ema or model_ema is not None:
@@ -359,12 +538,13 @@ def load_checkpoint(model: nn.Module, path: PathLike, optimizer: Optional[torch.
     own_ema = model_ema.state_dict() if model_ema is not None else {}
     if model_ema is not None:
         _check_weights(model_ema, own_ema, ema, True, path)
-    if optimizer is not None:
-        _load_optimizer(optimizer, tensors, meta, path)  # checked; on an error the optimizer is restored
+    opt_state = _checked_optimizer_state(optimizer, tensors, meta, path) if optimizer is not None else None
+    # everything is checked: from here on the loads cannot fail on the file's content
+    if opt_state is not None:
+        _load_optimizer(optimizer, opt_state, path)  # on an error in torch's own checks it is restored
     if model_ema is not None:
         _copy_weights(model_ema, own_ema, ema)
     _copy_weights(model, own, weights)
-    state = training_state(meta) if verify else {}
     return LoadedCheckpoint(path, meta, state, missing, unexpected)
 
 
@@ -388,19 +568,13 @@ def _plain_into_member(model: nn.Module, own: Dict[str, torch.Tensor], weights: 
 
 def _check_weights(model: nn.Module, own: Dict[str, torch.Tensor], weights: Dict[str, torch.Tensor], strict: bool,
                    path: str) -> Tuple[List[str], List[str]]:
-    """The missing and unexpected keys of ``weights`` against ``own`` (``model``'s state dict); ``ValueError``
-    for a shape mismatch or (``strict``) any key mismatch."""
-    shapes = [f"{k}: file {tuple(weights[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items()
-              if k in weights and tuple(weights[k].shape) != tuple(v.shape)]
-    missing = [k for k in own if k not in weights]
-    unexpected = [k for k in weights if k not in own]
-    if shapes and not missing and not unexpected:
-        _check_classes(model, own, weights, path)
-    if shapes or (strict and (missing or unexpected)):
-        raise ValueError(f"{path} does not match the model: {len(missing)} missing keys {missing[:3]}, "
-                         f"{len(unexpected)} unexpected keys {unexpected[:3]}, {len(shapes)} shape mismatches "
-                         f"{shapes[:3]}; was it saved from another architecture, split factor or num_classes?")
-    return missing, unexpected
+    """The missing and unexpected keys of ``weights`` against ``own`` (``model``'s state dict), through
+    :func:`check_state_dict`; where only the classifier's shapes differ, the message names the class counts."""
+    if own.keys() == weights.keys() and all(isinstance(v, torch.Tensor) for v in weights.values()):
+        if any(tuple(weights[k].shape) != tuple(v.shape) for k, v in own.items()):
+            _check_classes(model, own, weights, path)
+    return check_state_dict(own, weights, strict=strict, where=path,
+                            hint="Was it saved from another architecture, split factor or num_classes?")
 
 
 def _check_classes(model: nn.Module, own: Dict[str, torch.Tensor], weights: Dict[str, torch.Tensor],
@@ -423,25 +597,35 @@ def _copy_weights(model: nn.Module, own: Dict[str, torch.Tensor], weights: Dict[
         model.load_state_dict({k: v for k, v in weights.items() if k in own}, strict=False)
 
 
-def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: Dict[str, torch.Tensor], meta: Dict[str, str],
-                    path: str) -> None:
-    """Restore the optimizer's state from the file, or raise with the optimizer as it was."""
+def _checked_optimizer_state(optimizer: torch.optim.Optimizer, tensors: Dict[str, torch.Tensor],
+                             meta: Dict[str, str], path: str) -> Dict[str, Any]:
+    """The optimizer's state dict from the file, checked against ``optimizer`` (type, groups, options, per-param
+    state); nothing is changed."""
     if "optimizer" not in meta:
         raise ValueError(f"{path} holds no optimizer state; pass a checkpoint written during training.")
     rest = json.loads(meta["optimizer"])
-    fix = ("resume with the optimizer of the run that wrote it (the same --opt, model and param groups), or "
-           "without its state (--no-resume-opt)")
     saved, own = rest.get("type"), type(optimizer).__name__
     if saved and saved != own:
-        raise ValueError(f"{path} holds the state of a {saved} optimizer but the optimizer is {own}; {fix}.")
+        raise ValueError(f"{path} holds the state of a {saved} optimizer but the optimizer is {own}; {_OPT_FIX}.")
     try:
         sd = _optimizer_state(tensors, rest)
-    except (KeyError, TypeError, ValueError) as e:
+        problem = _optimizer_mismatch(optimizer, sd)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
         raise ValueError(f"{path}: its optimizer state is damaged ({type(e).__name__}: {e}); pass another "
                          "checkpoint.") from None
-    problem = _optimizer_mismatch(optimizer, sd)
     if problem:
-        raise ValueError(f"{path}: its optimizer state does not fit this optimizer ({problem}); {fix}.")
+        raise ValueError(f"{path}: its optimizer state does not fit this optimizer ({problem}); {_OPT_FIX}.")
+    return dict(sd, type=saved)
+
+
+_OPT_FIX = ("resume with the optimizer of the run that wrote it (the same --opt, model and param groups), or without "
+            "its state (--no-resume-opt)")
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, sd: Dict[str, Any], path: str) -> None:
+    """Load a state checked by :func:`_checked_optimizer_state`; on an error (torch's own checks) the optimizer is
+    restored and a ``ValueError`` raised."""
+    saved, own = sd.pop("type", None), type(optimizer).__name__
     before = optimizer.state_dict()
     try:
         optimizer.load_state_dict(sd)
@@ -451,7 +635,7 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: Dict[str, torch.T
     except Exception as e:
         optimizer.load_state_dict(before)
         raise ValueError(f"{path}: its optimizer state does not fit this {own} ({type(e).__name__}: {e}; another "
-                         f"optimizer type's state?); {fix}.") from None
+                         f"optimizer type's state?); {_OPT_FIX}.") from None
 
 
 def _optimizer_mismatch(optimizer: torch.optim.Optimizer, sd: Dict[str, Any]) -> Optional[str]:
@@ -462,12 +646,35 @@ def _optimizer_mismatch(optimizer: torch.optim.Optimizer, sd: Dict[str, Any]) ->
     for i, (g, s) in enumerate(zip(groups, saved)):
         if len(s.get("params", [])) != len(g["params"]):
             return f"param group {i} has {len(s.get('params', []))} params in the file, {len(g['params'])} here"
+    for i, (g, s) in enumerate(zip(groups, saved)):
+        for key in optimizer.defaults:
+            if key in s and key in g and not _same_kind(s[key], g[key]):
+                return f"param group {i}'s {key!r} is {s[key]!r} in the file, {g[key]!r} here"
     params = {pid: p for s, g in zip(saved, groups) for pid, p in zip(s["params"], g["params"])}
     for pid, entry in sd["state"].items():
         p = params.get(pid)
         if p is None:
             return f"state for param {pid}, which no group has"
         for name, t in entry.items():
-            if isinstance(t, torch.Tensor) and t.dim() == p.dim() and t.dim() and tuple(t.shape) != tuple(p.shape):
+            if not isinstance(t, torch.Tensor):
+                continue
+            if t.dim() > p.dim() or (t.dim() == p.dim() and t.dim() and tuple(t.shape) != tuple(p.shape)):
                 return f"{name} of param {pid} is {tuple(t.shape)} in the file, the param is {tuple(p.shape)}"
+            if t.dim() and p.is_floating_point() and not t.is_floating_point():
+                return f"{name} of param {pid} is {t.dtype} in the file, the param is {p.dtype}"
     return None
+
+
+def _same_kind(saved: Any, own: Any) -> bool:
+    """Whether a param group's option in the file can stand for this optimizer's: numbers for numbers, bools for
+    bools, sequences of the same length and kinds (JSON keeps tuples as lists), None for anything and the other
+    way round (``foreach``, ``fused``)."""
+    if saved is None or own is None:
+        return True
+    if isinstance(own, bool) or isinstance(saved, bool):
+        return isinstance(own, bool) and isinstance(saved, bool)
+    if isinstance(own, (int, float)):
+        return isinstance(saved, (int, float))
+    if isinstance(own, (tuple, list)):
+        return isinstance(saved, (tuple, list)) and len(saved) == len(own) and all(map(_same_kind, saved, own))
+    return isinstance(saved, type(own)) or isinstance(own, type(saved))

@@ -6,11 +6,12 @@ quantization-aware training modules) fails with a :class:`~timm_split.errors.Spl
 """
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 import os
 import tempfile
-from typing import Any, Callable, Iterator, List, Tuple
+from typing import Any, Callable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -18,7 +19,10 @@ from torch.nn.utils import parametrize
 
 from .errors import SplitError
 
-__all__ = ["check_split_args", "check_split_factor", "check_writable", "atomic_write", "MAX_SPLIT_FACTOR"]
+_logger = logging.getLogger(__name__)
+
+__all__ = ["check_split_args", "check_split_factor", "check_writable", "atomic_write", "MAX_SPLIT_FACTOR",
+           "unwrap_model", "pruned_modules", "timm_num_classes", "check_choice", "check_bool"]
 
 # Each member is 1/sqrt(S) as wide: at S=256 a 64-channel stage keeps 4 channels. SplitNet uses S of 2 to 16;
 # the work of a split grows faster than linearly in S (resnet18 at S=256: about 25 s), so a larger S is an error
@@ -54,6 +58,101 @@ def check_split_factor(split_factor: Any) -> int:
                          f"1/sqrt(S) as wide, so a 64-channel layer keeps 4 channels at S={MAX_SPLIT_FACTOR}; "
                          "SplitNet uses S of 2 to 16")
     return int(split_factor)
+
+
+def check_choice(name: str, value: Any, choices: Tuple[str, ...], hint: str = "") -> str:
+    """``value`` if it is one of ``choices`` (strings), else a ``ValueError`` naming them.
+
+    Args:
+        name: the argument's name.
+        value: what was passed.
+        choices: the allowed strings.
+        hint: appended to the message.
+
+    Returns:
+        ``value``.
+
+    Raises:
+        ValueError: ``value`` is not one of ``choices``.
+    """
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {_shown(value)}{hint}")
+    return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """``value`` if it is a bool (``True``/``False``; ``0``/``1``, strings and numpy bools are refused).
+
+    Raises:
+        ValueError: not a bool.
+    """
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {_shown(value)}")
+    return value
+
+
+# wrappers whose forward is the wrapped module's: split, save and param_groups see through them
+def _wrapped(model: nn.Module) -> Optional[nn.Module]:
+    """The module inside a ``DataParallel``/``DistributedDataParallel``/``torch.compile`` wrapper, else None."""
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        return model.module
+    inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+    if isinstance(inner, nn.Module) and type(model).__name__ == "OptimizedModule":
+        return inner
+    return None
+
+
+def pruned_modules(model: nn.Module) -> List[str]:
+    """``torch.nn.utils.prune`` reparametrisations in ``model``: ``'<module path>.<tensor>'`` for each (the
+    module holds ``<tensor>_orig`` and ``<tensor>_mask`` and recomputes ``<tensor>`` in a pre-hook)."""
+    from torch.nn.utils.prune import BasePruningMethod
+
+    found = []
+    for name, module in model.named_modules():
+        for hook in module._forward_pre_hooks.values():
+            if isinstance(hook, BasePruningMethod):
+                found.append(f"{name or '(the model)'}.{hook._tensor_name}")
+    return found
+
+
+def unwrap_model(model: Any, where: str, refuse_pruned: bool = True) -> nn.Module:
+    """The one normalisation of a model at the door (``split``, ``save_checkpoint``): the module inside
+    ``nn.DataParallel``, ``DistributedDataParallel`` and ``torch.compile`` wrappers (nested ones too), whose
+    state dict and architecture are the model's; pruning reparametrisations refused.
+
+    Args:
+        model: what was passed as the model.
+        where: the entry point, for the message.
+        refuse_pruned: refuse pruning reparametrisations here (``split`` refuses them with its other
+            reparametrisations, as a ``SplitError``).
+
+    Returns:
+        The unwrapped module (``model`` itself when it is not wrapped).
+
+    Raises:
+        ValueError: not an ``nn.Module``, or ``torch.nn.utils.prune`` reparametrisations (naming them and the fix).
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{where}: the model must be an nn.Module, got {_shown(model)}")
+    inner = _wrapped(model)
+    while inner is not None:
+        _logger.info("%s: using the module inside %s", where, type(model).__name__)
+        model, inner = inner, _wrapped(inner)
+    pruned = pruned_modules(model) if refuse_pruned else []
+    if pruned:
+        raise ValueError(f"{where}: {len(pruned)} tensor(s) are torch.nn.utils.prune reparametrisations "
+                         f"({', '.join(pruned[:4])}{', ...' if len(pruned) > 4 else ''}): make the pruning permanent "
+                         "first, torch.nn.utils.prune.remove(module, name) for each (on a copy to keep the original)")
+    return model
+
+
+def timm_num_classes(model: nn.Module) -> Optional[int]:
+    """A model's ``num_classes`` as timm reads it: any int <= 0 (``-1`` included) means no classifier, returned
+    as 0; None where the model has no int ``num_classes`` (a model outside timm's surface)."""
+    n = getattr(model, "num_classes", None)
+    if isinstance(n, bool) or not isinstance(n, int):
+        return None
+    return max(n, 0)
 
 
 def _check_model(model: Any) -> None:
@@ -97,6 +196,7 @@ def _named_modules(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
 def _unsupported(model: nn.Module) -> List[Tuple[str, str, str]]:
     """(kind, module path, what) for each module whose weights the engine cannot resize; kind keys _REMEDIES."""
     from torch.ao.quantization import FakeQuantizeBase, ObserverBase
+    from torch.nn.utils.prune import BasePruningMethod
     from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
 
@@ -108,6 +208,8 @@ def _unsupported(model: nn.Module) -> List[Tuple[str, str, str]]:
         for hook in module._forward_pre_hooks.values():
             if isinstance(hook, (WeightNorm, SpectralNorm)):
                 found.append(("hook", name, f"{type(hook).__name__} on {hook.name}"))
+            elif isinstance(hook, BasePruningMethod):
+                found.append(("prune", name, f"{type(hook).__name__} on {hook._tensor_name}"))
         inside = any(name.startswith(f"{outer}.") for kind, outer, _ in found if kind == "quant")
         if isinstance(module, (FakeQuantizeBase, ObserverBase)) and not inside:
             found.append(("quant", name, type(module).__name__))
@@ -119,6 +221,8 @@ _REMEDIES = {
                        "copy, or before applying weight_norm/spectral_norm) and apply them to each member after",
     "hook": "split the model before torch.nn.utils.weight_norm/spectral_norm (or remove_weight_norm/"
             "remove_spectral_norm on a copy) and apply them to each member after",
+    "prune": "make the pruning permanent first (torch.nn.utils.prune.remove(module, name) on a copy), split, and "
+             "prune each member after",
     "quant": "split the float model, then prepare each member for quantization-aware training",
 }
 
@@ -139,7 +243,9 @@ def _check_splittable(model: nn.Module) -> None:
 
 
 def check_split_args(model: Any, split_factor: Any, *, img_size: Any = None, in_chans: Any = None, seed: Any = 0,
-                     params_tol: Any = 0.02, macs_tol: Any = 0.04) -> int:
+                     params_tol: Any = 0.02, macs_tol: Any = 0.04, scale_regularization: Any = True,
+                     drop_scale: Any = "S", plan_at: Any = "cfg", averaging: Any = "logits", init: Any = "random",
+                     refine: Any = True) -> int:
     """Check the arguments of ``split``/``plan_split`` before any tracing.
 
     Args:
@@ -150,6 +256,12 @@ def check_split_args(model: Any, split_factor: Any, *, img_size: Any = None, in_
         seed: an int in ``[0, 2**63)``.
         params_tol: a finite relative tolerance > 0.
         macs_tol: a finite relative tolerance > 0.
+        scale_regularization: a bool.
+        drop_scale: ``'S'`` or ``'sqrt'``.
+        plan_at: ``'cfg'`` or ``'model'``.
+        averaging: ``'logits'`` or ``'probs'``.
+        init: ``'random'`` or ``'inherit'``.
+        refine: a bool.
 
     Returns:
         S as an ``int``.
@@ -163,6 +275,13 @@ def check_split_args(model: Any, split_factor: Any, *, img_size: Any = None, in_
     S = check_split_factor(split_factor)
     _check_img_size(img_size)
     _check_scalars(seed, in_chans, params_tol, macs_tol)
+    check_bool("scale_regularization", scale_regularization)
+    check_bool("refine", refine)
+    check_choice("drop_scale", drop_scale, ("S", "sqrt"), " (p/S, SplitNet's rule, or p/sqrt(S))")
+    check_choice("plan_at", plan_at, ("cfg", "model"), " ('cfg': the backbone planned at the architecture's "
+                 "head and input, as timm checkpoints expect; 'model': parity at this model's own head)")
+    check_choice("averaging", averaging, ("logits", "probs"))
+    check_choice("init", init, ("random", "inherit"), " ('inherit': members start from the model's weights)")
     _check_splittable(model)
     return S
 

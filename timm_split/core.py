@@ -13,7 +13,7 @@ from typing import NamedTuple, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .checks import check_split_args
+from .checks import check_split_args, timm_num_classes, unwrap_model
 from .engine.analyse import RETRY_LADDER, ChannelGraph, analyse
 from .engine.attributes import attribute_ties, drop_divisor, regularization_updates, settle_attributes
 from .engine.atoms import NewWidths
@@ -79,7 +79,9 @@ def plan_split(model: nn.Module, split_factor: int, *, img_size: ImgSize = None,
         The :class:`~timm_split.engine.plan.SplitPlan`.
     """
     check_split_args(model, split_factor, img_size=img_size, in_chans=in_chans, params_tol=params_tol,
-                     macs_tol=macs_tol)
+                     macs_tol=macs_tol, scale_regularization=scale_regularization, drop_scale=drop_scale,
+                     plan_at=plan_at, refine=refine)
+    model = unwrap_model(model, "plan_split", refuse_pruned=False)  # pruning: a SplitError above
     S = _check_factor(split_factor)
     plan_kw = dict(_plan_options(S, params_tol, macs_tol, scale_regularization, drop_scale), refine=bool(refine))
     return _planned(model, S, img_size, in_chans, _check_plan_at(plan_at), plan_kw).plan
@@ -114,7 +116,7 @@ def _traced(model: nn.Module, shape: Tuple[int, ...]) -> _Traced:
     tr = trace(meta_copy(model), shape)
     out = [n for n in tr.graph.nodes if n.op == "output"][0].args[0]
     out_shape = tuple((out[0] if isinstance(out, tuple) else out).meta["val"].shape)
-    return _Traced(tr, tuple(shape), out_shape, getattr(model, "num_classes", None) == 0)
+    return _Traced(tr, tuple(shape), out_shape, timm_num_classes(model) == 0)  # timm: num_classes <= 0, no head
 
 
 def _planned(model, S, img_size, in_chans, plan_at, plan_kw) -> _Planned:
@@ -135,7 +137,8 @@ def _planned(model, S, img_size, in_chans, plan_at, plan_kw) -> _Planned:
 def _carried_over(model: nn.Module, own: _Traced, found: Tuple[nn.Module, CfgAt], S: int, plan_kw: dict) -> _Planned:
     """The plan made on the copy at the cfg (``found``), transferred to the model and checked on its member."""
     canon, at = found
-    made = _ladder(_traced(canon, (own.in_shape[0], at.in_chans, *at.img_size)), S, _arch(model), plan_kw)
+    made = _ladder(_traced(canon, (own.in_shape[0], at.in_chans, *at.img_size)), S, _arch(model), plan_kw,
+                   recount=False)
     tr = own.trace
     coupled = _coupled(tr, canon, own.headless)
     p = transfer(made.plan, canon, tr.model, at, own.in_shape[1:], coupled)
@@ -143,8 +146,8 @@ def _carried_over(model: nn.Module, own: _Traced, found: Tuple[nn.Module, CfgAt]
         p = dataclasses.replace(p, regularization=regularization_updates(tr.model, S, plan_kw["drop_scale"]))
     member = build_member(tr.model, p, torch.device("meta"), {}, tr.aliases)
     check_member(member, own.in_shape, own.out_shape, own.headless)
+    p = _recounted(p, tr.model, member, own.in_shape)  # this model's MACs (its head, its size), as count() does
     if at.img_size != tuple(own.in_shape[2:]):
-        p = recount_macs(p, tr.model, member, own.in_shape)
         if abs(p.macs_ratio - 1) > plan_kw["macs_tol"]:
             _logger.warning("%s: planned at the cfg's size %s so that its checkpoints load at any size; at %s "
                             "the MACs ratio is %.4f. For MACs parity at this size, split with plan_at='model'",
@@ -161,8 +164,26 @@ def _coupled(tr: Trace, canon: nn.Module, headless: bool) -> Optional[Coupled]:
     return coupled_dims(analyse(tr, dataclasses.replace(RETRY_LADDER[0], free_output=headless)), canon)
 
 
-def _ladder(traced: _Traced, S: int, arch: str, plan_kw: dict) -> _Planned:
-    """(analyse -> plan -> meta member) on a trace, up the retry ladder until a meta member runs."""
+def _recounted(p: SplitPlan, model: nn.Module, member: nn.Module, shape: Tuple[int, ...]) -> SplitPlan:
+    """:func:`recount_macs`, or ``p`` as planned where the meta count cannot run the model (logged). The count's
+    own warnings (ops it skips) are for those who call ``count()``; a split does not repeat them."""
+    counter = logging.getLogger("timm_split.count")
+    level = counter.level
+    counter.setLevel(logging.ERROR)
+    try:
+        return recount_macs(p, model, member, shape)
+    except (RuntimeError, ValueError) as e:
+        _logger.info("%s: the plan keeps the planner's MAC count (count() cannot run it on meta: %s)", p.arch, e)
+        return p
+    finally:
+        counter.setLevel(level)
+
+
+def _ladder(traced: _Traced, S: int, arch: str, plan_kw: dict, recount: bool = True) -> _Planned:
+    """(analyse -> plan -> meta member) on a trace, up the retry ladder until a meta member runs. With
+    ``recount``, the plan's MACs are then counted by :func:`~timm_split.count.count` on the model and the member
+    (the planner's own cost model leaves out fvcore's global-pool term), so ``print(plan)`` shows the numbers
+    ``timm-split compare`` and ``count()`` show."""
     tr, shape, out_shape, headless = traced
     error: Optional[SplitError] = None
     ambiguous: tuple = ()
@@ -176,6 +197,8 @@ def _ladder(traced: _Traced, S: int, arch: str, plan_kw: dict) -> _Planned:
         p = settle_attributes(member, draft.plan, draft.ambiguous, draft.module_io)
         try:
             check_member(member, shape, out_shape, headless)
+            if recount:
+                p = _recounted(p, tr.model, member, shape)
             return _Planned(p, tr, cg, draft.sizes)
         except SplitError as e:
             error = e
@@ -228,12 +251,20 @@ def split(model: nn.Module, split_factor: int, *, seed: int = 0, img_size: ImgSi
         A :class:`~timm_split.ensemble.SplitEnsemble` on the model's device; a meta model gives a meta
         ensemble (no memory, no compute).
 
+    The model is normalised at the door (:func:`~timm_split.checks.unwrap_model`): a model inside
+    ``nn.DataParallel``, ``DistributedDataParallel`` or ``torch.compile`` is split as the module inside, and
+    timm's ``num_classes <= 0`` (``-1`` included) is no classifier, as ``0``.
+
     Raises:
-        ValueError: ``split_factor`` is not an int >= 1, or so large a channel group would vanish.
-        SplitError: the model has a construct the engine cannot handle (the message names the node).
+        ValueError: ``split_factor`` is not an int >= 1, or so large a channel group would vanish; any keyword
+            option outside its domain (:func:`~timm_split.checks.check_split_args`), before any tracing.
+        SplitError: the model has a construct the engine cannot handle (the message names the node): pruning or
+            other weight reparametrisations, or a forward that returns a tuple, list or dict instead of one tensor.
     """
     check_split_args(model, split_factor, img_size=img_size, in_chans=in_chans, seed=seed, params_tol=params_tol,
-                     macs_tol=macs_tol)
+                     macs_tol=macs_tol, scale_regularization=scale_regularization, drop_scale=drop_scale,
+                     plan_at=plan_at, averaging=averaging, init=init)
+    model = unwrap_model(model, "split", refuse_pruned=False)  # pruning: a SplitError above
     S = _check_factor(split_factor)
     if init not in ("random", "inherit"):
         raise ValueError(f"init must be 'random' or 'inherit', got {init!r}")

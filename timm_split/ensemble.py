@@ -10,7 +10,8 @@ from timm.layers import register_notrace_function
 from torch import nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing as is_fx_tracing
 
-from .checkpoint import tied_names
+from .checkpoint import as_state_dict, check_state_dict, tied_names
+from .checks import timm_num_classes
 from .engine.plan import SplitPlan
 from .ensemble_features import FeatureSurface, Views, cat_members
 from .execution import Execution, make_execution
@@ -117,7 +118,49 @@ def member_views(x: Views, S: int, input_dim: int, first: nn.Module) -> List[tor
     if p is not None and p.is_meta != views[0].is_meta:
         raise RuntimeError(f"Tensor on device {views[0].device} is not on the expected device {p.device}! "
                            f"(the ensemble's members are on {p.device}; move the input or the model)")
+    check_view_dtypes(views, None if p is None else p.dtype, images=input_dim >= 3)
     return views
+
+
+def check_view_dtypes(views: Sequence[torch.Tensor], weight_dtype: Optional[torch.dtype], images: bool = True
+                      ) -> None:
+    """``ValueError`` for views the members cannot take: images not floating point (int, bool, complex), or a
+    floating dtype other than the weights' outside autocast (torch would fail inside the first layer, or, for
+    some strategies, after part of the work).
+
+    Args:
+        views: The per-member inputs.
+        weight_dtype: The members' parameter dtype (``None``: a model without parameters, nothing to match).
+        images: The views are images (``[B, C, H, W]``-like); a model of another input (token ids) may take ints.
+    """
+    for v in views:
+        if images and not v.dtype.is_floating_point:
+            raise ValueError(f"views must be floating point images, got {v.dtype}: convert and normalise them "
+                             "first (e.g. x.float() / 255, then the model's mean and std)")
+    if weight_dtype is None or not weight_dtype.is_floating_point:
+        return
+    odd = sorted({str(v.dtype) for v in views if v.dtype.is_floating_point and v.dtype != weight_dtype})
+    if odd and not torch.is_autocast_enabled(views[0].device.type):
+        raise ValueError(f"views of dtype {', '.join(odd)} for members of dtype {weight_dtype}: cast the input "
+                         f"(x.to({weight_dtype})), the model (ens.to({odd[0]})), or run under torch.autocast")
+
+
+def _device(d: Any) -> torch.device:
+    """``d`` as a ``torch.device`` this machine has, or a ``ValueError`` naming what it has."""
+    if isinstance(d, bool) or not isinstance(d, (str, int, torch.device)):
+        raise ValueError(f"a device must be a str, int or torch.device (e.g. 'cuda:0', 'cpu'), got {d!r}")
+    try:
+        dev = torch.device(d)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"{d!r} is not a device ({e}); e.g. 'cuda:0' or 'cpu'") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count()
+        if n == 0 or (dev.index or 0) >= n:
+            raise ValueError(f"{d!r}: this machine has {n} CUDA device(s); pass one of "
+                             f"{[f'cuda:{i}' for i in range(n)] or ['cpu']}")
+    elif dev.type not in ("cpu", "meta", "mps", "xpu"):
+        raise ValueError(f"{d!r}: members run on 'cpu' or 'cuda:<i>', got device type {dev.type!r}")
+    return dev
 
 
 class SplitEnsemble(FeatureSurface, nn.Module):
@@ -178,7 +221,7 @@ class SplitEnsemble(FeatureSurface, nn.Module):
         self._input_dim = len(input_size) + 1
         self._input_size = input_size
         self.in_chans = getattr(first, "in_chans", input_size[0])
-        self.num_classes = getattr(first, "num_classes", None)
+        self.num_classes = timm_num_classes(first)  # timm's num_classes <= 0 (-1 too) is no head: 0
         self._sync_widths()
         info = getattr(first, "feature_info", None)
         if isinstance(info, (list, tuple)) and info:
@@ -202,9 +245,10 @@ class SplitEnsemble(FeatureSurface, nn.Module):
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict`` that checks everything before it changes anything
-        (:func:`checked_state_dict`: split factor, keys and shapes; with ``strict=False`` only the classifier and
-        an unadaptable first conv may be missing)."""
-        return super().load_state_dict(checked_state_dict(self, state_dict, strict), strict=strict, assign=assign)
+        (:func:`checked_state_dict`: split factor, keys, value types, shapes, dtype kinds; with ``strict=False``
+        only the classifier and an unadaptable first conv may be missing): a load that fails changes nothing."""
+        return super().load_state_dict(checked_state_dict(self, state_dict, strict, assign), strict=strict,
+                                       assign=assign)
 
     # ---- inputs
     def _member_inputs(self, x: Views) -> List[torch.Tensor]:
@@ -246,6 +290,10 @@ class SplitEnsemble(FeatureSurface, nn.Module):
             **options: the strategy's options, e.g. ``set_execution('threads', cores=[[0], [1]])``,
                 ``set_execution('compile', mode='max-autotune')``, ``set_execution('auto', repeats=5)``.
 
+        Several Python threads may call the ensemble at once under any strategy (each gets the loop's result;
+        what the calls share is locked, see :class:`~timm_split.execution.Execution`); change the strategy, the
+        device or the dtype while none is running.
+
         Returns:
             ``self``.
 
@@ -273,13 +321,28 @@ class SplitEnsemble(FeatureSurface, nn.Module):
 
         Returns:
             ``self``.
+
+        Raises:
+            ValueError: ``devices`` is not a non-empty list of devices this machine has, or ``execution`` or an
+                option is unknown; checked before any member moves.
         """
-        if isinstance(devices, (str, int, torch.device)) or not devices:
+        if isinstance(devices, (str, int, torch.device)) or not isinstance(devices, Sequence) or not devices:
             raise ValueError(f"devices must be a non-empty list, e.g. ['cuda:0', 'cuda:1'], got {devices!r}")
-        devs = [torch.device(d) for d in devices]
+        devs = [_device(d) for d in devices]
+        if any(d.type == "meta" for d in devs) and not all(p.is_meta for p in self.parameters()):
+            raise ValueError("to_devices: moving members to 'meta' drops their weights; split a meta model for a "
+                             "meta ensemble (timm.create_model(..., device='meta'))")
+        make_execution(execution, **options)  # names and options checked before anything moves
+        before = [next((t.device for t in (*m.parameters(), *m.buffers())), None) for m in self.members]
         for i, m in enumerate(self.members):
             m.to(devs[i % len(devs)])
-        return self.set_execution(execution, **options)
+        try:
+            return self.set_execution(execution, **options)
+        except ValueError:
+            for m, dev in zip(self.members, before):  # the strategy cannot run these placements: as they were
+                if dev is not None:
+                    m.to(dev)
+            raise
 
     def _apply(self, fn, recurse: bool = True):
         # tensors move or change dtype: cached stacked/packed tensors and compiled code are stale
@@ -391,15 +454,17 @@ def _may_be_missing(ens: "SplitEnsemble", key: str) -> bool:
     return key.startswith(heads) or key in stems
 
 
-def checked_state_dict(ens: "SplitEnsemble", state_dict: Dict[str, torch.Tensor], strict: bool = True
-                       ) -> Dict[str, torch.Tensor]:
+def checked_state_dict(ens: "SplitEnsemble", state_dict: Dict[str, torch.Tensor], strict: bool = True,
+                       assign: bool = False) -> Dict[str, torch.Tensor]:
     """``state_dict`` checked against the ensemble before anything is loaded, with tied names filled in.
 
-    A split-factor mismatch or a shape mismatch is a ``ValueError`` naming the cause (with ``strict=False`` too:
-    nothing is loaded then). With ``strict=False`` only what timm's loader drops may be missing: the classifier
+    A split-factor mismatch, and everything :func:`~timm_split.checkpoint.check_state_dict` checks (keys, value
+    types, shapes, dtype kinds), is a ``ValueError`` naming the cause (with ``strict=False`` too: nothing is loaded
+    then). With ``strict=False`` only what timm's loader drops may be missing: the classifier
     (``pretrained_cfg['classifier']``) for another ``num_classes``, and a first conv's weight it cannot adapt to
     another ``in_chans``; a missing backbone tensor is refused.
     """
+    state_dict = as_state_dict(state_dict, "checkpoint")
     ids = {int(k.split(".")[1]) for k in state_dict if k.startswith("members.") and k.split(".")[1].isdigit()}
     arch = ens.pretrained_cfg.get("architecture", type(ens.members[0]).__name__)
     if ids and len(ids) != ens.split_factor:
@@ -410,17 +475,9 @@ def checked_state_dict(ens: "SplitEnsemble", state_dict: Dict[str, torch.Tensor]
     tied = {k: a for k, a in tied_names(own).items() if k not in state_dict and a in state_dict}
     if tied:
         state_dict = {**state_dict, **{k: state_dict[a] for k, a in tied.items()}}
-    missing = [k for k in own if k not in state_dict]
-    if not strict:
-        missing = [k for k in missing if not _may_be_missing(ens, k)]
-    unexpected = [k for k in state_dict if k not in own] if strict else []
-    shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in own.items() if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
-    if missing or unexpected or shapes:
-        raise ValueError(
-            f"checkpoint does not match {arch} (split_factor={ens.split_factor}): "
-            f"{len(missing)} missing keys {missing[:3]}, {len(unexpected)} unexpected keys {unexpected[:3]}, "
-            f"{len(shapes)} shape mismatches {shapes[:3]}; nothing was loaded. Was it saved from another "
-            "architecture, split factor, num_classes or in_chans? (only the classifier and an unadaptable "
-            "first conv may be missing)")
+    check_state_dict(own, state_dict, strict=True, unexpected_ok=not strict, assign=assign, where="checkpoint",
+                     optional=(lambda k: False) if strict else (lambda k: _may_be_missing(ens, k)),
+                     target=f"{arch} (split_factor={ens.split_factor})",
+                     hint="Was it saved from another architecture, split factor, num_classes or in_chans? (only the "
+                          "classifier and an unadaptable first conv may be missing)")
     return state_dict

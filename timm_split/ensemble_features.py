@@ -13,6 +13,7 @@ import torch.fx
 from timm.layers import register_notrace_function
 from torch import nn
 
+from .checks import timm_num_classes
 from .trace import meta_copy
 
 _logger = logging.getLogger(__name__)
@@ -260,7 +261,7 @@ class FeatureSurface:
         kept = [m.prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head, **kwargs)
                 for m in self.members]
         if prune_head:
-            self.num_classes = getattr(self.members[0], "num_classes", 0)
+            self.num_classes = timm_num_classes(self.members[0]) or 0
             self.pretrained_cfg["num_classes"] = self.num_classes
             self._sync_widths()
         return kept[0]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import logging
 import operator
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -329,12 +330,16 @@ def trace(model: nn.Module, input_shape: Tuple[int, ...]) -> Trace:
     calls: Dict[str, Tuple[list, list, dict]] = {}
     pending: List[list] = []
 
+    me = threading.get_ident()  # module hooks are process-wide: another thread's forward is not this trace's
+
     def pre(mod, args):
+        if threading.get_ident() != me:
+            return
         stack.append(names.get(id(mod), "?"))
         pending.append([env.get(id(a), None) if isinstance(a, torch.Tensor) else a for a in args])
 
     def post(mod, args, kwargs, out):  # global pre-hooks get no kwargs: those are read here
-        if stack:
+        if stack and threading.get_ident() == me:
             path = stack.pop()
             in_args = pending.pop()
             if path not in calls:
@@ -361,6 +366,14 @@ def trace(model: nn.Module, input_shape: Tuple[int, ...]) -> Trace:
         # torch's handle does not remove its with_kwargs flag; a left-over entry makes torch.compile warn
         # about global hooks for the rest of the process
         nn.modules.module._global_forward_hooks_with_kwargs.pop(h2.id, None)
+    if not isinstance(out, torch.Tensor):
+        what = (f"a dict with keys {sorted(map(str, out))[:4]}" if isinstance(out, dict) else
+                f"a {type(out).__name__} of {len(out)}" if isinstance(out, (tuple, list)) else
+                f"a {type(out).__name__}")
+        raise SplitError(f"the model's forward returns {what}, not one tensor: the members' outputs are averaged "
+                         "(or concatenated, headless), which needs one tensor per member. Split a module whose "
+                         "forward returns the logits or features alone (e.g. a wrapper whose forward returns "
+                         "model(x)[0] or model(x)['logits']), or the backbone (num_classes=0)")
     flat, _ = tree_flatten(out)
     outs = [env[id(o)] for o in flat if isinstance(o, torch.Tensor) and id(o) in env]
     graph.output(outs[0] if len(outs) == 1 else tuple(outs))

@@ -2,7 +2,9 @@
 """Run timm's own tests/test_models.py (timm 1.0.31, unmodified, next to this file) on base architectures and
 on their ``splitnet_<arch>`` versions, and tabulate the pass rates per test function.
 
-    python benchmarks/timm_model_tests/run.py                      # the 25 default archs, base + splitnet
+    python benchmarks/timm_model_tests/run.py                      # the 25 default archs, base + splitnet,
+                                                                   # reusing the results already in results/
+    python benchmarks/timm_model_tests/run.py --force              # rerun every arch
     python benchmarks/timm_model_tests/run.py --archs resnet18     # one arch
     python benchmarks/timm_model_tests/run.py --table-only         # rebuild results/table.md from the JSONs
 
@@ -280,14 +282,18 @@ def main(argv=None):
 
     if not args.table_only:
         t0 = time.time()
+        ran, reused = 0, 0
         for mode in modes:
             groups = [("all", archs)] if args.single_process else [(a, [a]) for a in archs]
             for stem, group in groups:
                 if not args.force and os.path.exists(os.path.join(args.results, mode, f"{stem}.json")):
                     print(f"[{mode}] {stem}: have a result, skipped (--force reruns)")
+                    reused += 1
                     continue
                 run_one(args, mode, group, stem)
-        print(f"total {time.time() - t0:.0f}s")
+                ran += 1
+        print(f"total {time.time() - t0:.0f}s: ran {ran} pytest process(es), reused {reused} cached result(s)"
+              + (" (pass --force to rerun those)" if reused else ""))
     build_table(args, archs)
 
 

@@ -15,11 +15,11 @@ import glob
 import logging
 import os
 import re
-from typing import List, Optional
+from typing import Iterable, List, Mapping, Optional, Union
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["RunLock", "holds_run", "remove_stale_temp_files", "LOCK_FILE"]
+__all__ = ["RunLock", "holds_run", "remove_stale_temp_files", "LOCK_FILE", "check_run_outputs"]
 
 LOCK_FILE = "train.lock"
 RUN_FILES = ("last.safetensors", "model_best.safetensors", "results.json")
@@ -43,6 +43,39 @@ def holds_run(folder: str) -> bool:
     """
     return any(os.path.exists(os.path.join(folder, f)) for f in RUN_FILES) or bool(
         glob.glob(os.path.join(glob.escape(folder), "checkpoint-*.safetensors")))
+
+
+# every file name a run writes in its folder (checkpoint-<n>.safetensors aside, which only the saver names)
+WRITTEN = RUN_FILES + ("summary.csv", "args.json", LOCK_FILE)
+
+
+def check_run_outputs(folder: str, inputs: Mapping[str, Union[None, str, Iterable[str]]],
+                      resume: Optional[str] = None) -> None:
+    """The output-path guard for a run folder: no file the run writes may be one of its inputs, and the folder
+    may not lie inside a data folder (it would become a class folder there).
+
+    Args:
+        folder: the run folder (need not exist yet).
+        inputs: flag -> the files and data folders the run reads (``--class-map``, ``--config``, the data...).
+        resume: ``--resume``: the one input a run may replace, when it is this folder's own checkpoint (a resume
+            in place continues the run).
+
+    Raises:
+        ValueError: one line naming the flag, the file and the fix.
+    """
+    from .common import check_output_paths
+
+    real = os.path.realpath(folder)
+    ins = dict(inputs)
+    if resume and os.path.dirname(os.path.realpath(resume)) != real:
+        ins["--resume"] = resume
+    for name in WRITTEN:  # one at a time: the run's own files may be hard links of each other (the saver's)
+        check_output_paths({f"the run's {name}": os.path.join(folder, name)}, ins, hard_links_into=False)
+    for flag, value in ins.items():
+        for path in ([value] if isinstance(value, str) else list(value or ())):
+            if path and os.path.isdir(path) and (real + os.sep).startswith(os.path.realpath(path) + os.sep):
+                raise ValueError(f"the run folder {folder} is inside {flag} {path}, which the run reads; pass an "
+                                 "--output outside the data")
 
 
 def _alive(pid: int) -> bool:

@@ -15,7 +15,9 @@ Each architecture runs in a worker process with a per-model timeout: a model tha
 recorded as ``timeout``, and the sweep goes on. Rows are appended to the CSV as they finish, so a stopped
 sweep resumes where it left off. Statuses: ``ok``, ``split_error`` (a ``SplitError`` or ``ValueError`` from the
 engine), ``forward_error`` (a member does not run or gives the wrong shape), ``parity_miss`` (params
-outside ±2% or FLOPs outside ±4%), ``timeout``, ``crash`` (any other exception: a bug to fix).
+outside ±2% or FLOPs outside ±4%), ``timeout``, ``crash`` (any other exception: a bug to fix). With ``--device cpu``,
+``cpu_checked`` is True where the real forward/backward ran; an ok row over ``--cpu-max-params`` says
+``cpu check skipped: ...`` in its reason, and the last line counts the checks run and skipped.
 """
 from __future__ import annotations
 
@@ -34,12 +36,14 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["FIELDS", "sweep_one", "default_tier", "run_sweep", "write_markdown", "main"]
+__all__ = ["FIELDS", "sweep_one", "default_tier", "run_sweep", "write_markdown", "main", "cpu_skipped", "summary_line",
+           "select", "check_patterns"]
 
 FIELDS = ("arch", "module", "split", "status", "reason", "params_orig", "params_split", "gmacs_orig", "gmacs_split",
           "params_ratio", "gmacs_ratio", "cpu_checked", "seconds")
 STATUSES = ("ok", "parity_miss", "split_error", "forward_error", "timeout", "crash")
 PARAMS_TOL, MACS_TOL = 0.02, 0.04
+CPU_SKIPPED = "cpu check skipped"  # the reason of an ok row that --device cpu did not check (over the size cap)
 REFERENCE_CSV = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "resources",
                              "timm_benchmark_gmacs.csv")  # package data
 
@@ -137,6 +141,9 @@ def sweep_one(arch: str, splits: Sequence[int], device: str = "meta", cpu_max_pa
                        reason="" if ok else f"params {pr:.3f}, MACs {mr:.3f}")
             if ok and device == "cpu" and base.params <= cpu_max_params:
                 row.update(_cpu_check(arch, S, kwargs, cpu_img_size))
+            elif ok and device == "cpu":  # said, not silent: an ok row whose CPU check was not run
+                row.update(reason=f"{CPU_SKIPPED}: {base.params / 1e6:.1f}M params > --cpu-max-params "
+                                  f"{cpu_max_params / 1e6:g}M")
         row["seconds"] = round(time.perf_counter() - t + (t - t0 if S == splits[0] else 0.0), 3)
         rows.append(row)
     return rows
@@ -183,6 +190,23 @@ def runs_at(model: Any, size: int) -> bool:
         return True
     except Exception:  # noqa: BLE001 - any failure means: not at this size
         return False
+
+
+def cpu_skipped(row: Dict) -> bool:
+    """Whether ``row`` is an ok row whose ``--device cpu`` check was skipped (the model is over the size cap)."""
+    return row.get("status") == "ok" and str(row.get("reason") or "").startswith(CPU_SKIPPED)
+
+
+def summary_line(rows: List[Dict], out: str) -> str:
+    """The sweep's last line: rows per status, and where any were asked for, the CPU checks run and skipped."""
+    counts: Dict[str, int] = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    line = f"{len(rows)} rows in {out}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+    checked, skipped = sum(str(r.get("cpu_checked")) == "True" for r in rows), sum(cpu_skipped(r) for r in rows)
+    if checked or skipped:
+        line += f"; CPU check: run on {checked}, skipped on {skipped} ok row(s) over --cpu-max-params"
+    return line
 
 
 def one_line(e: BaseException) -> str:
@@ -365,25 +389,61 @@ def default_tier() -> List[str]:
     return sorted(min(archs, key=lambda a: (params.get(a, float("inf")), a)) for archs in by_module.values())
 
 
+def check_patterns(patterns: Iterable[str], names: Sequence[str], flag: str, among: str = "timm architecture"
+                   ) -> None:
+    """Every wildcard must match one of ``names``: a pattern that matches nothing (a typo) is an error, not an
+    empty selection.
+
+    Args:
+        patterns: fnmatch wildcards (``'vit_*'``).
+        names: what they select from.
+        flag: the flag, for the message (``'--filter'``).
+        among: what ``names`` are, for the message.
+
+    Raises:
+        ValueError: a pattern matches none of ``names``; the message suggests close names.
+    """
+    import difflib
+
+    for pat in patterns:
+        if not any(fnmatch.fnmatch(a, pat) for a in names):
+            close = difflib.get_close_matches(pat.strip("*?"), list(names), n=3, cutoff=0.6)
+            hint = f"; did you mean: {', '.join(close)}" if close else ""
+            raise ValueError(f"{flag} {pat!r} matches no {among}{hint}")
+
+
 def select(filters: Iterable[str] = ("*",), excludes: Iterable[str] = (), limit: Optional[int] = None) -> List[str]:
-    """timm architectures matching any filter and no exclude, in registry order."""
+    """timm architectures matching any filter and no exclude, in registry order.
+
+    Raises:
+        ValueError: a filter or exclude that matches no timm architecture (:func:`check_patterns`).
+    """
     import timm
 
-    names = [a for a in timm.list_models() if not a.startswith("splitnet_")]
-    names = [a for a in names if any(fnmatch.fnmatch(a, f) for f in filters)]
+    every = [a for a in timm.list_models() if not a.startswith("splitnet_")]
+    filters, excludes = list(filters), list(excludes)
+    check_patterns(filters, every, "--filter")
+    check_patterns(excludes, every, "--exclude")
+    names = [a for a in every if any(fnmatch.fnmatch(a, f) for f in filters)]
     names = [a for a in names if not any(fnmatch.fnmatch(a, x) for x in excludes)]
+    if not names:
+        raise ValueError(f"--exclude {' '.join(excludes)} leaves none of the {len(every)} architectures --filter "
+                         "selects; narrow --exclude")
     return names[:limit] if limit else names
 
 
-def write_markdown(rows: List[Dict], path: str, command: str) -> None:
-    """docs/zoo.md from sweep rows: coverage by module, parity statistics, every failure with its reason."""
-    from ..checks import atomic_write
+def write_markdown(rows: List[Dict], path: str, command: str, source: str = "zoo.csv") -> None:
+    """The generated sections of docs/zoo.md from sweep rows: a ``header`` line naming the command, and the
+    ``tables`` (coverage by S and by module, parity statistics, every failure with its reason). Every other line of
+    an existing file (the hand-written notes) is kept: only the text between a section's markers is rewritten
+    (:func:`timm_split.generated.write_generated`); a file without the markers gets the sections appended."""
+    from ..generated import write_generated
 
     by_split: Dict[int, List[Dict]] = {}
     for r in rows:
         by_split.setdefault(int(r["split"]), []).append(r)
-    lines = ["# Zoo coverage", "", f"Generated by `{command}` from `{os.path.basename(path)[:-3]}.csv`.", "",
-             "| S | architectures | ok | parity_miss | split_error | forward_error | timeout | crash "
+    header = f"Generated by `{command}` from `{os.path.basename(source)}`."
+    lines = ["| S | architectures | ok | parity_miss | split_error | forward_error | timeout | crash "
              "| params within ±2% | FLOPs within ±4% | params ratio median (worst) | FLOPs ratio median (worst) "
              "| CPU checked | median s |", "|" + "---|" * 14]
     for S, rs in sorted(by_split.items()):
@@ -398,6 +458,8 @@ def write_markdown(rows: List[Dict], path: str, command: str) -> None:
         worst_m = max(mr, key=lambda x: abs(x - 1)) if mr else float("nan")
         secs = [float(r["seconds"]) for r in rs if r.get("seconds")]
         cpu = sum(str(r.get("cpu_checked")) == "True" for r in rs)
+        skipped = sum(cpu_skipped(r) for r in rs)
+        cpu = f"{cpu} ({skipped} skipped: over the size cap)" if skipped else cpu
         lines.append(
             f"| {S} | {n} | {st['ok']} ({100 * st['ok'] / n:.1f}%) | {st['parity_miss']} | {st['split_error']} | "
             f"{st['forward_error']} | {st['timeout']} | {st['crash']} | {p_ok} ({100 * p_ok / n:.1f}%) | "
@@ -417,22 +479,24 @@ def write_markdown(rows: List[Dict], path: str, command: str) -> None:
     for r in sorted(fails, key=lambda r: (r["status"], r["arch"], int(r["split"]))):
         lines.append(f"| {r['arch']} | {r['split']} | {r['status']} | {r.get('reason', '').replace('|', '/')} |")
 
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            f.write("\n".join(lines) + "\n")
-
-    atomic_write(path, write)
+    write_generated(path, {"header": header, "tables": "\n".join(lines)}, title="Zoo coverage", source=command)
 
 
-def _seconds(text: str) -> float:
-    """An argparse type: a number of seconds > 0."""
-    try:
-        v = float(text)
-    except ValueError:
-        v = math.nan
-    if not v > 0 or math.isinf(v):
-        raise argparse.ArgumentTypeError(f"--timeout must be a number of seconds > 0, got {text!r}")
-    return v
+def _positive(flag: str, what: str):
+    """An argparse type: a finite number > 0 (``30e6``), named ``flag`` and ``what`` in its error."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            v = math.nan
+        if not v > 0 or math.isinf(v):
+            raise argparse.ArgumentTypeError(f"{flag} must be a number of {what} > 0, got {text!r}")
+        return v
+    return parse
+
+
+_seconds = _positive("--timeout", "seconds")
+_params = _positive("--cpu-max-params", "parameters")
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -447,23 +511,41 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=["meta", "cpu"], default="meta")
     p.add_argument("--timeout", type=_seconds, default=120.0, help="seconds per architecture")
     p.add_argument("--workers", type=int_at_least(1, "--workers"), default=1)
-    p.add_argument("--cpu-max-params", type=float, default=30e6)
+    p.add_argument("--cpu-max-params", type=_params, default=30e6,
+                   help="with --device cpu: run the real forward/backward only for models up to this many params")
     p.add_argument("--out", default="sweep.csv", help="CSV to append to (resumes)")
     p.add_argument("--report", metavar="CSV", help="only write --markdown from an existing CSV")
     p.add_argument("--markdown", metavar="MD", help="write the coverage report here")
 
 
+_DEFAULTS = {"filter": ["*"], "exclude": [], "tier": "all", "split": [2, 4], "limit": None, "device": "meta",
+             "timeout": 120.0, "workers": 1, "cpu_max_params": 30e6, "out": "sweep.csv"}
+_INERT = (
+    (("filter", "exclude", "tier", "split", "limit", "device", "timeout", "workers", "cpu_max_params", "out"),
+     lambda a: bool(a.report), "--report only writes --markdown from an existing CSV, sweeping nothing"),
+    (("cpu_max_params",), lambda a: not a.report and a.device != "cpu",
+     "it limits the real CPU check, which runs with --device cpu only"),
+)
+
+
 def _check_paths(args: argparse.Namespace) -> None:
     """Usage errors before any work: a --report that is not there or holds no rows, an unwritable --out or
-    --markdown."""
+    --markdown, an output that is an input or another output, a flag that does nothing."""
     from ..checks import check_writable
+    from .common import check_output_paths, inert_flags
 
     if args.report:
         if not os.path.isfile(args.report):
             raise ValueError(f"--report {args.report!r}: no such file; pass the CSV a sweep wrote (its --out)")
         if not _read(args.report):
             raise ValueError(f"--report {args.report!r} has no sweep rows; run the sweep first (--out)")
-    else:
+        if not args.markdown:
+            raise ValueError("--report only writes --markdown from an existing CSV, and no --markdown was given: "
+                             "pass --markdown MD")
+    inert_flags(args, _INERT, _DEFAULTS)
+    check_output_paths({"--out": None if args.report else args.out, "--markdown": args.markdown},
+                       {"--report": args.report, "the reference CSV (package data)": REFERENCE_CSV})
+    if not args.report:
         check_writable(args.out, "--out")
     if args.markdown:
         check_writable(args.markdown, "--markdown")
@@ -479,31 +561,28 @@ def run(args: argparse.Namespace) -> int:
     else:
         archs = default_tier() if args.tier == "default" else select(args.filter, args.exclude, args.limit)
         if args.tier == "default":
-            archs = [a for a in archs if any(fnmatch.fnmatch(a, f) for f in args.filter)][:args.limit]
+            check_patterns(args.filter, archs, "--filter", "architecture of --tier default")
+            check_patterns(args.exclude, archs, "--exclude", "architecture of --tier default")
+            archs = [a for a in archs if any(fnmatch.fnmatch(a, f) for f in args.filter)
+                     and not any(fnmatch.fnmatch(a, x) for x in args.exclude)][:args.limit]
         progress = sys.stderr.isatty()
         if not progress:  # a log file gets a line per architecture instead of a bar
             cli_logging(_logger.name)
         rows = run_sweep(archs, args.split, args.out, device=args.device, timeout=args.timeout,
                          workers=args.workers, cpu_max_params=args.cpu_max_params, progress=progress)
-        counts: Dict[str, int] = {}
-        for r in rows:
-            counts[r["status"]] = counts.get(r["status"], 0) + 1
-        print(f"{len(rows)} rows in {args.out}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        print(summary_line(rows, args.out))
     if args.markdown:
-        write_markdown(rows, args.markdown, command)
+        write_markdown(rows, args.markdown, command, args.report or args.out)
         print(f"wrote {args.markdown}")
     return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m timm_split.commands.sweep", description=__doc__.split("\n")[0])
+    from .common import OneLineParser, run_command
+
+    p = OneLineParser(prog="python -m timm_split.commands.sweep", description=__doc__.split("\n")[0])
     add_args(p)
-    args = p.parse_args(argv)
-    try:
-        return run(args)
-    except ValueError as e:
-        p.error(str(e))
-    return 2
+    return run_command("sweep", run, p.parse_args(argv))
 
 
 if __name__ == "__main__":

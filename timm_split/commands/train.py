@@ -55,8 +55,10 @@ RESULTS = "results.json"
 
 
 def train_args(**overrides: Any) -> argparse.Namespace:
-    """The flags' defaults with ``overrides`` (keyword names as the flags' dest, e.g. ``batch_size=32``)."""
-    args = add_train_args(argparse.ArgumentParser()).parse_args([])
+    """The flags' defaults with ``overrides`` (keyword names as the flags' dest, e.g. ``batch_size=32``); a
+    ``config=`` YAML (``-c``) sets defaults that the other overrides win over."""
+    config = overrides.pop("config", "")
+    args = add_train_args(argparse.ArgumentParser()).parse_args(["-c", config] if config else [])
     unknown = set(overrides) - set(vars(args))
     if unknown:
         raise ValueError(f"unknown training options {sorted(unknown)}; see timm-split train --help.")
@@ -89,8 +91,10 @@ def build_model(args: argparse.Namespace, num_classes: int, data_cfg: Dict[str, 
     import timm
     from timm.data import resolve_data_config
 
+    from ..checkpoint import load_checkpoint
     from ..core import split
     from ..ensemble import single
+    from ..training.warm_start import has_ema, load_into_model
 
     in_chans = args.in_chans or (args.input_size[0] if args.input_size else data_cfg.get("input_size", (3,))[0])
     kwargs = dict(num_classes=num_classes, in_chans=in_chans, drop_rate=args.drop, **args.model_kwargs)
@@ -108,10 +112,39 @@ def build_model(args: argparse.Namespace, num_classes: int, data_cfg: Dict[str, 
                                 crop_pct=cfg["crop_pct"], interpolation=cfg["interpolation"])
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    initial, init = _initial_checkpoint(args)
+    if initial == 1:
+        load_into_model(model, args.initial_checkpoint, args.model)
     if args.split == 1:
-        return single(model, args.model)
-    return split(model, args.split, seed=args.seed * args.split, img_size=cfg["input_size"][-1], in_chans=in_chans,
-                 drop_scale=getattr(args, "drop_scale", "S"), plan_at=PLAN_AT)
+        ens = single(model, args.model)
+    else:
+        ens = split(model, args.split, seed=args.seed * args.split, img_size=cfg["input_size"][-1], in_chans=in_chans,
+                    drop_scale=getattr(args, "drop_scale", "S"), plan_at=PLAN_AT, init=init)
+    if initial > 1:
+        load_checkpoint(ens, args.initial_checkpoint, use_ema=has_ema(args.initial_checkpoint))
+    return ens
+
+
+def _initial_checkpoint(args: argparse.Namespace):
+    """``(what --initial-checkpoint holds, the members' init)``: 0 none (or a resume, whose weights win), 1 one
+    network (loaded before the split; ``--split-init inherit`` then cuts the members from it), S a split of S."""
+    from ..training.warm_start import checkpoint_split_factor
+
+    init = getattr(args, "split_init", "random")
+    path = getattr(args, "initial_checkpoint", "")
+    if not path or args.resume:
+        if init == "inherit" and not args.resume:
+            raise ValueError("--split-init inherit cuts the members from a trained model: pass it with "
+                             "--initial-checkpoint PARENT (a checkpoint of the model to split).")
+        return 0, "random"
+    held = max(checkpoint_split_factor(path), 1)
+    if held > 1 and held != args.split:
+        raise ValueError(f"--initial-checkpoint {path} holds {held} members but --split is {args.split}; pass "
+                         f"--split {held} to continue that split, or the checkpoint of one network to split it.")
+    if held > 1 and init == "inherit":
+        raise ValueError(f"--initial-checkpoint {path} already holds the {held} members; drop --split-init inherit "
+                         "(it cuts members from one network).")
+    return held, init
 
 
 class _Members(nn.Module):
@@ -173,6 +206,50 @@ def _backward_step(run: _Run, loss: torch.Tensor, need_update: bool) -> None:
         run.optimizer.step()
 
 
+def cpu_count() -> int:
+    """The CPUs this process may run on (its affinity where the OS says, else ``os.cpu_count()``)."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # not on Linux
+        return max(os.cpu_count() or 1, 1)
+
+
+def cap_workers(workers: int) -> int:
+    """``-j`` capped at the CPU count (timm's default 4 on a 2-core machine only adds processes that wait; torch
+    warns about it), with an INFO line where it lowers it."""
+    cpus = cpu_count()
+    if workers > cpus:
+        _logger.info("-j %d loader workers on %d CPU(s): using %d", workers, cpus, cpus)
+        return cpus
+    return workers
+
+
+def _log_plan(run: _Run, start: int) -> None:
+    """The run's first line: how much it will train, and where its expected duration appears."""
+    args = run.args
+    left = max(args.epochs - start, 0)
+    images = len(run.train_loader.dataset) if hasattr(run.train_loader, "dataset") else 0
+    default = " (timm's default --epochs 300: a full recipe; pass --epochs N for a short run)" \
+        if args.epochs == 300 and not args.resume else ""
+    _logger.info("training %d epoch(s)%s of %d images, %d updates each, S=%d, %d loader worker(s) on %d CPU(s); the "
+                 "expected time left (run ETA) is in every progress line from the first update", left, default,
+                 images, run.updates_per_epoch, args.split, args.workers, cpu_count())
+
+
+def member_ce_text(ce_sum: float, split: int) -> str:
+    """The training CE as a log shows it beside the loss: the loss sums the S members' CEs (9.6 at S=4 is 2.4 a
+    member), so the per-member mean is what compares across S."""
+    if split <= 1:
+        return f"ce {ce_sum:.4f}"
+    return f"ce per member {ce_sum / split:.4f}, summed over the {split} members"
+
+
+def _run_eta(args: argparse.Namespace, epoch: int, pace: Any) -> float:
+    """Seconds left in the run at this epoch's pace so far: the epoch's rest plus the epochs after it."""
+    per_epoch = pace.elapsed() / pace.steps * pace.total if pace.steps else math.inf
+    return pace.eta() + max(args.epochs - epoch - 1, 0) * per_epoch
+
+
 def train_one_epoch(run: _Run, epoch: int, progress: bool) -> Dict[str, float]:
     """One epoch of co-training with gradient accumulation; returns the mean ``loss``, ``ce`` and ``cot``.
 
@@ -188,7 +265,8 @@ def train_one_epoch(run: _Run, epoch: int, progress: bool) -> Dict[str, float]:
         run.augment.mixup.mixup_enabled = False
     accum, n = args.grad_accum_steps, len(loader)
     last_accum = n % accum or accum
-    sums = {"loss": 0.0, "ce": 0.0, "cot": 0.0}
+    teacher = getattr(run, "teacher", None)
+    sums = dict.fromkeys(("loss", "ce", "cot") + (("kd",) if teacher is not None else ()), 0.0)
     run.model.train()
     run.optimizer.zero_grad()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not progress, leave=False,
@@ -204,8 +282,13 @@ def train_one_epoch(run: _Run, epoch: int, progress: bool) -> Dict[str, float]:
         sync = run.model.no_sync if (hasattr(run.model, "no_sync") and not need_update) else contextlib.nullcontext
         with sync():
             with run.autocast():
-                logits = run.model(_views_for_model(views, args.channels_last))
-            losses = run.loss_fn(logits, target, epoch=epoch + i / n)
+                member_views = _views_for_model(views, args.channels_last)
+                logits = run.model(member_views)
+                teacher_logits = None if teacher is None else teacher(member_views)
+            if teacher_logits is None:
+                losses = run.loss_fn(logits, target, epoch=epoch + i / n)
+            else:  # each member distils from the teacher's output on its own view
+                losses = run.loss_fn(logits, target, teacher_logits, epoch=epoch + i / n)
             values = torch.stack([losses[k].detach().float() for k in sums]).tolist()  # one host sync a step
             _check_finite(run, values[0])
             _backward_step(run, losses["loss"] / divisor, need_update)
@@ -222,10 +305,15 @@ def train_one_epoch(run: _Run, epoch: int, progress: bool) -> Dict[str, float]:
         if (i // accum) % args.log_interval == 0 or i == n - 1:
             lr = run.optimizer.param_groups[0]["lr"]
             if progress:
-                bar.set_postfix(loss=f"{sums['loss'] / (i + 1):.3f}", lr=f"{lr:.3g}", img_s=f"{pace.rate():.0f}")
+                bar.set_postfix(loss=f"{sums['loss'] / (i + 1):.3f}",
+                                ce_member=f"{sums['ce'] / (i + 1) / args.split:.3f}",
+                                lr=f"{lr:.3g}", img_s=f"{pace.rate():.0f}",
+                                run_eta=format_seconds(_run_eta(args, epoch, pace)))
             elif run.rank == 0:
-                _logger.info("Train: %d [%d/%d] loss %.4f lr %.3e, %.1f img/s, epoch ETA %s", epoch, i // accum,
-                             math.ceil(n / accum), sums["loss"] / (i + 1), lr, pace.rate(), format_seconds(pace.eta()))
+                _logger.info("Train: %d [%d/%d] loss %.4f (%s) lr %.3e, %.1f img/s, epoch ETA %s, run ETA %s",
+                             epoch, i // accum, math.ceil(n / accum), sums["loss"] / (i + 1),
+                             member_ce_text(sums["ce"] / (i + 1), args.split), lr, pace.rate(),
+                             format_seconds(pace.eta()), format_seconds(_run_eta(args, epoch, pace)))
     if run.rank == 0:  # the run's time left at the mean wall time of the epochs this process ran (evals included)
         first, since = run.progress_start
         left = max(args.epochs - epoch - 1, 0)
@@ -280,6 +368,18 @@ def _data(args: argparse.Namespace):
         raise ValueError(f"the train split has {len(train_ds)} images, fewer than --batch-size {args.batch_size} "
                          "(the last partial batch is dropped); lower --batch-size.")
     return train_ds, val_ds, classes, data_cfg
+
+
+def _check_run_outputs(args: argparse.Namespace, out: str, train_ds, val_ds) -> None:
+    """The output-path guard: the run folder's files are none of the run's inputs (``check_run_outputs``)."""
+    from ..training.data import data_sources
+    from .run_folder import check_run_outputs
+
+    files = {flag: getattr(args, dest, None) for flag, dest in (
+        ("--class-map", "class_map"), ("--config", "config"), ("--initial-checkpoint", "initial_checkpoint"),
+        ("--kd-model-checkpoint", "kd_model_checkpoint"))}
+    check_run_outputs(out, dict(files, **{"--data-dir": data_sources(train_ds) + data_sources(val_ds)}),
+                      resume=args.resume)
 
 
 def _loaders(args: argparse.Namespace, train_ds, val_ds, ens: nn.Module, device: torch.device):
@@ -366,11 +466,15 @@ def setup_run(args: argparse.Namespace, model_fn: Optional[Callable[[], nn.Modul
     from ..training.data import MemberBatchAugment, class_names
 
     check_train_args(args, custom_model=model_fn is not None)
+    args.workers = cap_workers(args.workers)
+    distill = _distill_options(args)
     device = _init_distributed(args)
     out = _output_dir(args) if args.rank == 0 else None
     if args.threads:
         torch.set_num_threads(args.threads)
     train_ds, val_ds, args.num_classes, data_cfg = _data(args)
+    if out is not None:
+        _check_run_outputs(args, out, train_ds, val_ds)
     ens = build_model(args, args.num_classes, data_cfg, model_fn)
     random_seed(args.seed, args.rank)
     ens.to(device)
@@ -382,14 +486,49 @@ def setup_run(args: argparse.Namespace, model_fn: Optional[Callable[[], nn.Modul
     model = _train_model(args, ens, device)
     optimizer, scheduler, updates_per_epoch, mixup, loss_fn = _optimisation(args, ens, model, len(train_loader))
     ema_warning(args, updates_per_epoch * args.epochs)
+    teacher, teacher_record = None, None
+    if distill.enabled:
+        from ..training.distill import DistillationLoss, load_teacher
+
+        teacher, teacher_record = load_teacher(distill, args.num_classes, data_config, class_names(train_ds),
+                                               same_view=args.same_view, device=device)
+        loss_fn = DistillationLoss(loss_fn, distill)
     autocast = autocast_factory(device, args.amp, args.amp_dtype)
     float16 = args.amp and device.type == "cuda" and (args.amp_dtype or "float16") == "float16"
     return _Run(args=args, device=device, out=out, ensemble=ens, class_names=class_names(train_ds), model=model,
-                ema=ema, optimizer=optimizer,
+                ema=ema, optimizer=optimizer, teacher=teacher, distill=distill, teacher_record=teacher_record,
                 scheduler=scheduler, updates_per_epoch=updates_per_epoch, loss_fn=loss_fn, autocast=autocast,
                 scaler=NativeScaler(device="cuda") if float16 else None, train_loader=train_loader,
                 eval_loader=eval_loader, data_config=data_config, rank=args.rank, num_updates=0, train_seconds=0.0,
                 augment=MemberBatchAugment(args.reprob, args.remode, args.recount, mixup, device))
+
+
+def _distill_options(args: argparse.Namespace):
+    """The ``--kd-*`` flags as :class:`~timm_split.training.distill.DistillOptions`, checked before any work; with
+    ``--resume``, the run's recorded teacher (reused without ``--kd-*`` flags, another one refused)."""
+    from ..checkpoint import read_metadata, training_state
+    from ..training.distill import DistillOptions, resume_options
+
+    distill = DistillOptions.from_args(args)
+    if args.resume:
+        distill = resume_options(distill, training_state(read_metadata(args.resume)).get("distill"), args.resume)
+        args.kd_model_name, args.kd_model_checkpoint = distill.model_name, distill.checkpoint  # args.json says so
+        args.kd_temperature = distill.temperature
+        args.distill_loss_weight, args.task_loss_weight = distill.distill_loss_weight, distill.task_loss_weight
+    if distill.enabled and args.member_parallel:
+        raise ValueError("--member-parallel does not support distillation (--kd-*) yet; drop one, or use DDP.")
+    if distill.checkpoint and not os.path.isfile(distill.checkpoint):
+        raise ValueError(f"--kd-model-checkpoint {distill.checkpoint}: no such file; pass the teacher's weights "
+                         "(a timm-split checkpoint or a timm model's state dict).")
+    if getattr(args, "initial_checkpoint", "") and not os.path.isfile(args.initial_checkpoint):
+        raise ValueError(f"--initial-checkpoint {args.initial_checkpoint}: no such file; pass a timm-split checkpoint "
+                         "or a timm model's .pth/.safetensors state dict.")
+    return distill
+
+
+def _kd_text(train_metrics: Dict[str, float]) -> str:
+    """The epoch line's distillation part (``, kd <mean>``; nothing without a teacher)."""
+    return f", kd {train_metrics['kd']:.4f}" if "kd" in train_metrics else ""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -402,6 +541,8 @@ def _checkpoint_state(run: _Run) -> Dict[str, Any]:
              "model_kwargs": a.model_kwargs, "data_config": run.data_config, "seed": a.seed, "plan_at": PLAN_AT,
              "class_names": run.class_names, "train_seconds": run.train_seconds,
              "execution": run.ensemble.chosen_execution(training=True)}
+    if getattr(run, "teacher_record", None) is not None:  # --resume reuses this teacher and refuses another
+        state["distill"] = {"teacher": run.teacher_record.as_dict(), "options": run.distill.as_dict()}
     if run.scaler is not None:
         state["scaler"] = run.scaler.state_dict()
     return state
@@ -455,14 +596,14 @@ def _resume(run: _Run, saver) -> int:
 
 def _evaluate(run: _Run) -> Dict[str, Any]:
     """timm's rule: the EMA's metrics when there is an EMA, else the model's (ensemble and members)."""
-    from .validate import evaluate
+    from ..training.metrics import evaluate
 
     members_fn = None
     if run.args.member_parallel:
         mp = run.model
         members_fn = lambda x: mp.gather(mp.member(x))  # noqa: E731 - every rank runs its own member
     model = run.ensemble if run.ema is None else run.ema.module
-    return evaluate(model, run.eval_loader, run.autocast, run.args.channels_last, members_fn)
+    return evaluate(model, run.eval_loader, run.autocast, run.args.channels_last, members_fn, uncertainty=True)
 
 
 def _flat(metrics: Dict[str, Any]) -> Dict[str, float]:
@@ -495,15 +636,26 @@ def _epoch_end(run: _Run, saver, epoch: int, train_metrics: Dict[str, float]) ->
     return metrics
 
 
+def _uncertainty_text(metrics: Dict[str, Any]) -> str:
+    """`` brier .. aurc .. disagree .. mi ..`` of an evaluation (the keys ``evaluate(uncertainty=True)`` adds)."""
+    if "brier" not in metrics:
+        return ""
+    text = f" brier {metrics['brier']:.4f} aurc {metrics['aurc']:.4f}"
+    if len(metrics.get("members", [])) > 1:
+        text += f" disagree {metrics['pairwise_disagreement']:.4f} mi {metrics['mutual_info']:.4f}"
+    return text
+
+
 def _log_epoch(run: _Run, epoch: int, train_metrics: Dict[str, float], metrics: Optional[Dict[str, Any]],
                seconds: float) -> None:
     if run.rank != 0:
         return
     line = (f"epoch {epoch + 1}/{run.args.epochs}: loss {train_metrics['loss']:.4f} (ce {train_metrics['ce']:.4f}, "
-            f"cot {train_metrics['cot']:.4f}), {seconds:.1f}s")
+            f"cot {train_metrics['cot']:.4f}{_kd_text(train_metrics)}; "
+            f"{member_ce_text(train_metrics['ce'], run.args.split)}), {seconds:.1f}s")
     if metrics is not None:
         line += (f" | {'EMA ' if run.ema is not None else ''}top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}% "
-                 f"nll {metrics['loss']:.4f} ece {metrics['ece']:.4f} | members "
+                 f"nll {metrics['loss']:.4f} ece {metrics['ece']:.4f}{_uncertainty_text(metrics)} | members "
                  + " ".join(f"{m['top1']:.2f}" for m in metrics["members"]))
     _logger.info(line)
 
@@ -573,6 +725,8 @@ def _train_epochs(run: _Run, progress: bool) -> Dict[str, Any]:
         saver = _saver(run)
         _write_json(os.path.join(run.out, "args.json"), _jsonable(vars(args)))
     start = _resume(run, saver) if args.resume else 0
+    if run.rank == 0:
+        _log_plan(run, start)
     if start >= args.epochs:
         _logger.warning("the checkpoint is at epoch %d >= --epochs %d: nothing to train", start, args.epochs)
     if saver is not None:
@@ -661,8 +815,10 @@ def run_train(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """``python -m timm_split.commands.train`` (and ``torchrun ... -m timm_split.commands.train``)."""
-    parser = add_train_args(argparse.ArgumentParser(prog="timm-split train"))
-    return run_train(parser.parse_args(argv))
+    from .common import OneLineParser, run_command
+
+    parser = add_train_args(OneLineParser(prog="timm-split train"))
+    return run_command("train", run_train, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

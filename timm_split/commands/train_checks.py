@@ -17,10 +17,11 @@ from torch import nn
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["check_train_args", "EVAL_METRICS", "MIN_IMG_SIZE"]
+__all__ = ["check_train_args", "EVAL_METRICS", "MIN_IMG_SIZE", "MIN_CROP_PCT", "INERT"]
 
 EVAL_METRICS = ("top1", "top5", "loss")  # what evaluate() returns that a best checkpoint can be chosen by
 MIN_IMG_SIZE = 8
+MIN_CROP_PCT = 0.01  # validation resizes to img_size / crop_pct: 1e-9 overflowed PIL's resize
 # numpy takes seeds below 2**32, and timm's random_seed adds the rank: seeds stay below 2**32 - 2**16, the epochs'
 # reseeding (commands/train.py) wraps around in that range
 SEED_SPACE = 2 ** 32 - 2 ** 16
@@ -38,7 +39,7 @@ _RANGES = {
     "lr": (0, None, False, True), "lr_base": (0, None, False, True), "warmup_lr": (0, None, True, True),
     "min_lr": (0, None, True, True), "weight_decay": (0, None, True, True), "momentum": (0, 1, True, False),
     "cot_weight": (0, None, True, True), "cot_warmup_epochs": (0, None, True, True),
-    "clip_grad": (0, None, False, True), "crop_pct": (0, None, False, True), "color_jitter": (0, None, True, True),
+    "clip_grad": (0, None, False, True), "crop_pct": (MIN_CROP_PCT, None, True, True), "color_jitter": (0, None, True, True),
     "mixup": (0, None, True, True), "cutmix": (0, None, True, True),
     "reprob": (0, 1, True, True), "hflip": (0, 1, True, True), "vflip": (0, 1, True, True),
     "mixup_prob": (0, 1, True, True), "mixup_switch_prob": (0, 1, True, True), "smoothing": (0, 1, True, False),
@@ -160,6 +161,32 @@ def _check_files(args: argparse.Namespace) -> None:
                          f"{', '.join(torch.compiler.list_backends())}).")
 
 
+def _mixing(a: argparse.Namespace) -> bool:
+    return a.mixup > 0 or a.cutmix > 0 or a.cutmix_minmax is not None
+
+
+# (flags, when they do nothing, why): each given flag (not at its default) that does nothing is a warning
+INERT = (
+    (("amp_dtype",), lambda a: not a.amp, "it is the dtype of --amp, which is off; add --amp"),
+    (("no_resume_opt",), lambda a: not a.resume, "there is no --resume"),
+    (("model_ema_decay", "model_ema_warmup"), lambda a: not a.model_ema, "there is no --model-ema"),
+    (("mixup_prob", "mixup_switch_prob", "mixup_mode", "mixup_off_epoch"), lambda a: not _mixing(a),
+     "mixup and cutmix are off; add --mixup or --cutmix"),
+    (("remode", "recount"), lambda a: not a.reprob, "random erasing is off; add --reprob"),
+    (("clip_mode",), lambda a: a.clip_grad is None, "gradients are not clipped; add --clip-grad"),
+    (("cot_mode", "cot_warmup_epochs"), lambda a: a.cot_weight == 0 or a.split == 1,
+     "there is no co-training term (--cot-weight 0 or --split 1)"),
+    (("drop_scale", "same_view"), lambda a: a.split == 1, "--split 1 trains one network"),
+    (("decay_milestones",), lambda a: a.sched != "multistep", "only --sched multistep reads it"),
+    (("decay_epochs",), lambda a: a.sched in ("cosine", "tanh", "multistep", "plateau", "constant"),
+     "--sched step (and the stable-decay schedules) read it, not this --sched"),
+    (("patience_epochs",), lambda a: a.sched != "plateau", "only --sched plateau reads it"),
+    (("scale", "ratio", "hflip", "vflip", "color_jitter", "aa", "train_interpolation"), lambda a: a.no_aug,
+     "--no-aug turns the training augmentation off"),
+    (("lr_base", "lr_base_size", "lr_base_scale"), lambda a: bool(a.lr), "--lr is given, which overrides them"),
+)
+
+
 def check_train_args(args: argparse.Namespace, custom_model: bool = False) -> None:
     """Reject bad values before any data or model is loaded (``custom_model``: the name is only a label).
 
@@ -167,12 +194,21 @@ def check_train_args(args: argparse.Namespace, custom_model: bool = False) -> No
         ValueError: one line naming the flag and the fix.
     """
     _check_ranges(args)
+    _inert_flags(args)
     _check_files(args)
     _check_model(args, custom_model)
     _check_timm_parsers(args)
     if args.member_parallel and (args.model_ema or args.resume):
         raise ValueError("--member-parallel does not support --model-ema or --resume yet; drop them or use DDP.")
     warmup_warning(args)
+
+
+def _inert_flags(args: argparse.Namespace) -> None:
+    """Warn about each flag given that does nothing with the others (:data:`INERT`)."""
+    from .common import flag_defaults, inert_flags
+    from .train_flags import add_train_args
+
+    inert_flags(args, INERT, flag_defaults(add_train_args(argparse.ArgumentParser())))
 
 
 def ema_warning(args: argparse.Namespace, updates: int) -> Optional[str]:

@@ -7,16 +7,24 @@ What differs from timm is said in the help: ``--num-classes`` defaults to the da
 model's), ``--weight-decay`` is scaled by ``exp(1/S - 1)``, ``--drop``/``--drop-path`` are divided per
 ``--drop-scale``, ``--amp`` is bfloat16 on the CPU.
 
+``-c/--config FILE`` is timm ``train.py``'s: a YAML of ``flag_dest: value`` pairs read first, as the parser's
+defaults, so any flag on the command line wins; unlike timm, an unknown key or a value of the wrong type is refused,
+naming the key (timm's ``set_defaults`` would keep it silently).
+
     parser = add_train_args(argparse.ArgumentParser(prog="timm-split train"))
+    args = parser.parse_args(["-c", "recipe.yaml", "--epochs", "10"])   # recipe.yaml's values, epochs 10
 """
 from __future__ import annotations
 
 import argparse
-from typing import Any, Callable, Tuple
+import difflib
+import os
+import sys
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..execution import STRATEGIES
 
-__all__ = ["add_train_args"]
+__all__ = ["add_train_args", "load_config"]
 
 _Add = Callable[..., Any]
 
@@ -43,9 +51,13 @@ def _model_flags(g: _Add) -> None:
     Args:
         g: The group's ``add_argument``.
     """
-    from timm.utils import ParseKwargs
+    from .common import KeyValueArgs as ParseKwargs  # timm's, with a one-line error for a pair without '='
 
     g("--model", default="resnet50", metavar="MODEL", help="name of the timm model to train (default: %(default)s)")
+    g("--initial-checkpoint", default="", metavar="PATH",
+      help="initialize the model from this checkpoint: a timm-split train checkpoint (S=1: the model that is then "
+      "split, see --split-init; S members: the split itself) or a timm model's .pth/.safetensors state dict "
+      "(default: none)")
     g("--resume", default="", metavar="PATH",
       help="resume full model and optimizer state from a checkpoint of this run, e.g. <output>/last.safetensors, "
       "or its folder (default: none)")
@@ -109,7 +121,7 @@ def _optimizer_flags(g: _Add) -> None:
     Args:
         g: The group's ``add_argument``.
     """
-    from timm.utils import ParseKwargs
+    from .common import KeyValueArgs as ParseKwargs  # timm's, with a one-line error for a pair without '='
 
     g("--opt", default="sgd", metavar="OPTIMIZER", help="optimizer (default: %(default)s)")
     g("--opt-eps", default=None, type=float, metavar="EPSILON", help="optimizer epsilon (default: the opt's)")
@@ -230,13 +242,17 @@ def _misc_flags(g: _Add) -> None:
     Args:
         g: The group's ``add_argument``.
     """
+    g("-c", "--config", default="", metavar="FILE",
+      help="YAML config file specifying default arguments (timm's train.py): keys are flag names with '_' "
+      "(batch_size: 64); flags on the command line win; unknown keys are refused (default: none)")
     g("--seed", type=int, default=42, metavar="S", help="random seed (default: %(default)s)")
     g("--log-interval", type=int, default=50, metavar="N",
       help="how many optimizer updates to wait before logging training status (default: %(default)s)")
     g("--checkpoint-hist", type=int, default=10, metavar="N",
       help="number of checkpoints to keep (default: %(default)s)")
     g("-j", "--workers", type=int, default=4, metavar="N",
-      help="how many data loading worker processes to use, per process (default: %(default)s)")
+      help="how many data loading worker processes to use, per process (default: %(default)s, capped at the CPUs "
+           "the process may use)")
     g("--pin-mem", action="store_true",
       help="pin CPU memory in DataLoader for more efficient (sometimes) transfer to GPU")
     g("--output", default="", metavar="PATH", help="path to output folder (default: ./output/train)")
@@ -254,6 +270,9 @@ def _splitnet_flags(g: _Add) -> None:
         g: The group's ``add_argument``.
     """
     g("--split", type=int, default=1, help="S, the number of members (1 = the plain model) (default: %(default)s)")
+    g("--split-init", default="random", choices=("random", "inherit"),
+      help="members' init: 'random' (from scratch) or 'inherit' (each member takes its own channel subset of the "
+      "--initial-checkpoint model's trained weights: split a trained model) (default: %(default)s)")
     g("--cot-weight", type=float, default=0.5,
       help="weight of the co-training (JS) term; 0 disables it (default: %(default)s)")
     g("--cot-warmup-epochs", type=float, default=None,
@@ -279,6 +298,35 @@ def _splitnet_flags(g: _Add) -> None:
     g("--no-progress", action="store_true", help="no tqdm progress bar (it shows only on a terminal)")
 
 
+def _distillation_flags(g: _Add) -> None:
+    """Knowledge distillation parameters: timm ``train.py``'s names, semantics and defaults; each member distils.
+
+    Args:
+        g: The group's ``add_argument``.
+    """
+    g("--kd-model-name", default=None, metavar="MODEL",
+      help="name of teacher model for knowledge distillation: a timm model whose weights --kd-model-checkpoint "
+      "holds (nothing downloads); with a timm-split checkpoint it may be left out (default: none, no distillation)")
+    g("--kd-model-checkpoint", default="", metavar="PATH",
+      help="the teacher's local weights: a timm-split train checkpoint (any S: an ensemble teaches through its "
+      "averaged output; its EMA weights if it has them) or a --kd-model-name model's .pth/.safetensors state dict "
+      "(timm: LogitDistillationTask's teacher_pretrained_path) (default: none)")
+    g("--kd-distill-type", default="logit", choices=("logit", "feature", "token"),
+      help="type of distillation: 'logit' for output distillation (timm's 'feature' and 'token' are not "
+      "supported here) (default: %(default)s)")
+    g("--kd-loss-type", default="kl", choices=("kl",),
+      help="loss function for logit distillation: KL(teacher || member) at --kd-temperature, times T^2 "
+      "(default: %(default)s)")
+    g("--distill-loss-weight", default=None, type=float, metavar="W",
+      help="weight for distillation loss; if both weights are given: loss = task_weight * task + distill_weight * "
+      "distill (+ the co-training term); if only --task-loss-weight: distill_weight = 1 - task_weight "
+      "(default: 1.0)")
+    g("--task-loss-weight", default=None, type=float, metavar="W",
+      help="weight for task (classification) loss, see --distill-loss-weight for weighting modes (default: 1.0)")
+    g("--kd-temperature", default=4.0, type=float, metavar="T",
+      help="temperature for softmax in distillation (typical range: 1-4) (default: %(default)s)")
+
+
 _GROUPS: Tuple[Tuple[str, Callable[[_Add], None]], ...] = (
     ("Dataset parameters", _dataset_flags),
     ("Model parameters", _model_flags),
@@ -290,6 +338,7 @@ _GROUPS: Tuple[Tuple[str, Callable[[_Add], None]], ...] = (
     ("Batch norm parameters", _batch_norm_flags),
     ("Model exponential moving average parameters", _ema_flags),
     ("Miscellaneous parameters", _misc_flags),
+    ("Knowledge distillation parameters", _distillation_flags),
     ("SplitNet (timm_split) parameters", _splitnet_flags),
 )
 
@@ -306,4 +355,135 @@ def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """
     for title, add_flags in _GROUPS:
         add_flags(parser.add_argument_group(title).add_argument)
+    _read_config_first(parser)
     return parser
+
+
+# ----------------------------------------------------------------------------------------------------------
+# -c/--config: timm train.py's YAML of defaults
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _config_value(action: argparse.Action, key: str, value: Any, where: str) -> Any:
+    """``value`` as ``action`` stores it (a string goes through the flag's own type, as argparse does), or a
+    ``ValueError`` naming ``key``."""
+    flag = action.option_strings[-1]
+
+    def bad(want: str) -> ValueError:
+        return ValueError(f"{where}: {key}: {value!r} is not {want} (as {flag} takes it); fix the value or drop "
+                          "the key.")
+
+    def one(v: Any) -> Any:
+        if isinstance(v, str) and action.type is not None:
+            try:
+                return action.type(v)
+            except (TypeError, ValueError):
+                raise bad(f"a {getattr(action.type, '__name__', 'valid')} value") from None
+        if action.type is int and not (isinstance(v, int) and not isinstance(v, bool)):
+            raise bad("an integer")
+        if action.type is float:
+            if not _is_number(v):
+                raise bad("a number")
+            return float(v)
+        return v
+
+    if value is None:
+        return None
+    if action.nargs == 0:  # store_true / store_false
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if isinstance(action.default, dict) or action.dest.endswith("_kwargs"):  # ParseKwargs: key=value pairs
+        if not isinstance(value, dict):
+            raise bad("a mapping of keyword arguments")
+        return value
+    if action.nargs in ("+", "*") or isinstance(action.nargs, int):
+        if not isinstance(value, (list, tuple)):
+            raise bad("a list")
+        if isinstance(action.nargs, int) and len(value) != action.nargs:
+            raise bad(f"a list of {action.nargs} values")
+        out: Any = [one(v) for v in value]
+    else:
+        out = one(value)
+    for v in (out if isinstance(out, list) else [out]):
+        if action.choices is not None and v not in action.choices:
+            raise bad(f"one of {', '.join(map(str, action.choices))}")
+    return out
+
+
+def load_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
+    """Read a ``-c/--config`` YAML (timm ``train.py``'s) and check it against ``parser``'s flags.
+
+    Args:
+        path: The YAML file: a mapping of flag dests (``batch_size: 64``; ``batch-size`` is read the same) to values.
+        parser: The parser whose flags the keys must name.
+
+    Returns:
+        ``{dest: value}``, each value as the flag stores it (string values through the flag's type).
+
+    Raises:
+        ValueError: a missing or unreadable file, a YAML that is not a mapping, an unknown key (named, with the
+            closest flags), or a value of the wrong type or outside the flag's choices.
+    """
+    import yaml
+
+    where = f"--config {path}"
+    if not os.path.isfile(path):
+        raise ValueError(f"{where}: no such file; pass a YAML file of flag: value pairs (e.g. batch_size: 64).")
+    try:
+        with open(path) as f:
+            cfg = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ValueError(f"{where} cannot be read as YAML ({type(e).__name__}: {e}); fix the file.") from None
+    if cfg is None:
+        return {}
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{where} holds a {type(cfg).__name__}, not a mapping of flag: value pairs (e.g. "
+                         "batch_size: 64).")
+    actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
+    unknown: List[str] = [str(k) for k in cfg if str(k).replace("-", "_") not in actions]
+    if unknown:
+        hints = [f"{k} (did you mean {', '.join(m)}?)" if m else k for k in unknown
+                 for m in [difflib.get_close_matches(k.replace("-", "_"), list(actions), n=2)]]
+        raise ValueError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {'; '.join(hints)}: not timm-split "
+                         "train flags (keys are flag names with '_', e.g. batch_size); drop "
+                         f"{'them' if len(unknown) > 1 else 'it'}")
+    return {k.replace("-", "_"): _config_value(actions[k.replace("-", "_")], k, v, where) for k, v in cfg.items()}
+
+
+def _config_path(argv: Sequence[str]) -> str:
+    """The ``-c/--config`` value in ``argv`` ('' if none), found as timm's first parser finds it."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("-c", "--config", default="")
+    return pre.parse_known_args(list(argv))[0].config
+
+
+def _read_config_first(parser: argparse.ArgumentParser) -> None:
+    """Give ``parser`` timm ``train.py``'s two passes: ``-c/--config`` first, its YAML as the defaults, then the
+    whole command line, so an explicit flag wins. The YAML's defaults last for that one parse (a parser reused for
+    another command line starts from its own defaults again); a bad YAML is a usage error naming the key (exit 2).
+    """
+    parse = parser.parse_known_args
+
+    def parse_known_args(args: Optional[Sequence[str]] = None, namespace: Optional[argparse.Namespace] = None):
+        argv = sys.argv[1:] if args is None else list(args)
+        path = _config_path(argv)
+        if not path:
+            return parse(argv, namespace)
+        try:
+            cfg = load_config(path, parser)
+        except ValueError as e:
+            parser.error(str(e))
+        actions = {a.dest: a for a in parser._actions if a.dest in cfg}
+        saved = {k: a.default for k, a in actions.items()}
+        try:
+            for k, a in actions.items():
+                a.default = cfg[k]
+            return parse(argv, namespace)
+        finally:
+            for k, a in actions.items():
+                a.default = saved[k]
+
+    parser.parse_known_args = parse_known_args  # type: ignore[method-assign]

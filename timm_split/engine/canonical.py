@@ -319,8 +319,9 @@ def _has_attr(mods: Dict[str, nn.Module], attribute: tuple) -> bool:
 
 def recount_macs(plan: SplitPlan, model: nn.Module, member: nn.Module, input_shape: Sequence[int]) -> SplitPlan:
     """``plan`` with its MACs counted on ``model`` and one ``member`` (meta, :func:`~timm_split.count.count`) at
-    ``input_shape``, for a plan made at another image size. Counted as the planner counts (``Cost.gmacs``: every
-    op fvcore and timm_split count, per image), so a recounted plan prints on the same basis as any other."""
+    ``input_shape`` (``Cost.gmacs``: every op fvcore and timm_split count, per image). :func:`timm_split.split`
+    recounts every plan so, so the plan prints the numbers :func:`~timm_split.count.count` and ``timm-split compare``
+    print (the planner's cost model leaves out fvcore's global-pool term)."""
     size, chans = tuple(input_shape[2:]), int(input_shape[1])
     m0 = count(model, size, in_chans=chans, device="meta").gmacs * 1e9
     m1 = count(member, size, in_chans=chans, device="meta").gmacs * 1e9

@@ -58,7 +58,9 @@ class SplitPlan:
         attributes: (module path, attribute, old value, new value) to set in each member.
         regularization: (module path, attribute, old value, new value) for dropout / drop-path rates.
         params: (original, ensemble total).
-        macs: (original, ensemble total), MAC ops only, from the traced graph at ``input_size``.
+        macs: (original, ensemble total) MACs per image at ``input_size``; after :func:`timm_split.split` as
+            :func:`~timm_split.count.count` counts them (``Cost.gmacs``, timm's convention), the numbers
+            ``timm-split compare`` prints; the planner's own cost model differs from it by fvcore's global-pool term.
         input_size: (C, H, W) the plan was made at.
         fixed: why some dims could not scale, with counts.
         unknown_ops: ops that had no channel rule.

@@ -1,31 +1,46 @@
-"""``'auto'``: time the candidates once per (devices, input shape, mode) and keep the fastest.
+"""``'auto'``: time the candidates once per (devices, input shape, mode) and keep one only if it beats the loop.
 
-The decision costs a bounded number of calls (see :class:`AutoExecution`) and is remembered for the process:
-rebuilding the same architecture (same members' tensors and modules) with the same input does not time again.
+The decision is a small, careful benchmark (see :class:`AutoExecution`): interleaved, paired trials of the loop and
+the best candidate until the candidate is faster than the loop beyond noise (a sign test on the per-round ratios),
+else the loop. A trial ratio no strategy can have (below ``1/S`` of the loop) is a measurement error and is never
+trusted. Decisions are remembered for the process and, by default, on disk (:func:`cache_dir`), keyed by the
+members' architecture, the input, the mode, the thread count, the machine and the torch version, so a second
+process with the same model and input pays no trial.
 """
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import functools
+import glob
 import hashlib
+import json
 import logging
+import math
+import os
+import platform
 import statistics
 import time
-from typing import Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
+from ..checks import atomic_write
 from .base import Execution, Members, is_training, module_device, needs_graph, sync, tensors_of
 from .registry import BASIC, make_named
 from .threads import ThreadsExecution
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["AutoExecution", "Key"]
+__all__ = ["AutoExecution", "AutoOptions", "Decision", "Key", "cache_dir", "needed_below", "CACHE_ENV"]
 
-# decisions shared by every AutoExecution(cache=True) of this process: (architecture digest, key, options) -> name
-_DECISIONS: Dict[Tuple, str] = {}
+CACHE_ENV = "TIMM_SPLIT_CACHE_DIR"
+# bump when the decision rule changes: decisions cached on disk by an older rule are not reused
+_RULE = "sign-test-1"
+
+# decisions shared by every AutoExecution(cache=True) of this process: the cache fields (JSON) -> Decision
+_DECISIONS: Dict[str, "Decision"] = {}
 
 
 @functools.lru_cache(maxsize=None)
@@ -57,6 +72,19 @@ def _digest(members: Members) -> str:
     return h.hexdigest()
 
 
+@functools.lru_cache(maxsize=None)
+def _cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else ``platform.processor()`` or ``platform.machine()``."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 @contextlib.contextmanager
 def _preserved(members: Members) -> Iterator[None]:
     """Restore buffers, ``.grad`` and RNG states after trial runs."""
@@ -81,6 +109,50 @@ def _preserved(members: Members) -> Iterator[None]:
             torch.cuda.set_rng_state(s, i)
 
 
+def needed_below(n: int, confidence: float) -> Optional[int]:
+    """How many of ``n`` paired ratios must lie below the threshold for the median ratio to be below it with
+    ``confidence`` (a one-sided sign test).
+
+    If the true median ratio were at or above the threshold, each round would fall below it with probability at
+    most 1/2, so ``k`` or more of ``n`` below has probability ``P(Binomial(n, 1/2) >= k)``; this returns the
+    smallest ``k`` for which that is at most ``1 - confidence``. Equivalently, the ``k``-th smallest ratio is the
+    upper end of the median's one-sided confidence interval.
+
+    Args:
+        n: the number of valid rounds (>= 0).
+        confidence: e.g. 0.95.
+
+    Returns:
+        ``k``, or None when even ``n`` of ``n`` is not enough (at 0.95: ``n < 5``).
+
+    Raises:
+        ValueError: ``n`` negative or ``confidence`` outside (0.5, 1).
+
+    Example:
+        ``needed_below(5, 0.95) == 5``, ``needed_below(8, 0.95) == 7``, ``needed_below(10, 0.95) == 9``.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be an int >= 0, got {n!r}")
+    if not 0.5 < confidence < 1:
+        raise ValueError(f"confidence must be in (0.5, 1), e.g. 0.95, got {confidence!r}")
+    best, tail = None, 0
+    for k in range(n, 0, -1):  # tail: the outcomes with k or more below, out of 2**n
+        tail += math.comb(n, k)
+        if tail > (1 - confidence) * 2 ** n:
+            break
+        best = k
+    return best
+
+
+def cache_dir() -> str:
+    """Where ``'auto'`` keeps its decisions on disk: ``$TIMM_SPLIT_CACHE_DIR/auto`` if that variable is set, else
+    ``$XDG_CACHE_HOME/timm_split/auto``, else ``~/.cache/timm_split/auto``. One JSON file per decision; delete the
+    folder (or call ``AutoExecution.forget(disk=True)``) to time again."""
+    root = os.environ.get(CACHE_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "timm_split")
+    return os.path.join(root, "auto")
+
+
 class Key(NamedTuple):
     """What a decision is kept for: the members' devices, the view's shape and dtype, whether one batch is shared,
     train mode, grad, autocast (on, dtype) and a channels-last input."""
@@ -95,8 +167,144 @@ class Key(NamedTuple):
     channels_last: bool
 
 
+class Decision(NamedTuple):
+    """What ``'auto'`` decided for one key, and the evidence (all ratios are a time over the loop's time in the same
+    round).
+
+    Attributes:
+        winner: the strategy's name.
+        source: ``'trials'`` (timed now), ``'process'`` (decided earlier in this process), ``'disk'`` (read from
+            :func:`cache_dir`) or ``'trivial'`` (one member, the meta device, or nothing but the loop runs).
+        best: the candidate that was confirmed against the loop (None if none was).
+        median: the median of ``ratios`` (None without a valid round).
+        interval: the median's two-sided interval from the sign test (the ``(n-k+1)``-th and ``k``-th smallest
+            ratio, ``k = needed_below(n, confidence)``); ``(min, max)`` of the ratios when ``n`` is too small for
+            the test; None without a valid round.
+        ratios: ``best``'s ratio in each valid paired round.
+        screen: each candidate's median ratio over the screening rounds (empty when there was one candidate).
+        ignored: rounds ignored because a ratio was below ``floor`` (impossible: a measurement error).
+        floor: the lowest ratio taken as possible (``1/S`` unless :class:`AutoOptions` sets it).
+        margin: ``best`` had to be faster than the loop by this fraction.
+        confidence: the sign test's confidence.
+        calls: trial calls per strategy (the real call that follows is not counted).
+        seconds: the wall time of all trials (by the clock ``'auto'`` was given).
+        loop_seconds: the median of the loop's timed calls (None if not timed).
+        reason: one line on why ``winner`` won.
+    """
+
+    winner: str
+    source: str
+    best: Optional[str] = None
+    median: Optional[float] = None
+    interval: Optional[Tuple[float, float]] = None
+    ratios: Tuple[float, ...] = ()
+    screen: Mapping[str, float] = {}
+    ignored: int = 0
+    floor: Optional[float] = None
+    margin: float = 0.0
+    confidence: float = 0.0
+    calls: Mapping[str, int] = {}
+    seconds: float = 0.0
+    loop_seconds: Optional[float] = None
+    reason: str = ""
+
+    @property
+    def trial_calls(self) -> int:
+        """All trial calls."""
+        return sum(self.calls.values())
+
+    @property
+    def loop_calls(self) -> Optional[float]:
+        """The trials' wall time in loop calls (None if the loop was not timed)."""
+        return self.seconds / self.loop_seconds if self.loop_seconds else None
+
+    def summary(self) -> str:
+        """The decision's evidence and cost in words (its log line, after the key)."""
+        parts = [self.reason]
+        if self.best is not None:
+            shown = "n/a" if self.interval is None else "[%.3f, %.3f]" % self.interval
+            parts.append(f"confirmation of {self.best!r}: median time / loop "
+                         f"{'n/a' if self.median is None else f'{self.median:.3f}'}, interval {shown} over "
+                         f"{len(self.ratios)} paired rounds {[round(r, 3) for r in self.ratios]} (sign test at "
+                         f"{100 * self.confidence:.0f}%; must be below {1 - self.margin:.3f} = 1 - margin "
+                         f"{100 * self.margin:.0f}%)")
+        if self.screen:
+            parts.append(f"screening medians {dict((n, round(v, 3)) for n, v in self.screen.items())}")
+        if self.ignored:
+            parts.append(f"{self.ignored} round(s) ignored as impossible (a ratio below the floor "
+                         f"{self.floor:.3f}, 1/S unless set)")
+        cost = self.loop_calls
+        parts.append(f"First-call cost: {self.trial_calls} trial calls {dict(self.calls)} in {self.seconds:.2f} s"
+                     + ("" if cost is None else f" = {cost:.1f} loop calls (loop {1e3 * self.loop_seconds:.1f} ms "
+                                                "per call)"))
+        return "; ".join(parts)
+
+    def as_json(self) -> Dict[str, Any]:
+        """A JSON-ready dict of the fields (what the disk cache stores)."""
+        out = self._asdict()
+        out.update(ratios=list(self.ratios), screen=dict(self.screen), calls=dict(self.calls),
+                   interval=list(self.interval) if self.interval else None)
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class AutoOptions:
+    """How ``'auto'`` decides (see :class:`AutoExecution`).
+
+    Args:
+        repeats: at most this many paired rounds (loop and the best candidate, order alternating), rounds ignored
+            as impossible included. A candidate wins after at least ``needed_below(n, confidence)`` rounds (5 at
+            0.95), so ``repeats`` must allow that.
+        screen: rounds of every candidate (one call each, order rotating) that pick the best one to confirm, when
+            there is more than one besides the loop; their ratios are not reused in the confirmation (that would
+            favour the candidate that was lucky in screening).
+        margin: the best candidate replaces the loop only if its median ratio is below ``1 - margin`` beyond noise.
+        confidence: of the sign test that separates the best candidate from ``1 - margin``.
+        floor: a ratio below this is impossible and its round is ignored (not trusted, repeated within
+            ``repeats``); None: ``1/S`` (no strategy runs S members in less time than the loop runs one of them).
+        cache: share decisions with every ``AutoExecution(cache=True)`` of this process (False: time every time,
+            and no disk cache either).
+        disk: with ``cache``, also read and write decisions in :func:`cache_dir`, so another process with the same
+            model, input, mode, threads, machine and torch pays no trial.
+
+    Raises:
+        ValueError: an option out of range, with the accepted range.
+    """
+
+    repeats: int = 8
+    screen: int = 2
+    margin: float = 0.03
+    confidence: float = 0.95
+    floor: Optional[float] = None
+    cache: bool = True
+    disk: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.5 < self.confidence < 1:
+            raise ValueError(f"confidence must be in (0.5, 1), e.g. 0.95, got {self.confidence!r}")
+        first = next((n for n in range(1, 64) if needed_below(n, self.confidence) is not None), 64)
+        if isinstance(self.repeats, bool) or not isinstance(self.repeats, int) or self.repeats < first:
+            raise ValueError(f"repeats must be an int >= {first} (the fewest rounds that can separate a candidate "
+                             f"from the loop at confidence {self.confidence}), got {self.repeats!r}; e.g. 8")
+        if isinstance(self.screen, bool) or not isinstance(self.screen, int) or self.screen < 1:
+            raise ValueError(f"screen must be an int >= 1, e.g. 2, got {self.screen!r}")
+        if isinstance(self.margin, bool) or not isinstance(self.margin, (int, float)) or not 0 <= self.margin < 1:
+            raise ValueError(f"margin must be in [0, 1), e.g. 0.03, got {self.margin!r}")
+        if self.floor is not None and (isinstance(self.floor, bool) or not isinstance(self.floor, (int, float))
+                                       or not 0 < self.floor <= 1):
+            raise ValueError(f"floor must be None (1/S) or in (0, 1], e.g. 0.25, got {self.floor!r}")
+        for name in ("cache", "disk"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+    def fields(self) -> Dict[str, Any]:
+        """The options that change a decision (for the cache keys)."""
+        return dict(repeats=self.repeats, screen=self.screen, margin=self.margin, confidence=self.confidence,
+                    floor=self.floor)
+
+
 class AutoExecution(Execution):
-    """Time the candidates on the first call for each (devices, input, mode) and keep the winner.
+    """Time the candidates on the first call for each (devices, input, mode); keep one only if it beats the loop.
 
     A trial is one call: forward, plus ``backward`` of the outputs' sum when a graph is needed (so no graph
     outlives its trial); buffers, ``.grad`` and RNG states are restored afterwards, so the real call that follows
@@ -104,63 +312,111 @@ class AutoExecution(Execution):
     ``threads+packed`` on CUDA...) is skipped, and so is one that would repeat another's work: ``'threads'`` or
     ``'threads+packed'`` with one worker (one intra-op thread, or S=1), or any candidate for a single member.
 
-    The cost of a decision, in trial calls: one warm-up call of each runnable candidate (it builds caches:
-    packed programs, oneDNN primitives; not timed), then one timed round (each once, the order rotating).
-    That round decides when its best is faster than the runner-up by ``CLOSE`` (10%): N candidates cost 2N
-    calls (8 with the default four), then the real call. Otherwise the loop and the two best get up to
-    ``repeats - 1`` more rounds, stopping as soon as one is decisive: at most ``2N + 3 (repeats - 1)`` calls
-    (14 by default; before issue 28 it was up to ``N + 5N + 15``, 39). A candidate slower than the loop by
-    ``PRUNE`` in a round is dropped at once. Freed memory is handed back to the OS after every trial (glibc's
-    ``malloc_trim``) and the losers' caches are dropped, so the peak is the most demanding single candidate's
-    call, not the sum of all of them. The decision is remembered per instance and, with ``cache=True``, for the
-    whole process, keyed by the members' architecture (every tensor's name, shape, dtype; every module's class and
-    mode), the key below and the options: a model rebuilt the same way decides without a trial.
+    The rule (``ratio``: a candidate's time over the loop's in the same round, so slow drifts of the machine's load
+    cancel):
+
+    1. Warm-up: one untimed call of each of the N runnable strategies, the loop included (it builds caches: packed
+       programs, oneDNN primitives).
+    2. Screening, only with two or more candidates besides the loop: ``screen`` rounds (2) of every strategy, the
+       order rotating; the candidate with the lowest median ratio is the one confirmed. If even it is not below 1,
+       the loop wins here.
+    3. Confirmation: paired rounds of the loop and that candidate, the order alternating, fresh (the screening
+       rounds are not reused). After each, with ``n`` valid rounds of which ``b`` have a ratio below
+       ``1 - margin`` (0.97): the candidate wins when ``b >= needed_below(n, confidence)`` (a sign test: the upper
+       end of the median ratio's 95% interval is below ``1 - margin``; at least 5 rounds, all below; 7 of 8). The
+       loop wins as soon as that can no longer happen within ``repeats`` rounds (8), so a candidate within noise of
+       the loop loses after a few rounds.
+    4. A round with a ratio below ``floor`` (``1/S``: on a quiet machine no strategy runs S members in less time
+       than the loop runs one) is a measurement error (the loop's call disturbed, e.g. by a data loader starting
+       up): it is ignored, never trusted, and counts towards ``repeats``; a screening round ignored is repeated
+       once. (On an oversubscribed CPU a loop of multi-threaded OpenMP calls can really be that slow, measured
+       0.09-0.11 here at load 11 on 2 cores; ``auto`` then keeps the loop, which is never worse than the loop.)
+
+    If a candidate is truly no faster than ``1 - margin`` (each round below it with probability 1/2 at most), it
+    wins with probability at most 5.1% (the sign test at 95%, looked at after every round, ``repeats=8``; rounds
+    taken as independent), far less the slower it truly is (0.3% at 3 rounds in 10 below); on average such a
+    candidate is dropped after 3.8 rounds. A candidate below ``1 - margin`` in 9 rounds of 10 wins 83% of the time.
+
+    First-call cost, in trial calls (the real call follows): ``N`` warm-up, ``screen * N`` screening (plus ``N``
+    per ignored screening round, at most one), then 2 per confirmation round: with the default four candidates
+    12 calls when screening keeps the loop, 4 + 8 + 10 = 22 for the fastest win, 28 at most (32 with an ignored
+    screening round); with one candidate besides the loop 2 + 2 * (2..8) = 6..18. In seconds that is about that
+    many loop calls (slower candidates cost more); the decision's log line states both. With a cached decision
+    (the process, or the disk) the cost is 0 trial calls. Freed memory is handed back to the OS after every
+    trial (glibc's ``malloc_trim``) and the losers' caches are dropped, so the peak is the most demanding single
+    candidate's call, not the sum.
+
+    Decisions are remembered per instance and, with ``cache=True``, for the whole process and (``disk=True``) in
+    :func:`cache_dir` (``$TIMM_SPLIT_CACHE_DIR``, default ``~/.cache/timm_split``), keyed by the members'
+    architecture (every tensor's name, shape, dtype, strides; every module's class and mode), the :class:`Key`,
+    the candidates and options, ``torch.get_num_threads()``, the cores this process may use, the CPU or GPU model
+    and the torch version. A cache file that cannot be read or parsed is ignored with a warning (and rewritten).
 
     Args:
         candidates: strategy names to try; default :attr:`DEFAULT` (``'compile'`` only if named: compiling takes
-            about a minute per model). A mapping ``name -> Execution`` tries strategies of your own (not
-            shared through the process-wide cache).
-        repeats: at most this many timed rounds. A candidate's score is the median over rounds of its time over
-            the loop's in the same round (paired, so drifts in the machine's load cancel); the lowest wins.
-        margin: another strategy replaces ``'loop'`` only if it is faster by this fraction (timings on a busy
-            machine are noisy; the loop is the safe default).
+            about a minute per model). A mapping ``name -> Execution`` tries strategies of your own (not shared
+            through the process or disk caches).
+        repeats, margin, cache, disk, screen, confidence, floor: see :class:`AutoOptions`.
         clock: the timer, in seconds (default ``time.perf_counter``).
-        cache: share decisions with every other ``AutoExecution(cache=True)`` of this process.
+
+    Raises:
+        ValueError: unknown candidates or an option out of range.
     """
 
     name = "auto"
-    _transient = ("_executions", "choices", "trials")
+    _transient = ("_executions", "choices", "trials", "decisions")
     DEFAULT = ("loop", "threads", "packed", "threads+packed")
-    PRUNE = 1.3
-    CLOSE = 0.1
 
-    def __init__(self, candidates: Union[Sequence[str], Mapping[str, Execution], None] = None, repeats: int = 3,
-                 margin: float = 0.03, clock: Callable[[], float] = time.perf_counter, cache: bool = True) -> None:
+    def __init__(self, candidates: Union[Sequence[str], Mapping[str, Execution], None] = None, repeats: int = 8,
+                 margin: float = 0.03, clock: Callable[[], float] = time.perf_counter, cache: bool = True,
+                 disk: bool = True, screen: int = 2, confidence: float = 0.95, floor: Optional[float] = None) -> None:
         self._given = dict(candidates) if isinstance(candidates, Mapping) else {}
         candidates = tuple(candidates or self.DEFAULT)
         known = BASIC
         if not candidates or any(c not in known and c not in self._given for c in candidates):
             raise ValueError(f"auto candidates must be among {known}, got {list(candidates)}")
-        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-            raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
-        if not 0 <= margin < 1:
-            raise ValueError(f"margin must be in [0, 1), e.g. 0.03, got {margin!r}")
-        if not isinstance(cache, bool):
-            raise ValueError(f"cache must be True or False, got {cache!r}")
-        self.candidates, self.repeats, self.margin, self.cache = candidates, repeats, margin, cache
+        self.candidates = candidates
+        self.options = AutoOptions(repeats=repeats, screen=screen, margin=margin, confidence=confidence,
+                                   floor=floor, cache=cache, disk=disk)
         self._clock = clock
         self._executions: Optional[Dict[str, Execution]] = None
-        self.choices: Optional[Dict[Tuple, str]] = None
-        self.trials: Optional[Dict[Tuple, Dict[str, int]]] = None  # per key: each candidate's trial calls
+        self.choices: Optional[Dict[Key, str]] = None
+        self.trials: Optional[Dict[Key, Dict[str, int]]] = None  # per key: each candidate's trial calls
+        self.decisions: Optional[Dict[Key, Decision]] = None
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        if "options" not in state:  # pickled before AutoOptions: repeats/margin/cache attributes
+            state["options"] = AutoOptions(margin=state.pop("margin", 0.03), cache=state.pop("cache", True))
+            state.pop("repeats", None)
+        state.setdefault("decisions", None)
+        self.__dict__.update(state)
+
+    @property
+    def repeats(self) -> int:
+        """:attr:`AutoOptions.repeats`."""
+        return self.options.repeats
+
+    @property
+    def margin(self) -> float:
+        """:attr:`AutoOptions.margin`."""
+        return self.options.margin
 
     @staticmethod
-    def forget() -> None:
-        """Forget the decisions shared across this process (``cache=True``), e.g. after the machine's load changed."""
+    def forget(disk: bool = False) -> None:
+        """Forget the decisions shared across this process (``cache=True``), e.g. after the machine's load changed.
+
+        Args:
+            disk: also delete the decisions cached in :func:`cache_dir` (every model's).
+        """
         _DECISIONS.clear()
+        if disk:
+            for path in glob.glob(os.path.join(cache_dir(), "*.json")):
+                with contextlib.suppress(OSError):
+                    os.remove(path)
 
     def _get(self, name: str) -> Execution:
         if self._executions is None:
-            self._executions, self.choices, self.trials = {}, {}, {}
+            self._executions, self.choices, self.trials, self.decisions = {}, {}, {}, {}
         if name not in self._executions:
             self._executions[name] = self._given.get(name) or make_named(name)
         return self._executions[name]
@@ -183,48 +439,87 @@ class AutoExecution(Execution):
                    (autocast, torch.get_autocast_dtype(dev) if autocast else None),
                    x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last))
 
+    def cache_fields(self, members: Members, key: Key) -> Dict[str, Any]:
+        """Everything a shared (process or disk) decision is keyed by.
+
+        Args:
+            members: the members the decision is for.
+            key: this call's :class:`Key`.
+
+        Returns:
+            A JSON-ready dict: the rule's version, the members' architecture digest (every tensor's name, shape,
+            dtype, strides; every module's class and mode), ``key``'s fields, the candidates and options, intra-op
+            and inter-op threads, the cores this process may use, the CPU model, the GPUs' names and the torch
+            version.
+        """
+        cuda = sorted({d for d in key.devices if d.startswith("cuda")})
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cpus = os.cpu_count() or 0
+        return dict(rule=_RULE, digest=_digest(members), devices=list(key.devices), shape=list(key.shape),
+                    dtype=str(key.dtype), shared=key.shared, training=key.training, grad=key.grad,
+                    autocast=[key.autocast[0], str(key.autocast[1])], channels_last=key.channels_last,
+                    candidates=list(self.candidates), options=self.options.fields(),
+                    threads=torch.get_num_threads(), interop_threads=torch.get_num_interop_threads(), cpus=cpus,
+                    cpu=_cpu_model(), gpus=[torch.cuda.get_device_name(torch.device(d)) for d in cuda],
+                    torch=torch.__version__)
+
     def choose(self, members: Members, views: List[torch.Tensor]) -> str:
-        """The winner for this call's key: remembered, decided earlier in this process, or timed now."""
+        """The winner for this call's key: remembered, decided earlier in this process or on disk, or timed now.
+
+        Args:
+            members: the members to run.
+            views: their inputs (one per member; the same tensor when the batch is shared).
+
+        Returns:
+            The strategy's name; :attr:`decisions` holds the evidence (a :class:`Decision`) per key.
+        """
         self._get("loop")
         key = self.key(members, views)
         if key in self.choices:
             return self.choices[key]
-        shared = (_digest(members), key, self.candidates, self.repeats, self.margin, torch.get_num_threads()) \
-            if self.cache and not self._given else None
-        if shared in _DECISIONS:
-            winner = self.choices[key] = _DECISIONS[shared]
-            self.trials[key] = {}
-            _logger.info("auto: '%s' for devices %s, input %s (decided earlier in this process for these members; "
-                         "no trials)", winner, key.devices, list(key.shape))
-            return winner
-        winner = self.choices[key] = self._decide(members, views, key)
-        if shared is not None:
-            _DECISIONS[shared] = winner
-        return winner
+        shared = self.options.cache and not self._given and module_device(members[0]).type != "meta"
+        fields = self.cache_fields(members, key) if shared else None
+        text = json.dumps(fields, sort_keys=True) if shared else ""
+        decision = _DECISIONS.get(text) if shared else None
+        if decision is not None:
+            decision = decision._replace(source="process")
+        elif shared and self.options.disk:
+            decision = _read_disk(fields, self.candidates)
+            if decision is not None:
+                _DECISIONS[text] = decision
+        if decision is not None:
+            _logger.info("auto: '%s' for devices %s, input %s (%s; no trials)", decision.winner, key.devices,
+                         list(key.shape), _describe_source(decision, text))
+            self.trials[key], self.decisions[key] = {}, decision
+            self.choices[key] = decision.winner
+            return decision.winner
+        decision = self.decisions[key] = self._decide(members, views, key)
+        self.trials[key] = dict(decision.calls)
+        self.choices[key] = decision.winner
+        if shared and decision.source == "trials":
+            _DECISIONS[text] = decision
+            if self.options.disk:
+                _write_disk(fields, decision)
+        return decision.winner
 
-    def _decide(self, members: Members, views: List[torch.Tensor], key: Tuple) -> str:
-        """Time the candidates for ``key`` and log the decision."""
+    def _decide(self, members: Members, views: List[torch.Tensor], key: Key) -> Decision:
+        """Time the candidates for ``key`` (the class docstring's rule) and log the decision."""
         if module_device(members[0]).type == "meta" or len(members) == 1:
-            self.trials[key] = {}
-            return "loop"
+            return Decision("loop", "trivial", reason="one member or the meta device: nothing to time")
         start = self._clock()
         with _preserved(members):
-            times, calls = self._time(members, views, graph=key.grad)
-        self.trials[key] = calls
-        score = self._score(times) if "loop" in times else {}
-        winner = min(score, key=score.get) if score else "loop"
-        if "loop" in score and score[winner] > 1 - self.margin:
-            winner = "loop"
+            decision = self._measure(members, views, graph=key.grad)
+        decision = decision._replace(seconds=self._clock() - start)
         for name in list(self._executions or {}):
-            if name not in (winner, "loop"):
+            if name not in (decision.winner, "loop"):
                 self._drop(name)
         _release_freed_memory()
-        _logger.info("auto: '%s' for devices %s, input %s %s, training=%s, grad=%s (loop %.1f ms; time / loop: %s; "
-                     "%d trial calls in %.1f s)", winner, key.devices, list(key.shape),
-                     "shared" if key.shared else "per-member views", key.training, key.grad,
-                     1e3 * statistics.median(times.get("loop") or [0]), {n: round(v, 3) for n, v in score.items()},
-                     sum(calls.values()), self._clock() - start)
-        return winner
+        _logger.info("auto: '%s' for devices %s, input %s %s, training=%s, grad=%s: %s", decision.winner,
+                     key.devices, list(key.shape), "shared" if key.shared else "per-member views", key.training,
+                     key.grad, decision.summary())
+        return decision
 
     def _runnable(self, members: Members) -> List[str]:
         """The candidates worth a trial: the loop first; none that would repeat another's work."""
@@ -239,11 +534,16 @@ class AutoExecution(Execution):
             names.append(name)
         return names
 
-    def _time(self, members: Members, views: List[torch.Tensor],
-              graph: bool) -> Tuple[Dict[str, List[float]], Dict[str, int]]:
-        """The finalists' times over the rounds, and every candidate's number of trial calls (class docstring)."""
-        dev = module_device(members[0])
+    def _measure(self, members: Members, views: List[torch.Tensor], graph: bool) -> Decision:
+        """Warm-up, screening and confirmation (the class docstring's rule)."""
+        opts, dev = self.options, module_device(members[0])
+        floor = opts.floor if opts.floor is not None else 1 / len(members)
+        threshold = 1 - opts.margin
         calls: Dict[str, int] = {}
+        loop_times: List[float] = []
+        valid_loop_times: List[float] = []
+        ignored = 0
+        base = dict(floor=floor, margin=opts.margin, confidence=opts.confidence, calls=calls)
 
         def trial(name: str) -> float:
             calls[name] = calls.get(name, 0) + 1
@@ -257,7 +557,30 @@ class AutoExecution(Execution):
             _release_freed_memory()
             return elapsed
 
-        times: Dict[str, List[float]] = {}
+        def timed_round(names: Sequence[str], what: str) -> Optional[Dict[str, float]]:
+            """One call of each of ``names`` in that order; the ratios to the loop, or None if impossible."""
+            times = {n: trial(n) for n in names}
+            loop_times.append(times["loop"])
+            if times["loop"] <= 0:
+                _logger.info("auto: ignoring a %s round: the loop's call took %g s on this clock", what,
+                             times["loop"])
+                return None
+            ratios = {n: t / times["loop"] for n, t in times.items() if n != "loop"}
+            low = {n: round(r, 3) for n, r in ratios.items() if r < floor}
+            if low:
+                _logger.info("auto: ignoring a %s round: time / loop %s is below %.3f (%s), a time no strategy can "
+                             "have: a measurement error (the loop's call, %.1f ms, disturbed?)", what, low, floor,
+                             "1/S" if opts.floor is None else "the floor", 1e3 * times["loop"])
+                return None
+            valid_loop_times.append(times["loop"])
+            return ratios
+
+        def loop_seconds() -> Optional[float]:
+            """The median of the loop's timed calls, of valid rounds where there are any."""
+            kept = valid_loop_times or loop_times
+            return statistics.median(kept) if kept else None
+
+        runnable = []
         for name in self._runnable(members):  # warm-up: one untimed call each
             try:
                 self._get(name).check(members)
@@ -266,29 +589,74 @@ class AutoExecution(Execution):
                 _logger.info("auto: skipping '%s' (%s: %.100s)", name, type(e).__name__, str(e))
                 self._drop(name)
                 continue
-            times[name] = []
-        finalists = list(times) if "loop" in times else []  # no loop: the real call raises the error
-        for r in range(self.repeats if len(finalists) > 1 else 0):
-            for name in finalists[r % len(finalists):] + finalists[:r % len(finalists)]:
-                times[name].append(trial(name))
-            score = self._score({n: times[n] for n in finalists})
-            ranked = sorted(score, key=score.get)
-            ranked = [n for n in ranked if score[n] <= self.PRUNE] or ranked[:1]  # drop the clearly slower
-            decisive = len(ranked) < 2 or score[ranked[1]] >= (1 + self.CLOSE) * score[ranked[0]]
-            # the loop (the reference) and the rest, or on a close call the two best
-            finalists = list(dict.fromkeys(["loop"] + (ranked if decisive else ranked[:2])))
-            if decisive:
-                break
-        return {n: times[n] for n in finalists}, calls
+            runnable.append(name)
+        rivals = [n for n in runnable if n != "loop"]
+        if "loop" not in runnable:  # the real call raises the loop's error
+            return Decision("loop", "trivial", reason="the loop failed in warm-up", **base)
+        if not rivals:
+            return Decision("loop", "trivial", reason="no candidate besides the loop can run", **base)
 
-    def _score(self, times: Dict[str, List[float]]) -> Dict[str, float]:
-        """Per candidate, the median over rounds of its time over the loop's in the same round (paired, which
-        cancels slow drifts of the machine's load)."""
-        return {n: statistics.median(t / ref for t, ref in zip(ts, times["loop"])) for n, ts in times.items()
-                if n in self.candidates and ts}
+        screen: Dict[str, float] = {}
+        if len(rivals) > 1:
+            order, kept, attempts = ["loop"] + rivals, {n: [] for n in rivals}, 0
+            while len(kept[rivals[0]]) < opts.screen and attempts < opts.screen + 1:
+                ratios = timed_round(order[attempts % len(order):] + order[:attempts % len(order)], "screening")
+                attempts += 1
+                if ratios is None:
+                    ignored += 1
+                    continue
+                for n, r in ratios.items():
+                    kept[n].append(r)
+            if not kept[rivals[0]]:
+                return Decision("loop", "trials", ignored=ignored, loop_seconds=loop_seconds(),
+                                reason="every screening round was impossible", **base)
+            screen = {n: statistics.median(rs) for n, rs in kept.items()}
+            best = min(screen, key=screen.get)
+            for n in rivals:
+                if n != best:
+                    self._drop(n)
+            _release_freed_memory()
+            if screen[best] >= 1:
+                return Decision("loop", "trials", screen=screen, ignored=ignored, loop_seconds=loop_seconds(),
+                                reason=f"no candidate was faster than the loop in screening (best {best!r})",
+                                **base)
+        else:
+            best = rivals[0]
+
+        confirm: List[float] = []
+        outcome = None
+        for r in range(opts.repeats):
+            ratios = timed_round(("loop", best) if r % 2 == 0 else (best, "loop"), "confirmation")
+            if ratios is None:
+                ignored += 1
+            else:
+                confirm.append(ratios[best])
+            n, below = len(confirm), sum(x < threshold for x in confirm)
+            k = needed_below(n, opts.confidence)
+            if k is not None and below >= k:
+                outcome = best
+                break
+            left = opts.repeats - r - 1
+            if not any((needed_below(n + j, opts.confidence) or n + j + 1) <= below + j for j in range(left + 1)):
+                outcome = "loop"
+                break
+        median = statistics.median(confirm) if confirm else None
+        interval = _interval(confirm, opts.confidence)
+        if outcome == best:
+            reason = f"{best!r} is separated from the loop (its interval is below {threshold:.3f})"
+        elif outcome == "loop":
+            reason = (f"{best!r} cannot be separated from the loop within {opts.repeats} rounds "
+                      f"({sum(x < threshold for x in confirm)} of {len(confirm)} valid rounds below {threshold:.3f})")
+        else:
+            reason = f"{best!r} not separated from the loop in {opts.repeats} rounds"
+        return Decision(outcome if outcome == best else "loop", "trials", best=best, median=median, interval=interval,
+                        ratios=tuple(confirm), screen=screen, ignored=ignored, loop_seconds=loop_seconds(),
+                        reason=reason, **base)
 
     def run(self, members: Members, views: List[torch.Tensor]) -> torch.Tensor:
-        return self._get(self.choose(members, views)).run(members, views)
+        with self.lock:  # one decision at a time: a thread asking while another decides waits for it
+            ex = self._get(self.choose(members, views))
+        return ex.run(members, views)
 
     def chosen(self, training: bool = True) -> Optional[str]:
         """The strategy decided for the first input seen in training (``training=True``: train mode with a graph)
@@ -301,3 +669,75 @@ class AutoExecution(Execution):
     def reset(self) -> None:
         for ex in (self._executions or {}).values():
             ex.reset()
+
+
+def _interval(ratios: Sequence[float], confidence: float) -> Optional[Tuple[float, float]]:
+    """The median's two-sided sign-test interval ``(x[n-k], x[k-1])`` of the sorted ratios, ``k`` from
+    :func:`needed_below`; ``(min, max)`` when there are too few; None when there are none."""
+    if not ratios:
+        return None
+    xs = sorted(ratios)
+    k = needed_below(len(xs), confidence)
+    if k is None:
+        return xs[0], xs[-1]
+    return xs[len(xs) - k], xs[k - 1]
+
+
+def _describe_source(decision: Decision, text: str) -> str:
+    """The log's words for a decision taken from a cache."""
+    evidence = ("median time / loop %.3f over %d rounds, margin %.0f%%" % (decision.median, len(decision.ratios),
+                                                                             100 * decision.margin)
+                if decision.median is not None else decision.reason)
+    if decision.source == "disk":
+        return (f"from the disk cache {_disk_path(text)}: {evidence}; delete the file or call "
+                "AutoExecution.forget(disk=True) to time again")
+    return f"decided earlier in this process for these members: {evidence}"
+
+
+def _disk_path(text: str) -> str:
+    return os.path.join(cache_dir(), hashlib.sha256(text.encode()).hexdigest()[:32] + ".json")
+
+
+def _read_disk(fields: Dict[str, Any], candidates: Sequence[str]) -> Optional[Decision]:
+    """The decision cached on disk for ``fields``; None when there is none, or (with a warning) when the file
+    cannot be read, is not a decision of this rule or was written for other fields."""
+    path = _disk_path(json.dumps(fields, sort_keys=True))
+    try:
+        with open(path) as f:
+            record = json.load(f)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        _logger.warning("auto: ignoring the unreadable cache file %s (%s: %.100s); timing again", path,
+                        type(e).__name__, e)
+        return None
+    try:
+        if record["fields"] != fields:
+            raise ValueError("written for other fields")
+        d = dict(record["decision"])
+        if d.get("winner") not in candidates and d.get("winner") != "loop":
+            raise ValueError(f"winner {d.get('winner')!r} is not a candidate")
+        d["interval"] = tuple(d["interval"]) if d.get("interval") else None
+        d["ratios"] = tuple(float(x) for x in d.get("ratios", ()))
+        decision = Decision(**d)._replace(source="disk")
+        if not isinstance(decision.winner, str):
+            raise ValueError("no winner")
+        return decision
+    except (KeyError, TypeError, ValueError) as e:
+        _logger.warning("auto: ignoring the cache file %s (%s: %.100s); timing again", path, type(e).__name__, e)
+        return None
+
+
+def _write_disk(fields: Dict[str, Any], decision: Decision) -> None:
+    """Write ``decision`` for ``fields`` in :func:`cache_dir`, whole or not at all; a failure is a warning."""
+    path = _disk_path(json.dumps(fields, sort_keys=True))
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(dict(fields=fields, decision=decision.as_json(), written=time.time()), f, indent=1)
+
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_write(path, write)
+    except OSError as e:
+        _logger.warning("auto: could not cache the decision in %s (%s); it stays for this process", path, e)

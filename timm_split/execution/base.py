@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import abc
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+import threading
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -10,7 +11,7 @@ from torch import nn
 from ..trace import module_device
 
 __all__ = ["Execution", "Members", "module_device", "sync", "tensors_of", "is_training", "needs_graph",
-           "version_key", "check_same_device", "check_same_structure"]
+           "check_same_device", "check_same_structure"]
 
 Members = Sequence[nn.Module]
 
@@ -34,15 +35,6 @@ def needs_graph(members: Members) -> bool:
     return torch.is_grad_enabled() and any(p.requires_grad for m in members for p in m.parameters())
 
 
-def version_key(members: Members) -> Optional[Tuple]:
-    """Changes whenever any member tensor is replaced, moved or updated in place (optimizer step, BN update);
-    None for inference tensors, which have no version counter (then nothing is cached)."""
-    ts = [t for m in members for t in tensors_of(m).values()]
-    if any(t.is_inference() for t in ts):
-        return None
-    return tuple((t.data_ptr(), t._version, t.device) for t in ts)
-
-
 def check_same_device(members: Members, name: str) -> torch.device:
     devices = {module_device(m) for m in members}
     if len(devices) > 1:
@@ -59,15 +51,29 @@ def check_same_structure(members: Members, name: str) -> None:
                              "member 0 in its parameter names, shapes or dtypes")
 
 
+_LOCKS = threading.Lock()  # guards the creation of each execution's own lock
+
+
 class Execution(abc.ABC):
     """A way to run the members: ``run(members, views) -> [S, B, ...]`` on the first member's device.
 
     Subclasses hold only caches besides their options; ``reset()`` drops the caches (called when the ensemble
-    moves or changes device), and pickling/deep-copying drops them too.
+    moves or changes device), and pickling/deep-copying drops them too. Several Python threads may call ``run``
+    on one execution at once: whatever a call keeps across calls (programs, packed weights, pools, decisions) is
+    created and used under :attr:`lock`, the rest is the call's own.
     """
 
     name = "base"
     _transient: Tuple[str, ...] = ()
+
+    @property
+    def lock(self) -> threading.RLock:
+        """This execution's lock (re-entrant), for the state its calls share."""
+        lock = self.__dict__.get("_lock")
+        if lock is None:
+            with _LOCKS:
+                lock = self.__dict__.setdefault("_lock", threading.RLock())
+        return lock
 
     def check(self, members: Members) -> None:
         """Raise ``ValueError`` (with a hint) if this strategy cannot run ``members``."""
@@ -84,6 +90,7 @@ class Execution(abc.ABC):
     def __getstate__(self) -> Dict[str, Any]:
         state = dict(self.__dict__)
         state.update({k: None for k in self._transient})
+        state.pop("_lock", None)  # a copy gets its own
         return state
 
     def __repr__(self) -> str:

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..packing import PackedProgram, PackingError, build_program
 from ..trace import input_shape_for
-from .base import Execution, Members, check_same_device, check_same_structure, needs_graph, version_key
+from .base import Execution, Members, check_same_device, check_same_structure, needs_graph
 from .loop import LoopExecution
 
 _logger = logging.getLogger(__name__)
@@ -69,10 +69,16 @@ def _default_shape(member: nn.Module) -> Tuple[int, ...]:
 class PackedExecution(Execution):
     """The members as one packed network (see the module docstring); the ``'packed'`` strategy.
 
-    One :class:`PackedProgram` is built per (input shape, dtype, shared batch or views, train/eval flags); the
-    packed tensors are rebuilt from the members when a graph is needed or a buffer is updated, and cached
-    otherwise (while no member tensor changes). If a program cannot be built (a forward that does not record,
-    or ``strict`` and an op without a rule), a warning names the op and that input shape runs as the loop.
+    One :class:`PackedProgram` is built per (input shape, dtype, shared batch or views, train/eval flags). The
+    packed tensors are packed afresh from the members when a graph is needed or a buffer is updated (each call's
+    own); otherwise (inference) the last program's are kept and refreshed in place from the members on each call
+    (:meth:`PackedProgram.refresh`), so every weight change is seen: an optimizer step, ``load_state_dict``, and
+    ``p.data`` edits, which no version counter sees. That copy of the weights costs time on CPU at small batches
+    (one intra-op thread, S=2 at 64 px, the refresh against the program's own time: resnet18 batch 1 +91%, batch 8
+    +37%, resnet50 batch 1 +79%; vit_tiny at 224 px +11%; benchmarks/packed_refresh_cost.py) and little on CUDA.
+    Threads may share one execution: programs and kept tensors are used under :attr:`lock`. If a program cannot be
+    built (a forward that does not record, or ``strict`` and an op without a rule), a warning names the op and that
+    input shape runs as the loop.
 
     Args:
         channels_last: run 4-d convolutions channels-last (default: on CPU, where oneDNN's grouped convolutions
@@ -94,7 +100,7 @@ class PackedExecution(Execution):
             raise ValueError(f"channels_last must be True, False or None (automatic), got {channels_last!r}")
         self.channels_last, self.strict, self.cuda_graphs = channels_last, strict, cuda_graphs
         self._programs: Optional[Dict[Tuple, Optional[PackedProgram]]] = None
-        self._cache: Optional[Tuple[Any, Tuple, List[torch.Tensor]]] = None
+        self._cache: Optional[Tuple[PackedProgram, List[torch.Tensor]]] = None  # the last program's tensors
         self._graphs: Optional[Dict[Tuple, CudaGraphed]] = None
 
     def check(self, members: Members) -> None:
@@ -126,6 +132,10 @@ class PackedExecution(Execution):
 
     def program(self, members: Members, views: List[torch.Tensor], fallback: bool = True) -> Optional[PackedProgram]:
         """The packed program for these views (built on first use), or None where it runs as the loop."""
+        with self.lock:
+            return self._program(members, views, fallback)
+
+    def _program(self, members: Members, views: List[torch.Tensor], fallback: bool) -> Optional[PackedProgram]:
         if self._programs is None:
             self._programs = {}
         key = self._key(members, views)
@@ -139,28 +149,29 @@ class PackedExecution(Execution):
                 self._programs[key] = None
         return self._programs[key]
 
-    def _tensors(self, program: PackedProgram, members: Members, graph: bool) -> List[torch.Tensor]:
-        if graph or program.mutated:
-            return program.pack(members)
-        version = version_key(members)
-        if version is None or self._cache is None or self._cache[0] is not program or self._cache[1] != version:
-            self._cache = (program, version, program.pack(members))
-            self._graphs = None
-        return self._cache[2]
+    def _kept(self, program: PackedProgram, members: Members) -> List[torch.Tensor]:
+        """The kept packed tensors of ``program``, refreshed from the members now (call under :attr:`lock`)."""
+        if self._cache is None or self._cache[0] is not program or not program.refresh(members, self._cache[1]):
+            self._cache = (program, program.pack(members))  # one program's tensors kept, as one copy of the weights
+            self._graphs = None  # captured over the tensors replaced
+        return self._cache[1]
 
     def run(self, members: Members, views: List[torch.Tensor]) -> torch.Tensor:
         program = self.program(members, views)
         if program is None:
             return LoopExecution().run(members, views)
-        graph = needs_graph(members)
-        tensors = self._tensors(program, members, graph)
         x = views[0] if program.shared_input else torch.stack(views)
-        if self.cuda_graphs and x.is_cuda and not graph and not program.mutated:
-            out = self._replay(program, tensors, x)
-        else:
+        graph = needs_graph(members) or (torch.is_grad_enabled() and any(v.requires_grad for v in views))
+        if graph or program.mutated:  # this call's own tensors (a graph may save them): nothing shared
+            tensors = program.pack(members)
             out = program(x, tensors)
-        program.write_back(members, tensors)
-        return out
+            program.write_back(members, tensors)
+            return out
+        with self.lock:  # the kept tensors (and CUDA graphs) are shared by the calls
+            tensors = self._kept(program, members)
+            if self.cuda_graphs and x.is_cuda:
+                return self._replay(program, tensors, x)
+            return program(x, tensors)
 
     def _replay(self, program: PackedProgram, tensors: List[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         if self._graphs is None:

@@ -32,6 +32,18 @@ def make_basic(strategy: str, make: Callable[..., Execution], implied: Dict[str,
     if clash:
         raise ValueError(f"execution '{strategy}' implies {implied}; drop {sorted(clash)} or use "
                          f"'{strategy.split('+')[0]}'")
+    import inspect
+
+    try:
+        params = inspect.signature(make).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: let the call say
+        params = None
+    if params is not None and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        known = sorted(k for k, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD))
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise ValueError(f"execution '{strategy}' has no option {', '.join(map(repr, unknown))}; its options: "
+                             f"{', '.join(known) or 'none'}")
     try:
         return make(**{**implied, **options})
     except TypeError as e:

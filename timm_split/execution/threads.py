@@ -58,7 +58,7 @@ class ThreadsExecution(Execution):
             only): fewer, wider ops per worker. ``auto`` tries it as ``'threads+packed'``.
     """
 
-    _transient = ("_pool", "_pool_size", "_streams", "_packers")
+    _transient = ("_pools", "_streams", "_packers")
 
     def __init__(self, workers: Optional[int] = None, threads_per_worker: Optional[int] = None,
                  cores: Optional[Sequence[Sequence[int]]] = None, parallel_backward: bool = True,
@@ -70,7 +70,13 @@ class ThreadsExecution(Execution):
             if val is not None and (isinstance(val, bool) or not isinstance(val, int) or val < 1):
                 raise ValueError(f"{arg} must be an int >= 1 or None (automatic), got {val!r}")
         if cores is not None:
-            cores = [sorted(int(c) for c in cs) for cs in cores]
+            ok = isinstance(cores, (list, tuple)) and all(
+                isinstance(cs, (list, tuple)) and all(isinstance(c, int) and not isinstance(c, bool) for c in cs)
+                for cs in cores)
+            if not ok:
+                raise ValueError(f"cores must be a list of CPU id lists, one per worker, e.g. [[0], [1]]; got "
+                                 f"{cores!r}")
+            cores = [sorted(cs) for cs in cores]
             allowed = os.sched_getaffinity(0)
             if not cores or any(not cs or not set(cs) <= allowed for cs in cores):
                 raise ValueError(f"cores must be a non-empty list of non-empty CPU id lists within "
@@ -82,8 +88,7 @@ class ThreadsExecution(Execution):
         self.cores = cores
         self.parallel_backward = parallel_backward
         self.pack = pack
-        self._pool: Optional[ThreadPoolExecutor] = None
-        self._pool_size: Optional[int] = None
+        self._pools: Optional[Dict[int, ThreadPoolExecutor]] = None  # per worker count (threads' counts differ)
         self._streams: Optional[Dict[int, Any]] = None
         self._packers: Optional[Dict[int, PackedExecution]] = None
 
@@ -101,15 +106,18 @@ class ThreadsExecution(Execution):
     def _run_members(self, w: int, members: Members, views: List[torch.Tensor]) -> torch.Tensor:
         """Worker ``w``'s members on their views, one after another or packed: ``[k, B, ...]``."""
         if self.pack:
-            if self._packers is None:
-                self._packers = {}
-            return self._packers.setdefault(w, PackedExecution()).run(members, views)
+            with self.lock:  # one packer per worker slot, shared by the calls (it locks its own kept tensors)
+                if self._packers is None:
+                    self._packers = {}
+                packer = self._packers.setdefault(w, PackedExecution())
+            return packer.run(members, views)
         return torch.stack([m(v) for m, v in zip(members, views)])
 
     def reset(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
-        super().reset()
+        with self.lock:
+            for pool in (self._pools or {}).values():
+                pool.shutdown(wait=False)
+            super().reset()
 
     def workers_for(self, members: Members) -> int:
         """How many workers would run ``members`` now (1: the loop's work on one other thread)."""
@@ -147,9 +155,10 @@ class ThreadsExecution(Execution):
                 if dev.type != "cuda":
                     outs.append((i, m(v.to(dev))))
                     continue
-                if i not in self._streams:
-                    self._streams[i] = torch.cuda.Stream(dev)
-                stream = self._streams[i]
+                with self.lock:
+                    stream = self._streams.get(i)
+                    if stream is None:
+                        stream = self._streams[i] = torch.cuda.Stream(dev)
                 stream.wait_stream(main_streams[dev])
                 with torch.cuda.device(dev), torch.cuda.stream(stream):
                     x = v.to(dev, non_blocking=True)
@@ -159,11 +168,13 @@ class ThreadsExecution(Execution):
         return outs
 
     def _pool_for(self, n: int) -> ThreadPoolExecutor:
-        if self._pool is None or self._pool_size != n:
-            self.reset()
-            self._pool, self._pool_size = ThreadPoolExecutor(n, thread_name_prefix="timm_split"), n
-            self._streams = {}
-        return self._pool
+        """The pool of ``n`` workers (kept; calls from threads with other thread counts get their own)."""
+        with self.lock:
+            if self._pools is None:
+                self._pools, self._streams = {}, {}
+            if n not in self._pools:
+                self._pools[n] = ThreadPoolExecutor(n, thread_name_prefix="timm_split")
+            return self._pools[n]
 
     def _on_workers(self, n: int, fn: Callable[[int], Any]) -> List[Any]:
         """``fn(w)`` on each of ``n`` workers concurrently; the results in worker order."""
@@ -189,7 +200,9 @@ class ThreadsExecution(Execution):
             jobs[i % n].append((i, m, v))
         done = dict(pair for out in self._on_workers(
             n, lambda w: self._worker(w, threads[w], jobs[w], state, main_streams)) for pair in out)
-        for i, stream in (self._streams or {}).items():
+        with self.lock:
+            streams = list((self._streams or {}).items())
+        for i, stream in streams:
             if i in done:
                 main = main_streams[done[i].device]
                 main.wait_stream(stream)

@@ -75,6 +75,34 @@ class PackedProgram:
                 out.append(t.contiguous(memory_format=torch.channels_last) if name in self.channels_last else t)
         return out
 
+    def refresh(self, members: Members, tensors: List[torch.Tensor]) -> bool:
+        """Copy the members' current values into ``tensors`` (an earlier :meth:`pack`'s, not part of a graph) in
+        place, so no weight change goes unseen, ``.data`` edits included (which no version counter sees).
+        ``'shared'`` entries are member 0's own tensors, current as long as they are the same tensors.
+
+        Returns:
+            False where ``tensors`` no longer fit the members (a shared tensor replaced, a tensor replaced by one of
+            another shape, dtype or device, or inference tensors outside inference mode): :meth:`pack` again then.
+        """
+        per = [dict(m.named_parameters()) | dict(m.named_buffers()) for m in members]
+        try:
+            with torch.no_grad():
+                for j, ((name, how), t) in enumerate(zip(self.tensors, tensors)):
+                    if how == "shared":
+                        if per[0][name] is not t:  # replaced (a CUDA graph would read the old memory)
+                            return False
+                    elif how == "packed":
+                        ts = [p[name] for p in per]
+                        n = ts[0].shape[0] if ts[0].dim() else 1
+                        if any(s.shape != ts[0].shape or s.dtype != t.dtype or s.device != t.device for s in ts) \
+                                or t.shape[0] != n * len(ts) or tuple(t.shape[1:]) != tuple(ts[0].shape[1:]):
+                            return False
+                        for i, s in enumerate(ts):
+                            t[i].copy_(s) if s.dim() == 0 else t.narrow(0, i * n, n).copy_(s)
+        except RuntimeError:  # an inference tensor outside inference mode, and the like
+            return False
+        return True
+
     def write_back(self, members: Members, tensors: List[torch.Tensor]) -> None:
         """Copy the updated packed buffers back into each member's own buffers."""
         if not self.mutated:

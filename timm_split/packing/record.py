@@ -8,6 +8,7 @@ decomposition the meta device takes (so the packed network can call the fused ke
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -92,11 +93,14 @@ def record(member: nn.Module, input_shape: Tuple[int, ...], dtype: torch.dtype) 
     paths = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
     stack: List[str] = []
 
+    me = threading.get_ident()  # module hooks are process-wide: other threads' forwards are not recorded
+
     def pre(mod: nn.Module, args: Any) -> None:
-        stack.append(paths.get(id(mod), "?"))
+        if threading.get_ident() == me:
+            stack.append(paths.get(id(mod), "?"))
 
     def post(mod: nn.Module, args: Any, out: Any) -> None:
-        if stack:
+        if stack and threading.get_ident() == me:
             stack.pop()
 
     h1 = nn.modules.module.register_module_forward_pre_hook(pre)

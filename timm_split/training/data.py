@@ -16,13 +16,14 @@ import json
 import logging
 import os
 import struct
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, default_collate
 from timm.data import ImageDataset, create_transform
+from timm.data.readers.reader import Reader
 
 from ..checks import atomic_write
 
@@ -30,7 +31,9 @@ __all__ = [
     "MemberViews", "create_member_transform", "collate_member_views", "MemberViewsDataset",
     "FashionMNIST", "read_idx", "write_idx", "create_datasets", "export_fashion_mnist", "create_member_loader",
     "create_eval_loader", "MemberBatchAugment", "is_fashion_mnist", "class_names", "split_folder",
-    "check_same_classes", "class_difference", "create_eval_dataset", "EXPORT_MARKER",
+    "check_same_classes", "class_difference", "create_eval_dataset", "EXPORT_MARKER", "create_ood_dataset",
+    "image_files", "check_ood_distinct_files", "data_sources", "FASHION_MNIST_CLASSES", "canonical_class_names",
+    "set_image_mode",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -40,6 +43,51 @@ def _check_split_factor(split_factor: int) -> int:
     if isinstance(split_factor, bool) or not isinstance(split_factor, (int, np.integer)) or split_factor < 1:
         raise ValueError(f"split_factor must be an integer >= 1 (the split factor S); got {split_factor!r}.")
     return int(split_factor)
+
+
+_LAYOUTS = {3: "[C, H, W] (one view)", 4: "[S, C, H, W] (one image's views)", 5: "[S, B, C, H, W] (a batch)"}
+
+
+def check_member_views(views: Any, ndim: int, split_factor: Optional[int] = None, what: str = "views"
+                       ) -> torch.Tensor:
+    """The member views' contract, checked in one place: a tensor of ``ndim`` dims (3: ``[C, H, W]``, 4:
+    ``[S, C, H, W]``, 5: ``[S, B, C, H, W]``), real-valued (uint8 or floating point in practice; not bool or
+    complex), not empty, with ``split_factor`` views.
+
+    Args:
+        views: a tensor or numpy array (a list/tuple of per-member tensors is stacked).
+        ndim: the dims expected.
+        split_factor: S, where known (the leading dim for ``ndim`` 4 and 5).
+        what: how the message names it (``'sample 3'``, ``"the transform's output"``).
+
+    Returns:
+        ``views`` as a tensor.
+
+    Raises:
+        ValueError: the message names what was given and the layout expected.
+    """
+    if isinstance(views, (list, tuple)) and ndim > 3:
+        views = [check_member_views(v, ndim - 1, None, f"{what}[{i}]") for i, v in enumerate(views)]
+        shapes = {tuple(v.shape) for v in views}
+        if len(shapes) > 1 or not views:
+            raise ValueError(f"{what}: the per-member views have shapes {sorted(shapes)}; all need one shape")
+        views = torch.stack(views)
+    elif isinstance(views, np.ndarray):
+        views = torch.from_numpy(np.ascontiguousarray(views))
+    if not isinstance(views, torch.Tensor):
+        raise ValueError(f"{what} must be a tensor {_LAYOUTS[ndim]}, got {type(views).__name__} (a transform must end "
+                         "in a tensor: timm's create_transform, or torchvision's ToTensor)")
+    if views.ndim != ndim:
+        raise ValueError(f"{what} must be {_LAYOUTS[ndim]}; got shape {tuple(views.shape)}")
+    if views.dtype == torch.bool or views.dtype.is_complex:
+        raise ValueError(f"{what} must be real-valued images (uint8 from timm's prefetcher transforms, else floating "
+                         f"point); got {views.dtype}")
+    if views.numel() == 0:
+        raise ValueError(f"{what} is empty (shape {tuple(views.shape)})")
+    if split_factor is not None and ndim >= 4 and views.shape[0] != split_factor:
+        raise ValueError(f"{what} has {views.shape[0]} views for {split_factor} members (shape "
+                         f"{tuple(views.shape)}, {_LAYOUTS[ndim]})")
+    return views
 
 
 class MemberViews:
@@ -64,9 +112,10 @@ class MemberViews:
 
     def __call__(self, sample: Any) -> torch.Tensor:
         if self.same_view:
-            view = torch.as_tensor(self.transform(sample))
+            view = check_member_views(self.transform(sample), 3, what="the transform's output")
             return view.unsqueeze(0).repeat(self.split_factor, *([1] * view.ndim))
-        return torch.stack([torch.as_tensor(self.transform(sample)) for _ in range(self.split_factor)])
+        return torch.stack([check_member_views(self.transform(sample), 3, what="the transform's output")
+                            for _ in range(self.split_factor)])
 
     def __repr__(self) -> str:
         return (f"{self.__class__.__name__}(split_factor={self.split_factor}, same_view={self.same_view}, "
@@ -118,11 +167,10 @@ def collate_member_views(batch: Sequence[Tuple[Any, Any]]) -> Tuple[torch.Tensor
     for i, sample in enumerate(batch):
         if not isinstance(sample, (tuple, list)) or len(sample) != 2:
             raise ValueError(f"sample {i} must be a (views, target) pair; got {type(sample).__name__}.")
-        v = sample[0]
-        v = torch.stack([torch.as_tensor(x) for x in v]) if isinstance(v, (tuple, list)) else torch.as_tensor(v)
-        if v.ndim < 2:
-            raise ValueError(f"sample {i}: views must be [S, C, H, W] (use MemberViews as the dataset transform); "
-                             f"got shape {tuple(v.shape)}.")
+        try:
+            v = check_member_views(sample[0], 4, what=f"sample {i}'s views")
+        except ValueError as e:
+            raise ValueError(f"{e} (use MemberViews as the dataset transform)") from None
         if views and v.shape != views[0].shape:
             raise ValueError(f"sample {i}: views of shape {tuple(v.shape)} differ from sample 0's "
                              f"{tuple(views[0].shape)}; every sample needs the same S and image size.")
@@ -227,6 +275,37 @@ def write_idx(path: str, array: np.ndarray) -> None:
         f.write(np.ascontiguousarray(big).tobytes())
 
 
+# Fashion-MNIST's ten classes, named once: the IDX reader's ``classes`` and export-fashion-mnist's class folders
+# (``<label>_<name>``, so timm's sorted folder reader gives each class its label). A checkpoint records these names,
+# and validate compares them, so a model trained on either source validates on the other.
+FASHION_MNIST_CLASSES = ("0_t_shirt_top", "1_trouser", "2_pullover", "3_dress", "4_coat", "5_sandal", "6_shirt",
+                         "7_sneaker", "8_bag", "9_ankle_boot")
+# The names the IDX reader gave before (checkpoints trained on the IDX files then carry them).
+_FASHION_MNIST_OLD_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                            "Ankle boot")
+
+
+def set_image_mode(dataset: Dataset, in_chans: int) -> None:
+    """Read ``dataset``'s images with ``in_chans`` channels (1: grayscale ``'L'``, else ``'RGB'``), whichever source
+    it is: the IDX reader gives ``'L'`` and timm's folder reader ``'RGB'`` by default, so a model trained on one
+    would get the other's channel count. Datasets of another kind are left as they are."""
+    mode = "L" if in_chans == 1 else "RGB"
+    inner = getattr(dataset, "dataset", dataset)  # a subset wrapper
+    if isinstance(inner, FashionMNIST):
+        inner.img_mode = mode
+    elif isinstance(inner, ImageDataset):
+        inner.input_img_mode = mode
+
+
+def canonical_class_names(names: Optional[Sequence[str]]) -> Optional[List[str]]:
+    """``names`` with Fashion-MNIST's earlier class names (``'T-shirt/top'``, ...) as :data:`FASHION_MNIST_CLASSES`
+    (for comparing a checkpoint's classes with a dataset's); any other list as it is."""
+    if names is None:
+        return None
+    names = [str(n) for n in names]
+    return list(FASHION_MNIST_CLASSES) if tuple(names) == _FASHION_MNIST_OLD_NAMES else names
+
+
 class FashionMNIST(Dataset):
     """Fashion-MNIST from its IDX files (as installed by the Debian package ``dataset-fashion-mnist``).
 
@@ -244,8 +323,7 @@ class FashionMNIST(Dataset):
         classes: The ten class names.
     """
 
-    classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-               "Ankle boot"]
+    classes = list(FASHION_MNIST_CLASSES)
 
     def __init__(self, root: str = "/usr/share/datasets/fashion-mnist", train: bool = True,
                  transform: Optional[Callable[[Image.Image], Any]] = None) -> None:
@@ -276,6 +354,8 @@ class FashionMNIST(Dataset):
 
     def __getitem__(self, index: int) -> Tuple[Any, int]:
         image = Image.fromarray(self.data[index])
+        if getattr(self, "img_mode", "L") != "L":  # a 3-channel model (trained on the exported PNGs as RGB)
+            image = image.convert(self.img_mode)
         if self.transform is not None:
             image = self.transform(image)
         return image, int(self.targets[index])
@@ -328,6 +408,138 @@ class _ImageFiles(ImageDataset):
                              f"bomb ({e}); shrink or remove the image, or raise PIL.Image.MAX_IMAGE_PIXELS (now "
                              f"{Image.MAX_IMAGE_PIXELS}; None: no limit, for trusted files only) in the Python that "
                              "reads the data.") from None
+
+
+class FolderScan:
+    """What :func:`scan_image_folder` found: the samples, the classes and what it left out.
+
+    Attributes:
+        samples: ``(path, class index)`` per image, in timm's order (natural sort of the paths).
+        class_to_idx: class folder name -> index (natural sort of the names, as timm numbers them).
+        skipped: ``{'hidden': n, 'not an image': n}``: entries left out, by reason.
+    """
+
+    def __init__(self, samples: List[Tuple[str, int]], class_to_idx: Dict[str, int], skipped: Dict[str, int]) -> None:
+        self.samples, self.class_to_idx, self.skipped = samples, class_to_idx, skipped
+
+
+def scan_image_folder(folder: str, class_to_idx: Optional[Dict[str, int]] = None) -> FolderScan:
+    """The one audited scan of an image folder (a split: ``folder/<class>/<image>``), with stated rules.
+
+    * A class is a folder directly in ``folder``; its images are the files with an image extension (timm's
+      list, any case: ``.PNG`` counts) anywhere below it, nested folders included (torchvision's rule; timm
+      named a nested folder's images after the nested folder, merging ``a/x`` and ``b/x`` into one class ``x``).
+    * Hidden files and folders (``.name``: ``.ipynb_checkpoints``, macOS ``._x.png``) are left out, as are files
+      that are not images; both are counted in :attr:`FolderScan.skipped` and logged once.
+    * Symlinks are followed. A broken link with an image extension, or a folder link that loops back to one of
+      its parents (timm's walk repeated the images up to 40 times), is an error naming it.
+    * An image directly in ``folder`` (in no class) is an error (timm made a class ``''`` of it); so is a class
+      folder without images when other classes have some (timm dropped it, which renumbers the classes after it).
+
+    Args:
+        folder: the split folder.
+        class_to_idx: a class map (timm's ``--class-map``): only these classes, with these indices; class folders
+            not in it are left out.
+
+    Returns:
+        The scan.
+
+    Raises:
+        ValueError: a rule above is broken (the message names the path and the fix), or ``folder`` holds no image.
+    """
+    from timm.data.readers.img_extensions import get_img_extensions
+    from timm.utils.misc import natural_key
+
+    types = {e.lower() for e in get_img_extensions(as_set=True)}
+    skipped = {"hidden": 0, "not an image": 0}
+    is_image = lambda name: os.path.splitext(name)[1].lower() in types  # noqa: E731
+
+    def walk(path: str, parents: Tuple[str, ...]) -> List[str]:
+        found = []
+        for entry in sorted(os.scandir(path), key=lambda e: e.name):
+            if entry.name.startswith("."):
+                skipped["hidden"] += 1
+                continue
+            full = os.path.join(path, entry.name)
+            if entry.is_dir(follow_symlinks=True):
+                real = os.path.realpath(full)
+                if real in parents:
+                    raise ValueError(f"{full} is a symlink to {real}, a folder above it: the scan would loop; remove "
+                                     "the link")
+                found += walk(full, parents + (real,))
+            elif is_image(entry.name):
+                if not os.path.exists(full):
+                    raise ValueError(f"{full} is a broken symlink (to {os.readlink(full)}); remove it or restore "
+                                     "its target")
+                found.append(full)
+            else:
+                skipped["not an image"] += 1
+        return found
+
+    root_real = os.path.realpath(folder)
+    per_class: Dict[str, List[str]] = {}
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        full = os.path.join(folder, entry.name)
+        if entry.name.startswith("."):
+            skipped["hidden"] += 1
+        elif entry.is_dir(follow_symlinks=True):
+            if class_to_idx is None or entry.name in class_to_idx:
+                per_class[entry.name] = walk(full, (root_real, os.path.realpath(full)))
+        elif is_image(entry.name):
+            raise ValueError(f"{full} is an image directly in {folder}, in no class folder; move it into "
+                             f"{folder}/<class>/")
+        else:
+            skipped["not an image"] += 1
+    if not any(per_class.values()):
+        raise ValueError(f"Found 0 images in subfolders of {folder} (image extensions: {', '.join(sorted(types))}); "
+                         f"put the images in {folder}/<class>/, or pass the --data-dir that holds them")
+    empty = sorted(name for name, files in per_class.items() if not files)
+    if empty:
+        raise ValueError(f"class folder(s) {empty[:5]} of {folder} hold no images (hidden files and other files "
+                         "do not count) while other classes have some; add images or remove the folder(s)")
+    if class_to_idx is None:
+        class_to_idx = {c: i for i, c in enumerate(sorted(per_class, key=natural_key))}
+    samples = sorted(((f, class_to_idx[c]) for c, files in per_class.items() for f in files),
+                     key=lambda kv: natural_key(kv[0]))
+    if any(skipped.values()):
+        _logger.info("%s: %d images in %d classes; left out %s", folder, len(samples), len(per_class),
+                     ", ".join(f"{n} {why}" for why, n in skipped.items() if n))
+    return FolderScan(samples, class_to_idx, skipped)
+
+
+def _folder_reader(folder: str, class_map: str = ""):
+    """timm's ``ReaderImageFolder`` over :func:`scan_image_folder`'s samples (timm's own walk is not run)."""
+    from timm.data.readers.class_map import load_class_map
+    from timm.data.readers.reader_image_folder import ReaderImageFolder
+
+    try:
+        mapping = load_class_map(class_map, folder) if class_map else None
+    except AssertionError as e:  # timm asserts: a missing file, an extension other than .txt/.pkl
+        raise ValueError(f"--class-map {class_map}: {e} (a .txt file with one class folder name per line)") from None
+    scan = scan_image_folder(folder, mapping)
+    reader = ReaderImageFolder.__new__(ReaderImageFolder)  # its scan is replaced by ours; its reading is kept
+    Reader.__init__(reader)
+    reader.root, reader.samples, reader.class_to_idx = folder, scan.samples, scan.class_to_idx
+    return reader
+
+
+def data_sources(ds: Dataset) -> List[str]:
+    """The files and folders a dataset reads (the output-path guard keeps every output off them).
+
+    Args:
+        ds: a dataset of :func:`create_datasets` / :func:`create_eval_dataset` (or a subset of one).
+
+    Returns:
+        Fashion-MNIST: its two IDX files; an image folder: its split folder; anything else: its ``root`` if it
+        has one, else nothing.
+    """
+    ds = ds.dataset if isinstance(ds, _SubsetWithTransform) else ds
+    if isinstance(ds, FashionMNIST):
+        split = "train" if ds.train else "t10k"
+        return [ds._find(f"{split}-{kind}-ubyte") for kind in ("images-idx3", "labels-idx1")]
+    reader = getattr(ds, "reader", None)
+    root = getattr(reader, "root", None) or getattr(ds, "root", None)
+    return [os.fspath(root)] if isinstance(root, (str, os.PathLike)) and os.path.exists(root) else []
 
 
 def is_fashion_mnist(dataset: str, data_dir: Optional[str]) -> bool:
@@ -427,8 +639,14 @@ def _timm_dataset(name: str, root: Optional[str], split: str, is_training: bool,
         _check_export_complete(root)
         folder = split_folder(root, split)
     try:
-        ds = create_dataset(name, root=root, split=split, is_training=is_training, download=False,
-                            class_map=class_map)
+        if folder:  # our audited scan (scan_image_folder) instead of timm's walk
+            try:
+                ds = ImageDataset(folder, reader=_folder_reader(folder, class_map))
+            except ValueError as e:
+                raise ValueError(f"cannot read the {split!r} split at {root}: {e}") from None
+        else:
+            ds = create_dataset(name, root=root, split=split, is_training=is_training, download=False,
+                                class_map=class_map)
     except (RuntimeError, FileNotFoundError) as e:  # timm: "Found 0 images"; torchvision: "Dataset not found"
         fix = f"put the images in {folder}/<class>/, or pass the --data-dir that holds them" if folder else \
             "nothing is downloaded: put the data on disk and pass --data-dir"
@@ -498,44 +716,127 @@ def create_eval_dataset(dataset: str, data_dir: Optional[str], split: str = "val
     return ds, names, {}
 
 
+def _check_holdout_classes(holdout_classes: Sequence[int]) -> Set[int]:
+    """The held-out labels as a set; ``ValueError`` for labels outside 0-9, repeats, or all ten."""
+    labels = list(holdout_classes or ())
+    n = len(FashionMNIST.classes)
+    bad = [k for k in labels if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k < n]
+    if bad:
+        raise ValueError(f"--holdout-classes takes labels 0-{n - 1}; got {bad}.")
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"--holdout-classes names a class twice: {labels}.")
+    if len(labels) > n - 2:
+        raise ValueError(f"--holdout-classes leaves {n - len(labels)} class(es) to train on; hold out at most {n - 2}.")
+    return {int(k) for k in labels}
+
+
+def create_ood_dataset(root: str, in_chans: int = 3) -> Dataset:
+    """Out-of-distribution images for ``timm-split validate --ood-data``: an ImageFolder (class folders, their
+    names ignored) or a flat folder of images, read by timm's folder reader (labels are unused).
+
+    Args:
+        root: The folder.
+        in_chans: The model's input channels (1: the images are read as grayscale, else as RGB).
+
+    Returns:
+        A dataset of ``(image, label)`` with a ``transform`` for timm's loader; ``ValueError`` where ``root`` is not
+        a folder or holds no images.
+    """
+    from timm.data.readers.img_extensions import get_img_extensions
+
+    if not os.path.isdir(root):
+        raise ValueError(f"--ood-data {root} does not exist or is not a directory; pass a folder of images (flat, or "
+                         "in class folders).")
+    try:
+        ds = _ImageFiles(root, input_img_mode="L" if in_chans == 1 else "RGB")
+    except RuntimeError as e:  # timm: "Found 0 images in subfolders of ..."
+        raise ValueError(f"--ood-data {root} holds no images (timm reads {', '.join(get_img_extensions())}); pass a "
+                         "folder of out-of-distribution images.") from e
+    if len(ds) == 0:
+        raise ValueError(f"--ood-data {root} holds no images; pass a folder of out-of-distribution images.")
+    return ds
+
+
+def image_files(ds: Dataset) -> Optional[List[str]]:
+    """The real paths of the image files a folder dataset reads, or None where it reads none (IDX, tar)."""
+    ds = ds.dataset if isinstance(ds, _SubsetWithTransform) else ds
+    samples = getattr(getattr(ds, "reader", None), "samples", None)
+    if not samples or not isinstance(samples[0], (tuple, list)) or not isinstance(samples[0][0], str):
+        return None
+    return [os.path.realpath(path) for path, _ in samples]
+
+
+def check_ood_distinct_files(ood: Dataset, val: Dataset, where: str) -> None:
+    """``ValueError`` where the OOD dataset reads any image file the validation dataset reads (by real path).
+
+    Args:
+        ood: The dataset of :func:`create_ood_dataset`.
+        val: The validation dataset.
+        where: The OOD folder, for the message.
+    """
+    a, b = image_files(ood), image_files(val)
+    if a is None or b is None:
+        return
+    shared = set(a) & set(b)
+    if shared:
+        raise ValueError(f"--ood-data {where} holds {len(shared)} of the {len(b)} validation images (e.g. "
+                         f"{sorted(shared)[0]}): it is the validation set itself, and an OOD AUROC of it is 0.5 by "
+                         "construction; pass a folder of images of other classes (export-fashion-mnist "
+                         "--holdout-classes writes one).")
+
+
 def export_fashion_mnist(out_dir: str, per_class: Optional[int] = None, val_per_class: Optional[int] = None,
-                         idx_dir: str = FASHION_MNIST_DIR) -> Dict[str, int]:
+                         idx_dir: str = FASHION_MNIST_DIR, holdout_classes: Sequence[int] = ()) -> Dict[str, int]:
     """Write Fashion-MNIST as an ImageFolder of PNGs: ``out_dir/{train,validation}/<k>_<class>/<i>.png``.
 
-    Class folders are prefixed with their label, so timm's folder reader gives each class its original index.
+    Class folders are prefixed with their label, so timm's folder reader gives each class its original index
+    (with ``holdout_classes``: its rank among the classes kept).
 
     Args:
         out_dir: The folder to create (must not hold a ``train`` or ``validation`` folder yet).
         per_class: Train images per class (the first ones of each class; None: all 6000).
         val_per_class: Validation images per class from the test split (None: ``per_class``; all 1000 if both None).
         idx_dir: Where the IDX files are.
+        holdout_classes: Labels (0-9) left out of train and validation and written instead, from the test split
+            (``val_per_class`` of each), to ``out_dir/holdout/<k>_<class>/<i>.png``: out-of-distribution images for
+            ``timm-split validate --ood-data out_dir/holdout``. The remaining class folders keep their label
+            prefix; timm's folder reader numbers them 0.. in that order.
 
     Returns:
-        Images written per split, e.g. ``{'train': 1000, 'validation': 1000}``.
+        Images written per split, e.g. ``{'train': 1000, 'validation': 1000}`` (and ``'holdout'`` with
+        ``holdout_classes``).
     """
     for n in (per_class, val_per_class):
         if n is not None and n < 1:
             raise ValueError(f"images per class must be >= 1; got {n}.")
-    for split in ("train", "validation"):
+    holdout = _check_holdout_classes(holdout_classes)
+    for split in ("train", "validation") + (("holdout",) if holdout else ()):
         if os.path.exists(os.path.join(out_dir, split)):
             raise ValueError(f"{os.path.join(out_dir, split)} already exists; pass a new output folder.")
     sources = {"train": FashionMNIST(idx_dir, train=True), "validation": FashionMNIST(idx_dir, train=False)}
     os.makedirs(out_dir, exist_ok=True)
     _write_marker(out_dir, {"complete": False})  # a stopped export stays marked partial (create_datasets refuses)
     counts = {}
-    for split, n in (("train", per_class), ("validation", val_per_class or per_class)):
+    splits = [("train", per_class), ("validation", val_per_class or per_class)]
+    if holdout:
+        splits.append(("holdout", val_per_class or per_class))
+        sources["holdout"] = sources["validation"]
+    for split, n in splits:
         ds, root = sources[split], os.path.join(out_dir, split)
-        names = [f"{k}_{c.lower().replace('/', '_').replace(' ', '_').replace('-', '_')}"
-                 for k, c in enumerate(ds.classes)]
-        for name in names:
+        names = list(FASHION_MNIST_CLASSES)  # the IDX reader's names: a checkpoint of either validates on the other
+        keep = [k in holdout if split == "holdout" else k not in holdout for k in range(len(names))]
+        for name in (name for name, kept in zip(names, keep) if kept):
             os.makedirs(os.path.join(root, name))
         taken = np.zeros(len(names), dtype=np.int64)
         for i, label in enumerate(ds.targets):
-            if n is None or taken[label] < n:
+            if keep[label] and (n is None or taken[label] < n):
                 Image.fromarray(ds.data[i]).save(os.path.join(root, names[label], f"{i:05d}.png"))
                 taken[label] += 1
         counts[split] = int(taken.sum())
-    _write_marker(out_dir, {"complete": True, "images": counts})  # last: the export is whole
+    done = {"complete": True, "images": counts}
+    if holdout:
+        done["holdout_classes"] = sorted(holdout)
+    _write_marker(out_dir, done)  # last: the export is whole
     return counts
 
 
@@ -601,6 +902,10 @@ class MemberBatchAugment:
         self.mixup = mixup
 
     def __call__(self, views: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        views = check_member_views(views, 5, what="MemberBatchAugment's views")
+        if (self.erasing is not None or self.mixup is not None) and not views.dtype.is_floating_point:
+            raise ValueError(f"random erasing and mixup work on normalised float views; got {views.dtype} (timm's "
+                             "prefetcher normalises them first)")
         S, B, C, H, W = views.shape
         if self.erasing is not None:
             views = self.erasing(views.reshape(S * B, C, H, W)).reshape(S, B, C, H, W)

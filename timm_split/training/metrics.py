@@ -1,5 +1,6 @@
-"""Classification metrics of an ensemble and its members: top-1/top-5, NLL and ECE (``evaluate``); images/s and
-time left of a long loop, for progress lines in a log (``Throughput``)."""
+"""Classification metrics of an ensemble and its members: top-1/top-5, NLL and ECE (``evaluate``; the uncertainty
+metrics are in :mod:`timm_split.training.uncertainty`); the members' logits on a loader (``collect_member_logits``);
+images/s and time left of a long loop, for progress lines in a log (``Throughput``)."""
 from __future__ import annotations
 
 import contextlib
@@ -7,7 +8,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,8 @@ from torch import nn
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["expected_calibration_error", "classification_metrics", "evaluate", "Throughput", "format_seconds"]
+__all__ = ["expected_calibration_error", "classification_metrics", "collect_member_logits", "evaluate", "Throughput",
+           "format_seconds"]
 
 
 def format_seconds(seconds: float) -> str:
@@ -65,8 +67,9 @@ class Throughput:
 def expected_calibration_error(probs: torch.Tensor, target: torch.Tensor, n_bins: int = 15) -> float:
     """Expected calibration error of the top-1 prediction, with ``n_bins`` equal-width confidence bins.
 
-    ``ECE = sum_b |B_b| / N * |acc(B_b) - conf(B_b)|``; bin ``b`` holds confidences in ``(b/n, (b+1)/n]``
-    (a confidence of exactly 0 goes to the first bin).
+    ``ECE = sum_b |B_b| / N * |acc(B_b) - conf(B_b)|``, computed by torchmetrics' L1
+    ``multiclass_calibration_error``: bin ``b`` holds confidences in ``[b/n, (b+1)/n)`` and a confidence of
+    exactly 1 has a bin of its own (:data:`~timm_split.training.uncertainty.ECE_BINNING`).
 
     Args:
         probs: Probabilities ``[N, K]``.
@@ -76,13 +79,13 @@ def expected_calibration_error(probs: torch.Tensor, target: torch.Tensor, n_bins
     Returns:
         The ECE as a fraction in ``[0, 1]``.
     """
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
     if n_bins < 1:
         raise ValueError(f"n_bins must be >= 1; got {n_bins}.")
-    conf, pred = probs.float().max(-1)
-    correct = (pred == target).float()
-    bins = (torch.ceil(conf * n_bins).long() - 1).clamp(0, n_bins - 1)
-    gap = torch.zeros(n_bins, device=conf.device).index_add_(0, bins, conf - correct)
-    return float(gap.abs().sum() / max(len(target), 1))
+    probs = probs.detach().float().cpu()
+    return float(multiclass_calibration_error(probs, target.cpu(), num_classes=probs.shape[-1], n_bins=n_bins,
+                                              norm="l1"))
 
 
 def classification_metrics(logits: torch.Tensor, target: torch.Tensor, n_bins: int = 15) -> Dict[str, float]:
@@ -94,27 +97,27 @@ def classification_metrics(logits: torch.Tensor, target: torch.Tensor, n_bins: i
 
     logits = logits.float()
     top1, top5 = accuracy(logits, target, topk=(1, min(5, logits.shape[-1])))
+    finite = bool(torch.isfinite(logits).all())  # a diverged model: NaN, not a number binned from NaN
     return OrderedDict(loss=float(F.cross_entropy(logits, target)), top1=float(top1), top5=float(top5),
-                       ece=expected_calibration_error(logits.softmax(-1), target, n_bins))
+                       ece=expected_calibration_error(logits.softmax(-1), target, n_bins) if finite else math.nan)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, autocast: Callable[[], Any] = contextlib.nullcontext,
-             channels_last: bool = False, members_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-             log_interval: int = 0) -> Dict[str, Any]:
-    """Metrics of a :class:`~timm_split.ensemble.SplitEnsemble` and of each member on ``loader``.
+def collect_member_logits(model: nn.Module, loader, autocast: Callable[[], Any] = contextlib.nullcontext,
+                          channels_last: bool = False,
+                          members_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                          log_interval: int = 0, what: str = "Eval") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Every member's logits on ``loader``: ``(members [S, N, K] float32 on the CPU, targets [N])``.
 
     Args:
-        model: The ensemble; evaluated in eval mode, its mode restored after.
+        model: The ensemble; run in eval mode, its mode restored after.
         loader: Batches ``(images [B, C, H, W], targets [B])`` already on the model's device.
         autocast: A context factory (e.g. bf16 autocast).
         channels_last: Feed channels-last images.
         members_fn: Computes ``[S, B, K]`` instead of ``model.forward_members`` (member-parallel ranks).
-        log_interval: Log ``Eval: [i/N] <images/s>, ETA <time left>`` (INFO) every this many batches and at the
+        log_interval: Log ``<what>: [i/N] <images/s>, ETA <time left>`` (INFO) every this many batches and at the
             last; 0: never.
-
-    Returns:
-        ``{'loss', 'top1', 'top5', 'ece'}`` of the ensemble plus ``'members'``: the same per member.
+        what: The progress lines' prefix.
     """
     was_training = model.training
     model.eval()
@@ -130,10 +133,48 @@ def evaluate(model: nn.Module, loader, autocast: Callable[[], Any] = contextlib.
             targets.append(target.cpu())
             pace.update(len(target))
             if log_interval and (i % log_interval == 0 or i == n - 1):
-                _logger.info("Eval: [%d/%d] %.1f img/s, ETA %s", i + 1, n, pace.rate(), format_seconds(pace.eta()))
+                _logger.info("%s: [%d/%d] %.1f img/s, ETA %s", what, i + 1, n, pace.rate(),
+                             format_seconds(pace.eta()))
     finally:
         model.train(was_training)
-    members, target = torch.cat(outs, 1), torch.cat(targets)
+    if not outs:
+        raise ValueError("the loader gave no batches; there is nothing to evaluate.")
+    return torch.cat(outs, 1), torch.cat(targets)
+
+
+def evaluate(model: nn.Module, loader, autocast: Callable[[], Any] = contextlib.nullcontext,
+             channels_last: bool = False, members_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+             log_interval: int = 0, uncertainty: bool = False) -> Dict[str, Any]:
+    """Metrics of a :class:`~timm_split.ensemble.SplitEnsemble` and of each member on ``loader``.
+
+    Args:
+        model: The ensemble; evaluated in eval mode, its mode restored after.
+        loader: Batches ``(images [B, C, H, W], targets [B])`` already on the model's device.
+        autocast: A context factory (e.g. bf16 autocast).
+        channels_last: Feed channels-last images.
+        members_fn: Computes ``[S, B, K]`` instead of ``model.forward_members`` (member-parallel ranks).
+        log_interval: Log ``Eval: [i/N] <images/s>, ETA <time left>`` (INFO) every this many batches and at the
+            last; 0: never.
+        uncertainty: Add the Brier score, AURC, accuracy at 90%/95% coverage and (ensemble) member disagreement
+            and mutual information of :func:`~timm_split.training.uncertainty.uncertainty_report`.
+
+    Returns:
+        ``{'loss', 'top1', 'top5', 'ece'}`` (and with ``uncertainty`` the keys above) of the ensemble plus
+        ``'members'``: the same per member.
+    """
+    members, target = collect_member_logits(model, loader, autocast, channels_last, members_fn, log_interval)
     result = classification_metrics(model.combine(members), target)
     result["members"] = [classification_metrics(m, target) for m in members]
+    if uncertainty:
+        from .uncertainty import uncertainty_report
+
+        keep = ("brier", "aurc", "acc_cov90", "acc_cov95", "disagreement", "pairwise_disagreement", "mutual_info")
+        if torch.isfinite(members).all():
+            report = uncertainty_report(members, target, averaging=getattr(model, "averaging", "logits"))
+            rows = [report["ensemble"]] + report["members"]
+        else:  # a diverged model: its metrics say NaN (the trainer decides what to do), never a made-up number
+            _logger.warning("evaluate: the logits hold NaN or inf; the uncertainty metrics are NaN")
+            rows = [dict.fromkeys(keep, math.nan)] + [dict.fromkeys(keep[:-2], math.nan)] * members.shape[0]
+        for out, row in zip([result] + result["members"], rows):
+            out.update((k, row[k]) for k in keep if k in row)
     return result

@@ -1,6 +1,7 @@
 """Optimizer helpers: weight decay scaled for S thinner members (SplitNet)."""
 import logging
 import math
+import numbers
 from typing import Any, Collection, Dict, List, Optional, Set
 
 from torch import nn
@@ -26,8 +27,9 @@ def scaled_weight_decay(weight_decay: float, split_factor: int) -> float:
     """
     if isinstance(split_factor, bool) or int(split_factor) != split_factor or split_factor < 1:
         raise ValueError(f"split_factor must be an integer >= 1 (1: no split); got {split_factor!r}.")
-    if weight_decay < 0:
-        raise ValueError(f"weight_decay must be >= 0; got {weight_decay}.")
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, numbers.Real) \
+            or not math.isfinite(weight_decay) or weight_decay < 0:
+        raise ValueError(f"weight_decay must be a finite number >= 0 (e.g. 5e-4), got {weight_decay!r}.")
     return float(weight_decay) * math.exp(1.0 / int(split_factor) - 1.0)
 
 
@@ -88,10 +90,27 @@ def param_groups(
 
     Returns:
         A list of ``{'params': [...], 'weight_decay': float}`` dicts.
+
+    Raises:
+        ValueError: ``model`` not a module, ``weight_decay`` not a finite number >= 0 (NaN, a bool or a string
+            included), ``split_factor`` not None or an int >= 1 or disagreeing with the model's, or
+            ``no_weight_decay_list`` not a collection of names.
     """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be an nn.Module (the split model), got {type(model).__name__}")
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, numbers.Real) \
+            or not math.isfinite(weight_decay) or weight_decay < 0:
+        raise ValueError(f"weight_decay must be a finite number >= 0 (e.g. 5e-4), got {weight_decay!r}")
+    if split_factor is not None and (isinstance(split_factor, bool) or not isinstance(split_factor, int)
+                                     or split_factor < 1):
+        raise ValueError(f"split_factor must be None (read from the model) or an int >= 1, got {split_factor!r}")
     if isinstance(no_weight_decay_list, str):
         raise ValueError("no_weight_decay_list must be a collection of names, not a string; "
                          f"use ({no_weight_decay_list!r},).")
+    if not isinstance(no_weight_decay_list, Collection) or \
+            not all(isinstance(n, str) for n in no_weight_decay_list):
+        raise ValueError(f"no_weight_decay_list must be a collection of parameter names (str), got "
+                         f"{no_weight_decay_list!r}")
     own = model_split_factor(model)
     if own is not None and split_factor is not None and split_factor != own:
         raise ValueError(f"split_factor={split_factor!r} disagrees with the model's split_factor={own}; "
