@@ -394,3 +394,39 @@ def test_packed_input_gradients_of_frozen_members_survive_the_next_call():
     xs[0].grad = None
     e.set_execution("loop")(xs[0]).sum().backward()
     torch.testing.assert_close(got, xs[0].grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["loop", "threads", "packed", "threads+packed"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.int64, torch.bool, torch.complex64])
+def test_views_of_a_dtype_the_members_cannot_take_are_one_value_error(ens, strategy, dtype):
+    """Class 8 in the ensemble: an int/bool/complex image or a float dtype other than the weights' (outside autocast)
+    is a ValueError naming the fix under every strategy, never torch's error from inside the first layer."""
+    ens.set_execution(strategy, **OPTIONS.get(strategy, {}))
+    try:
+        with pytest.raises(ValueError, match="floating point images|cast the input"), torch.no_grad():
+            ens(torch.ones(2, 3, 16, 16).to(dtype))
+    finally:
+        ens.set_execution("loop")
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():  # autocast casts: allowed
+        assert ens(torch.ones(2, 3, 16, 16)).shape[0] == 2
+
+
+def test_the_model_as_its_own_ema_saves_and_loads(ens, tmp_path):
+    """save_checkpoint(m, path, model_ema=m): the EMA's tensors share the model's memory; they are copied."""
+    path = save_checkpoint(ens, str(tmp_path / "c.safetensors"), model_ema=ens)
+    other = copy.deepcopy(ens)
+    ema = copy.deepcopy(ens)
+    with torch.no_grad():
+        for p in list(other.parameters()) + list(ema.parameters()):
+            p.zero_()
+    load_checkpoint(other, path, model_ema=ema)
+    for a, b, c in zip(ens.state_dict().values(), other.state_dict().values(), ema.state_dict().values()):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+@pytest.mark.parametrize("strategy", ["loop", "threads", "packed", "compile"])
+def test_an_unknown_execution_option_is_named_with_the_known_ones(ens, strategy):
+    e = copy.deepcopy(ens)
+    want = "unknown torch.compile option" if strategy == "compile" else f"execution '{strategy}' has no option"
+    with pytest.raises(ValueError, match=f"{want}.*'bogus'"):
+        e.set_execution(strategy, bogus=1)
