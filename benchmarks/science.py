@@ -977,7 +977,8 @@ def one_hot_logits(pred: torch.Tensor, k: int) -> torch.Tensor:
 def secondary_lines(recs: Records, labels: np.ndarray) -> List[str]:
     """Amendment 2's secondary endpoints: one table per budget (T1 and T2 at each k: s2 against single; T3: s4
     against T1's single at k = 2), each endpoint with the arms' means ± std, Δ, its Welch 95% interval and the
-    rule's outcome (s2 better / s2 worse / no difference shown; untested rows say "descriptive")."""
+    rule's outcome (s2 better / s2 worse / no difference shown; untested rows say "descriptive"; before
+    ``SEEDS_PER_ARM`` seeds per arm, "interim: n of 20 seeds")."""
     out = ["## Amendment 2: secondary endpoints", "",
            "From the stored test logits with `timm_split.training.uncertainty`; Δ = mean(split) - mean(single) over "
            "seeds, Welch 95% interval; rule: better / worse where the interval excludes 0, else no difference shown "
@@ -1004,8 +1005,11 @@ def secondary_lines(recs: Records, labels: np.ndarray) -> List[str]:
                 out.append(f"| {name} | - | {_ms(b, 3)} | - | - | descriptive |")
                 continue
             d, lo, hi = welch_ci(b, a)
+            n = min(len(a), len(b))
             if better == 0 or math.isnan(lo):
                 rule = "descriptive"
+            elif n < SEEDS_PER_ARM:  # the rule is applied at 20 seeds per arm, as the primary one
+                rule = f"interim: {n} of {SEEDS_PER_ARM} seeds"
             elif (lo > 0) == (better > 0) and (lo > 0 or hi < 0):
                 rule = f"**{arm} better**"
             elif lo > 0 or hi < 0:
