@@ -2,10 +2,12 @@
 
 The decision is a small, careful benchmark (see :class:`AutoExecution`): interleaved, paired trials of the loop and
 the best candidate until the candidate is faster than the loop beyond noise (a sign test on the per-round ratios),
-else the loop. A trial ratio no strategy can have (below ``1/S`` of the loop) is a measurement error and is never
-trusted. Decisions are remembered for the process and, by default, on disk (:func:`cache_dir`), keyed by the
-members' architecture, the input, the mode, the thread count, the machine and the torch version, so a second
-process with the same model and input pays no trial.
+else the loop. A trial ratio below ``1/S`` of the loop is suspicious (on a quiet machine no strategy can have it; a
+disturbed loop call can): such a round is held back and re-measured, and taken as evidence only if the low ratio
+reproduces (a sign test on the rounds below ``1/S``, their spread within a factor 2), as it does when the loop's
+multi-threaded calls are slowed by thread oversubscription or load. Decisions are remembered for the process and,
+by default, on disk (:func:`cache_dir`), keyed by the members' architecture, the input, the mode, the thread count,
+the machine and the torch version, so a second process with the same model and input pays no trial.
 """
 from __future__ import annotations
 
@@ -37,7 +39,10 @@ __all__ = ["AutoExecution", "AutoOptions", "Decision", "Key", "cache_dir", "need
 
 CACHE_ENV = "TIMM_SPLIT_CACHE_DIR"
 # bump when the decision rule changes: decisions cached on disk by an older rule are not reused
-_RULE = "sign-test-1"
+# (sign-test-1 never trusted a ratio below the floor; its cached "loop" decisions are the stale choices of issue 37)
+_RULE = "sign-test-2"
+# rounds below the floor are accepted only if their ratios (the median's sign-test interval) span at most this factor
+_SPREAD = 2.0
 
 # decisions shared by every AutoExecution(cache=True) of this process: the cache fields (JSON) -> Decision
 _DECISIONS: Dict[str, "Decision"] = {}
@@ -180,16 +185,22 @@ class Decision(NamedTuple):
         interval: the median's two-sided interval from the sign test (the ``(n-k+1)``-th and ``k``-th smallest
             ratio, ``k = needed_below(n, confidence)``); ``(min, max)`` of the ratios when ``n`` is too small for
             the test; None without a valid round.
-        ratios: ``best``'s ratio in each valid paired round.
+        ratios: ``best``'s ratio in each valid paired round (rounds below ``floor`` included once accepted).
         screen: each candidate's median ratio over the screening rounds (empty when there was one candidate).
-        ignored: rounds ignored because a ratio was below ``floor`` (impossible: a measurement error).
-        floor: the lowest ratio taken as possible (``1/S`` unless :class:`AutoOptions` sets it).
+        ignored: rounds not used because a ratio was below ``floor`` and did not reproduce (taken as a disturbed
+            loop call): confirmation rounds not accepted, and screening rounds below ``floor`` when a repeated
+            screening round was above it (when none is, the rounds below it rank the candidates and are not counted).
+        floor: below this a ratio is suspicious and its round held back until it reproduces (``1/S`` unless
+            :class:`AutoOptions` sets it).
         margin: ``best`` had to be faster than the loop by this fraction.
         confidence: the sign test's confidence.
         calls: trial calls per strategy (the real call that follows is not counted).
         seconds: the wall time of all trials (by the clock ``'auto'`` was given).
         loop_seconds: the median of the loop's timed calls (None if not timed).
         reason: one line on why ``winner`` won.
+        accepted: confirmation rounds whose ratio was below ``floor`` and that were accepted because it reproduced
+            (0: none; the class docstring's rule 4); they are in ``ratios``.
+        accepted_of: the rounds (below the floor or not) that ``accepted`` was counted among when accepted.
     """
 
     winner: str
@@ -207,6 +218,8 @@ class Decision(NamedTuple):
     seconds: float = 0.0
     loop_seconds: Optional[float] = None
     reason: str = ""
+    accepted: int = 0
+    accepted_of: int = 0
 
     @property
     def trial_calls(self) -> int:
@@ -230,9 +243,12 @@ class Decision(NamedTuple):
                          f"{100 * self.margin:.0f}%)")
         if self.screen:
             parts.append(f"screening medians {dict((n, round(v, 3)) for n, v in self.screen.items())}")
+        if self.accepted:
+            parts.append(f"ratio below 1/S reproduced in {self.accepted} of {self.accepted_of} rounds: accepted (the "
+                         f"loop is slowed by thread oversubscription or load; floor {self.floor:.3f}, 1/S unless set)")
         if self.ignored:
-            parts.append(f"{self.ignored} round(s) ignored as impossible (a ratio below the floor "
-                         f"{self.floor:.3f}, 1/S unless set)")
+            parts.append(f"{self.ignored} round(s) ignored (a ratio below the floor {self.floor:.3f}, 1/S unless set, "
+                         "that did not reproduce: taken as a disturbed loop call)")
         cost = self.loop_calls
         parts.append(f"First-call cost: {self.trial_calls} trial calls {dict(self.calls)} in {self.seconds:.2f} s"
                      + ("" if cost is None else f" = {cost:.1f} loop calls (loop {1e3 * self.loop_seconds:.1f} ms "
@@ -252,16 +268,17 @@ class AutoOptions:
     """How ``'auto'`` decides (see :class:`AutoExecution`).
 
     Args:
-        repeats: at most this many paired rounds (loop and the best candidate, order alternating), rounds ignored
-            as impossible included. A candidate wins after at least ``needed_below(n, confidence)`` rounds (5 at
-            0.95), so ``repeats`` must allow that.
+        repeats: at most this many paired rounds (loop and the best candidate, order alternating), plus one more per
+            round below ``floor`` (re-measured), at most ``repeats // 2`` more. A candidate wins after at least
+            ``needed_below(n, confidence)`` rounds (5 at 0.95), so ``repeats`` must allow that.
         screen: rounds of every candidate (one call each, order rotating) that pick the best one to confirm, when
             there is more than one besides the loop; their ratios are not reused in the confirmation (that would
             favour the candidate that was lucky in screening).
         margin: the best candidate replaces the loop only if its median ratio is below ``1 - margin`` beyond noise.
         confidence: of the sign test that separates the best candidate from ``1 - margin``.
-        floor: a ratio below this is impossible and its round is ignored (not trusted, repeated within
-            ``repeats``); None: ``1/S`` (no strategy runs S members in less time than the loop runs one of them).
+        floor: a ratio below this is suspicious: its round is held back and re-measured, and accepted only if the
+            low ratio reproduces (:class:`AutoExecution`, rule 4); None: ``1/S`` (on a quiet machine no strategy runs
+            S members in less time than the loop runs one of them).
         cache: share decisions with every ``AutoExecution(cache=True)`` of this process (False: time every time,
             and no disk cache either).
         disk: with ``cache``, also read and write decisions in :func:`cache_dir`, so another process with the same
@@ -324,13 +341,34 @@ class AutoExecution(Execution):
        rounds are not reused). After each, with ``n`` valid rounds of which ``b`` have a ratio below
        ``1 - margin`` (0.97): the candidate wins when ``b >= needed_below(n, confidence)`` (a sign test: the upper
        end of the median ratio's 95% interval is below ``1 - margin``; at least 5 rounds, all below; 7 of 8). The
-       loop wins as soon as that can no longer happen within ``repeats`` rounds (8), so a candidate within noise of
-       the loop loses after a few rounds.
+       loop wins as soon as that can no longer happen within ``repeats`` rounds (8; more with rounds below the
+       floor, rule 4), neither with the valid rounds nor by the rounds below the floor reproducing, so a candidate
+       within noise of the loop loses after a few rounds.
     4. A round with a ratio below ``floor`` (``1/S``: on a quiet machine no strategy runs S members in less time
-       than the loop runs one) is a measurement error (the loop's call disturbed, e.g. by a data loader starting
-       up): it is ignored, never trusted, and counts towards ``repeats``; a screening round ignored is repeated
-       once. (On an oversubscribed CPU a loop of multi-threaded OpenMP calls can really be that slow, measured
-       0.09-0.11 here at load 11 on 2 cores; ``auto`` then keeps the loop, which is never worse than the loop.)
+       than the loop runs one) is suspicious, not impossible: it is either a measurement error (the loop's call
+       disturbed, e.g. by a data loader starting up) or real (on an oversubscribed CPU a loop of multi-threaded
+       OpenMP calls is that slow against members on their own threads with one OpenMP thread each: 0.09-0.11
+       measured at load 11 on 2 cores, round after round). So such a confirmation round is held back (not in the
+       sign test of rule 3) and re-measured: it adds one round to ``repeats``, at most ``repeats // 2`` (4) such
+       rounds. The held rounds are accepted, all of them, as soon as the low ratio *reproduces*: with ``n`` rounds
+       so far (held or not), the median ratio's sign-test interval (:func:`needed_below`; its upper end is the
+       ``k``-th smallest ratio) lies wholly below ``floor``, i.e. ``k = needed_below(n, confidence)`` or more of the
+       ``n`` rounds are below it (5 of 5, 6 of 6, 7 of 7, 7 of 8, 8 of 9, 9 of 10...), and that interval spans at
+       most a factor 2 (its upper end over its lower end; a steady slowdown of the loop gives steady ratios, 1.7
+       between the extremes measured above, where disturbances have any length). From then on the rounds below
+       the floor count like any other in rule 3 (and the log line says "ratio below 1/S reproduced in k of n
+       rounds: accepted"). Held rounds never accepted are ignored, as is a screening round below ``floor``, which
+       is repeated once; only when no screening round is above the floor do the rounds below it rank the
+       candidates (the ranking within a round does not depend on the loop's time), and the confirmation decides.
+
+       Why this rule: if the low ratios came from disturbances of at most half the loop's calls (the loop's median
+       call undisturbed, so the true median ratio at or above ``floor``), each round would be below the floor with
+       probability at most 1/2 and ``k`` of ``n`` with probability at most ``P(Binomial(n, 1/2) >= k) <= 5%`` (the
+       sign test of rule 3, with ``floor`` for ``1 - margin``); looked at after every round, up to 12 rounds,
+       at most 6.3%, and far less for rarer disturbances: 0.3% if one loop call in 3 is disturbed, 0.04% at one in
+       5. A one-off low ratio is never accepted, nor is an alternating pattern (half the rounds below the floor).
+       A loop slowed in 9 rounds of 10 is accepted 83% of the time within 8 rounds, 93% within 12 (ratios within
+       the spread); what is not accepted keeps the loop, never worse than the loop.
 
     If a candidate is truly no faster than ``1 - margin`` (each round below it with probability 1/2 at most), it
     wins with probability at most 5.1% (the sign test at 95%, looked at after every round, ``repeats=8``; rounds
@@ -338,13 +376,16 @@ class AutoExecution(Execution):
     candidate is dropped after 3.8 rounds. A candidate below ``1 - margin`` in 9 rounds of 10 wins 83% of the time.
 
     First-call cost, in trial calls (the real call follows): ``N`` warm-up, ``screen * N`` screening (plus ``N``
-    per ignored screening round, at most one), then 2 per confirmation round: with the default four candidates
-    12 calls when screening keeps the loop, 4 + 8 + 10 = 22 for the fastest win, 28 at most (32 with an ignored
-    screening round); with one candidate besides the loop 2 + 2 * (2..8) = 6..18. In seconds that is about that
-    many loop calls (slower candidates cost more); the decision's log line states both. With a cached decision
-    (the process, or the disk) the cost is 0 trial calls. Freed memory is handed back to the OS after every
-    trial (glibc's ``malloc_trim``) and the losers' caches are dropped, so the peak is the most demanding single
-    candidate's call, not the sum.
+    per repeated screening round, at most one), then 2 per confirmation round: with the default four candidates
+    12 calls when screening keeps the loop, 4 + 8 + 10 = 22 for the fastest win (4 + 12 + 10 = 26 when every
+    round is below the floor: screening repeated, 5 of 5 accepted), 28 at most without a round below the floor.
+    The re-measurement of rounds below the floor adds at most ``2 * (repeats // 2)`` = 8 calls (4 paired rounds):
+    36 at most, 40 with a repeated screening round (``N + (screen + 1) * N + 2 * (repeats + repeats // 2)``);
+    with one candidate besides the loop 2 + 2 * (2..12) = 6..26. In seconds that is about that many loop calls
+    (slower candidates cost more); the decision's log line states both. With a cached decision (the process, or the
+    disk) the cost is 0 trial calls. Freed memory is handed back to the OS after every trial (glibc's
+    ``malloc_trim``) and the losers' caches are dropped, so the peak is the most demanding single candidate's call,
+    not the sum.
 
     Decisions are remembered per instance and, with ``cache=True``, for the whole process and (``disk=True``) in
     :func:`cache_dir` (``$TIMM_SPLIT_CACHE_DIR``, default ``~/.cache/timm_split``), keyed by the members'
@@ -538,6 +579,7 @@ class AutoExecution(Execution):
         """Warm-up, screening and confirmation (the class docstring's rule)."""
         opts, dev = self.options, module_device(members[0])
         floor = opts.floor if opts.floor is not None else 1 / len(members)
+        floor_name = "1/S" if opts.floor is None else "the floor"
         threshold = 1 - opts.margin
         calls: Dict[str, int] = {}
         loop_times: List[float] = []
@@ -557,8 +599,10 @@ class AutoExecution(Execution):
             _release_freed_memory()
             return elapsed
 
-        def timed_round(names: Sequence[str], what: str) -> Optional[Dict[str, float]]:
-            """One call of each of ``names`` in that order; the ratios to the loop, or None if impossible."""
+        def timed_round(names: Sequence[str], what: str, trusted: bool = False
+                        ) -> Optional[Tuple[Dict[str, float], bool, float]]:
+            """One call of each of ``names`` in that order: the ratios to the loop, whether one is below the floor
+            (never with ``trusted``: the low ratio reproduced) and the loop's time; None if the loop took no time."""
             times = {n: trial(n) for n in names}
             loop_times.append(times["loop"])
             if times["loop"] <= 0:
@@ -567,18 +611,29 @@ class AutoExecution(Execution):
                 return None
             ratios = {n: t / times["loop"] for n, t in times.items() if n != "loop"}
             low = {n: round(r, 3) for n, r in ratios.items() if r < floor}
-            if low:
-                _logger.info("auto: ignoring a %s round: time / loop %s is below %.3f (%s), a time no strategy can "
-                             "have: a measurement error (the loop's call, %.1f ms, disturbed?)", what, low, floor,
-                             "1/S" if opts.floor is None else "the floor", 1e3 * times["loop"])
-                return None
+            if low and not trusted:
+                _logger.info("auto: ignoring a %s round unless it reproduces: time / loop %s is below %.3f (%s), "
+                             "a measurement error (the loop's call, %.1f ms, disturbed?) unless the loop is really "
+                             "that slow (thread oversubscription, load); re-measuring", what, low, floor, floor_name,
+                             1e3 * times["loop"])
+                return ratios, True, times["loop"]
             valid_loop_times.append(times["loop"])
-            return ratios
+            return ratios, False, times["loop"]
 
         def loop_seconds() -> Optional[float]:
             """The median of the loop's timed calls, of valid rounds where there are any."""
             kept = valid_loop_times or loop_times
             return statistics.median(kept) if kept else None
+
+        def can_pass(n: int, below: int, rounds: Callable[[int], bool]) -> bool:
+            """Whether ``below`` of ``n`` plus ``j`` of ``j`` more can still pass the sign test, for some ``j`` that
+            ``rounds(j)`` allows."""
+            j = 0
+            while rounds(j):
+                if (needed_below(n + j, opts.confidence) or n + j + 1) <= below + j:
+                    return True
+                j += 1
+            return False
 
         runnable = []
         for name in self._runnable(members):  # warm-up: one untimed call each
@@ -598,18 +653,30 @@ class AutoExecution(Execution):
 
         screen: Dict[str, float] = {}
         if len(rivals) > 1:
-            order, kept, attempts = ["loop"] + rivals, {n: [] for n in rivals}, 0
+            order, attempts = ["loop"] + rivals, 0
+            kept: Dict[str, List[float]] = {n: [] for n in rivals}
+            low_kept: Dict[str, List[float]] = {n: [] for n in rivals}  # screening rounds below the floor
             while len(kept[rivals[0]]) < opts.screen and attempts < opts.screen + 1:
-                ratios = timed_round(order[attempts % len(order):] + order[:attempts % len(order)], "screening")
+                result = timed_round(order[attempts % len(order):] + order[:attempts % len(order)], "screening")
                 attempts += 1
-                if ratios is None:
+                if result is None:
                     ignored += 1
                     continue
+                ratios, low, _ = result
                 for n, r in ratios.items():
-                    kept[n].append(r)
+                    (low_kept if low else kept)[n].append(r)
+            if not kept[rivals[0]] and low_kept[rivals[0]]:
+                # every screening round below the floor: the signature of an oversubscribed loop, or of a loop
+                # disturbed every time. Within a round the ranking does not depend on the loop's time; whether the
+                # low ratio is real is the confirmation's question (rule 4)
+                _logger.info("auto: every screening round had a ratio below %.3f (%s): ranking the candidates on "
+                             "them; the confirmation tests whether the low ratio reproduces", floor, floor_name)
+                kept = low_kept
+            else:
+                ignored += len(low_kept[rivals[0]])
             if not kept[rivals[0]]:
                 return Decision("loop", "trials", ignored=ignored, loop_seconds=loop_seconds(),
-                                reason="every screening round was impossible", **base)
+                                reason="no screening round could be timed", **base)
             screen = {n: statistics.median(rs) for n, rs in kept.items()}
             best = min(screen, key=screen.get)
             for n in rivals:
@@ -623,35 +690,63 @@ class AutoExecution(Execution):
         else:
             best = rivals[0]
 
-        confirm: List[float] = []
-        outcome = None
-        for r in range(opts.repeats):
-            ratios = timed_round(("loop", best) if r % 2 == 0 else (best, "loop"), "confirmation")
-            if ratios is None:
+        confirm: List[float] = []  # best's ratio in the rounds the sign test counts
+        every: List[float] = []  # best's ratio in every timed round, held back or not (the reproduction test)
+        held: List[float] = []  # the loop's time in the rounds held back (below the floor, not yet accepted)
+        extra = opts.repeats // 2  # rounds below the floor are re-measured: at most this many more rounds
+        accepted = accepted_of = held_ever = 0  # held_ever: rounds held back, accepted later or not
+        outcome, r = None, 0
+        while r < opts.repeats + min(extra, held_ever):
+            result = timed_round(("loop", best) if r % 2 == 0 else (best, "loop"), "confirmation",
+                                 trusted=bool(accepted))
+            r += 1
+            if result is None:
                 ignored += 1
             else:
-                confirm.append(ratios[best])
+                ratios, low, loop_time = result
+                every.append(ratios[best])
+                if low:
+                    held.append(loop_time)
+                    held_ever += 1
+                else:
+                    confirm.append(ratios[best])
+                k = needed_below(len(every), opts.confidence)
+                lo_hi = _interval(every, opts.confidence)
+                if held and not accepted and k is not None and lo_hi[1] < floor and lo_hi[1] <= _SPREAD * lo_hi[0]:
+                    accepted, accepted_of = len(held), len(every)
+                    confirm = list(every)
+                    valid_loop_times.extend(held)
+                    held = []
+                    _logger.info("auto: ratio below 1/S reproduced in %d of %d rounds: accepted (the loop is slowed "
+                                 "by thread oversubscription or load; %s = %.3f; the median ratio of %r in "
+                                 "[%.3f, %.3f])", accepted, accepted_of, floor_name, floor, best, *lo_hi)
             n, below = len(confirm), sum(x < threshold for x in confirm)
             k = needed_below(n, opts.confidence)
             if k is not None and below >= k:
                 outcome = best
                 break
-            left = opts.repeats - r - 1
-            if not any((needed_below(n + j, opts.confidence) or n + j + 1) <= below + j for j in range(left + 1)):
+            budget = opts.repeats + min(extra, held_ever)
+            # the valid rounds (a round held back and re-measured costs no valid round), or the held ones reproducing
+            if not (can_pass(n, below, lambda j: r + j <= budget)
+                    or (held and can_pass(len(every), len(held),
+                                          lambda j: r + j <= opts.repeats + min(extra, held_ever + j)))):
                 outcome = "loop"
                 break
+        ignored += len(held)
         median = statistics.median(confirm) if confirm else None
         interval = _interval(confirm, opts.confidence)
+        valid = (f"{sum(x < threshold for x in confirm)} of {len(confirm)} valid rounds below {threshold:.3f}"
+                 + (f"; {len(held)} below {floor:.3f} not reproduced" if held else ""))
         if outcome == best:
             reason = f"{best!r} is separated from the loop (its interval is below {threshold:.3f})"
         elif outcome == "loop":
-            reason = (f"{best!r} cannot be separated from the loop within {opts.repeats} rounds "
-                      f"({sum(x < threshold for x in confirm)} of {len(confirm)} valid rounds below {threshold:.3f})")
+            more = f" and {r - opts.repeats} re-measured" if r > opts.repeats else ""
+            reason = f"{best!r} cannot be separated from the loop within {opts.repeats} rounds{more} ({valid})"
         else:
-            reason = f"{best!r} not separated from the loop in {opts.repeats} rounds"
+            reason = f"{best!r} not separated from the loop in {r} rounds ({valid})"
         return Decision(outcome if outcome == best else "loop", "trials", best=best, median=median, interval=interval,
                         ratios=tuple(confirm), screen=screen, ignored=ignored, loop_seconds=loop_seconds(),
-                        reason=reason, **base)
+                        reason=reason, accepted=accepted, accepted_of=accepted_of, **base)
 
     def run(self, members: Members, views: List[torch.Tensor]) -> torch.Tensor:
         with self.lock:  # one decision at a time: a thread asking while another decides waits for it
