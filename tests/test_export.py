@@ -179,6 +179,29 @@ def test_cli_exports_a_checkpoint(resnet_s2, tmp_path, capsys):
         assert torch.allclose(prog(x), resnet_s2.eval()(x), atol=1e-4)
 
 
+
+def test_a_checkpoint_that_does_not_name_its_model(resnet_s2, tmp_path, capsys):
+    """save_checkpoint's file records S but no model: export needs --model (one line naming it, no file). The
+    builder behind export, validate and the distillation teacher (warm_start.ensemble_from_checkpoint) refuses it
+    without a model flag, names an unknown model, and with --model builds the registry's splitnet and loads it."""
+    from timm_split.training.warm_start import ensemble_from_checkpoint
+
+    ckpt = tmp_path / "w.safetensors"
+    timm_split.save_checkpoint(resnet_s2, ckpt)
+    line = _one_line_error(capsys, main(["export", "--checkpoint", str(ckpt), "--output", str(tmp_path / "o.onnx")]))
+    assert "does not name its model" in line and "pass --model" in line, line
+    assert _files(tmp_path) == ["w.safetensors"]
+    with pytest.raises(ValueError, match="does not record its model, classes and input"):
+        ensemble_from_checkpoint(str(ckpt))
+    with pytest.raises(ValueError, match="unknown model 'resnt18'"):
+        ensemble_from_checkpoint(str(ckpt), "--checkpoint", model="resnt18", model_flag="--model")
+    ens, state = ensemble_from_checkpoint(str(ckpt), "--checkpoint", model="splitnet_test_resnet", num_classes=10,
+                                          model_flag="--model")
+    assert state == {} and ens.split_factor == 2 and not ens.training
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(ens(x), resnet_s2.eval()(x), atol=1e-5)
+
 def _family_params():
     """One architecture per timm family of the default tier: the test tier (FAST, TIER) under ``tier``, the rest
     slow."""

@@ -109,36 +109,19 @@ def build_ensemble(checkpoint: Optional[str], model: Optional[str], split_factor
     """
     import timm
 
-    from ..checkpoint import load_checkpoint, read_metadata, training_state
     from ..core import split
     from ..ensemble import single
+    from ..training.warm_start import ensemble_from_checkpoint
 
-    meta = read_metadata(checkpoint) if checkpoint and checkpoint.endswith(".safetensors") else {}
-    state = training_state(meta)
-    name = model or state.get("model")
-    if not name:
-        raise ValueError(f"{checkpoint} does not name its model; pass --model (e.g. splitnet_resnet18) and --split.")
-    base = name[len("splitnet_"):] if name.startswith("splitnet_") else name
-    if not timm.is_model(base):
-        raise ValueError(f"unknown model {name!r}; see timm.list_models() (e.g. resnet18).")
-    S = split_factor or int(meta.get("split_factor") or state.get("split_factor") or 2)
-    classes = num_classes if num_classes is not None else state.get("num_classes")
-    kwargs = {} if classes is None else {"num_classes": classes}
-    data = state.get("data_config")
-    if data:  # written by timm-split train: rebuilt as it was trained
-        in_chans = data["input_size"][0]
-        net = timm.create_model(base, in_chans=in_chans, **kwargs, **state.get("model_kwargs", {}))
-        net.pretrained_cfg = dict(net.pretrained_cfg, **data)
-        ens = single(net, base) if S == 1 else split(net, S, img_size=data["input_size"][-1], in_chans=in_chans,
-                                                     plan_at=state.get("plan_at", "model"))
-    elif checkpoint:  # any state dict of a splitnet_* model: the registry builds it as it was built
-        ens = timm.create_model(f"splitnet_{base}", split_factor=S, **kwargs)
-    else:
-        net = timm.create_model(base, **kwargs)
-        ens = single(net, base) if S == 1 else split(net, S)
     if checkpoint:
-        load_checkpoint(ens, checkpoint, use_ema=use_ema)
-    return ens.eval()
+        return ensemble_from_checkpoint(checkpoint, "--checkpoint", model=model, split_factor=split_factor,
+                                        num_classes=num_classes, use_ema=use_ema, model_flag="--model")[0]
+    base = model[len("splitnet_"):] if model.startswith("splitnet_") else model
+    if not timm.is_model(base):
+        raise ValueError(f"unknown model {model!r}; see timm.list_models() (e.g. resnet18).")
+    net = timm.create_model(base, **({} if num_classes is None else {"num_classes": num_classes}))
+    S = split_factor or 2
+    return (single(net, base) if S == 1 else split(net, S)).eval()
 
 
 def run_export(args: argparse.Namespace) -> int:

@@ -8,8 +8,11 @@ model's), ``--weight-decay`` is scaled by ``exp(1/S - 1)``, ``--drop``/``--drop-
 ``--drop-scale``, ``--amp`` is bfloat16 on the CPU.
 
 ``-c/--config FILE`` is timm ``train.py``'s: a YAML of ``flag_dest: value`` pairs read first, as the parser's
-defaults, so any flag on the command line wins; unlike timm, an unknown key or a value of the wrong type is refused,
-naming the key (timm's ``set_defaults`` would keep it silently).
+defaults, so any flag on the command line wins. A run folder's ``args.yaml`` (timm writes every ``train.py`` flag
+there) loads as it is: a key of a ``train.py`` flag that timm-split does not implement (:data:`TIMM_ONLY_FLAGS`) is
+accepted at ``train.py``'s default, where it changes nothing, and refused, naming the key and its value, anywhere
+else. Unlike timm, a key that is no flag of either, or a value of the wrong type, is refused, naming the key (timm's
+``set_defaults`` would keep it silently).
 
     parser = add_train_args(argparse.ArgumentParser(prog="timm-split train"))
     args = parser.parse_args(["-c", "recipe.yaml", "--epochs", "10"])   # recipe.yaml's values, epochs 10
@@ -18,13 +21,17 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
+import logging
 import os
 import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from ..execution import STRATEGIES
 
-__all__ = ["add_train_args", "load_config"]
+__all__ = ["TIMM_ONLY_FLAGS", "add_train_args", "load_config"]
+
+_logger = logging.getLogger(__name__)
 
 _Add = Callable[..., Any]
 
@@ -243,8 +250,9 @@ def _misc_flags(g: _Add) -> None:
         g: The group's ``add_argument``.
     """
     g("-c", "--config", default="", metavar="FILE",
-      help="YAML config file specifying default arguments (timm's train.py): keys are flag names with '_' "
-      "(batch_size: 64); flags on the command line win; unknown keys are refused (default: none)")
+      help="YAML config file specifying default arguments (timm's train.py; a run's args.yaml loads): keys are "
+      "flag names with '_' (batch_size: 64); flags on the command line win; a timm train.py flag not implemented "
+      "here is accepted at train.py's default only; unknown keys are refused (default: none)")
     g("--seed", type=int, default=42, metavar="S", help="random seed (default: %(default)s)")
     g("--log-interval", type=int, default=50, metavar="N",
       help="how many optimizer updates to wait before logging training status (default: %(default)s)")
@@ -343,6 +351,110 @@ _GROUPS: Tuple[Tuple[str, Callable[[_Add], None]], ...] = (
 )
 
 
+_VIEWS = "AugMix splits would be a second kind of view beside the members' own"
+_LOSS = "the loss is the members' cross-entropy plus the co-training term"
+_NAFLEX = "there is no NaFlex loader"
+_KD = "only logit distillation is implemented"
+
+# timm train.py's flags that timm-split train does not implement: dest -> (train.py's default, what to do instead or
+# why not; '' when there is nothing to add). timm writes every flag into a run's args.yaml, so a recipe holds them all:
+# -c accepts one at this default (it changes nothing) and refuses any other value. The flags of timm 1.0's train.py
+# (up to its distillation flags), plus older releases' (aot_autograd, apex_amp, native_amp, amp_impl, bn_tf, jsd) so
+# that earlier recipes load too. The flags timm-split does implement are the groups above, with timm's defaults.
+# Checked against upstream train.py at 2aabaef039d918d453b58714ab84562609981112 (a timm 0.9 snapshot): each of its
+# flags is one of ours or a key here at the same default (amp_dtype is ours, default None where train.py's is
+# 'float16': unset means float16 on CUDA as there). The other keys here that it lacks are newer train.py's (timm 1.0),
+# except those marked "older releases": not in train.py any more, kept for their recipes only.
+TIMM_ONLY_FLAGS: Dict[str, Tuple[Any, str]] = {
+    # Dataset parameters (``data`` is train.py's deprecated positional DIR: -c reads it as data_dir, as timm does)
+    "train_num_samples": (None, ""),
+    "val_num_samples": (None, ""),
+    "dataset_download": (False, "nothing is downloaded: put the dataset on disk"),
+    "input_img_mode": (None, ""),
+    "input_key": (None, ""),
+    "target_key": (None, ""),
+    "dataset_trust_remote_code": (False, "nothing is downloaded"),
+    # Model parameters
+    "pretrained": (False, "no hub weights are downloaded: give the weights file as initial_checkpoint"),
+    "pretrained_path": (None, "give the weights file as initial_checkpoint"),
+    "gp": (None, "pass global_pool in model_kwargs"),
+    "fuser": ("", ""),
+    "fast_norm": (False, ""),
+    "head_init_scale": (None, ""),
+    "head_init_bias": (None, ""),
+    "torchcompile_mode": (None, ""),
+    "torchscript": (False, "use torchcompile"),
+    "aot_autograd": (False, "use torchcompile"),  # older releases (gone before 2aabaef)
+    # Device parameters
+    "model_dtype": (None, "use amp (and amp_dtype)"),
+    "amp_impl": ("native", "AMP is torch's native autocast"),  # older releases (in 2aabaef, not newer)
+    "apex_amp": (False, "AMP is torch's native autocast: use amp"),  # older releases (before amp_impl)
+    "native_amp": (False, "use amp"),  # older releases (before amp_impl)
+    "no_ddp_bb": (False, ""),
+    "synchronize_step": (False, ""),
+    "local_rank": (0, "torchrun sets each process's rank"),
+    "device_modules": (None, ""),
+    # Optimizer parameters
+    "layer_decay": (None, "SplitNet's scaled weight decay owns the parameter groups"),
+    "layer_decay_min_scale": (0, "SplitNet's scaled weight decay owns the parameter groups"),
+    "layer_decay_no_opt_scale": (None, "SplitNet's scaled weight decay owns the parameter groups"),
+    # Learning rate schedule parameters
+    "lr_noise": (None, ""),
+    "lr_noise_pct": (0.67, ""),
+    "lr_noise_std": (1.0, ""),
+    "lr_cycle_mul": (1.0, ""),
+    "lr_cycle_decay": (0.5, ""),
+    "lr_cycle_limit": (1, ""),
+    "lr_k_decay": (1.0, ""),
+    "epoch_repeats": (0.0, ""),
+    "start_epoch": (None, "resume restarts at the checkpoint's epoch"),
+    # Augmentation and regularization parameters
+    "train_crop_mode": (None, ""),
+    "color_jitter_prob": (None, ""),
+    "grayscale_prob": (None, ""),
+    "gaussian_blur_prob": (None, ""),
+    "aug_repeats": (0, ""),
+    "aug_splits": (0, _VIEWS),
+    "jsd_loss": (False, _VIEWS),
+    "jsd": (False, _VIEWS),  # older releases (jsd_loss's old name)
+    "resplit": (False, _VIEWS),
+    "bce_loss": (False, _LOSS),
+    "bce_sum": (False, _LOSS),
+    "bce_target_thresh": (None, _LOSS),
+    "bce_pos_weight": (None, _LOSS),
+    "drop_connect": (None, "use drop_path (timm's name for it since 0.3)"),
+    # Batch norm parameters
+    "bn_momentum": (None, ""),
+    "bn_eps": (None, ""),
+    "bn_tf": (False, ""),  # older releases
+    "sync_bn": (False, ""),
+    "split_bn": (False, _VIEWS),
+    # Model exponential moving average parameters
+    "model_ema_force_cpu": (False, "the EMA lives with the model"),
+    # Miscellaneous parameters
+    "worker_seeding": ("all", ""),
+    "recovery_interval": (0, ""),
+    "save_images": (False, ""),
+    "no_prefetcher": (False, "the training loader is timm's prefetcher"),
+    "tta": (0, ""),
+    "use_multi_epochs_loader": (False, ""),
+    "log_wandb": (False, "every epoch's metrics are in the run's summary.csv"),
+    "wandb_project": (None, ""),
+    "wandb_tags": ([], ""),
+    "wandb_resume_id": ("", ""),
+    "naflex_loader": (False, _NAFLEX),
+    "naflex_train_seq_lens": ([128, 256, 576, 784, 1024], _NAFLEX),
+    "naflex_max_seq_len": (576, _NAFLEX),
+    "naflex_patch_sizes": (None, _NAFLEX),
+    "naflex_patch_size_probs": (None, _NAFLEX),
+    "naflex_loss_scale": ("linear", _NAFLEX),
+    # Knowledge distillation parameters
+    "kd_student_feature_dim": (None, _KD),
+    "kd_teacher_feature_dim": (None, _KD),
+    "kd_token_distill_type": ("soft", _KD),
+}
+
+
 def add_train_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the ``timm-split train`` flags to ``parser``, in timm ``train.py``'s argument groups plus ours.
 
@@ -421,11 +533,15 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
         parser: The parser whose flags the keys must name.
 
     Returns:
-        ``{dest: value}``, each value as the flag stores it (string values through the flag's type).
+        ``{dest: value}`` for ``parser``'s flags, each value as the flag stores it (string values through the flag's
+        type). The keys of timm train.py flags that ``parser`` lacks (:data:`TIMM_ONLY_FLAGS`) are left out: at
+        train.py's default they change nothing (listed once at INFO). ``data`` (train.py's positional DIR) is
+        ``data_dir`` when that is unset, as timm reads it.
 
     Raises:
         ValueError: a missing or unreadable file, a YAML that is not a mapping, an unknown key (named, with the
-            closest flags), or a value of the wrong type or outside the flag's choices.
+            closest flags), a key of :data:`TIMM_ONLY_FLAGS` off train.py's default (named, with its value), or a
+            value of the wrong type or outside the flag's choices.
     """
     import yaml
 
@@ -443,14 +559,73 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
         raise ValueError(f"{where} holds a {type(cfg).__name__}, not a mapping of flag: value pairs (e.g. "
                          "batch_size: 64).")
     actions = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in ("help", "config")}
-    unknown: List[str] = [str(k) for k in cfg if str(k).replace("-", "_") not in actions]
+    cfg = _timm_data_key(cfg, where)
+    unknown: List[str] = [str(k) for k in cfg
+                          if str(k).replace("-", "_") not in actions and str(k).replace("-", "_") not in TIMM_ONLY_FLAGS]
     if unknown:
+        known = list(actions) + list(TIMM_ONLY_FLAGS)
         hints = [f"{k} (did you mean {', '.join(m)}?)" if m else k for k in unknown
-                 for m in [difflib.get_close_matches(k.replace("-", "_"), list(actions), n=2)]]
+                 for m in [difflib.get_close_matches(k.replace("-", "_"), known, n=2)]]
         raise ValueError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {'; '.join(hints)}: not timm-split "
-                         "train flags (keys are flag names with '_', e.g. batch_size); drop "
+                         "train flags nor timm train.py's (keys are flag names with '_', e.g. batch_size); drop "
                          f"{'them' if len(unknown) > 1 else 'it'}")
-    return {k.replace("-", "_"): _config_value(actions[k.replace("-", "_")], k, v, where) for k, v in cfg.items()}
+    _check_timm_only(cfg, where)
+    return {k.replace("-", "_"): _config_value(actions[k.replace("-", "_")], k, v, where) for k, v in cfg.items()
+            if str(k).replace("-", "_") in actions}
+
+
+def _timm_data_key(cfg: Dict[Any, Any], where: str) -> Dict[Any, Any]:
+    """``cfg`` with timm train.py's deprecated positional ``data`` (DIR) read as ``data_dir``, as timm reads it
+    (``data_dir`` wins when both are set; ``data: null`` is its default)."""
+    if "data" not in cfg:
+        return cfg
+    cfg = dict(cfg)
+    data = cfg.pop("data")
+    if data is not None and cfg.get("data_dir", cfg.get("data-dir")) is None:
+        cfg.pop("data-dir", None)
+        cfg["data_dir"] = data
+        _logger.info("%s: data (timm train.py's positional DIR) %r read as data_dir", where, data)
+    return cfg
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether a YAML value is a default: booleans only as booleans, numbers by value, lists item by item."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if _is_number(a) and _is_number(b):
+        return float(a) == float(b)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def _yaml(v: Any) -> str:
+    """``v`` as YAML writes it in flow style (true, null, [1, 2], 'x')."""
+    try:
+        return json.dumps(v)
+    except (TypeError, ValueError):
+        return repr(v)
+
+
+def _check_timm_only(cfg: Dict[Any, Any], where: str) -> None:
+    """Accept the keys of :data:`TIMM_ONLY_FLAGS` that hold train.py's default (listed once at INFO); refuse, in one
+    line naming each key and its value, the ones that would change what train.py does."""
+    keys = [(str(k), str(k).replace("-", "_")) for k in cfg if str(k).replace("-", "_") in TIMM_ONLY_FLAGS]
+    changed = [(k, cfg[k], *TIMM_ONLY_FLAGS[d]) for k, d in keys if not _same(cfg[k], TIMM_ONLY_FLAGS[d][0])]
+    if len(changed) == 1:
+        k, v, default, why = changed[0]
+        raise ValueError(f"{where}: {k}: {_yaml(v)} sets a timm train.py flag that timm-split train does not "
+                         f"implement{' (' + why + ')' if why else ''}; remove the key or set it to train.py's default, "
+                         f"{_yaml(default)}.")
+    if changed:
+        what = "; ".join(f"{k}: {_yaml(v)} (default {_yaml(default)}{', ' + why if why else ''})"
+                         for k, v, default, why in changed)
+        raise ValueError(f"{where}: timm train.py flags that timm-split train does not implement, set off their "
+                         f"defaults: {what}; remove these keys or set them to train.py's defaults.")
+    if keys:
+        _logger.info("%s: %d timm train.py flag%s that timm-split does not implement, at train.py's default%s (no "
+                     "effect): %s", where, len(keys), "s" if len(keys) > 1 else "", "s" if len(keys) > 1 else "",
+                     ", ".join(k for k, _ in keys))
 
 
 def _config_path(argv: Sequence[str]) -> str:

@@ -29,7 +29,6 @@ import sys
 from typing import Any, Dict, List, Optional
 
 import torch
-from torch import nn
 
 from ..checks import atomic_write, check_writable
 from ..training.data import class_difference, data_sources
@@ -102,33 +101,6 @@ def add_validate_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
 CALIB_SPLIT_FRACTION = 0.2
 
 
-def _model_from(args: argparse.Namespace, meta: Dict[str, str], num_classes: int) -> nn.Module:
-    """The ensemble the checkpoint's weights go into (its own metadata first, then the flags)."""
-    import timm
-
-    from ..checkpoint import training_state
-    from ..core import split
-    from ..ensemble import single
-
-    state = training_state(meta)
-    name = args.model or state.get("model")
-    if not name:
-        raise ValueError(f"{args.checkpoint} does not name its model; pass --model (e.g. splitnet_resnet18).")
-    base = name[len("splitnet_"):] if name.startswith("splitnet_") else name
-    if not timm.is_model(base):
-        raise ValueError(f"unknown model {name!r}; see timm.list_models().")
-    S = args.split or int(meta.get("split_factor") or 2)
-    data = state.get("data_config")
-    if not data:  # any state dict of a splitnet_* model: the registry builds it as it was built
-        return timm.create_model(f"splitnet_{base}", split_factor=S, num_classes=num_classes)
-    in_chans = data["input_size"][0]
-    model = timm.create_model(base, num_classes=num_classes, in_chans=in_chans, **state.get("model_kwargs", {}))
-    model.pretrained_cfg = dict(model.pretrained_cfg, **data)
-    if S == 1:
-        return single(model, base)
-    return split(model, S, img_size=data["input_size"][-1], in_chans=in_chans, plan_at=state.get("plan_at", "model"))
-
-
 def _check_flags(args: argparse.Namespace) -> None:
     """The flags that can be judged before any work (so a bad --results-file does not fail after the run)."""
     for name, low in (("img_size", MIN_IMG_SIZE), ("batch_size", 1), ("workers", 0), ("split", 1), ("num_classes", 1),
@@ -195,25 +167,26 @@ def validate(args: argparse.Namespace) -> List[Dict[str, Any]]:
     """Evaluate ``args.checkpoint``; return one result row for the ensemble and one per member."""
     from timm.data import resolve_data_config
 
-    from ..checkpoint import load_checkpoint, read_metadata, training_state
+    from ..checkpoint import read_metadata, training_state
     from ..training.data import (check_ood_distinct_files, create_eval_dataset, create_eval_loader, create_ood_dataset,
                                  set_image_mode)
+    from ..training.warm_start import ensemble_from_checkpoint
 
     _check_flags(args)
     device = resolve_device(args.device)
-    meta = read_metadata(args.checkpoint) if args.checkpoint.endswith(".safetensors") else {}
     if not os.path.isfile(args.checkpoint):
         raise ValueError(f"no checkpoint at {args.checkpoint}; pass the file written by timm-split train.")
+    meta = read_metadata(args.checkpoint) if args.checkpoint.endswith(".safetensors") else {}
     dataset, names, data_cfg = create_eval_dataset(args.dataset, args.data_dir, args.val_split)
     check_output_paths({"--results-file": args.results_file}, {
         "--checkpoint": args.checkpoint, "--data-dir": data_sources(dataset),
         "--ood-data": getattr(args, "ood_data", None)})
     state = training_state(meta)
     num_classes = check_class_names(args, state, names)
-    model = _model_from(args, meta, num_classes)
+    model = ensemble_from_checkpoint(args.checkpoint, "--checkpoint", model=args.model, split_factor=args.split,
+                                     num_classes=num_classes, use_ema=args.use_ema, model_flag="--model")[0]
     if data_cfg and not state.get("data_config"):
         model.pretrained_cfg = dict(model.pretrained_cfg, **data_cfg)  # Fashion-MNIST's IDX files: 1 channel
-    load_checkpoint(model, args.checkpoint, use_ema=args.use_ema)
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)

@@ -8,8 +8,9 @@ timm's ``train.py`` loads ``--initial-checkpoint`` into the model it created, pr
   channel subset of those trained weights (:func:`timm_split.split` ``init='inherit'``);
 * a ``timm-split train`` checkpoint of S members: the split itself is loaded (``--split`` must be that S).
 
-:func:`ensemble_from_checkpoint` rebuilds the ensemble a ``timm-split train`` checkpoint holds (its model, S,
-classes and input from the metadata), as ``timm-split validate`` does; a distillation teacher is built so.
+:func:`ensemble_from_checkpoint` is where any weights file becomes an ensemble: a ``timm-split train`` checkpoint
+rebuilt from its metadata (model, S, classes and input), another state dict of a ``splitnet_<arch>`` by timm's
+registry; ``timm-split validate``, ``timm-split export`` and a distillation teacher all build theirs so.
 
     S = checkpoint_split_factor(path)         # 0: a plain state dict
     if S <= 1:
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from torch import nn
 
@@ -104,44 +105,72 @@ def load_into_model(model: nn.Module, path: str, arch: str) -> str:
     return "ema" if ema else "weights"
 
 
-def ensemble_from_checkpoint(path: str, flag: str = "--kd-model-checkpoint") -> Tuple[SplitEnsemble, Dict[str, Any]]:
-    """The ensemble a ``timm-split train`` checkpoint holds, rebuilt from its metadata and loaded (its EMA
-    weights when it has them), in eval mode on the CPU.
+def ensemble_from_checkpoint(path: str, flag: str = "--kd-model-checkpoint", *, model: Optional[str] = None,
+                             split_factor: Optional[int] = None, num_classes: Optional[int] = None,
+                             use_ema: Optional[bool] = None,
+                             model_flag: Optional[str] = None) -> Tuple[SplitEnsemble, Dict[str, Any]]:
+    """The ensemble a checkpoint file holds, built and loaded, in eval mode on the CPU: the one place a weights file
+    becomes a :class:`~timm_split.SplitEnsemble` (``timm-split validate`` and ``export``, a distillation teacher).
+
+    A ``timm-split train`` checkpoint is rebuilt from its metadata (model, S, classes, input channels, model
+    kwargs, data config, split plan), as it was trained. Any other weights file (a ``.pth``, a safetensors state
+    dict, or a checkpoint of :func:`~timm_split.save_checkpoint` without a training state) is built by timm's
+    registry as ``splitnet_<arch>``, which needs ``model``. The arguments override the file's record.
 
     Args:
-        path: A checkpoint written by ``timm-split train`` (any S).
+        path: The weights file.
         flag: The flag that named it (for error messages).
+        model: ``<arch>`` or ``splitnet_<arch>`` (default: the checkpoint's).
+        split_factor: S (default: the checkpoint's; 2 for a file that does not record it).
+        num_classes: Classes (default: the checkpoint's; the model's for a file that does not record them).
+        use_ema: Load the file's EMA weights (``None``: when it has them, timm's ``--initial-checkpoint`` rule;
+            ``True`` for a file without them is an error naming it).
+        model_flag: The flag that passes ``model`` (named in the error for a file that does not record its model);
+            ``None``: the caller takes no model, so such a file is refused as not a training checkpoint.
 
     Returns:
-        ``(ensemble, training state)``; the state holds ``model``, ``num_classes``, ``class_names``,
-        ``data_config`` and the rest ``timm-split train`` records.
+        ``(ensemble, training state)``; the state (``{}`` for a file not written by ``timm-split train``) holds
+        ``model``, ``num_classes``, ``class_names``, ``data_config`` and the rest ``timm-split train`` records.
 
     Raises:
-        ValueError: not such a checkpoint, or one whose model timm does not know.
+        ValueError: a missing, unreadable or mismatched file (another S, classes or architecture), a model timm
+            does not know, or a file that does not name its model when no ``model`` is given; one line naming
+            ``flag`` and the fix.
     """
     import timm
 
     from ..core import split
     from ..ensemble import single
 
-    S = checkpoint_split_factor(path, flag)
-    if S == 0:
-        raise ValueError(f"{flag} {path} is not a checkpoint written by timm-split train; pass one, or name the "
-                         "model its state dict belongs to with --kd-model-name.")
-    state = training_state(read_metadata(path))
-    name, data = state.get("model"), state.get("data_config")
-    if not name or not data or not state.get("num_classes"):
-        raise ValueError(f"{flag} {path} does not record its model, classes and input (not a training "
-                         "checkpoint); pass a last/model_best/checkpoint-<epoch>.safetensors of a timm-split run.")
-    if not timm.is_model(name):
+    _check_file(path, flag)
+    meta = read_metadata(path) if path.endswith(".safetensors") else {}
+    state = training_state(meta)
+    data = state.get("data_config") if state.get("num_classes") else None  # a training checkpoint records both
+    name = model or state.get("model")
+    if not name or not (data or model):
+        if model_flag is None:
+            raise ValueError(f"{flag} {path} does not record its model, classes and input (not a checkpoint written "
+                             "by timm-split train); pass a last/model_best/checkpoint-<epoch>.safetensors of a "
+                             "timm-split run.")
+        raise ValueError(f"{flag} {path} does not name its model (not written by timm-split train); pass "
+                         f"{model_flag} (e.g. splitnet_resnet18) and --split.")
+    base = name[len("splitnet_"):] if name.startswith("splitnet_") else name
+    if not timm.is_model(base):
+        if model:
+            raise ValueError(f"unknown model {name!r}; see timm.list_models() (e.g. resnet18).")
         raise ValueError(f"{flag} {path} holds a {name!r}, which this timm does not know; upgrade timm.")
-    in_chans = data["input_size"][0]
-    model = timm.create_model(name, num_classes=state["num_classes"], in_chans=in_chans,
-                              **state.get("model_kwargs", {}))
-    model.pretrained_cfg = dict(model.pretrained_cfg, **data, num_classes=state["num_classes"])
-    ens = single(model, name) if S == 1 else split(model, S, img_size=data["input_size"][-1], in_chans=in_chans,
-                                                   plan_at=state.get("plan_at", "model"))
-    ema = has_ema(path)
+    S = split_factor or int(meta.get("split_factor") or state.get("split_factor") or 2)
+    classes = num_classes if num_classes is not None else state.get("num_classes")
+    kwargs = {} if classes is None else {"num_classes": classes}
+    if data:  # written by timm-split train: rebuilt as it was trained
+        in_chans = data["input_size"][0]
+        net = timm.create_model(base, in_chans=in_chans, **kwargs, **state.get("model_kwargs", {}))
+        net.pretrained_cfg = dict(net.pretrained_cfg, **data, **kwargs)
+        ens = single(net, base) if S == 1 else split(net, S, img_size=data["input_size"][-1], in_chans=in_chans,
+                                                     plan_at=state.get("plan_at", "model"))
+    else:  # any state dict of a splitnet_* model: the registry builds it as it was built
+        ens = timm.create_model(f"splitnet_{base}", split_factor=S, **kwargs)
+    ema = has_ema(path) if use_ema is None else use_ema
     load_checkpoint(ens, path, use_ema=ema)
     _logger.info("%s %s: %s S=%d (%s)", flag, path, name, S, "EMA weights" if ema else "weights")
     return ens.eval(), state
