@@ -283,3 +283,145 @@ def test_test_command_time_states_its_load():
     text = _readme()
     para = text[text.index("pip install -e '.[dev]' && pytest"):][:900]
     assert "nothing else running" in para and "load average 2-3" in para
+
+
+# ------------------------------------------------------------------- 9. one epoch numbering, the best beside the last
+@pytest.fixture(scope="module")
+def numbered_run(tmp_path_factory):
+    """A 2-epoch CLI run whose evaluation is faked so that epoch 0 scores best (60%) and the last epoch 1 less
+    (50%): ``(its folder, the log lines, stdout)``."""
+    import contextlib
+    import io
+
+    from conftest import tiny_png_folder
+
+    from timm_split.commands import train as tr
+
+    folder = tiny_png_folder(tmp_path_factory)
+    out = tmp_path_factory.mktemp("runs")
+    scores = iter([60.0, 50.0])
+
+    def fake_evaluate(run):
+        top1 = next(scores)
+        return dict(top1=top1, top5=100.0, loss=1.0, ece=0.1, members=[dict(top1=top1), dict(top1=top1 - 5)])
+
+    records = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    logger = logging.getLogger("timm_split")
+    level = logger.level
+    logger.addHandler(handler)
+    stdout = io.StringIO()
+    try:
+        with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
+            mp.setattr(tr, "_evaluate", fake_evaluate)
+            code = main(["train", "--data-dir", folder, "--model", "test_resnet", "--split", "2", "--img-size", "16",
+                         "--epochs", "2", "-b", "8", "-j", "0", "--warmup-epochs", "0", "--no-progress",
+                         "--execution", "loop", "--checkpoint-hist", "2", "--log-interval", "2", "--device", "cpu",
+                         "--output", str(out), "--experiment", "r"])
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert code == 0
+    return out / "r", [r.getMessage() for r in records], stdout.getvalue()
+
+
+@pytest.mark.timeout(300)
+def test_every_epoch_number_of_the_last_epoch_agrees_with_its_checkpoint(numbered_run):
+    import csv
+
+    run, lines, stdout = numbered_run
+    saved = sorted(int(m.group(1)) for m in (re.fullmatch(r"checkpoint-(\d+)\.safetensors", f)
+                                             for f in os.listdir(run)) if m)
+    assert saved == [0, 1]
+    last = saved[-1]
+    with open(run / "summary.csv", newline="") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == saved
+    text = "\n".join(lines + stdout.splitlines())
+    assert not re.search(r"epoch \d+/\d+", text), "the old 1-based n/N form"
+    # every epoch number a line prints, and its human count where it gives one
+    numbered = [(int(e), int(k), int(n)) for e, k, n in re.findall(r"epoch (\d+) \((\d+) of (\d+)\)", text)]
+    numbered += [(int(e), int(k), int(n)) for e, k, n in re.findall(r"Train: (\d+) done \((\d+) of (\d+)\)", text)]
+    assert numbered and all(k == e + 1 and n == 2 for e, k, n in numbered), numbered
+    progress = [int(e) for e in re.findall(r"Train: (\d+) \[", text)]
+    assert max(e for e, _, _ in numbered) == max(progress) == last
+    # the last epoch, as each kind of line names it
+    for line in (f"Train: {last} [0/", f"Train: {last} done ({last + 1} of 2)", f"epoch {last} ({last + 1} of 2): loss",
+                 f"at epoch {last} ({last + 1} of 2), the last;"):
+        assert line in text, line
+    plan = next(line for line in lines if line.startswith("training 2 epoch(s)"))
+    assert "(epochs 0 to 1)" in plan
+
+
+@pytest.mark.timeout(300)
+def test_final_summary_gives_the_last_and_the_best_epoch_and_its_file(numbered_run):
+    from timm_split.checkpoint import read_metadata, training_state
+
+    run, lines, stdout = numbered_run
+    out = stdout.strip().splitlines()
+    assert len(out) == 2, out
+    assert out[0].startswith("test_resnet S=2: top-1 50.00%") and "at epoch 1 (2 of 2), the last;" in out[0]
+    best = run / "model_best.safetensors"
+    assert out[1] == (f"*** Best metric: top-1 60.00% at epoch 0 (1 of 2), an earlier epoch than the one above, "
+                      f"in {best}")
+    assert training_state(read_metadata(str(best)))["epoch"] == 1  # model_best holds epoch 0 (epochs done: 1)
+    assert f"*** Best metric: top1 60.0000 at epoch 0 (1 of 2), in {best}" in lines  # timm's log line
+    import json
+    with open(run / "results.json") as f:
+        results = json.load(f)
+    assert (results["best_epoch"], results["final_epoch"], results["best_checkpoint"]) == (0, 1, str(best))
+
+
+def test_summary_lines_when_the_best_is_the_last_and_for_a_loss_metric():
+    import argparse
+
+    from timm_split.commands.train import summary_lines
+
+    final = dict(top1=70.0, top5=99.0, loss=0.5, ece=0.02, members=[dict(top1=68.0)])
+    results = dict(final=final, final_epoch=9, best_metric=70.0, best_epoch=9, best_checkpoint="r/model_best.st",
+                   params=1e6, gmacs=0.1, train_seconds=12.0, output="r")
+    args = argparse.Namespace(model="m", split=1, epochs=10, eval_metric="top1")
+    first, best = summary_lines(args, results)
+    assert "at epoch 9 (10 of 10), the last;" in first
+    assert best == "*** Best metric: top-1 70.00% at epoch 9 (10 of 10), the epoch above, in r/model_best.st"
+    args.eval_metric = "loss"
+    assert summary_lines(args, dict(results, best_metric=0.4, best_epoch=3))[1].startswith(
+        "*** Best metric: NLL 0.4000 at epoch 3 (4 of 10), an earlier epoch than the one above")
+    # a resume with nothing left to train: no evaluation, only the best the checkpoint recorded
+    assert summary_lines(args, dict(results, final=None, final_epoch=None, best_metric=0.4, best_epoch=3)) == [
+        "*** Best metric: NLL 0.4000 at epoch 3 (4 of 10), in r/model_best.st"]
+
+
+# ------------------------------------------------------------------------------------- 10. an ETA that is honest
+def test_eta_leaves_out_the_first_update_and_says_so_until_it_can():
+    import argparse
+    import math
+
+    from timm_split.commands.train import _run_eta, epoch_seconds
+    from timm_split.training.metrics import Throughput, eta_text
+
+    now = [0.0]
+    pace = Throughput(10, clock=lambda: now[0], warmup=1)
+    now[0] = 20.0  # the first step: the loader's workers start, the kernels warm up
+    pace.update(8)
+    assert pace.eta() == math.inf and eta_text(pace.eta()) == "measuring"
+    for _ in range(2):  # then 1 s a step
+        now[0] += 1.0
+        pace.update(8)
+    assert pace.step_seconds() == 1.0 and pace.eta() == 7.0  # not 22 s / 3 steps * 7 = 51 s
+    assert eta_text(pace.eta()) == "7.0s" and eta_text(3725.0) == "1:02:05"
+    # the run: the epochs after this one at this epoch's steady pace (10 s each), while no epoch is done
+    run = argparse.Namespace(args=argparse.Namespace(epochs=4), epoch_walls=[])
+    assert _run_eta(run, 0, pace) == 7.0 + 3 * 10.0
+    # once epochs are done, their wall time (evaluation included; the first, which warms up, left out)
+    run.epoch_walls = [40.0, 12.0, 14.0]
+    assert epoch_seconds(run.epoch_walls) == 13.0 and epoch_seconds([40.0]) == 40.0 and epoch_seconds([]) is None
+    assert _run_eta(run, 3, pace) == 7.0  # the last epoch: its own rest only
+    fresh = Throughput(10, clock=lambda: now[0], warmup=1)
+    fresh.update(8)  # the first update of a later epoch: its rest at the epochs' pace
+    assert _run_eta(run, 2, fresh) == pytest.approx(13.0 * 9 / 10 + 13.0)
+    # without warm-up (validate, sweep, compare) the pace is the mean from the start, as before
+    plain = Throughput(4, clock=lambda: now[0])
+    now[0] += 2.0
+    plain.update(1)
+    assert plain.eta() == 6.0

@@ -13,11 +13,13 @@ from timm_split.training.metrics import Throughput, format_seconds
 from conftest import tiny_png_folder
 
 NUM = r"([0-9.]+)"
-ETA = r"([0-9:.]+s?)"
+ETA = r"([0-9:.]+s?|measuring)"
 
 
 def _seconds(text: str) -> float:
-    """``'4.2s'``, ``'01:05'`` or ``'1:02:05'`` in seconds."""
+    """``'4.2s'``, ``'01:05'`` or ``'1:02:05'`` in seconds (``'measuring'``: not known yet, inf)."""
+    if text == "measuring":
+        return float("inf")
     if text.endswith("s"):
         return float(text[:-1])
     out = 0.0
@@ -74,8 +76,9 @@ def test_train_log_has_images_per_second_and_eta(trained):
     for epoch in range(2):
         etas = [_seconds(eta) for e, *_, eta in steps if int(e) == epoch]
         assert etas[-1] == 0 and etas == sorted(etas, reverse=True), etas  # 0.1 s resolution: may be 0.0s
-    epochs = _lines(records, r"Train: (\d) done, (\d+) images in \S+, " + NUM + r" img/s; run ETA " + ETA
-                    + r" \((\d) epochs? left\)")
+        assert etas[0] == float("inf")  # the first update (the loader's start) is not a pace: 'measuring'
+    epochs = _lines(records, r"Train: (\d) done \(\d of 2\), (\d+) images in \S+, " + NUM + r" img/s; run ETA "
+                    + ETA + r" \((\d) epochs? left\)")
     assert [(int(e), int(n), int(left)) for e, n, _, _, left in epochs] == [(0, 40, 1), (1, 40, 0)]
     assert all(float(rate) > 0 for _, _, rate, _, _ in epochs)
     assert _seconds(epochs[0][3]) > 0 and _seconds(epochs[1][3]) == 0
@@ -90,6 +93,7 @@ def test_validate_logs_images_per_second_and_eta(trained, caplog):
     lines = _lines(caplog.records, r"Eval: \[(\d+)/(\d+)\] " + NUM + r" img/s, ETA " + ETA)
     assert [(int(i), int(n)) for i, n, _, _ in lines] == [(1, 5), (3, 5), (5, 5)]  # 20 images in batches of 4
     assert all(float(rate) > 0 for _, _, rate, _ in lines)
+    assert lines[0][3] == "measuring"  # the first batch starts the loader: no pace yet
     assert _seconds(lines[0][3]) >= _seconds(lines[1][3]) >= _seconds(lines[-1][3]) == 0  # 0.1 s resolution
 
 

@@ -1,6 +1,7 @@
 """Hardening (issue 27): a run folder belongs to one run. `timm-split train` locks it, never overwrites a finished
 run with a fresh one, removes the temp files a kill left, and a full or read-only disk is one line (exit 2) with
 the last checkpoint intact. Rows of docs/reliability.md name these tests."""
+import contextlib
 import errno
 import json
 import logging
@@ -195,3 +196,126 @@ def test_a_full_disk_when_taking_the_lock_names_the_lock_file(tmp_path, monkeypa
     with pytest.raises(OSError) as info:
         RunLock(str(tmp_path)).acquire()
     assert info.value.errno == errno.ENOSPC and info.value.filename == os.path.join(str(tmp_path), LOCK_FILE)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a run ended by SIGTERM or SIGKILL, then the next run in its folder
+
+def _train_until_epoch_0_is_done(folder, out):
+    """`timm-split train` (2 loader workers, forked) in a child process, once its epoch 0 is checkpointed."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root)
+    proc = subprocess.Popen([sys.executable, "-m", "timm_split.commands.train", *_flags(folder, out)[1:],
+                             "--epochs", "500", "-j", "2", "--execution", "loop", "--log-interval", "1"],
+                            cwd=root, env=env, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:  # the module run with -m logs its INFO lines too
+        lines.append(line)
+        if "Train: 1 [" in line:
+            return proc, lines
+    proc.wait()
+    raise AssertionError("".join(lines[-20:]))
+
+
+@pytest.mark.timeout(180)
+def test_sigterm_releases_the_lock_and_says_how_to_go_on(folder, tmp_path):
+    import signal
+
+    proc, _ = _train_until_epoch_0_is_done(folder, tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.stderr.read()
+    assert proc.wait(timeout=60) == 128 + signal.SIGTERM, err
+    last = tmp_path / "r" / "last.safetensors"
+    assert err.strip().splitlines()[-1] == (f"timm-split train: stopped by SIGTERM; {tmp_path / 'r' / LOCK_FILE} "
+                                            f"released; --resume {last} continues the run"), err
+    assert "Traceback" not in err and not (tmp_path / "r" / LOCK_FILE).exists()
+    assert _epoch(last) == 1
+
+
+@pytest.mark.timeout(180)
+def test_sigkill_frees_the_folder_at_once_though_its_loader_workers_live_on(folder, tmp_path, caplog):
+    """An flock belongs to the open file, which forked loader workers share: they used to keep the folder locked
+    for seconds after the trainer's SIGKILL (until they noticed), and a rerun then was refused."""
+    import signal
+
+    proc, _ = _train_until_epoch_0_is_done(folder, tmp_path)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL  # the trainer is gone; its workers may not be yet
+    assert (tmp_path / "r" / LOCK_FILE).read_text().strip() == str(proc.pid)  # SIGKILL leaves the file
+    with caplog.at_level(logging.WARNING, logger="timm_split"):
+        RunLock(str(tmp_path / "r"), wait_dead=0).acquire().release()  # no wait: free the moment the trainer died
+    assert f"took over {tmp_path / 'r' / LOCK_FILE} from pid {proc.pid}" in caplog.text
+    proc.stderr.close()
+
+
+def test_a_dead_pids_lock_held_by_a_process_it_started_is_waited_for_then_refused(tmp_path, caplog):
+    import fcntl
+
+    run = tmp_path / "r"
+    os.makedirs(run)
+    dead = _dead_pid()
+    (run / LOCK_FILE).write_text(f"{dead}\n")
+    child = os.open(run / LOCK_FILE, os.O_RDWR)  # what a child of the dead trainer would still hold
+    fcntl.flock(child, fcntl.LOCK_EX)
+    now, waits = [0.0], []
+
+    def sleep(seconds):
+        waits.append(seconds)
+        now[0] += seconds
+
+    try:
+        with caplog.at_level(logging.WARNING, logger="timm_split"):
+            with pytest.raises(ValueError) as info:
+                RunLock(str(run), wait_dead=1.0, clock=lambda: now[0], sleep=sleep).acquire()
+        assert f"pid {dead}, which locked it, has ended; waiting up to 1s" in caplog.text
+        assert sum(waits) == pytest.approx(1.0) and f"fuser {run / LOCK_FILE}" in str(info.value)
+        assert f"though pid {dead} that took it has ended" in str(info.value)
+
+        def sleep_then_let_go(seconds):  # the child exits during the wait: the lock is taken over
+            os.close(child)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="timm_split"):
+            lock = RunLock(str(run), wait_dead=1.0, clock=lambda: now[0], sleep=sleep_then_let_go).acquire()
+        lock.release()
+        assert f"from pid {dead}" in caplog.text
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(child)
+
+
+def test_a_live_holder_is_refused_at_once_naming_the_lock_and_the_fix(tmp_path):
+    os.makedirs(tmp_path / "r")
+    lock = RunLock(str(tmp_path / "r")).acquire()
+    try:
+        with pytest.raises(ValueError) as info:
+            RunLock(str(tmp_path / "r"), sleep=lambda s: pytest.fail("waited for a live holder")).acquire()
+    finally:
+        lock.release()
+    message = str(info.value)
+    assert "\n" not in message and f"pid {os.getpid()}" in message and str(tmp_path / "r" / LOCK_FILE) in message
+    assert "wait for it to end, or pass another --experiment or --output" in message
+
+
+def test_a_forked_child_does_not_keep_the_lock(tmp_path):
+    os.makedirs(tmp_path / "r")
+    lock = RunLock(str(tmp_path / "r")).acquire()
+    read, write = os.pipe()
+    started_r, started_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child (a loader worker): its copy of the lock's descriptor is closed
+        try:
+            os.write(started_w, b"x")  # the fork hooks have run
+            os.read(read, 1)  # until the parent has let go
+            lock.release()  # a no-op in the child: the file is the parent's
+        finally:
+            os._exit(0)
+    try:
+        os.read(started_r, 1)
+        os.close(lock._fd)  # the parent's descriptor closed (as a SIGKILL would): the child holds no copy
+        lock._fd = None
+        RunLock(str(tmp_path / "r"), wait_dead=0).acquire().release()
+    finally:
+        os.write(write, b"x")
+        os.waitpid(pid, 0)
+        for fd in (read, write, started_r, started_w):
+            os.close(fd)

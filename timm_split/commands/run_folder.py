@@ -2,7 +2,10 @@
 
 * :class:`RunLock`: ``train.lock`` in the folder, held with ``fcntl.flock`` for the whole run and holding the pid.
   The kernel drops the lock when its process dies, so the file a killed run leaves is taken over (with a
-  warning); a second trainer on a live run's folder gets an error naming the pid.
+  warning); a second trainer on a live run's folder gets an error naming the pid. A process forked while the lock
+  is held (a data-loader worker) closes its copy of the lock's descriptor at once, so a SIGKILL of the trainer frees
+  the folder then, not when the orphaned workers notice (seconds later); ``timm-split train`` turns SIGTERM into
+  an unwinding exception, so the file is removed too.
 * :func:`holds_run`: the folder has a checkpoint or ``results.json``; a fresh run then goes to ``<name>-1``
   (timm's ``get_outdir(..., inc=True)``) instead.
 * :func:`remove_stale_temp_files`: the temporary files our writes use (``args.json.<pid>.tmp``,
@@ -15,7 +18,8 @@ import glob
 import logging
 import os
 import re
-from typing import Iterable, List, Mapping, Optional, Union
+import time
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Union
 
 _logger = logging.getLogger(__name__)
 
@@ -116,29 +120,61 @@ def remove_stale_temp_files(folder: str) -> List[str]:
     return removed
 
 
+# the descriptors of the locks this process holds (fd -> pid of the holder): a forked child closes its copies
+_HELD: Dict[int, int] = {}
+
+
+def _close_held_in_child() -> None:
+    """After a fork: close the child's copies of the held locks' descriptors. An ``flock`` belongs to the open file
+    description, which a fork shares: a loader worker holding a copy would keep the folder locked after a SIGKILL
+    of the trainer, until the orphaned worker exits."""
+    for fd in list(_HELD):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_in_child)
+
+
 class RunLock:
     """``<folder>/train.lock``: held (``fcntl.flock``) by one process; the file holds that process's pid.
 
     Args:
         folder: the run folder (must exist).
+        wait_dead: Seconds to wait, when the lock is held but the pid in the file has ended (a process it started
+            still holds a copy), for that copy to be closed, before refusing.
+        clock: Seconds, for the wait (``time.monotonic``).
+        sleep: Waits, for the wait (``time.sleep``).
     """
 
-    def __init__(self, folder: str) -> None:
+    def __init__(self, folder: str, wait_dead: float = 10.0, clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         self.folder = folder
         self.path = os.path.join(folder, LOCK_FILE)
+        self.wait_dead = wait_dead
+        self._clock, self._sleep = clock, sleep
         self._fd: Optional[int] = None
 
     def acquire(self) -> "RunLock":
         """Take the lock, or raise ``ValueError`` naming the pid that holds it; a dead run's file is taken over.
 
+        A file whose pid has ended while the lock is still held (what a trainer's forked children kept) is waited
+        for, up to ``wait_dead`` seconds, with a note.
+
         Returns:
             self.
+
+        Raises:
+            ValueError: a live trainer holds the folder (one line: the pid, the lock file, the fix).
         """
         try:
             import fcntl
         except ImportError:  # not POSIX: no lock
             _logger.warning("no run-folder lock on this platform: run one trainer per folder")
             return self
+        deadline = None
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -146,8 +182,20 @@ class RunLock:
             except OSError:
                 holder = _read_pid(fd)
                 os.close(fd)
-                raise ValueError(f"{self.folder} is in use by another trainer (pid {holder or 'unknown'}, "
-                                 f"{self.path}); wait for it to end, or pass another --experiment or --output.")
+                if holder is None or _alive(holder):
+                    raise ValueError(f"{self.folder} is in use by another trainer (pid {holder or 'unknown'}, "
+                                     f"{self.path}); wait for it to end, or pass another --experiment or "
+                                     "--output.") from None
+                if deadline is None:
+                    deadline = self._clock() + self.wait_dead
+                    _logger.warning("%s: pid %d, which locked it, has ended; waiting up to %gs for the processes it "
+                                    "started to let go of the lock", self.path, holder, self.wait_dead)
+                if self._clock() >= deadline:
+                    raise ValueError(f"{self.path} is still locked, though pid {holder} that took it has ended: a "
+                                     f"process it started holds it (find it with: fuser {self.path}); end that "
+                                     "process, or pass another --experiment or --output.") from None
+                self._sleep(0.2)
+                continue
             with contextlib.suppress(OSError):
                 if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
                     break  # the file is still the one at the path (its holder did not just remove it)
@@ -163,16 +211,21 @@ class RunLock:
             os.close(fd)
             raise OSError(e.errno, e.strerror, self.path) from e
         self._fd = fd
+        _HELD[fd] = os.getpid()
         return self
 
     def release(self) -> None:
-        """Remove the lock file and drop the lock (a no-op when not held)."""
+        """Remove the lock file and drop the lock (a no-op when not held, and in a forked child)."""
         if self._fd is None:
+            return
+        if _HELD.get(self._fd) != os.getpid():  # a forked child: its copy is closed already, the file is not its
+            self._fd = None
             return
         try:
             with contextlib.suppress(OSError):
                 os.remove(self.path)
         finally:
+            _HELD.pop(self._fd, None)
             os.close(self._fd)
             self._fd = None
 

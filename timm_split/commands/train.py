@@ -46,12 +46,16 @@ from .common import autocast_factory, cli_logging, resolve_device, user_error
 from .train_checks import SEED_SPACE, check_channels, check_train_args, ema_warning
 from .train_flags import add_train_args
 
-_logger = logging.getLogger(__name__)
+# under the package's name also as ``python -m``/``torchrun -m timm_split.commands.train`` (where __name__ is
+# '__main__', whose INFO lines no 'timm_split' logging setting shows)
+_logger = logging.getLogger("timm_split.commands.train")
 
-__all__ = ["add_train_args", "train_args", "train", "build_model", "setup_run", "train_one_epoch", "run_train", "main"]
+__all__ = ["add_train_args", "train_args", "train", "build_model", "setup_run", "train_one_epoch", "run_train", "main",
+           "epoch_text", "summary_lines", "sigterm_unwinds", "Terminated"]
 
 SUMMARY = "summary.csv"
 RESULTS = "results.json"
+TERMINATED_EXIT = 128 + 15  # a shell's status for a process that SIGTERM ended
 
 
 def train_args(**overrides: Any) -> argparse.Namespace:
@@ -175,13 +179,29 @@ def _views_for_model(views: torch.Tensor, channels_last: bool) -> Any:
     return [v.contiguous(memory_format=torch.channels_last) for v in views.unbind(0)]
 
 
+def epoch_text(epoch: int, epochs: int) -> str:
+    """How every line of the trainer names an epoch: ``'epoch 8 (9 of 10)'``.
+
+    The number is timm's: counted from 0, as in ``checkpoint-8.safetensors``, ``summary.csv``'s ``epoch`` column
+    and the ``Train: 8 [...]`` progress lines; the count in brackets is for a human.
+
+    Args:
+        epoch: The epoch, from 0.
+        epochs: The run's ``--epochs``.
+
+    Returns:
+        The text.
+    """
+    return f"epoch {epoch} ({epoch + 1} of {epochs})"
+
+
 def _check_finite(run: _Run, value: float) -> None:
     """A NaN or infinite loss is a ``ValueError`` before its backward (the checkpoints already written are kept)."""
     if not math.isfinite(value):
         epoch, update = divmod(run.num_updates, run.updates_per_epoch)
         lr = run.optimizer.param_groups[0]["lr"]
-        raise ValueError(f"loss is {value} at epoch {epoch + 1}/{run.args.epochs}, update {update + 1}/"
-                         f"{run.updates_per_epoch}: training diverged; lower --lr (now {lr:.3g}), or add --clip-grad "
+        raise ValueError(f"loss is {value} at {epoch_text(epoch, run.args.epochs)}, update {update} ({update + 1} of "
+                         f"{run.updates_per_epoch}): training diverged; lower --lr (now {lr:.3g}), or add --clip-grad "
                          "1 or more --warmup-epochs. The checkpoints already written are kept.")
 
 
@@ -231,9 +251,11 @@ def _log_plan(run: _Run, start: int) -> None:
     images = len(run.train_loader.dataset) if hasattr(run.train_loader, "dataset") else 0
     default = " (timm's default --epochs 300: a full recipe; pass --epochs N for a short run)" \
         if args.epochs == 300 and not args.resume else ""
-    _logger.info("training %d epoch(s)%s of %d images, %d updates each, S=%d, %d loader worker(s) on %d CPU(s); the "
-                 "expected time left (run ETA) is in every progress line from the first update", left, default,
-                 images, run.updates_per_epoch, args.split, args.workers, cpu_count())
+    which = "" if not left else f" (epoch {start})" if left == 1 else f" (epochs {start} to {args.epochs - 1})"
+    _logger.info("training %d epoch(s)%s%s of %d images, %d updates each, S=%d, %d loader worker(s) on %d CPU(s); the "
+                 "expected time left (run ETA) is in every progress line from the second update (the first one "
+                 "also starts the loader and warms up), and the run's expected duration once epoch %d is done",
+                 left, which, default, images, run.updates_per_epoch, args.split, args.workers, cpu_count(), start)
 
 
 def member_ce_text(ce_sum: float, split: int) -> str:
@@ -244,10 +266,30 @@ def member_ce_text(ce_sum: float, split: int) -> str:
     return f"ce per member {ce_sum / split:.4f}, summed over the {split} members"
 
 
-def _run_eta(args: argparse.Namespace, epoch: int, pace: Any) -> float:
-    """Seconds left in the run at this epoch's pace so far: the epoch's rest plus the epochs after it."""
-    per_epoch = pace.elapsed() / pace.steps * pace.total if pace.steps else math.inf
-    return pace.eta() + max(args.epochs - epoch - 1, 0) * per_epoch
+def epoch_seconds(walls: List[float]) -> Optional[float]:
+    """The expected wall time of an epoch (training, evaluation and checkpoints) from the epochs done so far: the
+    mean of those after the first when there are some (the first also warms up), else the first; None if none."""
+    if not walls:
+        return None
+    later = walls[1:] or walls
+    return sum(later) / len(later)
+
+
+def _run_eta(run: _Run, epoch: int, pace: Any) -> float:
+    """Seconds left in the run: this epoch's rest plus the epochs after it.
+
+    The epoch's rest is at its pace after its first update (:class:`~timm_split.training.metrics.Throughput`'s
+    warm-up); the later epochs take the wall time of the epochs done (:func:`epoch_seconds`), or, in the first
+    epoch this process trains, this epoch's steady pace. ``math.inf`` while neither is known.
+    """
+    per_epoch = epoch_seconds(getattr(run, "epoch_walls", []))
+    rest = pace.eta()
+    if not math.isfinite(rest) and per_epoch is not None:  # the epoch's first update: the earlier epochs' pace
+        rest = per_epoch * max(pace.total - pace.steps, 0) / max(pace.total, 1)
+    if per_epoch is None:
+        per_epoch = pace.step_seconds() * pace.total
+    left = max(run.args.epochs - epoch - 1, 0)
+    return rest + (left * per_epoch if left else 0.0)
 
 
 def train_one_epoch(run: _Run, epoch: int, progress: bool) -> Dict[str, float]:
@@ -258,7 +300,7 @@ def train_one_epoch(run: _Run, epoch: int, progress: bool) -> Dict[str, float]:
     """
     from tqdm import tqdm
 
-    from ..training.metrics import Throughput, format_seconds
+    from ..training.metrics import Throughput, eta_text, format_seconds
 
     args, loader = run.args, run.train_loader
     if args.mixup_off_epoch and epoch >= args.mixup_off_epoch and run.augment.mixup is not None:
@@ -269,11 +311,10 @@ def train_one_epoch(run: _Run, epoch: int, progress: bool) -> Dict[str, float]:
     sums = dict.fromkeys(("loss", "ce", "cot") + (("kd",) if teacher is not None else ()), 0.0)
     run.model.train()
     run.optimizer.zero_grad()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", disable=not progress, leave=False,
+    bar = tqdm(loader, desc=epoch_text(epoch, args.epochs), disable=not progress, leave=False,
                file=sys.stderr, dynamic_ncols=True)
-    if getattr(run, "progress_start", None) is None:  # the first epoch this process trains, and when it began
-        run.progress_start = (epoch, time.perf_counter())
-    pace = Throughput(n)  # images of every data-parallel replica, as timm counts them
+    # images of every data-parallel replica, as timm counts them; the time left is paced after the first update
+    pace = Throughput(n, warmup=min(accum, n))
     replicas = _replicas(args)
     for i, (views, target) in enumerate(bar):
         need_update = i == n - 1 or (i + 1) % accum == 0
@@ -308,18 +349,17 @@ def train_one_epoch(run: _Run, epoch: int, progress: bool) -> Dict[str, float]:
                 bar.set_postfix(loss=f"{sums['loss'] / (i + 1):.3f}",
                                 ce_member=f"{sums['ce'] / (i + 1) / args.split:.3f}",
                                 lr=f"{lr:.3g}", img_s=f"{pace.rate():.0f}",
-                                run_eta=format_seconds(_run_eta(args, epoch, pace)))
+                                run_eta=eta_text(_run_eta(run, epoch, pace)))
             elif run.rank == 0:
                 _logger.info("Train: %d [%d/%d] loss %.4f (%s) lr %.3e, %.1f img/s, epoch ETA %s, run ETA %s",
                              epoch, i // accum, math.ceil(n / accum), sums["loss"] / (i + 1),
                              member_ce_text(sums["ce"] / (i + 1), args.split), lr, pace.rate(),
-                             format_seconds(pace.eta()), format_seconds(_run_eta(args, epoch, pace)))
-    if run.rank == 0:  # the run's time left at the mean wall time of the epochs this process ran (evals included)
-        first, since = run.progress_start
+                             eta_text(pace.eta()), eta_text(_run_eta(run, epoch, pace)))
+    if run.rank == 0:  # the run's time left: the epochs after this one at the wall time of those done
         left = max(args.epochs - epoch - 1, 0)
-        eta = (time.perf_counter() - since) / max(epoch + 1 - first, 1) * left
-        _logger.info("Train: %d done, %d images in %s, %.1f img/s; run ETA %s (%d epoch%s left)", epoch, pace.items,
-                     format_seconds(pace.elapsed()), pace.rate(), format_seconds(eta), left, "" if left == 1 else "s")
+        _logger.info("Train: %d done (%d of %d), %d images in %s, %.1f img/s; run ETA %s (%d epoch%s left)", epoch,
+                     epoch + 1, args.epochs, pace.items, format_seconds(pace.elapsed()), pace.rate(),
+                     eta_text(_run_eta(run, epoch, pace)), left, "" if left == 1 else "s")
     return OrderedDict((k, v / n) for k, v in sums.items())
 
 
@@ -587,7 +627,11 @@ def _resume(run: _Run, saver) -> int:
         run.scheduler.step_update(start * run.updates_per_epoch)
     elif start > 0:
         run.scheduler.step(start)
-    _logger.info("resumed %s at epoch %d, update %d", a.resume, start, run.num_updates)
+    if start > 0:
+        _logger.info("resumed %s, saved after epoch %d: training from epoch %d, update %d", a.resume, start - 1,
+                     start, run.num_updates)
+    else:
+        _logger.info("resumed %s: training from epoch 0, update %d", a.resume, run.num_updates)
     return start
 
 
@@ -650,7 +694,7 @@ def _log_epoch(run: _Run, epoch: int, train_metrics: Dict[str, float], metrics: 
                seconds: float) -> None:
     if run.rank != 0:
         return
-    line = (f"epoch {epoch + 1}/{run.args.epochs}: loss {train_metrics['loss']:.4f} (ce {train_metrics['ce']:.4f}, "
+    line = (f"{epoch_text(epoch, run.args.epochs)}: loss {train_metrics['loss']:.4f} (ce {train_metrics['ce']:.4f}, "
             f"cot {train_metrics['cot']:.4f}{_kd_text(train_metrics)}; "
             f"{member_ce_text(train_metrics['ce'], run.args.split)}), {seconds:.1f}s")
     if metrics is not None:
@@ -680,9 +724,53 @@ def train(args: argparse.Namespace, model_fn: Optional[Callable[[], nn.Module]] 
     lock = _claim_output(run) if run.rank == 0 else None
     try:
         return _train_epochs(run, progress)
+    except Terminated as e:
+        if lock is not None:  # what the CLI's last line says
+            last = os.path.join(run.out, "last.safetensors")
+            then = f"--resume {last} continues the run" if os.path.exists(last) else \
+                "no checkpoint yet: the same command starts it again"
+            e.args = (f"{lock.path} released; {then}",)
+        raise
     finally:
         if lock is not None:
             lock.release()
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread by :func:`sigterm_unwinds` so that a run's ``finally`` blocks run (the
+    run folder's lock is released); a ``BaseException``, like ``KeyboardInterrupt``, that no ``except Exception``
+    swallows."""
+
+
+@contextlib.contextmanager
+def sigterm_unwinds():
+    """While inside: SIGTERM raises :class:`Terminated` in this process's main thread instead of killing it at once,
+    so the run ends as after Ctrl-C (the lock file removed, the loader's workers shut down).
+
+    Nothing changes where SIGTERM already has a handler, off the main thread, or in a process forked inside (a
+    loader worker ends at once, as before); a second SIGTERM kills at once.
+    """
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    pid = os.getpid()
+
+    def handler(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM (or a forked child's) ends at once
+        if os.getpid() != pid:
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _claim_output(run: _Run):
@@ -728,11 +816,14 @@ def _train_epochs(run: _Run, progress: bool) -> Dict[str, Any]:
     if run.rank == 0:
         _log_plan(run, start)
     if start >= args.epochs:
-        _logger.warning("the checkpoint is at epoch %d >= --epochs %d: nothing to train", start, args.epochs)
+        _logger.warning("the checkpoint was saved after epoch %d (%d epoch(s) done) and --epochs is %d: nothing to "
+                        "train; pass a larger --epochs to train on", start - 1, start, args.epochs)
     if saver is not None:
         _trim_summary(os.path.join(run.out, SUMMARY), start)
     seed_rank = 0 if args.member_parallel else args.rank  # member ranks must draw the same batches
-    results: Dict[str, Any] = {"final": None, "train_seconds": run.train_seconds, "output": run.out}
+    results: Dict[str, Any] = {"final": None, "final_epoch": None, "train_seconds": run.train_seconds,
+                               "output": run.out}
+    run.epoch_walls = []  # wall seconds of each epoch this process trained (evaluation and checkpoints included)
     for epoch in range(start, args.epochs):
         random_seed((args.seed * 100_003 + epoch) % SEED_SPACE, seed_rank)  # the same for seeds < 42947 as before
         sampler = getattr(run.train_loader, "sampler", None)
@@ -744,13 +835,35 @@ def _train_epochs(run: _Run, progress: bool) -> Dict[str, Any]:
         run.train_seconds += seconds  # before _epoch_end, whose checkpoint records it
         results["train_seconds"] = run.train_seconds
         metrics = _epoch_end(run, saver, epoch, train_metrics)
-        results["final"] = metrics or results["final"]
+        if metrics is not None:
+            results["final"], results["final_epoch"] = metrics, epoch
         _log_epoch(run, epoch, train_metrics, metrics, seconds)
+        run.epoch_walls.append(time.perf_counter() - t0)
+        if epoch == start and run.rank == 0:
+            _log_expected_duration(run, epoch)
     if run.rank == 0:
-        results.update(_cost(run), best_metric=saver.best_metric, best_epoch=saver.best_epoch,
+        best = os.path.join(run.out, "model_best" + saver.extension) if saver.best_epoch is not None else None
+        results.update(_cost(run), best_metric=saver.best_metric, best_epoch=saver.best_epoch, best_checkpoint=best,
                        args=_jsonable(vars(args)))
         _write_json(os.path.join(run.out, RESULTS), results)
+        if best is not None:  # timm's last line
+            _logger.info("*** Best metric: %s %.4f at %s, in %s", args.eval_metric, saver.best_metric,
+                         epoch_text(saver.best_epoch, args.epochs), best)
     return results
+
+
+def _log_expected_duration(run: _Run, epoch: int) -> None:
+    """Once the first epoch this process trains is done: its wall time and the run's expected duration."""
+    from ..training.metrics import format_seconds
+
+    wall = run.epoch_walls[-1]
+    left = max(run.args.epochs - epoch - 1, 0)
+    if not left:
+        return
+    eta = left * epoch_seconds(run.epoch_walls)
+    _logger.info("%s took %s with its evaluation and checkpoints: the %d epoch(s) left should take about %s, "
+                 "ending near %s", epoch_text(epoch, run.args.epochs), format_seconds(wall), left, format_seconds(eta),
+                 datetime.fromtimestamp(time.time() + eta).strftime("%Y-%m-%d %H:%M"))
 
 
 def _trim_summary(path: str, start: int) -> None:
@@ -795,7 +908,11 @@ def run_train(args: argparse.Namespace) -> int:
     from ..errors import SplitError
 
     try:
-        results = train(args, progress=not args.no_progress and sys.stderr.isatty())
+        with sigterm_unwinds():
+            results = train(args, progress=not args.no_progress and sys.stderr.isatty())
+    except Terminated as e:
+        print(f"timm-split train: stopped by SIGTERM{'; ' + str(e) if e.args else ''}", file=sys.stderr)
+        return TERMINATED_EXIT
     except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError, SplitError) as e:
         return user_error("train", e)
     except OSError as e:  # a full disk or a read-only filesystem: one line naming the file
@@ -803,14 +920,45 @@ def run_train(args: argparse.Namespace) -> int:
             raise
         return user_error("train", ValueError(f"cannot write {e.filename or 'the run folder'}: {e.strerror}; free "
                                               "disk space or pass another --output (files written before are intact)"))
-    final = results["final"]
-    if final is not None and getattr(args, "rank", 0) == 0:
-        members = ", ".join(f"{m['top1']:.2f}" for m in final["members"])
-        print(f"{args.model} S={args.split}: top-1 {final['top1']:.2f}%  top-5 {final['top5']:.2f}%  "
-              f"NLL {final['loss']:.4f}  ECE {final['ece']:.4f} (members {members}); "
-              f"{results['params'] / 1e6:.3f}M params, {results['gmacs']:.4f} GMACs; "
-              f"{results['train_seconds']:.0f}s; {results['output']}")
+    if getattr(args, "rank", 0) == 0:
+        for line in summary_lines(args, results):
+            print(line)
     return 0
+
+
+def summary_lines(args: argparse.Namespace, results: Dict[str, Any]) -> List[str]:
+    """The lines ``timm-split train`` ends with: the last evaluated epoch's metrics, then the best epoch's (timm's
+    ``*** Best metric``), which ``model_best`` holds and which can be an earlier epoch than the last.
+
+    Args:
+        args: The run's flags (``model``, ``split``, ``epochs``, ``eval_metric``).
+        results: What :func:`train` returned.
+
+    Returns:
+        No line when nothing was evaluated, else one or two.
+    """
+    lines = []
+    final, epochs = results.get("final"), args.epochs
+    if final is not None:
+        members = ", ".join(f"{m['top1']:.2f}" for m in final["members"])
+        when = ""
+        if results.get("final_epoch") is not None:
+            last = results["final_epoch"] == epochs - 1
+            when = f" at {epoch_text(results['final_epoch'], epochs)}{', the last' if last else ''}"
+        lines.append(f"{args.model} S={args.split}: top-1 {final['top1']:.2f}%  top-5 {final['top5']:.2f}%  "
+                     f"NLL {final['loss']:.4f}  ECE {final['ece']:.4f} (members {members}){when}; "
+                     f"{results['params'] / 1e6:.3f}M params, {results['gmacs']:.4f} GMACs; "
+                     f"{results['train_seconds']:.0f}s; {results['output']}")
+    best, best_epoch = results.get("best_metric"), results.get("best_epoch")
+    if best is not None and best_epoch is not None:
+        metric = {"top1": "top-1", "top5": "top-5", "loss": "NLL"}.get(args.eval_metric, args.eval_metric)
+        value = f"{best:.4f}" if args.eval_metric == "loss" else f"{best:.2f}%"
+        final_epoch = results.get("final_epoch")
+        same = "" if final_epoch is None else ", the epoch above" if best_epoch == final_epoch else \
+            ", an earlier epoch than the one above"
+        lines.append(f"*** Best metric: {metric} {value} at {epoch_text(best_epoch, epochs)}{same}, in "
+                     f"{results.get('best_checkpoint') or os.path.join(results['output'], 'model_best.safetensors')}")
+    return lines
 
 
 def main(argv: Optional[List[str]] = None) -> int:

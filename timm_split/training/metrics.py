@@ -29,24 +29,41 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds:.1f}s" if seconds < 59.95 else tqdm.format_interval(round(seconds))
 
 
+def eta_text(seconds: float) -> str:
+    """An ETA as the progress lines show it: ``'4.2s'``, ``'12:05'``; ``'measuring'`` while no steady pace exists
+    (the first step of a loop, which starts the loader's workers: :class:`Throughput`'s ``warmup``)."""
+    return format_seconds(seconds) if math.isfinite(seconds) else "measuring"
+
+
 class Throughput:
     """Items per second and the time left of a loop of ``total`` steps, at the mean pace so far: progress lines
     for a log (a file has no progress bar).
 
+    With ``warmup`` steps, the time left is paced by the steps after them only: a training epoch's first step
+    also starts the data loader's workers and warms up the kernels (and ``--execution auto`` times its
+    candidates there), so a pace that counts it overstates the time left many times over. Until a step after the
+    warm-up is done, the time left is unknown (``math.inf``, which :func:`format_seconds` shows as ``?``).
+
     Args:
         total: The steps the loop takes.
         clock: Seconds (default ``time.perf_counter``); the loop starts when this object is made.
+        warmup: The first steps left out of the pace of :meth:`eta` and :meth:`step_seconds` (0: none).
     """
 
-    def __init__(self, total: int, clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(self, total: int, clock: Callable[[], float] = time.perf_counter, warmup: int = 0) -> None:
         self.total, self.steps, self.items = total, 0, 0
+        self.warmup = max(int(warmup), 0)
         self._clock = clock
         self.start = clock()
+        # (clock, steps) when the warm-up steps were done: where the steady pace is measured from
+        self._steady: Optional[Tuple[float, int]] = (self.start, 0) if not self.warmup else None
 
     def update(self, items: int = 0, steps: int = 1) -> None:
         """Count ``steps`` more steps done, of ``items`` items (images, models) in all."""
         self.steps += steps
         self.items += items
+        if self._steady is None and self.steps >= self.warmup:
+            self._steady = (self._clock(), self.steps)
 
     def elapsed(self) -> float:
         """Seconds since the start."""
@@ -56,12 +73,20 @@ class Throughput:
         """Items per second so far."""
         return self.items / max(self.elapsed(), 1e-9)
 
+    def step_seconds(self) -> float:
+        """Seconds a step at the pace after the warm-up steps; ``math.inf`` until a step after them is done."""
+        if self._steady is None or self.steps <= self._steady[1]:
+            return math.inf
+        since, steps = self._steady
+        return (self._clock() - since) / (self.steps - steps)
+
     def eta(self) -> float:
-        """Seconds left at the mean pace so far; 0 once ``total`` steps are done."""
+        """Seconds left at the pace so far (after the warm-up steps); 0 once ``total`` steps are done, ``math.inf``
+        while the pace is unknown."""
         left = max(self.total - self.steps, 0)
         if not left:
             return 0.0
-        return self.elapsed() / self.steps * left if self.steps else math.inf
+        return self.step_seconds() * left
 
 
 def expected_calibration_error(probs: torch.Tensor, target: torch.Tensor, n_bins: int = 15) -> float:
@@ -123,7 +148,7 @@ def collect_member_logits(model: nn.Module, loader, autocast: Callable[[], Any] 
     model.eval()
     outs, targets = [], []
     n = len(loader) if log_interval else 0
-    pace = Throughput(n)
+    pace = Throughput(n, warmup=min(1, n))
     try:
         for i, (images, target) in enumerate(loader):
             if channels_last:
@@ -133,8 +158,7 @@ def collect_member_logits(model: nn.Module, loader, autocast: Callable[[], Any] 
             targets.append(target.cpu())
             pace.update(len(target))
             if log_interval and (i % log_interval == 0 or i == n - 1):
-                _logger.info("%s: [%d/%d] %.1f img/s, ETA %s", what, i + 1, n, pace.rate(),
-                             format_seconds(pace.eta()))
+                _logger.info("%s: [%d/%d] %.1f img/s, ETA %s", what, i + 1, n, pace.rate(), eta_text(pace.eta()))
     finally:
         model.train(was_training)
     if not outs:
