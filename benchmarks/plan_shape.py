@@ -3,9 +3,12 @@
 For the 22 acceptance models and the science benchmark's networks, at S=2 and 4: the largest deviation of any
 channel group's width ratio from 1/sqrt(S) beyond rounding (``SplitPlan.max_deviation``), before (the search
 without :meth:`WidthSearch.refine`) and after, with the params and MACs ratios of both. Plans are made on meta
-models (no weights). Writes ``docs/plan_shape.csv`` and the table in ``docs/plan_shape.md``::
+models (no weights), each at the input size of its row (the acceptance list's size, tests/conftest.py ACCEPTANCE:
+64 px for most, not the 224 px of the model's cfg, so the MACs ratios differ from a plan printed at 224 px). Writes
+``docs/plan_shape.csv`` and the table in ``docs/plan_shape.md``::
 
     python benchmarks/plan_shape.py            # about 2 minutes on 2 CPU cores
+    python benchmarks/plan_shape.py --from-csv # the table again from the CSV, no planning (adds a missing size)
 """
 import argparse
 import csv
@@ -33,9 +36,14 @@ def _acceptance() -> dict:
 ACCEPTANCE = _acceptance()
 
 
+def _size(name: str) -> int:
+    """The square input size ``name`` is planned at: 28 px for the science networks, else the acceptance list's."""
+    return 28 if name.startswith("science:") else ACCEPTANCE[name][1]
+
+
 def _model(name: str):
     if name.startswith("science:"):
-        return SCIENCE[name.split(":")[1]](1.0), 28, 1
+        return SCIENCE[name.split(":")[1]](1.0), _size(name), 1
     kwargs, size = ACCEPTANCE[name]
     with torch.device("meta"):
         return timm.create_model(name, **kwargs), size, None
@@ -50,21 +58,47 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(ROOT, "docs", "plan_shape.csv"))
     ap.add_argument("--md", default=os.path.join(ROOT, "docs", "plan_shape.md"))
+    ap.add_argument("--from-csv", action="store_true", help="rebuild the table from --out without planning (the "
+                    "rows' input size, where the CSV lacks it, from the acceptance list)")
     args = ap.parse_args()
+    if args.from_csv:
+        rows = _read_csv(args.out)
+        _write_csv(rows, args.out)
+        _write_md(rows, args.md)
+        return
     rows = []
     for name in [f"science:{a}" for a in SCIENCE] + list(ACCEPTANCE):
         for S in (2, 4):
             before, after = _plan(name, S, False), _plan(name, S, True)
-            rows.append(dict(model=name, split=S, dev_before=round(before.max_deviation, 4),
+            rows.append(dict(model=name, split=S, img_size=_size(name), dev_before=round(before.max_deviation, 4),
                              dev_after=round(after.max_deviation, 4),
                              params_before=round(before.params_ratio, 4), params_after=round(after.params_ratio, 4),
                              macs_before=round(before.macs_ratio, 4), macs_after=round(after.macs_ratio, 4)))
             print(*rows[-1].values(), flush=True)
-    with open(args.out, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+    _write_csv(rows, args.out)
+    _write_md(rows, args.md)
+
+
+FIELDS = ("model", "split", "img_size", "dev_before", "dev_after", "params_before", "params_after", "macs_before",
+          "macs_after")
+
+
+def _read_csv(path: str) -> list:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    out = []
+    for r in rows:
+        row = dict(model=r["model"], split=int(r["split"]), img_size=int(r.get("img_size") or _size(r["model"])))
+        row.update({k: float(r[k]) for k in FIELDS[3:]})
+        out.append(row)
+    return out
+
+
+def _write_csv(rows, path: str) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS, lineterminator="\n")
         w.writeheader()
         w.writerows(rows)
-    _write_md(rows, args.md)
 
 
 def _write_md(rows, path: str) -> None:
@@ -74,11 +108,15 @@ def _write_md(rows, path: str) -> None:
         "(`SplitPlan.max_deviation`; 0 = as uniform as the divisors allow). *Before*: the width search alone;",
         "*after*: with its last step, `WidthSearch.refine`, which moves towards the uniform shrink while the plan",
         "stays within half the tolerances (or the found plan's own margin). `science:*` are the networks of",
-        "benchmarks/science.py at k=1 (28 px, 1 channel).", "",
-        "| model | S | deviation before | after | params ratio before | after | MACs ratio before | after |",
-        "|---|---|---|---|---|---|---|---|"]
+        "benchmarks/science.py at k=1 (28 px, 1 channel). Each plan is made at the input size in its *px* column:",
+        "the acceptance list's size (tests/conftest.py `ACCEPTANCE`: 64 px for most), not the model's 224 px cfg, so",
+        "the MACs ratios differ from a plan made at 224 px (resnet50 S=4 after: 0.9981 here at 64 px, 0.9932 in",
+        "`print(timm_split.split(timm.create_model('resnet50'), 4).split_plan)` at 224 px).", "",
+        "| model | S | px | deviation before | after | params ratio before | after | MACs ratio before | after |",
+        "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['split']} | {r['dev_before']:.3f} | {r['dev_after']:.3f} | "
+        lines.append(f"| {r['model']} | {r['split']} | {r['img_size']} | {r['dev_before']:.3f} | "
+                     f"{r['dev_after']:.3f} | "
                      f"{r['params_before']:.4f} | {r['params_after']:.4f} | {r['macs_before']:.4f} | "
                      f"{r['macs_after']:.4f} |")
     better = sum(r["dev_after"] < r["dev_before"] - 1e-9 for r in rows)

@@ -145,7 +145,8 @@ def test_validate_refuses_data_with_other_class_names(tmp_path):
 
 
 def test_validate_checks_results_file_and_img_size_before_any_work(tmp_path, capsys):
-    ckpt = tmp_path / "none.safetensors"  # never read: the flags fail first
+    ckpt = tmp_path / "none.safetensors"
+    ckpt.write_bytes(b"")  # there (a missing one is named before the outputs), never read: the flags fail first
     assert cli(["validate", "--checkpoint", str(ckpt), "--results-file", str(tmp_path / "nodir" / "r.csv")]) == 2
     assert "--results-file" in capsys.readouterr().err
     assert cli(["validate", "--checkpoint", str(ckpt), "--img-size", "1"]) == 2

@@ -1,4 +1,7 @@
 """timm_split: divide any timm model into S thinner, co-trained copies of itself (SplitNet)."""
+from .environment import check_torchvision as _check_torchvision
+
+_check_torchvision()  # a torch/torchvision pair that does not load together: one line naming both and the fix
 from . import splitnet  # noqa: F401 - registers splitnet_<arch> with timm
 from .checkpoint import load_checkpoint, save_checkpoint
 from .core import plan_split, split

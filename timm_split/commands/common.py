@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, NoReturn, Optio
 import torch
 
 from ..checks import check_split_factor
+from ..environment import torchvision_mismatch
 
 __all__ = ["resolve_device", "autocast_factory", "user_error", "int_at_least", "split_factor_arg", "OneLineParser",
            "check_output_paths", "inert_flags", "flag_defaults", "one_line", "DEBUG_ENV", "run_command", "USER_ERRORS",
@@ -294,6 +295,8 @@ def run_command(cmd: str, fn: Callable[[argparse.Namespace], int], args: argpars
     * user errors (:data:`USER_ERRORS`: ``ValueError``, ``SplitError``, a missing file or folder, no permission):
       ``timm-split <cmd>: error: <message>``, exit 2;
     * any other ``OSError`` (a full disk, a read-only filesystem): one line naming the file, exit 1;
+    * torchvision's ``operator torchvision::nms does not exist`` (a torchvision built for another torch): one line
+      naming both versions and the fix (:func:`timm_split.environment.torchvision_mismatch`), exit 1;
     * ``RuntimeError`` (torch refusing an input) and any other exception: one line with its type, exit 1;
     * ``KeyboardInterrupt`` (Ctrl-C): ``interrupted``, exit 130;
     * ``BrokenPipeError`` (output piped to ``head``): no message (as other shell tools), exit 141.
@@ -337,4 +340,7 @@ def run_command(cmd: str, fn: Callable[[argparse.Namespace], int], args: argpars
     except Exception as e:  # noqa: BLE001 - the funnel: one line, never a traceback (TIMM_SPLIT_DEBUG=1 shows it)
         if debug:
             raise
+        mismatch = torchvision_mismatch(e)  # a lazy `import torchvision` of a torch it was not built for
+        if mismatch:
+            _fail(cmd, mismatch, 1)
         _fail(cmd, f"{type(e).__name__}: {one_line(e)[:500]} (set {DEBUG_ENV}=1 for the traceback)", 1)

@@ -192,10 +192,10 @@ def format_rows(rows: List[Dict], fmt: str = "table", per_member: bool = False) 
                              "member_params_M": "", "member_gmacs": "", "status": ""})
     if fmt == "csv":
         buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=COLUMNS)
+        w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")  # "\n" rows, as the other formats
         w.writeheader()
         w.writerows(flat)
-        return buf.getvalue()
+        return buf.getvalue().rstrip("\n")  # the caller's print ends the last row: no blank line after it
     cells = [[_fmt(v)[:100] for v in (row[c] for c in COLUMNS)] for row in flat]
     if fmt == "md":
         lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]

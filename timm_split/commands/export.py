@@ -1,7 +1,7 @@
 """Export an ensemble as one deployable file: ``timm-split export``.
 
     timm-split export --model resnet18 --split 2 --img-size 224 --output r18s2.onnx --check
-    timm-split export --checkpoint output/train/r18-s2/model_best.safetensors --format pt2 --dynamic-batch \\
+    timm-split export --checkpoint runs/r18-s2/model_best.safetensors --use-ema --format pt2 --dynamic-batch \\
         --output r18s2.pt2 --check
 
 One file holds all S members and their averaging, with the model's pretrained cfg (mean, std, input size,
@@ -9,6 +9,8 @@ classes, split factor) in its metadata (:func:`timm_split.export.export_ensemble
 ``timm-split train`` names its model, S, classes and input; any other safetensors or ``.pth`` state dict of a
 ``splitnet_<arch>`` needs ``--model``, ``--split`` and ``--num-classes`` (as ``timm-split validate``). Without a
 checkpoint, ``--model NAME --split S`` exports a freshly initialised split (to try the deployment path).
+``--use-ema`` exports the checkpoint's EMA weights, as ``timm-split validate --use-ema`` evaluates them (without it,
+the raw weights); a line of the output says which weights were written.
 User errors (an op that does not export, an unwritable ``--output``, a corrupt checkpoint, ``--opset`` out of
 range) print one line and exit 2, leaving no file behind.
 """
@@ -29,7 +31,7 @@ from .train_checks import MIN_IMG_SIZE
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["add_export_args", "build_ensemble", "run_export", "main"]
+__all__ = ["add_export_args", "build_ensemble", "run_export", "weights_line", "main"]
 
 
 def add_export_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -41,7 +43,8 @@ def add_export_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     a("--split", type=split_factor_arg, default=None, help="S (default: from the checkpoint; 2 without one)")
     a("--num-classes", type=int_at_least(0, "--num-classes"), default=None,
       help="classes (default: from the checkpoint, else the model's)")
-    a("--use-ema", action="store_true", help="export the checkpoint's EMA weights")
+    a("--use-ema", action="store_true", help="export the checkpoint's EMA weights (validate's rule: without it, the "
+      "raw weights; a --model-ema run's model_best was chosen by its EMA, so pass it there); the output says which")
     a("--output", "-o", required=True, metavar="FILE", help="the file to write (e.g. r18s2.onnx, r18s2.pt2)")
     a("--format", choices=FORMATS, default=None, help="onnx or pt2 (default: from --output's extension, else onnx)")
     a("--img-size", type=int_at_least(MIN_IMG_SIZE, "--img-size (pixels)"), default=None,
@@ -144,12 +147,37 @@ def run_export(args: argparse.Namespace) -> int:
     print(f"wrote {result.path}: {m['split_factor']} x {m['architecture']} ({graph}, {m['averaging']} averaged), "
           f"{fmt}{opset}, input [{batch}, {size}], output {m['output_name']}, "
           f"{os.path.getsize(result.path) / 1e6:.1f} MB")
+    print(weights_line(args.checkpoint, args.use_ema))
     if result.max_abs_diff is not None:
         runtime = "onnxruntime" if fmt == "onnx" else "torch.export.load"
         print(f"check: PyTorch {_head(result.reference)}")
         print(f"check: {runtime} {_head(result.exported)}")
         print(f"check: max abs diff {result.max_abs_diff:.3g} <= {args.atol:g}: ok")
     return 0
+
+
+def weights_line(checkpoint: Optional[str], use_ema: bool) -> str:
+    """Which weights ``timm-split export`` wrote: the checkpoint's EMA or raw weights (validate's rule: the EMA with
+    ``--use-ema`` only), or a fresh initialisation.
+
+    Args:
+        checkpoint: the ``--checkpoint`` (None: a freshly initialised split).
+        use_ema: ``--use-ema``.
+
+    Returns:
+        ``weights: EMA weights of FILE``, ``weights: raw weights of FILE`` (saying when the file also holds EMA
+        weights, and how to export those) or ``weights: freshly initialised (no --checkpoint)``.
+    """
+    from ..training.warm_start import has_ema
+
+    if not checkpoint:
+        return "weights: freshly initialised (no --checkpoint)"
+    if use_ema:
+        return f"weights: EMA weights of {checkpoint}"
+    if has_ema(checkpoint):
+        return (f"weights: raw weights of {checkpoint}; it also holds EMA weights (a --model-ema run, whose "
+                "model_best was chosen by the EMA): pass --use-ema to export those")
+    return f"weights: raw weights of {checkpoint} (it holds no EMA weights)"
 
 
 def _head(t, n: int = 5) -> str:

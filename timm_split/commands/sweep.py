@@ -1,7 +1,7 @@
 """``timm-split sweep``: split every timm architecture and check shapes and params/FLOPs parity.
 
     timm-split sweep --split 2 4 --out docs/zoo.csv            # the whole zoo on meta
-    timm-split sweep --filter 'vit_*' --limit 20 --device cpu   # plus a real CPU forward/backward
+    timm-split sweep --filter 'vit_tiny*' 'vit_small*' --limit 20 --device cpu --out vit_cpu.csv  # + CPU fwd/bwd
     timm-split sweep --report docs/zoo.csv --markdown docs/zoo.md
 
 For each architecture: build it on meta, count it (one meta forward gives its params, MACs and output shape),
@@ -17,7 +17,9 @@ sweep resumes where it left off. Statuses: ``ok``, ``split_error`` (a ``SplitErr
 engine), ``forward_error`` (a member does not run or gives the wrong shape), ``parity_miss`` (params
 outside ±2% or FLOPs outside ±4%), ``timeout``, ``crash`` (any other exception: a bug to fix). With ``--device cpu``,
 ``cpu_checked`` is True where the real forward/backward ran; an ok row over ``--cpu-max-params`` says
-``cpu check skipped: ...`` in its reason, and the last line counts the checks run and skipped.
+``cpu check skipped: ...`` in its reason, and the last line counts the checks run and skipped (a warning follows
+when none ran). The last line counts this invocation's (arch, S) rows only: rows of a resumed file that were
+already there are "resumed", and rows of other models or splits are named as not counted.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 _logger = logging.getLogger(__name__)
 
 __all__ = ["FIELDS", "sweep_one", "default_tier", "run_sweep", "write_markdown", "main", "cpu_skipped", "summary_line",
-           "select", "check_patterns"]
+           "select", "check_patterns", "cpu_check_warning"]
 
 FIELDS = ("arch", "module", "split", "status", "reason", "params_orig", "params_split", "gmacs_orig", "gmacs_split",
           "params_ratio", "gmacs_ratio", "cpu_checked", "seconds")
@@ -197,16 +199,70 @@ def cpu_skipped(row: Dict) -> bool:
     return row.get("status") == "ok" and str(row.get("reason") or "").startswith(CPU_SKIPPED)
 
 
-def summary_line(rows: List[Dict], out: str) -> str:
-    """The sweep's last line: rows per status, and where any were asked for, the CPU checks run and skipped."""
+def summary_line(rows: List[Dict], out: str, *, selected: Optional[Iterable] = None,
+                 earlier: Optional[Iterable] = None) -> str:
+    """The sweep's last line: rows per status, and where any were asked for, the CPU checks run and skipped.
+
+    Args:
+        rows: the CSV's rows after the sweep.
+        out: the CSV, for the line.
+        selected: the ``(arch, S)`` pairs this invocation asked for (None: all of ``rows``). Rows of other pairs
+            in the file (earlier runs with other filters or splits) are not counted; the line says how many.
+        earlier: the ``(arch, S)`` pairs the file held before this invocation: counted rows among them were
+            resumed (not run again, whatever the device of the run that wrote them); the line says how many.
+
+    Returns:
+        ``N rows of this sweep in OUT: ok N, ...; CPU check: ...; K of them resumed ...; M rows from earlier runs
+        in this file not counted``.
+    """
+    keep = None if selected is None else {(a, int(S)) for a, S in selected}
+    mine = [r for r in rows if keep is None or (r["arch"], int(r["split"])) in keep]
     counts: Dict[str, int] = {}
-    for r in rows:
+    for r in mine:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
-    line = f"{len(rows)} rows in {out}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
-    checked, skipped = sum(str(r.get("cpu_checked")) == "True" for r in rows), sum(cpu_skipped(r) for r in rows)
+    what = "rows" if keep is None else "rows of this sweep"
+    line = f"{len(mine)} {what} in {out}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+    checked, skipped = sum(str(r.get("cpu_checked")) == "True" for r in mine), sum(cpu_skipped(r) for r in mine)
     if checked or skipped:
         line += f"; CPU check: run on {checked}, skipped on {skipped} ok row(s) over --cpu-max-params"
+    resumed = _resumed(mine, earlier)
+    if resumed:
+        line += (f"; {resumed} of them resumed from earlier runs in this file, not run again (pass another --out "
+                 "to run them afresh)")
+    if len(mine) < len(rows):
+        line += f"; {len(rows) - len(mine)} rows from earlier runs in this file (other models or splits) not counted"
     return line
+
+
+def _resumed(rows: List[Dict], earlier: Optional[Iterable]) -> int:
+    before = {(a, int(S)) for a, S in (earlier or ())}
+    return sum((r["arch"], int(r["split"])) in before for r in rows)
+
+
+def cpu_check_warning(rows: List[Dict], *, selected: Optional[Iterable] = None, earlier: Optional[Iterable] = None,
+                      cpu_max_params: float = 30e6) -> Optional[str]:
+    """The warning of a ``--device cpu`` sweep whose real forward/backward ran on none of its rows, else None.
+
+    Args:
+        rows, selected, earlier: as :func:`summary_line`.
+        cpu_max_params: the sweep's ``--cpu-max-params``, for the message.
+
+    Returns:
+        One line saying why (ok rows over ``--cpu-max-params``, rows resumed from an earlier run, rows not ok) and
+        what to do, or None where a check ran (or there are no rows).
+    """
+    keep = None if selected is None else {(a, int(S)) for a, S in selected}
+    mine = [r for r in rows if keep is None or (r["arch"], int(r["split"])) in keep]
+    if not mine or any(str(r.get("cpu_checked")) == "True" for r in mine):
+        return None
+    over, resumed = sum(cpu_skipped(r) for r in mine), _resumed(mine, earlier)
+    not_ok = sum(r["status"] != "ok" for r in mine)
+    why = [f"{over} ok row(s) over --cpu-max-params {cpu_max_params / 1e6:g}M params"] if over else []
+    why += [f"{resumed} row(s) resumed from an earlier run in this file"] if resumed else []
+    why += [f"{not_ok} row(s) not ok"] if not_ok else []
+    return (f"WARNING: --device cpu asked for a real CPU forward/backward, but it ran on 0 of the {len(mine)} rows "
+            f"({', '.join(why)}): nothing was checked on the CPU; pick models under the cap (e.g. --filter "
+            f"'vit_tiny*' 'vit_small*'), raise --cpu-max-params, or pass another --out")
 
 
 def one_line(e: BaseException) -> str:
@@ -513,7 +569,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int_at_least(1, "--workers"), default=1)
     p.add_argument("--cpu-max-params", type=_params, default=30e6,
                    help="with --device cpu: run the real forward/backward only for models up to this many params")
-    p.add_argument("--out", default="sweep.csv", help="CSV to append to (resumes)")
+    p.add_argument("--out", default="sweep.csv", help="CSV to append to (default: sweep.csv in the current folder); "
+                   "an existing file is resumed: its (arch, S) rows are kept and not run again, whatever the flags "
+                   "that wrote them, so give each sweep its own --out")
     p.add_argument("--report", metavar="CSV", help="only write --markdown from an existing CSV")
     p.add_argument("--markdown", metavar="MD", help="write the coverage report here")
 
@@ -568,9 +626,15 @@ def run(args: argparse.Namespace) -> int:
         progress = sys.stderr.isatty()
         if not progress:  # a log file gets a line per architecture instead of a bar
             cli_logging(_logger.name)
+        earlier = {(r["arch"], int(r["split"])) for r in _read(args.out)}  # a resumed file's rows
         rows = run_sweep(archs, args.split, args.out, device=args.device, timeout=args.timeout,
                          workers=args.workers, cpu_max_params=args.cpu_max_params, progress=progress)
-        print(summary_line(rows, args.out))
+        selected = {(a, S) for a in archs for S in args.split}
+        print(summary_line(rows, args.out, selected=selected, earlier=earlier), flush=True)
+        warning = cpu_check_warning(rows, selected=selected, earlier=earlier, cpu_max_params=args.cpu_max_params) \
+            if args.device == "cpu" else None
+        if warning:
+            print(warning, file=sys.stderr)
     if args.markdown:
         write_markdown(rows, args.markdown, command, args.report or args.out)
         print(f"wrote {args.markdown}")

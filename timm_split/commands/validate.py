@@ -102,7 +102,8 @@ CALIB_SPLIT_FRACTION = 0.2
 
 
 def _check_flags(args: argparse.Namespace) -> None:
-    """The flags that can be judged before any work (so a bad --results-file does not fail after the run)."""
+    """The flags that can be judged before any work (so a bad --results-file does not fail after the run): the flags'
+    values, then the inputs (--ood-data, the checkpoint), then the output (--results-file)."""
     for name, low in (("img_size", MIN_IMG_SIZE), ("batch_size", 1), ("workers", 0), ("split", 1), ("num_classes", 1),
                       ("log_freq", 0)):
         v = getattr(args, name)
@@ -113,6 +114,10 @@ def _check_flags(args: argparse.Namespace) -> None:
                          f"img-size / crop-pct before the centre crop); got {args.crop_pct}.")
     inert_flags(args, _INERT, flag_defaults(add_validate_args(argparse.ArgumentParser())))
     _check_uncertainty_flags(args)
+    # the input before the outputs: in a folder with no run yet, the missing checkpoint is the cause to name, not
+    # --results-file's folder (which a run would have made)
+    if not os.path.isfile(args.checkpoint):
+        raise ValueError(f"no checkpoint at {args.checkpoint}; pass the file written by timm-split train.")
     if args.results_file:
         check_writable(args.results_file, "--results-file")
         check_output_paths({"--results-file": args.results_file}, {"--checkpoint": args.checkpoint})
@@ -174,8 +179,6 @@ def validate(args: argparse.Namespace) -> List[Dict[str, Any]]:
 
     _check_flags(args)
     device = resolve_device(args.device)
-    if not os.path.isfile(args.checkpoint):
-        raise ValueError(f"no checkpoint at {args.checkpoint}; pass the file written by timm-split train.")
     meta = read_metadata(args.checkpoint) if args.checkpoint.endswith(".safetensors") else {}
     dataset, names, data_cfg = create_eval_dataset(args.dataset, args.data_dir, args.val_split)
     check_output_paths({"--results-file": args.results_file}, {
