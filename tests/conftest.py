@@ -1,3 +1,4 @@
+import contextlib
 import fnmatch
 import logging
 import os
@@ -143,3 +144,21 @@ def load_benchmark(name: str):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+@contextlib.contextmanager
+def log_records(name: str = "timm_split", level: int = logging.INFO):
+    """The log records of logger ``name`` at ``level`` and above while the block runs (a list filled as they come;
+    works where pytest's caplog misses them: a logger whose propagation the code under test turns off)."""
+    records = []
+    handler = logging.Handler(level)
+    handler.emit = records.append
+    logger = logging.getLogger(name)
+    old = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old)

@@ -360,7 +360,9 @@ def test_disk_cache_is_keyed(net, monkeypatch):
 
     threads = torch.get_num_threads()
     assert source() == "trials" and source() == "disk"
-    assert source(x=X[:2]) == "trials" and source(x=X[:2]) == "disk", "another input shape"
+    assert source(x=X[:2]) == "batch", "a smaller batch of the same per-sample input reuses the decision"
+    assert source(x=torch.cat([X, X])) == "trials" and source(x=torch.cat([X, X])) == "disk", "a larger batch"
+    assert source(x=torch.randn(4, 3, 20, 20)) == "trials", "another per-sample shape"
     assert source(train=True) == "trials", "train mode"
     assert source(margin=0.05) == "trials", "other options"
     other = timm_split.split(nn.Sequential(nn.Conv2d(3, 16, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
@@ -373,7 +375,7 @@ def test_disk_cache_is_keyed(net, monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert source() == "disk"
-    assert len(os.listdir(cache_dir())) == 6
+    assert len(os.listdir(cache_dir())) == 7, "one file per timed decision, none for a reused one"
 
 
 @pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe\x00", b"[]", b'{"fields": {}, "decision": {}}',
@@ -475,14 +477,18 @@ def test_real_strategies_once_per_key_and_logged(net, caplog):
     """On the real members (tiny, so fast): a decision per input shape, logged once each, none per call."""
     ens = copy.deepcopy(net).set_execution("auto", candidates=["loop", "packed"])
     with caplog.at_level(logging.INFO, logger="timm_split"), torch.no_grad():
-        ens(X)
-        ens(X)
         ens(X[:2])
+        ens(X[:2])
+        ens(X)  # a larger batch: timed again
+        ens(X[:3])  # a smaller one: reused
     chosen = [r.getMessage() for r in caplog.records if r.getMessage().startswith("auto: '")]
     assert len(chosen) == 2, chosen
-    assert "input [4, 3, 16, 16]" in chosen[0] and "input [2, 3, 16, 16]" in chosen[1]
+    assert "input [2, 3, 16, 16]" in chosen[0] and "input [4, 3, 16, 16]" in chosen[1]
     assert all("First-call cost" in c for c in chosen)
-    for calls in ens._execution.trials.values():
+    trials = {key.shape[0]: calls for key, calls in ens._execution.trials.items()}
+    assert trials[3] == {}
+    for batch in (2, 4):
+        calls = trials[batch]
         assert set(calls) == {"loop", "packed"} and all(1 <= c <= 1 + 8 for c in calls.values()), calls
 
 
@@ -498,3 +504,105 @@ def test_one_worker_threads_costs_no_trial(net):
         torch.set_num_threads(threads)
     (calls,) = ens._execution.trials.values()
     assert set(calls) == {"loop", "packed"} and all(1 + 2 <= c <= 1 + 8 for c in calls.values()), calls
+
+
+# ------------------------------------------------------------------- a smaller batch reuses a decision (issue 37)
+def _calls(fakes):
+    return sum(f.calls for f in fakes.values())
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_a_smaller_batch_reuses_the_decision_without_trials(net, caplog, train):
+    """An epoch's (or an evaluation's) partial last batch pays no second decision; a larger batch does."""
+    clock = Clock()
+    fakes = {"loop": Scripted(clock, 1.0), "threads": Scripted(clock, 0.6)}
+    ens = copy.deepcopy(net).train(train).set_execution("auto", candidates=fakes, clock=clock)  # not shared
+    spent = auto.trial_seconds()
+    with torch.no_grad():
+        ens(X)
+    first = ens._execution.decisions[next(iter(ens._execution.decisions))]
+    assert first.source == "trials" and first.winner == "threads" and first.reused_from is None
+    assert auto.trial_seconds() - spent == pytest.approx(first.seconds) and first.seconds > 0
+    before, now = _calls(fakes), clock.now
+    with caplog.at_level(logging.DEBUG, logger="timm_split.execution.auto"), torch.no_grad():
+        ens(X[:3])
+        ens(X[:3])
+        ens(X[:1])
+    assert _calls(fakes) - before == 3, "three real calls, no trial call"
+    assert clock.now - now == pytest.approx(3 * 0.6) and auto.trial_seconds() - spent == pytest.approx(first.seconds)
+    by_batch = {key.shape[0]: key for key in ens._execution.decisions}
+    small = ens._execution.decisions[by_batch[3]]
+    assert small.source == "batch" and small.reused_from == 4 and small.winner == "threads"
+    assert ens._execution.trials[by_batch[3]] == {} and ens._execution.trials[by_batch[1]] == {}
+    reused = [r for r in caplog.records if "the decision for batch 4" in r.getMessage()]
+    assert len(reused) == 2 and all(r.levelno == logging.DEBUG for r in reused), "once per batch, at DEBUG"
+    assert "input [3, 3, 16, 16]" in reused[0].getMessage() and "input [1, 3, 16, 16]" in reused[1].getMessage()
+    with torch.no_grad():
+        ens(torch.cat([X, X]))  # larger than any decided: timed again
+    big = ens._execution.decisions[[k for k in ens._execution.decisions if k.shape[0] == 8][0]]
+    assert big.source == "trials" and _calls(fakes) - before > 3 + 1
+    with torch.no_grad():
+        ens(X[:2])  # the smallest larger batch decided is 4
+    assert ens._execution.decisions[[k for k in ens._execution.decisions if k.shape[0] == 2][0]].reused_from == 4
+
+
+def test_another_mode_or_per_sample_shape_is_timed_again(net):
+    clock = Clock()
+    fakes = {"loop": Scripted(clock, 1.0), "threads": Scripted(clock, 0.6)}
+    ens = copy.deepcopy(net).eval().set_execution("auto", candidates=fakes, clock=clock)
+    with torch.no_grad():
+        ens(X)
+        ens.train()
+        ens(X[:2])  # another mode: not the eval decision
+        ens.eval()
+        ens(torch.randn(2, 3, 20, 20))  # another per-sample shape
+    sources = sorted(d.source for d in ens._execution.decisions.values())
+    assert sources == ["trials"] * 3
+
+
+def test_a_smaller_batch_reuses_the_process_and_the_disk_decision(net, monkeypatch):
+    clock = Clock()
+    fakes = {"loop": Scripted(clock, 1.0), "threads": Scripted(clock, 0.6)}
+    _named(monkeypatch, fakes)
+
+    def first_call(x):
+        ens = copy.deepcopy(net).set_execution("auto", candidates=list(fakes), clock=clock)
+        with torch.no_grad():
+            ens(x)
+        return next(iter(ens._execution.decisions.values()))
+
+    assert first_call(X).source == "trials"
+    (path,) = [os.path.join(cache_dir(), f) for f in os.listdir(cache_dir())]
+    assert path.endswith("-b4.json") and "reused_from" not in json.load(open(path))["decision"]
+    before = _calls(fakes)
+    d = first_call(X[:2])  # another AutoExecution of this process
+    assert (d.source, d.reused_from, d.winner) == ("batch", 4, "threads") and _calls(fakes) - before == 1
+    AutoExecution.forget()  # a second process: only the disk
+    d = first_call(X[:3])
+    assert (d.source, d.reused_from, d.winner) == ("batch", 4, "threads") and _calls(fakes) - before == 2
+    assert os.listdir(cache_dir()) == [os.path.basename(path)], "a reused decision is not written"
+
+
+def test_a_decision_cached_by_an_earlier_version_is_read(net, monkeypatch):
+    """Files named by the digest of all the fields (before the batch reuse) still serve their exact key."""
+    import hashlib
+
+    clock = Clock()
+    fakes = {"loop": Scripted(clock, 1.0), "threads": Scripted(clock, 0.6)}
+    _named(monkeypatch, fakes)
+
+    def first_call():
+        AutoExecution.forget()
+        ens = copy.deepcopy(net).set_execution("auto", candidates=list(fakes), clock=clock)
+        with torch.no_grad():
+            ens(X)
+        return next(iter(ens._execution.decisions.values()))
+
+    first_call()
+    (path,) = [os.path.join(cache_dir(), f) for f in os.listdir(cache_dir())]
+    record = json.load(open(path))
+    old = hashlib.sha256(json.dumps(record["fields"], sort_keys=True).encode()).hexdigest()[:32] + ".json"
+    os.rename(path, os.path.join(cache_dir(), old))
+    before = _calls(fakes)
+    d = first_call()
+    assert d.source == "disk" and d.winner == "threads" and _calls(fakes) - before == 1

@@ -293,7 +293,7 @@ def numbered_run(tmp_path_factory):
     import contextlib
     import io
 
-    from conftest import tiny_png_folder
+    from conftest import log_records, tiny_png_folder
 
     from timm_split.commands import train as tr
 
@@ -305,23 +305,14 @@ def numbered_run(tmp_path_factory):
         top1 = next(scores)
         return dict(top1=top1, top5=100.0, loss=1.0, ece=0.1, members=[dict(top1=top1), dict(top1=top1 - 5)])
 
-    records = []
-    handler = logging.Handler(logging.INFO)
-    handler.emit = records.append
-    logger = logging.getLogger("timm_split")
-    level = logger.level
-    logger.addHandler(handler)
     stdout = io.StringIO()
-    try:
+    with log_records(level=logging.NOTSET) as records:
         with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(stdout):
             mp.setattr(tr, "_evaluate", fake_evaluate)
             code = main(["train", "--data-dir", folder, "--model", "test_resnet", "--split", "2", "--img-size", "16",
                          "--epochs", "2", "-b", "8", "-j", "0", "--warmup-epochs", "0", "--no-progress",
                          "--execution", "loop", "--checkpoint-hist", "2", "--log-interval", "2", "--device", "cpu",
                          "--output", str(out), "--experiment", "r"])
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
     assert code == 0
     return out / "r", [r.getMessage() for r in records], stdout.getvalue()
 
@@ -370,6 +361,8 @@ def test_final_summary_gives_the_last_and_the_best_epoch_and_its_file(numbered_r
     with open(run / "results.json") as f:
         results = json.load(f)
     assert (results["best_epoch"], results["final_epoch"], results["best_checkpoint"]) == (0, 1, str(best))
+    assert 0 < results["train_seconds"] < results["wall_seconds"]  # the training loops' time, and the whole call's
+    assert re.search(r"; trained in [0-9.:]+s? \(wall [0-9.:]+s? with setup, evaluation and checkpoints\); ", out[0])
 
 
 def test_summary_lines_when_the_best_is_the_last_and_for_a_loss_metric():
@@ -394,11 +387,9 @@ def test_summary_lines_when_the_best_is_the_last_and_for_a_loss_metric():
 
 # ------------------------------------------------------------------------------------- 10. an ETA that is honest
 def test_eta_leaves_out_the_first_update_and_says_so_until_it_can():
-    import argparse
     import math
 
-    from timm_split.commands.train import _run_eta, epoch_seconds
-    from timm_split.training.metrics import Throughput, eta_text
+    from timm_split.training.metrics import RunEstimate, Throughput, eta_text
 
     now = [0.0]
     pace = Throughput(10, clock=lambda: now[0], warmup=1)
@@ -411,17 +402,41 @@ def test_eta_leaves_out_the_first_update_and_says_so_until_it_can():
     assert pace.step_seconds() == 1.0 and pace.eta() == 7.0  # not 22 s / 3 steps * 7 = 51 s
     assert eta_text(pace.eta()) == "7.0s" and eta_text(3725.0) == "1:02:05"
     # the run: the epochs after this one at this epoch's steady pace (10 s each), while no epoch is done
-    run = argparse.Namespace(args=argparse.Namespace(epochs=4), epoch_walls=[])
-    assert _run_eta(run, 0, pace) == 7.0 + 3 * 10.0
-    # once epochs are done, their wall time (evaluation included; the first, which warms up, left out)
-    run.epoch_walls = [40.0, 12.0, 14.0]
-    assert epoch_seconds(run.epoch_walls) == 13.0 and epoch_seconds([40.0]) == 40.0 and epoch_seconds([]) is None
-    assert _run_eta(run, 3, pace) == 7.0  # the last epoch: its own rest only
-    fresh = Throughput(10, clock=lambda: now[0], warmup=1)
-    fresh.update(8)  # the first update of a later epoch: its rest at the epochs' pace
-    assert _run_eta(run, 2, fresh) == pytest.approx(13.0 * 9 / 10 + 13.0)
-    # without warm-up (validate, sweep, compare) the pace is the mean from the start, as before
-    plain = Throughput(4, clock=lambda: now[0])
-    now[0] += 2.0
-    plain.update(1)
-    assert plain.eta() == 6.0
+    now[0] = 0.0
+    est = RunEstimate(4, clock=lambda: now[0])
+    est.begin(0, 10, warmup=1)
+    now[0] = 20.0
+    est.update(8)
+    for _ in range(3):
+        now[0] += 1.0
+        est.update(8)
+    assert est.left(0) == (6.0 + 3 * 10.0, False)
+    for _ in range(6):
+        now[0] += 1.0
+        est.update(8)
+    est.trained()
+    now[0] += 2.0  # evaluation and checkpoints
+    assert est.finish()["steady"] == 12.0  # 39 s less the first update's 19 s start-up
+    est.begin(1, 10, warmup=1)  # the first update of a later epoch: its rest at the epochs' pace
+    now[0] += 1.0
+    est.update(8)
+    assert est.left(1) == (pytest.approx(10.0 * 9 / 10 + 2.0 + 2 * 12.0), True)
+
+
+def test_the_last_line_labels_its_times():
+    """The last line's time is the training loops' (``train_seconds``), labelled, beside the command's wall time
+    (setup, evaluation and checkpoints included); a resumed run's training time counts every process."""
+    import argparse
+
+    from timm_split.commands.train import summary_lines, time_text
+
+    results = dict(train_seconds=364.2, wall_seconds=428.6)
+    assert time_text(results) == "trained in 6:04 (wall 7:09 with setup, evaluation and checkpoints)"
+    assert time_text(results, resumed=True) == ("trained in 6:04 over the run's processes (this one: wall 7:09 with "
+                                                "setup, evaluation and checkpoints)")
+    assert time_text(dict(train_seconds=42.0)) == "trained in 42.0s"  # a results.json written before wall_seconds
+    final = dict(top1=70.0, top5=99.0, loss=0.5, ece=0.02, members=[dict(top1=68.0)])
+    line = summary_lines(argparse.Namespace(model="m", split=1, epochs=10, eval_metric="top1", resume=""),
+                         dict(results, final=final, final_epoch=9, params=1e6, gmacs=0.1, output="runs/r"))[0]
+    assert line.endswith("; 1.000M params, 0.1000 GMACs; trained in 6:04 (wall 7:09 with setup, evaluation and "
+                         "checkpoints); runs/r"), line

@@ -253,8 +253,9 @@ def _log_plan(run: _Run, start: int) -> None:
         if args.epochs == 300 and not args.resume else ""
     which = "" if not left else f" (epoch {start})" if left == 1 else f" (epochs {start} to {args.epochs - 1})"
     _logger.info("training %d epoch(s)%s%s of %d images, %d updates each, S=%d, %d loader worker(s) on %d CPU(s); the "
-                 "expected time left (run ETA) is in every progress line from the second update (the first one "
-                 "also starts the loader and warms up), and the run's expected duration once epoch %d is done",
+                 "run's expected time left is in every progress line from the second update (the first one also "
+                 "starts the loader and warms up: 'measuring'), training only until epoch %d's evaluation is timed; "
+                 "one-off costs ('auto' timing its candidates, the first update's start-up) are left out of it",
                  left, which, default, images, run.updates_per_epoch, args.split, args.workers, cpu_count(), start)
 
 
@@ -266,30 +267,33 @@ def member_ce_text(ce_sum: float, split: int) -> str:
     return f"ce per member {ce_sum / split:.4f}, summed over the {split} members"
 
 
-def epoch_seconds(walls: List[float]) -> Optional[float]:
-    """The expected wall time of an epoch (training, evaluation and checkpoints) from the epochs done so far: the
-    mean of those after the first when there are some (the first also warms up), else the first; None if none."""
-    if not walls:
-        return None
-    later = walls[1:] or walls
-    return sum(later) / len(later)
+# the trainer's clock and its one-off costs (a test replaces them with fakes)
+_clock = time.perf_counter
 
 
-def _run_eta(run: _Run, epoch: int, pace: Any) -> float:
-    """Seconds left in the run: this epoch's rest plus the epochs after it.
+def _one_off_seconds() -> float:
+    """The seconds this process has spent on one-off costs that an ETA leaves out: ``'auto'`` timing its
+    candidates (:func:`timm_split.execution.auto.trial_seconds`)."""
+    from ..execution.auto import trial_seconds
 
-    The epoch's rest is at its pace after its first update (:class:`~timm_split.training.metrics.Throughput`'s
-    warm-up); the later epochs take the wall time of the epochs done (:func:`epoch_seconds`), or, in the first
-    epoch this process trains, this epoch's steady pace. ``math.inf`` while neither is known.
-    """
-    per_epoch = epoch_seconds(getattr(run, "epoch_walls", []))
-    rest = pace.eta()
-    if not math.isfinite(rest) and per_epoch is not None:  # the epoch's first update: the earlier epochs' pace
-        rest = per_epoch * max(pace.total - pace.steps, 0) / max(pace.total, 1)
-    if per_epoch is None:
-        per_epoch = pace.step_seconds() * pace.total
-    left = max(run.args.epochs - epoch - 1, 0)
-    return rest + (left * per_epoch if left else 0.0)
+    return trial_seconds()
+
+
+def run_estimate(run: _Run):
+    """The run's one estimate of its time left (:class:`~timm_split.training.metrics.RunEstimate`), made on first
+    use (``train_one_epoch`` may be called without :func:`train`, as ``benchmarks/train_speed.py`` does)."""
+    from ..training.metrics import RunEstimate
+
+    if getattr(run, "eta", None) is None:
+        run.eta = RunEstimate(run.args.epochs, clock=_clock, one_off=_one_off_seconds)
+    return run.eta
+
+
+def _eta_text(seconds: float) -> str:
+    """An epoch's time left in a progress line: a duration (``'4:40'``), ``'measuring'`` while unknown."""
+    from ..training.metrics import duration_text
+
+    return duration_text(seconds) if math.isfinite(seconds) else "measuring"
 
 
 def train_one_epoch(run: _Run, epoch: int, progress: bool) -> Dict[str, float]:
@@ -300,7 +304,7 @@ def train_one_epoch(run: _Run, epoch: int, progress: bool) -> Dict[str, float]:
     """
     from tqdm import tqdm
 
-    from ..training.metrics import Throughput, eta_text, format_seconds
+    from ..training.metrics import duration_text
 
     args, loader = run.args, run.train_loader
     if args.mixup_off_epoch and epoch >= args.mixup_off_epoch and run.augment.mixup is not None:
@@ -314,7 +318,8 @@ def train_one_epoch(run: _Run, epoch: int, progress: bool) -> Dict[str, float]:
     bar = tqdm(loader, desc=epoch_text(epoch, args.epochs), disable=not progress, leave=False,
                file=sys.stderr, dynamic_ncols=True)
     # images of every data-parallel replica, as timm counts them; the time left is paced after the first update
-    pace = Throughput(n, warmup=min(accum, n))
+    eta = run_estimate(run)
+    pace = eta.begin(epoch, n, warmup=min(accum, n))
     replicas = _replicas(args)
     for i, (views, target) in enumerate(bar):
         need_update = i == n - 1 or (i + 1) % accum == 0
@@ -335,7 +340,7 @@ def train_one_epoch(run: _Run, epoch: int, progress: bool) -> Dict[str, float]:
             _backward_step(run, losses["loss"] / divisor, need_update)
         for k, v in zip(sums, values):
             sums[k] += v
-        pace.update(target.shape[0] * replicas)
+        eta.update(target.shape[0] * replicas)
         if not need_update:
             continue
         run.num_updates += 1
@@ -346,20 +351,23 @@ def train_one_epoch(run: _Run, epoch: int, progress: bool) -> Dict[str, float]:
         if (i // accum) % args.log_interval == 0 or i == n - 1:
             lr = run.optimizer.param_groups[0]["lr"]
             if progress:
+                seconds, complete = eta.left(epoch)
                 bar.set_postfix(loss=f"{sums['loss'] / (i + 1):.3f}",
                                 ce_member=f"{sums['ce'] / (i + 1) / args.split:.3f}",
                                 lr=f"{lr:.3g}", img_s=f"{pace.rate():.0f}",
-                                run_eta=eta_text(_run_eta(run, epoch, pace)))
+                                run_left=_eta_text(seconds) + ("" if complete else " + eval"))
             elif run.rank == 0:
-                _logger.info("Train: %d [%d/%d] loss %.4f (%s) lr %.3e, %.1f img/s, epoch ETA %s, run ETA %s",
+                _logger.info("Train: %d [%d/%d] loss %.4f (%s) lr %.3e, %.1f img/s, epoch ETA %s; run: %s",
                              epoch, i // accum, math.ceil(n / accum), sums["loss"] / (i + 1),
                              member_ce_text(sums["ce"] / (i + 1), args.split), lr, pace.rate(),
-                             eta_text(pace.eta()), eta_text(_run_eta(run, epoch, pace)))
-    if run.rank == 0:  # the run's time left: the epochs after this one at the wall time of those done
+                             _eta_text(pace.eta()), eta.text(epoch))
+    eta.trained()
+    if run.rank == 0:  # the run's time left: this epoch's evaluation and checkpoints, then the epochs after it
         left = max(args.epochs - epoch - 1, 0)
-        _logger.info("Train: %d done (%d of %d), %d images in %s, %.1f img/s; run ETA %s (%d epoch%s left)", epoch,
-                     epoch + 1, args.epochs, pace.items, format_seconds(pace.elapsed()), pace.rate(),
-                     eta_text(_run_eta(run, epoch, pace)), left, "" if left == 1 else "s")
+        _logger.info("Train: %d done (%d of %d), %d images in %s, %.1f img/s; run: %s", epoch, epoch + 1, args.epochs,
+                     pace.items, duration_text(pace.elapsed()), pace.rate(),
+                     eta.text(epoch, f", {left} epoch{'' if left == 1 else 's'} after this one" if left else
+                              ", the last epoch's evaluation and checkpoints"))
     return OrderedDict((k, v / n) for k, v in sums.items())
 
 
@@ -715,12 +723,16 @@ def train(args: argparse.Namespace, model_fn: Optional[Callable[[], nn.Module]] 
 
     Returns:
         ``results.json``'s content: ``final`` (ensemble and member metrics of the last evaluation), ``best_metric``,
-        ``best_epoch``, ``params``/``gmacs`` (all members), ``train_seconds``, ``output`` and ``args``.
+        ``best_epoch``, ``params``/``gmacs`` (all members), ``train_seconds`` (the training loops' time, of every
+        process of the run when resumed), ``wall_seconds`` (this call's wall time: setup, training, evaluation and
+        checkpoints), ``output`` and ``args``.
 
     Raises:
         ValueError: a bad flag, dataset or checkpoint, with the fix in the message.
     """
+    started = time.perf_counter()
     run = setup_run(args, model_fn)
+    run.started = started  # the wall time in results.json counts the setup too
     lock = _claim_output(run) if run.rank == 0 else None
     try:
         return _train_epochs(run, progress)
@@ -823,7 +835,8 @@ def _train_epochs(run: _Run, progress: bool) -> Dict[str, Any]:
     seed_rank = 0 if args.member_parallel else args.rank  # member ranks must draw the same batches
     results: Dict[str, Any] = {"final": None, "final_epoch": None, "train_seconds": run.train_seconds,
                                "output": run.out}
-    run.epoch_walls = []  # wall seconds of each epoch this process trained (evaluation and checkpoints included)
+    run.eta = None
+    eta = run_estimate(run)  # the one estimate of the time left, for every line that states it
     for epoch in range(start, args.epochs):
         random_seed((args.seed * 100_003 + epoch) % SEED_SPACE, seed_rank)  # the same for seeds < 42947 as before
         sampler = getattr(run.train_loader, "sampler", None)
@@ -838,13 +851,14 @@ def _train_epochs(run: _Run, progress: bool) -> Dict[str, Any]:
         if metrics is not None:
             results["final"], results["final_epoch"] = metrics, epoch
         _log_epoch(run, epoch, train_metrics, metrics, seconds)
-        run.epoch_walls.append(time.perf_counter() - t0)
+        took = eta.finish()
         if epoch == start and run.rank == 0:
-            _log_expected_duration(run, epoch)
+            _log_expected_duration(run, epoch, took)
     if run.rank == 0:
         best = os.path.join(run.out, "model_best" + saver.extension) if saver.best_epoch is not None else None
         results.update(_cost(run), best_metric=saver.best_metric, best_epoch=saver.best_epoch, best_checkpoint=best,
                        args=_jsonable(vars(args)))
+        results["wall_seconds"] = time.perf_counter() - getattr(run, "started", time.perf_counter())
         _write_json(os.path.join(run.out, RESULTS), results)
         if best is not None:  # timm's last line
             _logger.info("*** Best metric: %s %.4f at %s, in %s", args.eval_metric, saver.best_metric,
@@ -852,18 +866,21 @@ def _train_epochs(run: _Run, progress: bool) -> Dict[str, Any]:
     return results
 
 
-def _log_expected_duration(run: _Run, epoch: int) -> None:
-    """Once the first epoch this process trains is done: its wall time and the run's expected duration."""
-    from ..training.metrics import format_seconds
+def _log_expected_duration(run: _Run, epoch: int, took: Dict[str, float]) -> None:
+    """Once the first epoch this process trains is done: its wall time, its one-off part, and the run's time left
+    (:meth:`~timm_split.training.metrics.RunEstimate.text`, as every progress line states it)."""
+    from ..training.metrics import duration_text
 
-    wall = run.epoch_walls[-1]
     left = max(run.args.epochs - epoch - 1, 0)
     if not left:
         return
-    eta = left * epoch_seconds(run.epoch_walls)
-    _logger.info("%s took %s with its evaluation and checkpoints: the %d epoch(s) left should take about %s, "
-                 "ending near %s", epoch_text(epoch, run.args.epochs), format_seconds(wall), left, format_seconds(eta),
-                 datetime.fromtimestamp(time.time() + eta).strftime("%Y-%m-%d %H:%M"))
+    one_off = [f"{duration_text(took[k])} {what}" for k, what in (
+        ("auto", "of 'auto' timing its candidates"), ("startup", "of the first update's start-up (loader, warm-up)"))
+        if took[k] >= 0.05]
+    _logger.info("%s took %s with its evaluation and checkpoints%s; run: %s", epoch_text(epoch, run.args.epochs),
+                 duration_text(took["wall"]),
+                 f" ({', '.join(one_off)}: one-off, left out of the estimate)" if one_off else "",
+                 run_estimate(run).text(epoch, f" for the {left} epoch{'' if left == 1 else 's'} after it"))
 
 
 def _trim_summary(path: str, start: int) -> None:
@@ -926,6 +943,22 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def time_text(results: Dict[str, Any], resumed: bool = False) -> str:
+    """The run's times as its last line gives them: ``'trained in 6:04 (wall 7:08 with setup, evaluation and
+    checkpoints)'``; the training loops' time (``train_seconds``) counts every process of a resumed run, the wall
+    time (``wall_seconds``) this command's."""
+    from ..training.metrics import duration_text
+
+    text = f"trained in {duration_text(results['train_seconds'])}"
+    wall = results.get("wall_seconds")
+    if wall is None:
+        return text
+    if resumed:
+        return (f"{text} over the run's processes (this one: wall {duration_text(wall)} with setup, evaluation and "
+                "checkpoints)")
+    return f"{text} (wall {duration_text(wall)} with setup, evaluation and checkpoints)"
+
+
 def summary_lines(args: argparse.Namespace, results: Dict[str, Any]) -> List[str]:
     """The lines ``timm-split train`` ends with: the last evaluated epoch's metrics, then the best epoch's (timm's
     ``*** Best metric``), which ``model_best`` holds and which can be an earlier epoch than the last.
@@ -948,7 +981,7 @@ def summary_lines(args: argparse.Namespace, results: Dict[str, Any]) -> List[str
         lines.append(f"{args.model} S={args.split}: top-1 {final['top1']:.2f}%  top-5 {final['top5']:.2f}%  "
                      f"NLL {final['loss']:.4f}  ECE {final['ece']:.4f} (members {members}){when}; "
                      f"{results['params'] / 1e6:.3f}M params, {results['gmacs']:.4f} GMACs; "
-                     f"{results['train_seconds']:.0f}s; {results['output']}")
+                     f"{time_text(results, bool(getattr(args, 'resume', '')))}; {results['output']}")
     best, best_epoch = results.get("best_metric"), results.get("best_epoch")
     if best is not None and best_epoch is not None:
         metric = {"top1": "top-1", "top5": "top-5", "loss": "NLL"}.get(args.eval_metric, args.eval_metric)

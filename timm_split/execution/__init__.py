@@ -11,7 +11,8 @@
 * ``'packed'``: the S members rewritten as one network (:mod:`timm_split.packing`: the member's aten graph with
   grouped convs, batched linears, one SDPA over all members' heads); an op with no packing rule runs once per
   member inside the graph (``strict=True`` raises a ``ValueError`` naming it).
-* ``'auto'``: times the candidates once per (devices, input shape, training, grad) and keeps the fastest.
+* ``'auto'``: times the candidates once per (devices, per-sample input shape, training, grad) and keeps the
+  fastest; a smaller batch (an epoch's last) reuses the decision, a larger one is timed again.
 
 Every strategy returns the loop's result up to float tolerance (with dropout or drop-path active the random
 draws differ), lets gradients reach every member's parameters, and leaves every member's buffers as the loop

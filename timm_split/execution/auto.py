@@ -1,4 +1,5 @@
-"""``'auto'``: time the candidates once per (devices, input shape, mode) and keep one only if it beats the loop.
+"""``'auto'``: time the candidates once per (devices, per-sample input shape, mode) and keep one only if it beats
+the loop.
 
 The decision is a small, careful benchmark (see :class:`AutoExecution`): interleaved, paired trials of the loop and
 the best candidate until the candidate is faster than the loop beyond noise (a sign test on the per-round ratios),
@@ -7,7 +8,10 @@ disturbed loop call can): such a round is held back and re-measured, and taken a
 reproduces (a sign test on the rounds below ``1/S``, their spread within a factor 2), as it does when the loop's
 multi-threaded calls are slowed by thread oversubscription or load. Decisions are remembered for the process and,
 by default, on disk (:func:`cache_dir`), keyed by the members' architecture, the input, the mode, the thread count,
-the machine and the torch version, so a second process with the same model and input pays no trial.
+the machine and the torch version, so a second process with the same model and input pays no trial. A decision made
+at batch ``B`` also serves every smaller batch of the same per-sample input and mode (an epoch's or an evaluation's
+partial last batch, a data-parallel rank's share) without a trial; only a larger batch, another per-sample shape or
+another mode is timed again.
 """
 from __future__ import annotations
 
@@ -22,7 +26,9 @@ import logging
 import math
 import os
 import platform
+import re
 import statistics
+import threading
 import time
 from typing import Any, Callable, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
@@ -35,7 +41,8 @@ from .threads import ThreadsExecution
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["AutoExecution", "AutoOptions", "Decision", "Key", "cache_dir", "needed_below", "CACHE_ENV"]
+__all__ = ["AutoExecution", "AutoOptions", "Decision", "Key", "cache_dir", "needed_below", "trial_seconds",
+           "CACHE_ENV"]
 
 CACHE_ENV = "TIMM_SPLIT_CACHE_DIR"
 # bump when the decision rule changes: decisions cached on disk by an older rule are not reused
@@ -46,6 +53,19 @@ _SPREAD = 2.0
 
 # decisions shared by every AutoExecution(cache=True) of this process: the cache fields (JSON) -> Decision
 _DECISIONS: Dict[str, "Decision"] = {}
+# the same decisions by their fields without the batch (JSON): batch -> Decision (a smaller batch reuses them)
+_BATCHES: Dict[str, Dict[int, "Decision"]] = {}
+# the trials' wall time of every decision timed in this process, by each AutoExecution's clock (trial_seconds())
+_SPENT = [0.0]
+_SPENT_LOCK = threading.Lock()
+
+
+def trial_seconds() -> float:
+    """The seconds every ``'auto'`` of this process has spent timing candidates so far (each decision's
+    :attr:`Decision.seconds`, by the clock that ``'auto'`` was given): a one-off cost, which the trainer leaves out
+    of its estimate of the time left."""
+    with _SPENT_LOCK:
+        return _SPENT[0]
 
 
 @functools.lru_cache(maxsize=None)
@@ -160,7 +180,8 @@ def cache_dir() -> str:
 
 class Key(NamedTuple):
     """What a decision is kept for: the members' devices, the view's shape and dtype, whether one batch is shared,
-    train mode, grad, autocast (on, dtype) and a channels-last input."""
+    train mode, grad, autocast (on, dtype) and a channels-last input. ``shape[0]`` is the batch: a decision for a key
+    also serves the same key at a smaller batch (:meth:`AutoExecution.choose`)."""
 
     devices: Tuple[str, ...]
     shape: Tuple[int, ...]
@@ -179,7 +200,8 @@ class Decision(NamedTuple):
     Attributes:
         winner: the strategy's name.
         source: ``'trials'`` (timed now), ``'process'`` (decided earlier in this process), ``'disk'`` (read from
-            :func:`cache_dir`) or ``'trivial'`` (one member, the meta device, or nothing but the loop runs).
+            :func:`cache_dir`), ``'batch'`` (the decision for a larger batch of the same per-sample input and mode,
+            ``reused_from``; no trial) or ``'trivial'`` (one member, the meta device, or nothing but the loop runs).
         best: the candidate that was confirmed against the loop (None if none was).
         median: the median of ``ratios`` (None without a valid round).
         interval: the median's two-sided interval from the sign test (the ``(n-k+1)``-th and ``k``-th smallest
@@ -201,6 +223,8 @@ class Decision(NamedTuple):
         accepted: confirmation rounds whose ratio was below ``floor`` and that were accepted because it reproduced
             (0: none; the class docstring's rule 4); they are in ``ratios``.
         accepted_of: the rounds (below the floor or not) that ``accepted`` was counted among when accepted.
+        reused_from: with ``source='batch'``, the batch the reused decision was made at (the other fields are that
+            decision's evidence; no trial was paid for this one); None otherwise.
     """
 
     winner: str
@@ -220,6 +244,7 @@ class Decision(NamedTuple):
     reason: str = ""
     accepted: int = 0
     accepted_of: int = 0
+    reused_from: Optional[int] = None
 
     @property
     def trial_calls(self) -> int:
@@ -256,8 +281,11 @@ class Decision(NamedTuple):
         return "; ".join(parts)
 
     def as_json(self) -> Dict[str, Any]:
-        """A JSON-ready dict of the fields (what the disk cache stores)."""
+        """A JSON-ready dict of the fields (what the disk cache stores; ``reused_from`` only when set, so the files
+        are those an earlier version wrote and reads)."""
         out = self._asdict()
+        if out["reused_from"] is None:
+            del out["reused_from"]
         out.update(ratios=list(self.ratios), screen=dict(self.screen), calls=dict(self.calls),
                    interval=list(self.interval) if self.interval else None)
         return out
@@ -321,7 +349,8 @@ class AutoOptions:
 
 
 class AutoExecution(Execution):
-    """Time the candidates on the first call for each (devices, input, mode); keep one only if it beats the loop.
+    """Time the candidates on the first call for each (devices, per-sample input, mode); keep one only if it beats
+    the loop.
 
     A trial is one call: forward, plus ``backward`` of the outputs' sum when a graph is needed (so no graph
     outlives its trial); buffers, ``.grad`` and RNG states are restored afterwards, so the real call that follows
@@ -383,15 +412,20 @@ class AutoExecution(Execution):
     36 at most, 40 with a repeated screening round (``N + (screen + 1) * N + 2 * (repeats + repeats // 2)``);
     with one candidate besides the loop 2 + 2 * (2..12) = 6..26. In seconds that is about that many loop calls
     (slower candidates cost more); the decision's log line states both. With a cached decision (the process, or the
-    disk) the cost is 0 trial calls. Freed memory is handed back to the OS after every trial (glibc's
-    ``malloc_trim``) and the losers' caches are dropped, so the peak is the most demanding single candidate's call,
-    not the sum.
+    disk) the cost is 0 trial calls, and so it is for a batch no larger than one already decided for the same
+    per-sample input and mode (an epoch's or an evaluation's partial last batch, a data-parallel rank's share): that
+    decision is reused (``source='batch'``, logged once at DEBUG); a larger batch, another per-sample shape or
+    another mode (training with a graph, evaluation) pays the cost again. Freed memory is handed back to the OS
+    after every trial (glibc's ``malloc_trim``) and the losers' caches are dropped, so the peak is the most
+    demanding single candidate's call, not the sum.
 
     Decisions are remembered per instance and, with ``cache=True``, for the whole process and (``disk=True``) in
     :func:`cache_dir` (``$TIMM_SPLIT_CACHE_DIR``, default ``~/.cache/timm_split``), keyed by the members'
     architecture (every tensor's name, shape, dtype, strides; every module's class and mode), the :class:`Key`,
     the candidates and options, ``torch.get_num_threads()``, the cores this process may use, the CPU or GPU model
-    and the torch version. A cache file that cannot be read or parsed is ignored with a warning (and rewritten).
+    and the torch version; a smaller batch of the same key finds them in all three places. A cache file that cannot
+    be read or parsed is ignored with a warning (and rewritten). :func:`trial_seconds` is the time this process has
+    spent on trials.
 
     Args:
         candidates: strategy names to try; default :attr:`DEFAULT` (``'compile'`` only if named: compiling takes
@@ -450,6 +484,7 @@ class AutoExecution(Execution):
             disk: also delete the decisions cached in :func:`cache_dir` (every model's).
         """
         _DECISIONS.clear()
+        _BATCHES.clear()
         if disk:
             for path in glob.glob(os.path.join(cache_dir(), "*.json")):
                 with contextlib.suppress(OSError):
@@ -507,7 +542,8 @@ class AutoExecution(Execution):
                     torch=torch.__version__)
 
     def choose(self, members: Members, views: List[torch.Tensor]) -> str:
-        """The winner for this call's key: remembered, decided earlier in this process or on disk, or timed now.
+        """The winner for this call's key: remembered, decided earlier in this process or on disk, reused from a
+        larger batch of the same per-sample input and mode, or timed now.
 
         Args:
             members: the members to run.
@@ -530,20 +566,58 @@ class AutoExecution(Execution):
             decision = _read_disk(fields, self.candidates)
             if decision is not None:
                 _DECISIONS[text] = decision
+                if key.shape:
+                    _BATCHES.setdefault(_family_text(fields), {})[key.shape[0]] = decision
         if decision is not None:
             _logger.info("auto: '%s' for devices %s, input %s (%s; no trials)", decision.winner, key.devices,
-                         list(key.shape), _describe_source(decision, text))
-            self.trials[key], self.decisions[key] = {}, decision
-            self.choices[key] = decision.winner
-            return decision.winner
-        decision = self.decisions[key] = self._decide(members, views, key)
-        self.trials[key] = dict(decision.calls)
-        self.choices[key] = decision.winner
+                         list(key.shape), _describe_source(decision, fields))
+            return self._remember(key, decision, {})
+        decision = self._larger_batch(key, fields if shared else None)
+        if decision is not None:
+            _logger.debug("auto: '%s' for devices %s, input %s, training=%s, grad=%s: the decision for batch %d of "
+                          "the same per-sample input and mode, reused (no trials; only a larger batch is timed "
+                          "again)", decision.winner, key.devices, list(key.shape), key.training, key.grad,
+                          decision.reused_from)
+            return self._remember(key, decision, {})
+        decision = self._decide(members, views, key)
         if shared and decision.source == "trials":
             _DECISIONS[text] = decision
+            if key.shape:
+                _BATCHES.setdefault(_family_text(fields), {})[key.shape[0]] = decision
             if self.options.disk:
                 _write_disk(fields, decision)
+        return self._remember(key, decision, dict(decision.calls))
+
+    def _remember(self, key: Key, decision: Decision, trials: Dict[str, int]) -> str:
+        """Keep ``decision`` for ``key`` in this instance; its winner."""
+        self.decisions[key], self.trials[key], self.choices[key] = decision, trials, decision.winner
         return decision.winner
+
+    def _larger_batch(self, key: Key, fields: Optional[Dict[str, Any]]) -> Optional[Decision]:
+        """The decision for the smallest batch larger than ``key``'s of the same per-sample input and mode, as a
+        ``source='batch'`` decision: one of this instance's, else (``fields``: shared) this process's, else
+        (``disk``) one on disk; None when no larger batch was decided."""
+        if not key.shape:
+            return None
+        batch, rest = key.shape[0], key.shape[1:]
+        found: Dict[int, Decision] = {}
+        for k, d in (self.decisions or {}).items():
+            if k.shape and k.shape[0] > batch and k._replace(shape=k.shape[1:]) == key._replace(shape=rest):
+                found.setdefault(d.reused_from or k.shape[0], d)
+        if fields is not None:
+            found.update((b, d) for b, d in _BATCHES.get(_family_text(fields), {}).items()
+                         if b > batch and b not in found)
+        if not found and fields is not None and self.options.disk:
+            for b in _disk_batches(fields):
+                if b > batch:
+                    d = _read_disk(dict(fields, shape=[b] + list(fields["shape"][1:])), self.candidates)
+                    if d is not None:
+                        found[b] = d
+                        break
+        if not found:
+            return None
+        b = min(found)
+        return found[b]._replace(source="batch", reused_from=b)
 
     def _decide(self, members: Members, views: List[torch.Tensor], key: Key) -> Decision:
         """Time the candidates for ``key`` (the class docstring's rule) and log the decision."""
@@ -553,6 +627,8 @@ class AutoExecution(Execution):
         with _preserved(members):
             decision = self._measure(members, views, graph=key.grad)
         decision = decision._replace(seconds=self._clock() - start)
+        with _SPENT_LOCK:
+            _SPENT[0] += decision.seconds
         for name in list(self._executions or {}):
             if name not in (decision.winner, "loop"):
                 self._drop(name)
@@ -778,33 +854,60 @@ def _interval(ratios: Sequence[float], confidence: float) -> Optional[Tuple[floa
     return xs[len(xs) - k], xs[k - 1]
 
 
-def _describe_source(decision: Decision, text: str) -> str:
+def _describe_source(decision: Decision, fields: Dict[str, Any]) -> str:
     """The log's words for a decision taken from a cache."""
     evidence = ("median time / loop %.3f over %d rounds, margin %.0f%%" % (decision.median, len(decision.ratios),
                                                                              100 * decision.margin)
                 if decision.median is not None else decision.reason)
     if decision.source == "disk":
-        return (f"from the disk cache {_disk_path(text)}: {evidence}; delete the file or call "
+        return (f"from the disk cache {_disk_path(fields)}: {evidence}; delete the file or call "
                 "AutoExecution.forget(disk=True) to time again")
     return f"decided earlier in this process for these members: {evidence}"
 
 
-def _disk_path(text: str) -> str:
-    return os.path.join(cache_dir(), hashlib.sha256(text.encode()).hexdigest()[:32] + ".json")
+def _family_text(fields: Dict[str, Any]) -> str:
+    """``fields`` without the batch (the shape's first entry), as JSON: what a smaller batch finds a decision by."""
+    return json.dumps(dict(fields, shape=["*"] + list(fields["shape"][1:])), sort_keys=True)
+
+
+def _disk_path(fields: Dict[str, Any]) -> str:
+    """``<digest of the fields without the batch>-b<batch>.json`` in :func:`cache_dir`: the decisions for every
+    batch of one per-sample input and mode are found by one ``glob``. The file holds what earlier versions wrote
+    (``fields``, ``decision``, ``written``)."""
+    family = hashlib.sha256(_family_text(fields).encode()).hexdigest()[:32]
+    return os.path.join(cache_dir(), f"{family}-b{fields['shape'][0] if fields['shape'] else 0}.json")
+
+
+def _legacy_path(fields: Dict[str, Any]) -> str:
+    """Where versions before the batch reuse kept the decision for ``fields`` (read, never written)."""
+    return os.path.join(cache_dir(), hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:32]
+                        + ".json")
+
+
+def _disk_batches(fields: Dict[str, Any]) -> List[int]:
+    """The batches decided on disk for ``fields``' per-sample input and mode, ascending."""
+    stem = os.path.basename(_disk_path(fields)).rsplit("-b", 1)[0]
+    found = (re.fullmatch(re.escape(stem) + r"-b(\d+)\.json", os.path.basename(p))
+             for p in glob.glob(os.path.join(glob.escape(cache_dir()), stem + "-b*.json")))
+    return sorted(int(m.group(1)) for m in found if m)
 
 
 def _read_disk(fields: Dict[str, Any], candidates: Sequence[str]) -> Optional[Decision]:
-    """The decision cached on disk for ``fields``; None when there is none, or (with a warning) when the file
-    cannot be read, is not a decision of this rule or was written for other fields."""
-    path = _disk_path(json.dumps(fields, sort_keys=True))
-    try:
-        with open(path) as f:
-            record = json.load(f)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        _logger.warning("auto: ignoring the unreadable cache file %s (%s: %.100s); timing again", path,
-                        type(e).__name__, e)
+    """The decision cached on disk for ``fields`` (in its file, else in the file an earlier version named); None
+    when there is none, or (with a warning) when the file cannot be read, is not a decision of this rule or was
+    written for other fields."""
+    for path in (_disk_path(fields), _legacy_path(fields)):
+        try:
+            with open(path) as f:
+                record = json.load(f)
+            break
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            _logger.warning("auto: ignoring the unreadable cache file %s (%s: %.100s); timing again", path,
+                            type(e).__name__, e)
+            return None
+    else:
         return None
     try:
         if record["fields"] != fields:
@@ -814,7 +917,7 @@ def _read_disk(fields: Dict[str, Any], candidates: Sequence[str]) -> Optional[De
             raise ValueError(f"winner {d.get('winner')!r} is not a candidate")
         d["interval"] = tuple(d["interval"]) if d.get("interval") else None
         d["ratios"] = tuple(float(x) for x in d.get("ratios", ()))
-        decision = Decision(**d)._replace(source="disk")
+        decision = Decision(**d)._replace(source="disk", reused_from=None)
         if not isinstance(decision.winner, str):
             raise ValueError("no winner")
         return decision
@@ -825,7 +928,7 @@ def _read_disk(fields: Dict[str, Any], candidates: Sequence[str]) -> Optional[De
 
 def _write_disk(fields: Dict[str, Any], decision: Decision) -> None:
     """Write ``decision`` for ``fields`` in :func:`cache_dir`, whole or not at all; a failure is a warning."""
-    path = _disk_path(json.dumps(fields, sort_keys=True))
+    path = _disk_path(fields)
 
     def write(tmp: str) -> None:
         with open(tmp, "w") as f:
