@@ -9,7 +9,8 @@ For every model and S, the split (``timm_split.split(model, S)``) and the origin
 ONNX file each, opset 18, dynamic batch, ``--graph`` members side by side by default) are exported and checked
 (max abs diff <= 1e-4 against PyTorch). Both files are then timed in onnxruntime on CPU, in its sequential and
 its parallel execution mode (``--threads`` intra-op threads, 2 by default; the parallel mode also gets
-``--threads`` inter-op threads), at batch 1 and 8: after ``--warmup`` calls each, ``--rounds`` interleaved
+``--threads`` inter-op threads; thread spinning off in both sessions, so one session's idle pool does not spin
+beside the other's run), at batch 1 and 8: after ``--warmup`` calls each, ``--rounds`` interleaved
 rounds (one call of each per round, the order alternating), medians, and the ratio of the medians (split /
 original) from the same run, with the 25th-75th percentile of the per-round ratios as the spread. The PyTorch
 loop (the ensemble's eager forward under ``torch.no_grad``, ``torch.set_num_threads(--threads)``) is timed the
@@ -57,6 +58,10 @@ def _session(path: str, mode: str, threads: int):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Interleaved sessions: a session's pool threads spin-wait after each run by default and then compete with the
+    # next session's run (per-round ratios of 0.6-1.9 in a first run); no spinning keeps each call to itself.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if mode == "parallel":
         opts.execution_mode = ort.ExecutionMode.ORT_PARALLEL
         opts.inter_op_num_threads = threads
@@ -143,9 +148,11 @@ def table(rows: List[Dict], header: Dict) -> str:
              f"{header['load_average']} at the start, onnxruntime {header['onnxruntime']}, {header['rounds']} "
              f"rounds after {header['warmup']} warm-up calls, {header['ort_threads']} intra-op threads, graph "
              f"'{header['graph']}'. Ratio = split / original latency, medians of one run (25th-75th percentile of "
-             "the per-round ratios in brackets); goal <= 1.00 at S=2 and <= 1.10 at S=4 in the better mode.", "",
-             "| model | S | batch | original ms (ORT seq) | ORT sequential | ORT parallel | better mode | goal | "
-             "PyTorch loop |", "|---|---|---|---|---|---|---|---|---|"]
+             "the per-round ratios in brackets). Goal (<= 1.00 at S=2, <= 1.10 at S=4) judged on what a deployment "
+             "sees: the split in its faster mode against the original in its faster mode (the per-mode ratios "
+             "compare a mode with itself; the parallel mode is slower for the original).", "",
+             "| model | S | batch | original ms (ORT seq) | ORT sequential | ORT parallel | better mode | "
+             "best split / best original | goal | PyTorch loop |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (model, S, batch), by in sorted(cells.items()):
         def cell(rt: str) -> str:
             r = by.get(rt)
@@ -153,11 +160,21 @@ def table(rows: List[Dict], header: Dict) -> str:
         ort_rows = [by[f"onnxruntime-{m}"] for m in MODES if f"onnxruntime-{m}" in by]
         best = min(ort_rows, key=lambda r: r["ratio"]) if ort_rows else None
         goal = GOAL.get(S)
-        met = "-" if best is None or goal is None else ("met" if best["ratio"] <= goal else f"missed (> {goal:.2f})")
         seq = by.get("onnxruntime-sequential")
+        # What a deployment sees: the split in its faster mode against the original in its faster mode (the
+        # modes' own ratios compare each mode with itself, and the parallel mode can be slower for both).
+        deploy, met = "-", "-"
+        if ort_rows:
+            fast_s = min(ort_rows, key=lambda r: r["split_ms"])
+            fast_o = min(ort_rows, key=lambda r: r["original_ms"])
+            ratio = fast_s["split_ms"] / fast_o["original_ms"]
+            met = "-" if goal is None else ("met" if ratio <= goal else f"missed (> {goal:.2f})")
+            deploy = (f"{ratio:.2f} ({fast_s['split_ms']:.1f} ms "
+                      f"{fast_s['runtime'].split('-')[1][:3]} / {fast_o['original_ms']:.1f} ms "
+                      f"{fast_o['runtime'].split('-')[1][:3]})")
         lines.append(f"| {model} | {S} | {batch} | {seq['original_ms'] if seq else float('nan'):.1f} | "
                      f"{cell('onnxruntime-sequential')} | {cell('onnxruntime-parallel')} | "
-                     f"{best['runtime'].split('-')[1] if best else '-'} | {met} | {cell('pytorch')} |")
+                     f"{best['runtime'].split('-')[1] if best else '-'} | {deploy} | {met} | {cell('pytorch')} |")
     return "\n".join(lines)
 
 
@@ -172,7 +189,18 @@ def main() -> None:
     p.add_argument("--graph", choices=["members", "packed"], default="members")
     p.add_argument("--json", default=os.path.join(ROOT, "docs", "export_speed_cpu.json"))
     p.add_argument("--md", default=os.path.join(ROOT, "docs", "export.md"))
+    p.add_argument("--from-json", action="store_true", help="rewrite --md's table from --json; time nothing")
     args = p.parse_args()
+    if args.from_json:
+        import json
+
+        with open(args.json) as f:
+            run = json.load(f)
+        source = run["header"].get("command", "python benchmarks/export_speed.py")
+        write_generated(args.md, {"export-speed": table(run["rows"], run["header"])},
+                        title="Deploy: export a split ensemble", source=source)
+        print(table(run["rows"], run["header"]))
+        return
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     for name in (_logger.name, "timm_split.export"):  # progress and checks; not the exporters' own INFO lines
         logging.getLogger(name).setLevel(logging.INFO)
@@ -186,10 +214,11 @@ def main() -> None:
         for name in args.models:
             rows += bench_model(name, args.split, args.batch, args, folder)
     header["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
-    write_json(args.json, dict(header=header, rows=rows))
     command = "python benchmarks/export_speed.py " + " ".join(
         f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()
-        if k not in ("json", "md") and v != p.get_default(k))
+        if k not in ("json", "md", "from_json") and v != p.get_default(k))
+    header["command"] = command.strip()
+    write_json(args.json, dict(header=header, rows=rows))
     write_generated(args.md, {"export-speed": table(rows, header)}, title="Deploy: export a split ensemble",
                     source=command.strip())
     print(table(rows, header))
