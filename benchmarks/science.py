@@ -545,7 +545,8 @@ def _sync(st: Setting) -> None:
 # analysis and report (docs/results.md tables from the records)
 
 def load_records(records: str) -> List[Dict[str, Any]]:
-    """Every ``<records>/<stage>/*.json`` record, with its ``.npz`` path."""
+    """Every ``<records>/<stage>/*.json`` record, with its ``.npz`` path; files of other benchmarks that keep
+    their records beside these (``benchmarks/distill.py``'s ``distill/``: no ``stage`` key) are left out."""
     out = []
     for stage in sorted(os.listdir(records)) if os.path.isdir(records) else []:
         folder = os.path.join(records, stage)
@@ -553,6 +554,8 @@ def load_records(records: str) -> List[Dict[str, Any]]:
             if name.endswith(".json"):
                 with open(os.path.join(folder, name)) as f:
                     rec = json.load(f)
+                if "stage" not in rec:
+                    continue
                 rec["npz"] = os.path.join(folder, name[:-5] + ".npz")
                 out.append(_nll_named(rec))
     return out
