@@ -378,6 +378,15 @@ def test_disk_cache_is_keyed(net, monkeypatch):
     assert len(os.listdir(cache_dir())) == 7, "one file per timed decision, none for a reused one"
 
 
+def _fresh_decision(net, fakes, clock):
+    """The decision of a new process's first call (the process cache forgotten; the disk cache kept)."""
+    AutoExecution.forget()
+    ens = copy.deepcopy(net).set_execution("auto", candidates=list(fakes), clock=clock)
+    with torch.no_grad():
+        ens(X)
+    return next(iter(ens._execution.decisions.values()))
+
+
 @pytest.mark.parametrize("content", [b"{not json", b"\xff\xfe\x00", b"[]", b'{"fields": {}, "decision": {}}',
                                      b""])
 def test_a_corrupt_cache_file_is_ignored_with_a_warning(net, monkeypatch, caplog, content):
@@ -386,11 +395,7 @@ def test_a_corrupt_cache_file_is_ignored_with_a_warning(net, monkeypatch, caplog
     _named(monkeypatch, fakes)
 
     def first_call():
-        AutoExecution.forget()
-        ens = copy.deepcopy(net).set_execution("auto", candidates=list(fakes), clock=clock)
-        with torch.no_grad():
-            ens(X)
-        return next(iter(ens._execution.decisions.values()))
+        return _fresh_decision(net, fakes, clock)
 
     first_call()
     (path,) = [os.path.join(cache_dir(), f) for f in os.listdir(cache_dir())]
@@ -592,11 +597,7 @@ def test_a_decision_cached_by_an_earlier_version_is_read(net, monkeypatch):
     _named(monkeypatch, fakes)
 
     def first_call():
-        AutoExecution.forget()
-        ens = copy.deepcopy(net).set_execution("auto", candidates=list(fakes), clock=clock)
-        with torch.no_grad():
-            ens(X)
-        return next(iter(ens._execution.decisions.values()))
+        return _fresh_decision(net, fakes, clock)
 
     first_call()
     (path,) = [os.path.join(cache_dir(), f) for f in os.listdir(cache_dir())]
